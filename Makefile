@@ -1,0 +1,32 @@
+# `make demo`: set up and run the main job; `make test`: set up and run the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STORE ?= demo-store
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+# torch is pinned first so pip takes the CPU wheel instead of a multi-GB CUDA build;
+# WeSpeaker is installed without its declared deps (s3prl, whisper, peft... never used)
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[dev]" "torch==2.13.0"
+	$(BIN)/pip install -q --no-deps "wespeaker-unofficial==0.0.2"
+	touch $@
+
+demo: setup
+	$(BIN)/python -m embstore.demo $(STORE)
+
+test: setup
+	@$(BIN)/python -m pytest -q -n 2 -p no:cacheprovider; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+bench: setup
+	$(BIN)/python benchmarks/run.py --quick --out bench-out
+
+clean:
+	rm -rf $(VENV) $(STORE) bench-out

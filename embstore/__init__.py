@@ -1,0 +1,20 @@
+"""embstore: speaker embeddings for large speech corpora, exactly once, into a queryable store."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:  # the Store pulls in sqlite-utils and zarr; keep `import embstore` light
+    from embstore.store import Store
+
+
+def open(path: str, create: bool = True) -> "Store":  # noqa: A001 - mirrors sqlite_utils.Database
+    """Open (creating or upgrading as needed) the store at `path`."""
+    from embstore.store import Store
+
+    return Store(path, create=create)
+
+
+__all__ = ["open", "__version__"]

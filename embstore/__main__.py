@@ -1,0 +1,3 @@
+from embstore.cli import main
+
+main()

@@ -1,0 +1,223 @@
+"""Reading audio: headers at scan time, samples at extraction time.
+
+soundfile (libsndfile) reads WAV/FLAC/OGG and friends; PyAV, when installed, reads
+what libsndfile cannot (mp3, m4a, opus in mp4...). Everything is returned as float32
+mono at the file's own rate; `resample` converts with soxr.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+AUDIO_EXTENSIONS = frozenset(
+    {
+        ".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".mp4",
+        ".wma", ".aif", ".aiff", ".au", ".snd", ".caf", ".w64", ".rf64", ".sph",
+        ".nist", ".webm", ".mka",
+    }
+)
+
+
+class AudioError(Exception):
+    """A file that cannot be read as audio; the message says why."""
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    sample_rate: int
+    channels: int
+    frames: int
+    subtype: str
+
+    @property
+    def duration(self) -> float:
+        return self.frames / self.sample_rate if self.sample_rate else 0.0
+
+
+def is_audio_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in AUDIO_EXTENSIONS
+
+
+def probe(path: str) -> AudioInfo:
+    """Header information, without decoding the samples."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(path)
+    except Exception as sf_error:  # libsndfile raises a RuntimeError subclass with its reason
+        if os.path.isdir(path):
+            raise AudioError("is a directory, not an audio file") from None
+        if not os.path.exists(path):
+            raise AudioError("file not found") from None
+        if os.path.getsize(path) == 0:
+            raise AudioError("empty file (0 bytes)") from None
+        try:
+            return _probe_av(path)
+        except AudioError as av_error:
+            raise AudioError(f"unreadable header: {_short(sf_error)}; {av_error}") from None
+    if info.frames <= 0:
+        raise AudioError("no audio samples (header only)")
+    return AudioInfo(int(info.samplerate), int(info.channels), int(info.frames), str(info.subtype))
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    # libsndfile repeats the path inside its message; keep only the reason
+    return text.split(": ", 1)[-1] if text.startswith("Error opening") else text
+
+
+def _probe_av(path: str) -> AudioInfo:
+    try:
+        import av
+    except ImportError:
+        raise AudioError("format not readable by soundfile (install embstore[av] for mp3/m4a)") from None
+    try:
+        with av.open(path) as container:
+            if not container.streams.audio:
+                raise AudioError("no audio stream")
+            stream = container.streams.audio[0]
+            rate = int(stream.rate or stream.codec_context.sample_rate)
+            channels = int(stream.codec_context.channels)
+            if stream.frames:
+                frames = int(stream.frames)
+            elif stream.duration and stream.time_base:
+                frames = int(round(float(stream.duration * stream.time_base) * rate))
+            elif container.duration:
+                frames = int(round(container.duration / 1_000_000 * rate))
+            else:
+                frames = 0
+    except AudioError:
+        raise
+    except Exception as exc:
+        raise AudioError(f"PyAV: {_short(exc)}") from None
+    if frames <= 0 or rate <= 0:
+        raise AudioError("no audio samples (header only)")
+    return AudioInfo(rate, channels, frames, "av")
+
+
+def read_audio(
+    path: str,
+    start: float | None = None,
+    end: float | None = None,
+    channel: int | None = None,
+) -> tuple[np.ndarray, int]:
+    """Samples of `path` (a span in seconds if given) as float32 mono in [-1, 1].
+
+    Several channels are averaged unless `channel` picks one. Integer PCM of any width
+    is scaled by libsndfile; non-finite samples are an error, never passed on.
+    """
+    import soundfile as sf
+
+    try:
+        with sf.SoundFile(path) as f:
+            rate = f.samplerate
+            first = int(round(start * rate)) if start else 0
+            last = int(round(end * rate)) if end is not None else f.frames
+            if first:
+                f.seek(first)
+            data = f.read(max(last - first, 0), dtype="float32", always_2d=True)
+    except Exception as sf_error:
+        if not os.path.exists(path):
+            raise AudioError("file not found") from None
+        if os.path.isdir(path):
+            raise AudioError("is a directory, not an audio file") from None
+        try:
+            data, rate = _read_av(path, start, end)
+        except AudioError as av_error:
+            raise AudioError(f"cannot decode: {_short(sf_error)}; {av_error}") from None
+    return _to_mono(data, channel, path), int(rate)
+
+
+def _read_av(path: str, start: float | None, end: float | None) -> tuple[np.ndarray, int]:
+    try:
+        import av
+    except ImportError:
+        raise AudioError("format not readable by soundfile (install embstore[av])") from None
+    try:
+        with av.open(path) as container:
+            if not container.streams.audio:
+                raise AudioError("no audio stream")
+            stream = container.streams.audio[0]
+            rate = int(stream.rate or stream.codec_context.sample_rate)
+            resampler = av.AudioResampler(format="fltp", layout=stream.layout, rate=rate)
+            parts = []
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    parts.append(out.to_ndarray())
+            for out in resampler.resample(None):
+                parts.append(out.to_ndarray())
+    except AudioError:
+        raise
+    except Exception as exc:
+        raise AudioError(f"PyAV: {_short(exc)}") from None
+    if not parts:
+        raise AudioError("no audio samples decoded")
+    data = np.concatenate(parts, axis=1).T.astype(np.float32)  # [frames, channels]
+    first = int(round(start * rate)) if start else 0
+    last = int(round(end * rate)) if end is not None else len(data)
+    return data[first:last], rate
+
+
+def _to_mono(data: np.ndarray, channel: int | None, path: str) -> np.ndarray:
+    if data.shape[0] == 0:
+        raise AudioError("no audio samples (empty or truncated data)")
+    if channel is not None:
+        if channel >= data.shape[1]:
+            raise AudioError(f"channel {channel} requested, file has {data.shape[1]}")
+        mono = data[:, channel]
+    elif data.shape[1] == 1:
+        mono = data[:, 0]
+    else:
+        mono = data.mean(axis=1, dtype=np.float32)
+    mono = np.ascontiguousarray(mono, dtype=np.float32)
+    if not np.isfinite(mono).all():
+        raise AudioError("non-finite samples (NaN or inf) in the audio")
+    return mono
+
+
+def resample(wav: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """soxr high-quality resampling; a no-op at equal rates."""
+    if from_rate == to_rate:
+        return wav
+    import soxr
+
+    return soxr.resample(wav, from_rate, to_rate, quality="HQ").astype(np.float32, copy=False)
+
+
+def resampled_length(frames: int, from_rate: int, to_rate: int) -> int:
+    """Number of samples `resample` returns for `frames` input samples (soxr rounds)."""
+    if from_rate == to_rate:
+        return frames
+    return (2 * frames * to_rate + from_rate) // (2 * from_rate)
+
+
+def span_frames(info_frames: int, rate: int, start: float | None, end: float | None) -> int:
+    """Frames that `read_audio` returns for a span, from header information alone."""
+    first = int(round(start * rate)) if start else 0
+    last = int(round(end * rate)) if end is not None else info_frames
+    return max(min(last, info_frames) - first, 0)
+
+
+def load_for_model(
+    path: str,
+    sample_rate: int,
+    start: float | None = None,
+    end: float | None = None,
+    channel: int | None = None,
+) -> np.ndarray:
+    """float32 mono samples at `sample_rate`: what every encoder consumes."""
+    wav, rate = read_audio(path, start, end, channel)
+    return resample(wav, rate, sample_rate)
+
+
+def content_hash(path: str, block: int = 1 << 20) -> str:
+    """blake2b of the file's bytes; dedup identifies identical audio by it."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,57 @@
+"""Option bundles and error handling shared by every command module."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+store_argument = click.argument("store", type=click.Path(file_okay=False))
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+model_option = click.option(
+    "--model", "model", default=None, metavar="NAME",
+    help="Model in the store (name, spec or fingerprint prefix); may be omitted when it holds one.",
+)
+
+
+def library_errors(fn: Callable) -> Callable:
+    """Library errors become one-line click errors, never tracebacks."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from embstore.errors import USER_ERRORS
+
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def open_store(path: str, create: bool = False):
+    import embstore
+
+    return embstore.open(path, create=create)
+
+
+def echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str, ensure_ascii=False))
+
+
+def echo_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    if not rows:
+        click.echo("(none)")
+        return
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    click.echo("  ".join(c.ljust(widths[c]) for c in columns))
+    click.echo("  ".join("-" * widths[c] for c in columns))
+    for r in rows:
+        click.echo("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+def stderr_is_tty() -> bool:
+    return sys.stderr.isatty()

@@ -1,0 +1,105 @@
+"""`embstore extract` and `embstore errors`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from embstore.cli.common import echo_json, echo_table, json_option, library_errors, model_option, open_store, store_argument
+
+EXIT_SOME_FAILED = 3
+EXIT_INTERRUPTED = 130
+EXIT_RUN_ERROR = 4
+
+
+@click.command()
+@store_argument
+@click.option("--model", "model", default=None, metavar="SPEC",
+              help="resemblyzer (default), wespeaker:DIR, wespeaker-hub:NAME or onnx:FILE.")
+@click.option("--gpus", default=None, metavar="0,1", help="One extraction process per listed GPU.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (ignored with --gpus).")
+@click.option("--workers", type=click.IntRange(1, 256), default=None,
+              help="Extraction processes (per GPU with --gpus). Default 1.")
+@click.option("--batch-frames", type=click.IntRange(1), default=None,
+              help="Feature frames per batch (default: from free GPU memory; tuned for CPU).")
+@click.option("--loader-workers", type=click.IntRange(1, 64), default=None,
+              help="Loader threads per worker (read, decode, resample, features).")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="bf16/fp16 trade exactness for speed; stored as a separate model.")
+@click.option("--max-trim-frames", type=click.IntRange(0), default=0, show_default=True,
+              help="Batch lengths that differ by up to K frames by trimming their ends (0 = exact).")
+@click.option("--retry-failed", is_flag=True, help="Try failed items again.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Embed at most N items in this run.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Torch threads per worker.")
+@json_option
+@library_errors
+def extract(store, model, gpus, device, workers, batch_frames, loader_workers, dtype, max_trim_frames,
+            retry_failed, limit, threads, as_json):
+    """Embed every pending item of STORE, exactly once; resumes where a run stopped.
+
+    \b
+    Exit status: 0 all done; 3 some items failed (see `embstore errors`);
+    4 the run stopped on an error (disk full...); 130 interrupted (Ctrl-C).
+
+    \b
+    Examples:
+        embstore extract store/                          # default model, CPU
+        embstore extract store/ --gpus 0,1               # one process per GPU
+        embstore extract store/ --device cpu --workers 2
+        embstore extract store/ --model wespeaker:models/voxceleb_resnet34
+        embstore extract store/ --retry-failed
+    """
+    with open_store(store) as st:
+        summary = st.extract(
+            model=model, device=device, gpus=gpus, workers=workers, batch_frames=batch_frames,
+            loader_workers=loader_workers, dtype=dtype, retry_failed=retry_failed, limit=limit,
+            max_trim_frames=max_trim_frames, progress=not as_json, threads=threads,
+        )
+    if as_json:
+        echo_json(summary.as_dict())
+    elif summary.nothing_to_do:
+        extra = f" ({summary.failed} failed; --retry-failed to try again)" if summary.failed else ""
+        click.echo(f"nothing to do: every item has an embedding from {summary.model}{extra}")
+    else:
+        click.echo(
+            f"{summary.model}: {summary.done} done, {summary.failed} failed, {summary.left} left in "
+            f"{summary.seconds:.1f}s ({summary.items_per_second:.1f} items/s, {summary.x_realtime:.0f}x realtime; "
+            f"{summary.batching} batching, mean batch {summary.mean_batch_items}, "
+            f"padding {summary.padding_overhead:.1%}) on {', '.join(sorted(set(summary.devices)))}"
+        )
+    if summary.error:
+        click.echo(f"error: {summary.error}", err=True)
+        sys.exit(EXIT_RUN_ERROR)
+    if summary.interrupted:
+        click.echo("interrupted: claims released; run the same command to continue", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if summary.failed:
+        click.echo(f"{summary.failed} items failed: see `embstore errors {store}`", err=True)
+        sys.exit(EXIT_SOME_FAILED)
+
+
+@click.command()
+@store_argument
+@model_option
+@json_option
+@library_errors
+def errors(store, model, as_json):
+    """Items that failed (and files whose header could not be read), with the reason.
+
+    \b
+    Examples:
+        embstore errors store/
+        embstore errors store/ --json
+    """
+    with open_store(store) as st:
+        rows = st.errors(model)
+    if as_json:
+        echo_json(rows)
+        return
+    echo_table(rows, ["id", "stage", "error", "path"])
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(extract)
+    cli.add_command(errors)

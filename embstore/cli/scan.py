@@ -1,0 +1,96 @@
+"""`embstore scan` and `embstore status`."""
+
+from __future__ import annotations
+
+import click
+
+from embstore.cli.common import echo_json, json_option, library_errors, open_store, store_argument
+
+
+@click.command()
+@store_argument
+@click.argument("roots", nargs=-1, type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--layout", type=click.Choice(["dataset", "speaker"]), default="dataset", show_default=True,
+    help="dataset: ROOT/<dataset>/<speaker>/**/<file>; speaker: ROOT/<speaker>/**/<file> (dataset = ROOT's name).",
+)
+@click.option("--kaldi", "kaldi", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Kaldi data dir (wav.scp, utt2spk, optional segments). Repeatable.")
+@click.option("--list", "lists", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="File with one audio path per line, optionally <TAB>speaker. Repeatable.")
+@click.option("--jobs", type=int, default=None, help="Processes reading headers (default: up to 2).")
+@json_option
+@library_errors
+def scan(store, roots, layout, kaldi, lists, jobs, as_json):
+    """Find audio files and record them (headers only, no decoding) in STORE.
+
+    Rescans are incremental: new files are added, changed files (size or mtime)
+    mark their embeddings stale, removed files drop out. Files whose header
+    cannot be read are recorded as scan failures (see `embstore errors`).
+
+    \b
+    Examples:
+        embstore scan store/ /data/voxceleb          # ROOT/<dataset>/<speaker>/...
+        embstore scan store/ /data/vox1 --layout speaker
+        embstore scan store/ --kaldi data/train
+        embstore scan store/ --list files.txt
+    """
+    with open_store(store, create=True) as st:
+        report = st.scan(roots, layout=layout, kaldi=kaldi, lists=lists, jobs=jobs, progress=not as_json)
+    if as_json:
+        echo_json(report.as_dict())
+        return
+    if report.no_changes:
+        click.echo(f"no changes ({report.unchanged} files unchanged, {report.seconds:.1f}s)")
+    else:
+        click.echo(
+            f"added {report.added}, changed {report.changed}, removed {report.removed}, "
+            f"unchanged {report.unchanged} files; {report.items_added} new items, "
+            f"{report.items_stale} stale, {report.items_removed} removed ({report.seconds:.1f}s)"
+        )
+    if report.failed:
+        click.echo(f"{report.failed} files could not be read (see `embstore errors {store}`):", err=True)
+        for failure in report.failures[:5]:
+            click.echo(f"  {failure['path']}: {failure['error']}", err=True)
+    if report.ignored:
+        click.echo(f"{report.ignored} audio files outside the {layout} layout were ignored", err=True)
+
+
+@click.command()
+@store_argument
+@json_option
+@library_errors
+def status(store, as_json):
+    """What STORE holds: files, items, speakers, audio, and each model's progress.
+
+    \b
+    Examples:
+        embstore status store/
+        embstore status store/ --json | jq .models
+    """
+    with open_store(store) as st:
+        info = st.status()
+    if as_json:
+        echo_json(info)
+        return
+    hours = info["audio_seconds"] / 3600
+    click.echo(f"store      {info['store']}")
+    click.echo(
+        f"files      {info['files']}  ({info['scan_failed']} unreadable, {info['removed_files']} removed)"
+    )
+    click.echo(f"items      {info['items']}  ({hours:.2f} h of audio)")
+    click.echo(f"speakers   {info['speakers']} in {info['datasets']} datasets")
+    for name, counts in info["models"].items():
+        click.echo(
+            f"model      {name} [{counts['batching']} batching, dim {counts['dim']}]: "
+            + ", ".join(f"{counts[k]} {k}" for k in ("done", "pending", "claimed", "stale", "failed"))
+        )
+        for reason, n in list(counts["failures_by_reason"].items())[:5]:
+            click.echo(f"           {n} x {reason}")
+    for reason, n in list(info["scan_failures_by_reason"].items())[:5]:
+        click.echo(f"scan       {n} x {reason}")
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(scan)
+    cli.add_command(status)

@@ -1,0 +1,324 @@
+"""A store: `manifest.db` (the truth about every file and embedding) + `embeddings.zarr`.
+
+`Store` is the library's front door; the CLI is a thin layer over its methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from embstore.arrays import ModelArrays, zarr_path_of
+
+
+class StoreError(Exception):
+    """A problem with the store or a request against it; one line for the user."""
+
+
+class NewerStoreError(StoreError):
+    pass
+
+
+TASK_STATES = ("pending", "claimed", "done", "failed", "stale")
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def connect(db_path: str | os.PathLike) -> sqlite3.Connection:
+    """A connection in autocommit mode: transactions are explicit (`Store.write`)."""
+    conn = sqlite3.connect(str(db_path), timeout=60, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 60000")
+    conn.execute("PRAGMA foreign_keys = ON")
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if mode.lower() != "wal":
+        raise StoreError(f"{db_path}: cannot switch SQLite to WAL mode (got {mode}); is it on a network filesystem?")
+    # WAL + NORMAL survives process crashes (kill -9) without losing committed work
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+class Store:
+    """Open with `embstore.open(path)`; creates or upgrades the store as needed."""
+
+    def __init__(self, path: str | os.PathLike, create: bool = True):
+        self.path = Path(path).expanduser().absolute()
+        self.db_path = self.path / "manifest.db"
+        if not self.db_path.exists():
+            if not create:
+                raise StoreError(f"no store at {self.path} (manifest.db missing)")
+            if self.path.exists() and not self.path.is_dir():
+                raise StoreError(f"{self.path} exists and is not a directory")
+            self.path.mkdir(parents=True, exist_ok=True)
+        self.conn = connect(self.db_path)
+        self._migrate()
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    @property
+    def db(self):
+        from sqlite_utils import Database
+
+        return Database(self.conn)
+
+    def _migrate(self) -> None:
+        from embstore.migrations import LATEST, migrations
+
+        db = self.db
+        applied = [m.name for m in migrations.applied(db)]
+        unknown = [name for name in applied if name not in LATEST]
+        if unknown:
+            raise NewerStoreError(
+                f"{self.path} was written by a newer embstore (schema {unknown[-1]}); upgrade embstore to open it"
+            )
+        if len(applied) < len(LATEST):
+            with self._write_lock():
+                # another process may have migrated while we waited for the lock
+                migrations.apply(db)
+
+    @contextlib.contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        """Serialise migrations between processes opening the same fresh store."""
+        import fcntl
+
+        with open(self.path / ".migrate.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken at once (BEGIN IMMEDIATE) so it never deadlocks."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+
+    def query(self, sql: str, params: Sequence[Any] | dict = ()) -> list[sqlite3.Row]:
+        return self.conn.execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def zarr_path(self) -> Path:
+        return zarr_path_of(self.path)
+
+    # -- scanning ---------------------------------------------------------------------
+
+    def scan(self, roots: Sequence[str | os.PathLike] = (), **options: Any):
+        """Add or refresh files; see `embstore.scan.scan_into` for the options."""
+        from embstore.scan import scan_into
+
+        return scan_into(self, roots, **options)
+
+    # -- models -----------------------------------------------------------------------
+
+    def register_model(self, description: dict[str, Any]) -> sqlite3.Row:
+        """The `models` row for an encoder's description, created on first use."""
+        fp = description["fingerprint"]
+        row = self.conn.execute("SELECT * FROM models WHERE fingerprint = ?", (fp,)).fetchone()
+        if row is not None:
+            return row
+        with self.write() as conn:
+            row = conn.execute("SELECT * FROM models WHERE fingerprint = ?", (fp,)).fetchone()
+            if row is None:
+                cur = conn.execute(
+                    "INSERT INTO models (name, spec, fingerprint, dim, sample_rate, batching, frontend,"
+                    " array_path, rows, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, '', 0, ?)",
+                    (
+                        description["name"], description["spec"], fp, int(description["dim"]),
+                        int(description["sample_rate"]), description["batching"],
+                        json.dumps(description.get("frontend", {}), sort_keys=True, default=str), utcnow(),
+                    ),
+                )
+                model_id = cur.lastrowid
+                conn.execute("UPDATE models SET array_path = ? WHERE id = ?", (f"m{model_id}-{fp[:12]}", model_id))
+                row = conn.execute("SELECT * FROM models WHERE id = ?", (model_id,)).fetchone()
+        return row
+
+    def models(self) -> list[sqlite3.Row]:
+        return self.query("SELECT * FROM models ORDER BY id")
+
+    def model_key(self, row: sqlite3.Row) -> str:
+        """How a model is named to users: its name, plus the fingerprint when names repeat."""
+        same = self.conn.execute("SELECT count(*) FROM models WHERE name = ?", (row["name"],)).fetchone()[0]
+        return row["name"] if same == 1 else f"{row['name']}@{row['fingerprint'][:8]}"
+
+    def resolve_model(self, model: str | None = None) -> sqlite3.Row:
+        """A model row by name, spec, `name@fp` or fingerprint prefix; None = the only one."""
+        rows = self.models()
+        if not rows:
+            raise StoreError(f"{self.path} holds no embeddings yet; run `embstore extract` first")
+        if model is None:
+            if len(rows) == 1:
+                return rows[0]
+            names = ", ".join(self.model_key(r) for r in rows)
+            raise StoreError(f"the store holds several models ({names}); pick one with --model")
+        matches = [
+            r for r in rows
+            if model in (r["name"], r["spec"], self.model_key(r)) or r["fingerprint"].startswith(model)
+        ]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            names = ", ".join(self.model_key(r) for r in rows)
+            raise StoreError(f"no model {model!r} in the store (it has: {names})")
+        names = ", ".join(self.model_key(r) for r in matches)
+        raise StoreError(f"model {model!r} is ambiguous ({names}); use name@fingerprint")
+
+    def model_arrays(self, row: sqlite3.Row) -> ModelArrays:
+        return ModelArrays(self.zarr_path, row["array_path"], row["dim"])
+
+    # -- extraction -------------------------------------------------------------------
+
+    def extract(self, **options: Any):
+        """Embed every pending item; see `embstore.extract.run.run_extraction`."""
+        from embstore.extract.run import run_extraction
+
+        return run_extraction(self, **options)
+
+    # -- reading ----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        one = lambda sql, p=(): self.conn.execute(sql, p).fetchone()[0]  # noqa: E731
+        status: dict[str, Any] = {
+            "store": str(self.path),
+            "files": one("SELECT count(*) FROM files WHERE status = 'ok'"),
+            "items": one("SELECT count(*) FROM items WHERE removed = 0"),
+            "speakers": one("SELECT count(DISTINCT speaker) FROM items WHERE removed = 0"),
+            "datasets": one("SELECT count(DISTINCT dataset) FROM items WHERE removed = 0"),
+            "audio_seconds": round(one("SELECT coalesce(sum(duration), 0) FROM items WHERE removed = 0"), 3),
+            "scan_failed": one("SELECT count(*) FROM files WHERE status = 'scan_failed'"),
+            "removed_files": one("SELECT count(*) FROM files WHERE status = 'removed'"),
+            "models": {},
+        }
+        for row in self.models():
+            counts = dict.fromkeys(TASK_STATES, 0)
+            for state, n in self.conn.execute(
+                "SELECT t.status, count(*) FROM tasks t JOIN items i ON i.id = t.item_id"
+                " WHERE t.model_id = ? AND i.removed = 0 GROUP BY t.status",
+                (row["id"],),
+            ):
+                counts[state] = n
+            # items scanned since the last extract have no task yet: they are pending too
+            counts["pending"] += one(
+                "SELECT count(*) FROM items i WHERE i.removed = 0 AND NOT EXISTS"
+                " (SELECT 1 FROM tasks t WHERE t.item_id = i.id AND t.model_id = ?)",
+                (row["id"],),
+            )
+            counts.update(
+                {"batching": row["batching"], "dim": row["dim"], "fingerprint": row["fingerprint"], "rows": row["rows"]}
+            )
+            counts["failures_by_reason"] = {
+                reason: n
+                for reason, n in self.conn.execute(
+                    "SELECT coalesce(stage, '?') || ': ' || coalesce(error, '?'), count(*) FROM tasks"
+                    " WHERE model_id = ? AND status = 'failed' GROUP BY 1 ORDER BY 2 DESC LIMIT 20",
+                    (row["id"],),
+                )
+            }
+            status["models"][self.model_key(row)] = counts
+        status["scan_failures_by_reason"] = {
+            reason: n
+            for reason, n in self.conn.execute(
+                "SELECT error, count(*) FROM files WHERE status = 'scan_failed' GROUP BY error ORDER BY 2 DESC LIMIT 20"
+            )
+        }
+        return status
+
+    def errors(self, model: str | None = None) -> list[dict[str, Any]]:
+        """Failed items (per model) and files whose header could not be read."""
+        out: list[dict[str, Any]] = []
+        models = [self.resolve_model(model)] if model or len(self.models()) == 1 else self.models()
+        for m in models:
+            for r in self.conn.execute(
+                "SELECT i.uid, r.path AS root, f.path, t.stage, t.error, t.attempts FROM tasks t"
+                " JOIN items i ON i.id = t.item_id JOIN files f ON f.id = i.file_id JOIN roots r ON r.id = f.root_id"
+                " WHERE t.model_id = ? AND t.status = 'failed' AND i.removed = 0 ORDER BY i.id",
+                (m["id"],),
+            ):
+                out.append(
+                    {
+                        "id": r["uid"], "path": os.path.join(r["root"], r["path"]), "stage": r["stage"] or "extract",
+                        "error": r["error"], "attempts": r["attempts"], "model": self.model_key(m),
+                    }
+                )
+        for r in self.conn.execute(
+            "SELECT r.path AS root, f.path, f.error FROM files f JOIN roots r ON r.id = f.root_id"
+            " WHERE f.status = 'scan_failed' ORDER BY f.id"
+        ):
+            path = os.path.join(r["root"], r["path"])
+            out.append({"id": None, "path": path, "stage": "scan", "error": r["error"], "attempts": 0, "model": None})
+        return out
+
+    def done_rows(
+        self,
+        model: str | None = None,
+        speaker: str | None = None,
+        dataset: str | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> tuple[sqlite3.Row, list[sqlite3.Row]]:
+        """(model row, [(uid, speaker, dataset, row, path...)]) of finished, current items."""
+        m = self.resolve_model(model)
+        where = ["t.model_id = ?", "t.status = 'done'", "i.removed = 0"]
+        params: list[Any] = [m["id"]]
+        if speaker is not None:
+            where.append("i.speaker = ?")
+            params.append(speaker)
+        if dataset is not None:
+            where.append("i.dataset = ?")
+            params.append(dataset)
+        sql = (
+            "SELECT i.id AS item_id, i.uid, i.speaker, i.dataset, i.start, i.end, t.row, f.path, r.path AS root"
+            " FROM tasks t JOIN items i ON i.id = t.item_id JOIN files f ON f.id = i.file_id"
+            " JOIN roots r ON r.id = f.root_id WHERE " + " AND ".join(where) + " ORDER BY i.id"
+        )
+        rows = self.query(sql, params)
+        if ids is not None:
+            wanted = set(ids)
+            rows = [r for r in rows if r["uid"] in wanted]
+        return m, rows
+
+    def embeddings(
+        self,
+        model: str | None = None,
+        speaker: str | None = None,
+        dataset: str | None = None,
+    ) -> tuple[list[str], np.ndarray]:
+        """(item ids, float32 [n, dim] vectors in the same order) of finished items."""
+        m, rows = self.done_rows(model, speaker, dataset)
+        vectors = self.model_arrays(m).read_rows(np.array([r["row"] for r in rows], dtype=np.int64))
+        return [r["uid"] for r in rows], vectors
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
+    """Poll `predicate` until true or `timeout` seconds pass (tests and shutdown paths)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
