@@ -7,17 +7,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-
-def voice(seconds: float, rate: int = 16000, pitch: float = 140.0, seed: int = 0) -> np.ndarray:
-    """A crude voiced signal (harmonics with vibrato and syllable-like bursts plus noise)."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * rate)) / rate
-    f0 = pitch * (1 + 0.05 * np.sin(2 * np.pi * 3 * t + rng.uniform(0, 6)))
-    phase = 2 * np.pi * np.cumsum(f0) / rate
-    sig = sum((0.6 / k) * np.sin(k * phase + rng.uniform(0, 6)) for k in range(1, 12))
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t + rng.uniform(0, 6)) ** 2
-    sig = sig * envelope + 0.01 * rng.standard_normal(len(t))
-    return (0.3 * sig / np.max(np.abs(sig))).astype(np.float32)
+from embstore.demo import voice
 
 
 def write(path: Path, seconds: float = 1.0, rate: int = 16000, pitch: float = 140.0, seed: int = 0,

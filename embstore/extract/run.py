@@ -181,11 +181,9 @@ def run_extraction(
     from embstore.models import load
 
     # the parent loads the model on CPU once: its fingerprint names the rows
-    encoder = load(spec, device="cpu", dtype="fp32")
+    # (the dtype is part of its fingerprint: bf16 rows never mix with fp32 rows)
+    encoder = load(spec, device="cpu", dtype=dtype)
     description = encoder.describe()
-    if dtype != "fp32":
-        description["frontend"] = dict(description["frontend"], dtype=dtype)
-        description["fingerprint"] = description["fingerprint"] + f"-{dtype}"
     if max_trim_frames:
         description["frontend"] = dict(description["frontend"], max_trim_frames=max_trim_frames)
         description["fingerprint"] = description["fingerprint"] + f"-trim{max_trim_frames}"
