@@ -43,7 +43,15 @@ def is_audio_name(name: str) -> bool:
 
 
 def probe(path: str) -> AudioInfo:
-    """Header information, without decoding the samples."""
+    """Header information, without decoding the samples.
+
+    Plain WAV and FLAC headers are parsed directly (a 1 M-file scan spends most of its
+    time here, and libsndfile's open is ~10x slower); anything unusual goes to
+    soundfile, then PyAV.
+    """
+    fast = _probe_fast(path)
+    if fast is not None:
+        return fast
     import soundfile as sf
 
     try:
@@ -62,6 +70,56 @@ def probe(path: str) -> AudioInfo:
     if info.frames <= 0:
         raise AudioError("no audio samples (header only)")
     return AudioInfo(int(info.samplerate), int(info.channels), int(info.frames), str(info.subtype))
+
+
+_WAV_SUBTYPES = {(1, 8): "PCM_U8", (1, 16): "PCM_16", (1, 24): "PCM_24", (1, 32): "PCM_32",
+                 (3, 32): "FLOAT", (3, 64): "DOUBLE"}
+
+
+def _probe_fast(path: str) -> AudioInfo | None:
+    """WAV/FLAC header parse; None whenever the file is anything but plain, so the
+    libraries decide (and explain) every odd case."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        pos, fmt = 12, None
+        while pos + 8 <= len(head):
+            chunk, length = head[pos : pos + 4], struct.unpack("<I", head[pos + 4 : pos + 8])[0]
+            body = pos + 8
+            if chunk == b"fmt " and length >= 16 and body + 16 <= len(head):
+                tag, channels, rate, _, align, bits = struct.unpack("<HHIIHH", head[body : body + 16])
+                if tag == 0xFFFE and length >= 40 and body + 26 <= len(head):
+                    tag = struct.unpack("<H", head[body + 24 : body + 26])[0]
+                fmt = (tag, channels, rate, align, bits)
+            elif chunk == b"data":
+                if fmt is None:
+                    return None
+                tag, channels, rate, align, bits = fmt
+                subtype = _WAV_SUBTYPES.get((tag, bits))
+                if subtype is None or channels < 1 or rate < 1 or align != channels * bits // 8:
+                    return None
+                if length == 0xFFFFFFFF or body + length > size:
+                    return None  # streamed or truncated: libsndfile's reading of it counts
+                frames = length // align
+                return AudioInfo(rate, channels, frames, subtype) if frames > 0 else None
+            pos = body + length + (length & 1)
+        return None
+    if head[:4] == b"fLaC" and len(head) >= 42 and head[4] & 0x7F == 0:
+        info = int.from_bytes(head[18:26], "big")
+        rate = info >> 44
+        channels = ((info >> 41) & 0x7) + 1
+        bits = ((info >> 36) & 0x1F) + 1
+        frames = info & ((1 << 36) - 1)
+        if rate < 1 or frames < 1 or bits not in (8, 16, 24):
+            return None
+        return AudioInfo(rate, channels, frames, f"PCM_{bits}" if bits != 8 else "PCM_S8")
+    return None
 
 
 def _short(exc: BaseException) -> str:

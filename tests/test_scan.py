@@ -165,3 +165,28 @@ def test_real_speech_tree(shared_data, tmp_path):
     assert status["speakers"] == 10 and status["items"] == 100
     assert 700 < status["audio_seconds"] < 800
     assert "librispeech-test-other/1688/1688-142285-0000" in items(st)
+
+
+@pytest.mark.parametrize("subtype,ext,channels", [
+    ("PCM_U8", "wav", 1), ("PCM_16", "wav", 2), ("PCM_24", "wav", 1), ("PCM_32", "wav", 2), ("FLOAT", "wav", 1),
+    ("DOUBLE", "wav", 2), ("PCM_16", "flac", 2), ("PCM_24", "flac", 1), ("PCM_S8", "flac", 1),
+])
+def test_fast_header_parse_equals_libsndfile(tmp_path, subtype, ext, channels):
+    import numpy as np
+    import soundfile as sf
+
+    from embstore.audio import _probe_fast, probe
+
+    path = tmp_path / f"x.{ext}"
+    sf.write(str(path), np.random.default_rng(0).uniform(-0.5, 0.5, (3001, channels)), 22050, subtype=subtype)
+    info = sf.info(str(path))
+    fast = _probe_fast(str(path))
+    assert fast is not None
+    assert (fast.sample_rate, fast.channels, fast.frames, fast.subtype) == (
+        info.samplerate, info.channels, info.frames, info.subtype)
+    # a cut data chunk is left to libsndfile, which counts what is really there
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    if ext == "wav":
+        assert _probe_fast(str(path)) is None
+        assert probe(str(path)).frames == sf.info(str(path)).frames

@@ -1,0 +1,82 @@
+"""Query scale: a synthetic store of N rows (default 1 M, dim 256), then time the
+queries users run against it: one speaker's embeddings, top-10 cosine neighbours,
+per-speaker centroids.
+
+    python benchmarks/query_scale.py --rows 1000000 --store /tmp/query-store --out bench-out/query_scale.json
+
+The store is built the fast way: a model registered with `Store.register_model`, the
+files/items/tasks rows inserted in bulk, the vectors written with
+`ModelArrays.write_rows` in big blocks, one speaker's rows contiguous as extraction
+writes them. It is reused when it already has the requested size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import embstore  # noqa: E402
+from embstore.store import utcnow  # noqa: E402
+from tests.store_factory import fake_model_description  # noqa: E402
+
+BLOCK = 65536
+
+
+def speaker_of(index: int, per_speaker: int) -> str:
+    return f"id{index // per_speaker:06d}"
+
+
+def build(path: Path, rows: int, dim: int, per_speaker: int, seed: int = 0):
+    """A store holding `rows` done items of one synthetic model (reused if already built)."""
+    st = embstore.open(path)
+    model = st.register_model(fake_model_description(dim, name="synthetic"))
+    if model["rows"] == rows:
+        return st
+    if model["rows"]:
+        raise SystemExit(f"{path} holds a store of another size; remove it first")
+    now = utcnow()
+    rng = np.random.default_rng(seed)
+    speakers = (rows + per_speaker - 1) // per_speaker
+    centres = rng.standard_normal((speakers, dim), dtype=np.float32)
+    arrays = st.model_arrays(model)
+    with st.write() as conn:
+        root_id = conn.execute(
+            "INSERT INTO roots (kind, path, layout, created_at, scanned_at) VALUES ('tree', ?, 'dataset', ?, ?)",
+            (str(path / "audio"), now, now),
+        ).lastrowid
+    for start in range(0, rows, BLOCK):
+        stop = min(start + BLOCK, rows)
+        idx = range(start, stop)
+        files, items, tasks = [], [], []
+        for i in idx:
+            spk = speaker_of(i, per_speaker)
+            rel = f"vox/{spk}/v{(i % per_speaker) // 8:03d}/{i % 8:05d}.wav"
+            files.append((i + 1, root_id, os.path.dirname(rel), rel, "vox", spk, 64000, 0, 16000, 1, 64000, 4.0,
+                          "PCM_16", "ok", now))
+            items.append((i + 1, rel[:-4], i + 1, "vox", spk, 4.0))
+            tasks.append((i + 1, model["id"], 398, i, time.time()))
+        with st.write() as conn:
+            conn.executemany(
+                "INSERT INTO files (id, root_id, dir, path, dataset, speaker, size, mtime_ns, sample_rate, channels,"
+                " frames, duration, subtype, status, scanned_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", files)
+            conn.executemany(
+                "INSERT INTO items (id, uid, file_id, dataset, speaker, duration) VALUES (?,?,?,?,?,?)", items)
+            conn.executemany(
+                "INSERT INTO tasks (item_id, model_id, status, length, row, done_at, attempts)"
+                " VALUES (?, ?, 'done', ?, ?, ?, 1)", tasks)
+        spk_idx = np.arange(start, stop) // per_speaker
+        vectors = centres[spk_idx] + 0.5 * rng.standard_normal((stop - start, dim), dtype=np.float32)
+        arrays.write_rows(start, vectors, np.arange(start + 1, stop + 1, dtype=np.int64))
+        with st.write() as conn:
+            conn.execute("UPDATE models SET rows = ? WHERE id = ?", (stop, model["id"]))
+        print(f"\rbuilt {stop}/{rows} rows", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return st
