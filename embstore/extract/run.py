@@ -45,6 +45,7 @@ class ExtractSummary:
     interrupted: bool = False
     error: str | None = None
     run_id: int | None = None
+    features: str = "cpu"
     prepared: dict[str, int] = field(default_factory=dict)
     left: int = 0
 
@@ -160,6 +161,7 @@ def run_extraction(
     lease_seconds: float = 120.0,
     progress: bool = False,
     threads: int | None = None,
+    features: str = "auto",
 ) -> ExtractSummary:
     """Embed every pending item of the store with `model`; returns what was done."""
     spec = model or DEFAULT_MODEL
@@ -169,6 +171,8 @@ def run_extraction(
         raise ExtractionError(f"unknown dtype {dtype!r}: use fp32, bf16 or fp16")
     if max_trim_frames < 0:
         raise ExtractionError("--max-trim-frames must be >= 0")
+    if features not in ("auto", "cpu", "device"):
+        raise ExtractionError(f"unknown features mode {features!r}: use auto, cpu or device")
 
     quick = _quick_nothing_to_do(store, spec, retry_failed)
     if quick is not None:
@@ -184,7 +188,7 @@ def run_extraction(
     # (the dtype is part of its fingerprint: bf16 rows never mix with fp32 rows)
     encoder = load(spec, device="cpu", dtype=dtype)
     description = encoder.describe()
-    if max_trim_frames:
+    if max_trim_frames and encoder.batching == "equal":  # only equal-length batching trims
         description["frontend"] = dict(description["frontend"], max_trim_frames=max_trim_frames)
         description["fingerprint"] = description["fingerprint"] + f"-trim{max_trim_frames}"
     model_row = store.register_model(description)
@@ -195,6 +199,11 @@ def run_extraction(
         model=store.model_key(model_row), fingerprint=model_row["fingerprint"], batching=encoder.batching,
         devices=devices, workers=len(devices), prepared=prepared,
     )
+    can_device_features = hasattr(encoder, "features_batch") and hasattr(encoder, "_torch_device")
+    if features == "device" and not can_device_features:
+        raise ExtractionError(f"{summary.model} cannot compute its features on the device; use --features cpu")
+    device_features = features == "device" or (features == "auto" and can_device_features and devices[0] != "cpu")
+    summary.features = "device" if device_features else "cpu"
     if left == 0:
         summary.nothing_to_do = True
         summary.failed = store.conn.execute(
@@ -206,7 +215,8 @@ def run_extraction(
 
     options_json = json.dumps(
         {"model": spec, "devices": devices, "dtype": dtype, "batch_frames": batch_frames, "limit": limit,
-         "max_trim_frames": max_trim_frames, "retry_failed": retry_failed, "batching": summary.batching},
+         "max_trim_frames": max_trim_frames, "retry_failed": retry_failed, "batching": summary.batching,
+         "features": summary.features},
         sort_keys=True,
     )
     with store.write() as conn:
@@ -217,7 +227,7 @@ def run_extraction(
     summary.run_id = run_id
     try:
         _run_processes(store, summary, spec, model_id, run_id, devices, dtype, batch_frames, loader_workers,
-                       limit, max_trim_frames, lease_seconds, progress, threads, left, left_seconds)
+                       limit, max_trim_frames, lease_seconds, progress, threads, left, left_seconds, device_features)
     finally:
         summary.seconds = time.monotonic() - started
         summary.left, _ = pending_summary(store.conn, model_id)
@@ -233,7 +243,8 @@ def run_extraction(
 
 
 def _run_processes(store, summary, spec, model_id, run_id, devices, dtype, batch_frames, loader_workers, limit,
-                   max_trim_frames, lease_seconds, show_progress, threads, left, left_seconds) -> None:
+                   max_trim_frames, lease_seconds, show_progress, threads, left, left_seconds,
+                   device_features) -> None:
     from embstore.extract.worker import WorkerOptions, worker_main
     from embstore.extract.writer import writer_main
 
@@ -253,7 +264,7 @@ def _run_processes(store, summary, spec, model_id, run_id, devices, dtype, batch
             claim_items=512 if dev.startswith("cuda") else 64,
             loader_workers=loader_workers or (6 if dev.startswith("cuda") else 2),
             lease_seconds=lease_seconds, threads=per_worker_threads, max_trim_frames=max_trim_frames,
-            max_items=limit, index=index,
+            max_items=limit, index=index, device_features=device_features,
         )
         procs.append(ctx.Process(target=worker_main, args=(opts, inbox, progress, stop_event, claimed_total),
                                  name=f"embstore-worker-{index}", daemon=False))
@@ -365,6 +376,13 @@ def _run_processes(store, summary, spec, model_id, run_id, devices, dtype, batch
         summary.error = "workers failed: " + worker_errors[0]
     elif worker_errors and not summary.error:
         summary.error = f"{len(worker_errors)} worker(s) failed: {worker_errors[0]}"
+    if reported_dead and not summary.error and not summary.interrupted:
+        # a worker killed before it could say why (OOM killer, kill -9, crash at start):
+        # survivors may have finished its work; if not, the run did not do its job
+        left, _ = pending_summary(store.conn, model_id)
+        if left:
+            codes = ", ".join(f"worker {i}: exit code {procs[i].exitcode}" for i in sorted(reported_dead))
+            summary.error = f"{len(reported_dead)} worker(s) died ({codes}) with {left} items left; run again"
 
 
 def refresh_owners_released(store: Store, model_id: int) -> None:

@@ -42,6 +42,7 @@ class WorkerOptions:
     max_trim_frames: int = 0
     max_items: int | None = None  # --limit, shared through `claimed_total`
     index: int = 0  # which worker of the run: the writer counts finished workers by it
+    device_features: bool = False  # fbank on the model's device, batched (GPU); loaders only decode
 
 
 @dataclass
@@ -51,9 +52,10 @@ class Loaded:
     content_hash: str | None = None
     dup_row: int | None = None
     error: tuple[str, str] | None = None  # (stage, message)
+    wav: np.ndarray | None = None  # kept only when features are computed on the device
 
 
-def _load_item(encoder, task: ClaimedTask, dedup_lookup) -> Loaded:
+def _load_item(encoder, task: ClaimedTask, dedup_lookup, device_features: bool = False) -> Loaded:
     from embstore.audio import AudioError, content_hash
 
     try:
@@ -75,6 +77,10 @@ def _load_item(encoder, task: ClaimedTask, dedup_lookup) -> Loaded:
         return Loaded(task, content_hash=digest, error=("decode", f"{type(exc).__name__}: {exc}"))
     if wav.size == 0:
         return Loaded(task, content_hash=digest, error=("decode", "no audio samples"))
+    if device_features:
+        if encoder.feature_length(len(wav)) <= 0:
+            return Loaded(task, content_hash=digest, error=("features", "too short for this model (no feature frames)"))
+        return Loaded(task, content_hash=digest, wav=wav)
     try:
         feats = encoder.features(wav)
     except Exception as exc:
@@ -253,7 +259,9 @@ class Worker:
                     refreshed = True
                     continue
                 refreshed = False
-                loaded = list(pool.map(lambda t: _load_item(self.encoder, t, dedup_lookup), claimed))
+                loaded = list(pool.map(
+                    lambda t: _load_item(self.encoder, t, dedup_lookup, self.o.device_features), claimed
+                ))
                 while not self.stop_event.is_set():
                     try:
                         self.loaded.put(loaded, timeout=0.5)
@@ -308,6 +316,8 @@ class Worker:
             else:
                 first_of[key] = x
                 unique.append(x)
+        if self.o.device_features and unique:
+            self._device_features(unique)
         batches, real, padded = plan_batches(unique, self.encoder.batching, self.batch_frames, self.o.max_trim_frames)
         self.real_frames += real
         self.padded_frames += padded
@@ -351,6 +361,34 @@ class Worker:
                     ItemResult(x.task.task_id, x.task.item_id, self.owner, x.content_hash, x.task.duration, vec)
                 )
         return messages
+
+    def _device_features(self, items: list[Loaded]) -> None:
+        """Kaldi fbank of many waveforms in one padded pass on the model's device."""
+        import torch
+
+        from embstore.features import fbank_batch, num_frames
+
+        config = self.encoder.fbank_config
+        device = self.encoder._torch_device
+        ordered = sorted(items, key=lambda x: len(x.wav))
+        budget = max(self.batch_frames * config.window_shift, 1)
+        start = 0
+        while start < len(ordered):
+            # padded samples per pass stay within the frame budget
+            stop = start + 1
+            while stop < len(ordered) and (stop - start + 1) * len(ordered[stop].wav) <= budget:
+                stop += 1
+            chunk = ordered[start:stop]
+            longest = len(chunk[-1].wav)
+            batch = torch.zeros(len(chunk), longest, dtype=torch.float32, device=device)
+            for i, x in enumerate(chunk):
+                batch[i, : len(x.wav)] = torch.from_numpy(x.wav).to(device)
+            lengths = torch.tensor([len(x.wav) for x in chunk], device=device)
+            feats = fbank_batch(batch, config, lengths)
+            for i, x in enumerate(chunk):
+                x.feats = feats[i, : num_frames(len(x.wav), config)]
+                x.wav = None
+            start = stop
 
     def _after_oom(self) -> None:
         self.batch_frames = max(1, self.batch_frames // 2)
