@@ -77,6 +77,9 @@ def _load_item(encoder, task: ClaimedTask, dedup_lookup, device_features: bool =
         return Loaded(task, content_hash=digest, error=("decode", f"{type(exc).__name__}: {exc}"))
     if wav.size == 0:
         return Loaded(task, content_hash=digest, error=("decode", "no audio samples"))
+    if not wav.any():
+        # no speaker to embed: any model would return NaN or a meaningless constant vector
+        return Loaded(task, content_hash=digest, error=("decode", "silent audio (all samples are zero)"))
     if device_features:
         if encoder.feature_length(len(wav)) <= 0:
             return Loaded(task, content_hash=digest, error=("features", "too short for this model (no feature frames)"))
@@ -166,6 +169,8 @@ class Worker:
         self.owner = new_owner()
         self.loaded: queue.Queue = queue.Queue(maxsize=2)
         self.feeder_done = threading.Event()
+        self.outstanding = 0  # claims loaded and handed to the compute side, not yet sent
+        self.outstanding_lock = threading.Lock()
         self.feeder_error: BaseException | None = None
         self.batch_frames = options.batch_frames
         self.batches = 0
@@ -187,7 +192,10 @@ class Worker:
 
         torch.set_num_threads(max(1, self.o.threads))
         self.encoder = load(self.o.model_spec, device=self.o.device, dtype=self.o.dtype)
-        self.order = "item" if self.encoder.batching == "any" else "length"
+        # scan order keeps a speaker's rows together in the store; only equal-length
+        # batching needs the global length order (mixed-length claims are sorted by
+        # length inside the claim, which keeps masked padding low)
+        self.order = "length" if self.encoder.batching == "equal" else "item"
         lease_thread = threading.Thread(target=self._renew_leases, daemon=True)
         lease_thread.start()
         feeder = threading.Thread(target=self._feed, daemon=True)
@@ -252,6 +260,12 @@ class Worker:
                         self.batch_frames * 2, self.order,
                     )
                 if not claimed:
+                    if refreshed and self._compute_busy():
+                        # items scanned while the last batches compute are still this
+                        # run's work: look once more when the compute side is idle
+                        while self._compute_busy() and not self.stop_event.is_set():
+                            time.sleep(0.1)
+                        refreshed = False
                     if refreshed:
                         break
                     # new items may have been scanned meanwhile, or leases run out
@@ -262,12 +276,17 @@ class Worker:
                 loaded = list(pool.map(
                     lambda t: _load_item(self.encoder, t, dedup_lookup, self.o.device_features), claimed
                 ))
+                with self.outstanding_lock:
+                    self.outstanding += 1
                 while not self.stop_event.is_set():
                     try:
                         self.loaded.put(loaded, timeout=0.5)
                         break
                     except queue.Full:
                         continue
+                else:
+                    with self.outstanding_lock:
+                        self.outstanding -= 1  # stopping: never queued
         except BaseException as exc:
             self.feeder_error = exc
             self.progress.put(("worker_error", self.owner, "".join(traceback.format_exception_only(exc)).strip()))
@@ -279,6 +298,11 @@ class Worker:
 
     # -- compute (main thread) ----------------------------------------------------
 
+    def _compute_busy(self) -> bool:
+        """Loaded claims not yet embedded and sent (queued or being computed)."""
+        with self.outstanding_lock:
+            return self.outstanding > 0
+
     def _compute(self) -> None:
         while True:
             try:
@@ -287,19 +311,22 @@ class Worker:
                 if self.feeder_done.is_set() and self.loaded.empty():
                     return
                 continue
-            messages: list[Any] = []
-            good = []
-            for x in loaded:
-                if x.error is not None:
-                    messages.append(ItemFailure(x.task.task_id, self.owner, x.error[0], x.error[1]))
-                elif x.dup_row is not None:
-                    messages.append(
-                        ItemResult(x.task.task_id, x.task.item_id, self.owner, x.content_hash, x.task.duration, None, x.dup_row)
-                    )
-                else:
-                    good.append(x)
-            messages.extend(self._embed_all(good))
-            self.outbox.put(("items", messages))
+            try:
+                messages: list[Any] = []
+                good = []
+                for x in loaded:
+                    if x.error is not None:
+                        messages.append(ItemFailure(x.task.task_id, self.owner, x.error[0], x.error[1]))
+                    elif x.dup_row is not None:
+                        messages.append(ItemResult(x.task.task_id, x.task.item_id, self.owner, x.content_hash,
+                                                   x.task.duration, None, x.dup_row))
+                    else:
+                        good.append(x)
+                messages.extend(self._embed_all(good))
+                self.outbox.put(("items", messages))
+            finally:
+                with self.outstanding_lock:
+                    self.outstanding -= 1
 
     def _embed_all(self, good: list[Loaded]) -> list[Any]:
         from embstore.models.base import check_finite
