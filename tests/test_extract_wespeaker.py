@@ -37,20 +37,26 @@ def reference(setup):
     return {str(p.relative_to(root).with_suffix("")): encoder.embed_file(str(p)) for p in paths}, encoder
 
 
-@pytest.mark.parametrize("features,trim", [("cpu", 0), ("device", 0), ("cpu", 8)])
-def test_wespeaker_pipeline_equals_embed_file(tmp_path, setup, reference, features, trim):
+@pytest.mark.parametrize("features,trim,runtime", [
+    ("cpu", 0, "torch"), ("device", 0, "torch"), ("cpu", 0, "onnx"), ("cpu", 8, "onnx"),
+])
+def test_wespeaker_pipeline_equals_embed_file(tmp_path, setup, reference, features, trim, runtime):
     spec, root, _ = setup
     ref, encoder = reference
     st = embstore.open(tmp_path / "s")
     st.scan([root])
-    summary = st.extract(model=spec, device="cpu", features=features, max_trim_frames=trim, batch_frames=2000)
+    summary = st.extract(model=spec, device="cpu", features=features, max_trim_frames=trim, batch_frames=2000,
+                         runtime=runtime)
     assert summary.failed == 0 and summary.done == len(ref)
     assert summary.features == features
+    assert summary.runtime == ("onnxruntime" if runtime == "onnx" else "torch")
     ids, vectors = st.embeddings()
     cos = cos_rows(vectors, np.stack([ref[i] for i in ids]))
     if trim:
         assert cos.min() >= 0.999  # trimming a few frames is the documented fidelity trade
     else:
         assert cos.min() >= 0.99999, (summary.batching, cos.min())
-    if encoder.batching == "masked" and not trim:
+    if runtime == "onnx":  # ONNX graphs batch equal lengths only
+        assert summary.batching == "equal" or summary.mean_batch_items >= 1
+    if runtime == "torch" and encoder.batching == "masked":
         assert summary.mean_batch_items > 1 and summary.padding_overhead > 0

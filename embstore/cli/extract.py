@@ -32,13 +32,15 @@ EXIT_RUN_ERROR = 4
 @click.option("--retry-failed", is_flag=True, help="Try failed items again.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Embed at most N items in this run.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Torch threads per worker.")
+@click.option("--runtime", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
+              help="auto: ONNX Runtime for WeSpeaker models on CPU (same numbers, faster), torch elsewhere.")
 @click.option("--features", type=click.Choice(["auto", "cpu", "device"]), default="auto", show_default=True,
               help="Where fbank features are computed: in loader threads (cpu) or batched on the model's "
                    "device (auto: device on GPU for WeSpeaker models).")
 @json_option
 @library_errors
 def extract(store, model, gpus, device, workers, batch_frames, loader_workers, dtype, max_trim_frames,
-            retry_failed, limit, threads, features, as_json):
+            retry_failed, limit, threads, features, runtime, as_json):
     """Embed every pending item of STORE, exactly once; resumes where a run stopped.
 
     \b
@@ -58,6 +60,7 @@ def extract(store, model, gpus, device, workers, batch_frames, loader_workers, d
             model=model, device=device, gpus=gpus, workers=workers, batch_frames=batch_frames,
             loader_workers=loader_workers, dtype=dtype, retry_failed=retry_failed, limit=limit,
             max_trim_frames=max_trim_frames, progress=not as_json, threads=threads, features=features,
+            runtime=runtime,
         )
     if as_json:
         echo_json(summary.as_dict())

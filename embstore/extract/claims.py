@@ -119,7 +119,8 @@ def refresh_tasks(
             counts["retried"] = cur.rowcount
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # SQLite already rolled back on SQLITE_FULL / IOERR
+            conn.execute("ROLLBACK")
         raise
     return counts
 
@@ -201,7 +202,8 @@ def claim_batch(
         ).fetchall()
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # SQLite already rolled back on SQLITE_FULL / IOERR
+            conn.execute("ROLLBACK")
         raise
     return [
         ClaimedTask(r[0], r[1], r[2], os.path.join(r[3], r[4]), r[5], r[6], r[7] or 0.0, r[8]) for r in rows
@@ -225,7 +227,8 @@ def renew_lease(conn: sqlite3.Connection, owner: str, lease_seconds: float) -> i
         ).rowcount
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # SQLite already rolled back on SQLITE_FULL / IOERR
+            conn.execute("ROLLBACK")
         raise
     return n
 
@@ -240,7 +243,8 @@ def release_claims(conn: sqlite3.Connection, owner: str) -> int:
         ).rowcount
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # SQLite already rolled back on SQLITE_FULL / IOERR
+            conn.execute("ROLLBACK")
         raise
     return n
 

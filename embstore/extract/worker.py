@@ -191,7 +191,8 @@ class Worker:
         from embstore.models import load
 
         torch.set_num_threads(max(1, self.o.threads))
-        self.encoder = load(self.o.model_spec, device=self.o.device, dtype=self.o.dtype)
+        extra = {"threads": max(1, self.o.threads)} if self.o.model_spec.startswith("onnx:") else {}
+        self.encoder = load(self.o.model_spec, device=self.o.device, dtype=self.o.dtype, **extra)
         # scan order keeps a speaker's rows together in the store; only equal-length
         # batching needs the global length order (mixed-length claims are sorted by
         # length inside the claim, which keeps masked padding low)

@@ -14,6 +14,7 @@ import errno
 import os
 import queue
 import signal
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,7 +129,8 @@ class ZarrWriter:
             )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite already rolled back on SQLITE_FULL / IOERR
+                conn.execute("ROLLBACK")
             raise
         self.results, self.failures = [], []
         seconds = sum(r.seconds for _, r in done_rows)
@@ -190,6 +192,9 @@ def writer_main(store_path: str, model_id: int, run_id: int | None, inbox, progr
     except OSError as exc:
         reason = "disk full" if exc.errno == errno.ENOSPC else "cannot write embeddings"
         progress.put(("writer_error", f"{reason}: {exc.strerror or exc} ({store_path}); nothing half-written, run again once fixed"))
+    except sqlite3.OperationalError as exc:
+        reason = "disk full" if "full" in str(exc) else "cannot update the manifest"
+        progress.put(("writer_error", f"{reason}: SQLite says {exc} ({store_path}); nothing half-written, run again once fixed"))
     except Exception as exc:  # reported to the parent, which stops the run cleanly
         progress.put(("writer_error", f"writer failed: {type(exc).__name__}: {exc}"))
     finally:
