@@ -85,6 +85,14 @@ def status(store, as_json):
             f"model      {name} [{counts['batching']} batching, dim {counts['dim']}]: "
             + ", ".join(f"{counts[k]} {k}" for k in ("done", "pending", "claimed", "stale", "failed"))
         )
+        run = counts.get("last_run")
+        if run:
+            click.echo(
+                f"           last run {run['status']} {run['ended_at']}: {run['batching']} batching on "
+                f"{run['runtime'] or 'torch'}, mean batch {run['mean_batch_items']}, "
+                f"padding {(run['padding_overhead'] or 0):.1%}, "
+                f"{run['x_realtime']}x realtime"
+            )
         for reason, n in list(counts["failures_by_reason"].items())[:5]:
             click.echo(f"           {n} x {reason}")
     for reason, n in list(info["scan_failures_by_reason"].items())[:5]:
