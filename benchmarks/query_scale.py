@@ -80,3 +80,91 @@ def build(path: Path, rows: int, dim: int, per_speaker: int, seed: int = 0):
         print(f"\rbuilt {stop}/{rows} rows", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return st
+
+
+TIMES: dict[str, list[float]] = {}
+
+
+def best_of(fn, repeat: int, label: str | None = None) -> tuple[float, object]:
+    """(best wall seconds, last result) over `repeat` calls; all times kept under `label`."""
+    times, result = [], None
+    for _ in range(repeat):
+        started = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - started)
+    if label:
+        TIMES[label] = [round(t * 1000, 1) for t in times]
+    return min(times), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--per-speaker", type=int, default=100)
+    parser.add_argument("--store", type=Path, default=Path("/tmp/embstore-query-scale"))
+    parser.add_argument("--export-items", type=int, default=10_000,
+                        help="size of the separate store export-pkl is timed on (0: skip)")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    from embstore.query import centroid_table, similar
+
+    results: dict = {"rows": args.rows, "dim": args.dim, "per_speaker": args.per_speaker, "cpus": os.cpu_count()}
+    started = time.perf_counter()
+    st = build(args.store, args.rows, args.dim, args.per_speaker)
+    results["build_seconds"] = round(time.perf_counter() - started, 1)
+    n_speakers = (args.rows + args.per_speaker - 1) // args.per_speaker
+    speaker = speaker_of((n_speakers // 2) * args.per_speaker, args.per_speaker)
+    item = f"vox/{speaker}/v000/00003"
+
+    seconds, (ids, vectors) = best_of(lambda: st.embeddings(speaker=speaker), args.repeat, "speaker_embeddings")
+    results["speaker_embeddings_ms"] = round(seconds * 1000, 1)
+    results["speaker_items"] = len(ids)
+
+    # the first search builds (or extends) STORE/cache; later ones memory-map it
+    cache = args.store / "cache"
+    if cache.exists():
+        import shutil
+
+        shutil.rmtree(cache)
+    seconds, _ = best_of(lambda: similar(st, item_id=item, k=10), 1)
+    results["similar_first_ms_builds_cache"] = round(seconds * 1000, 1)
+    seconds, found = best_of(lambda: similar(st, item_id=item, k=10), args.repeat, "similar_top10")
+    results["similar_top10_ms"] = round(seconds * 1000, 1)
+    results["similar_top10_same_speaker"] = sum(r["speaker"] == speaker for r in found)
+    seconds, _ = best_of(lambda: similar(st, item_id=item, k=10, use_cache=False), 1)
+    results["similar_top10_ms_streaming_zarr"] = round(seconds * 1000, 1)
+
+    seconds, (names, matrix, counts) = best_of(lambda: centroid_table(st), max(1, args.repeat // 2), "centroids")
+    results["centroids_ms"] = round(seconds * 1000, 1)
+    results["centroids_speakers"] = len(names)
+    st.close()
+
+    if args.export_items:
+        export_store = args.store.parent / f"{args.store.name}-export-{args.export_items}"
+        ex = build(export_store, args.export_items, args.dim, args.per_speaker)
+        out = export_store.parent / f"{export_store.name}-pkl"
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        first = ex.export_pkl(out)
+        again = ex.export_pkl(out)
+        results["export_pkl"] = {
+            "items": first.items, "seconds": first.seconds, "files_per_second": round(first.files_per_second, 1),
+            "second_run_seconds": again.seconds, "second_run_written": again.written,
+        }
+        ex.close()
+
+    results["all_times_ms"] = TIMES
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

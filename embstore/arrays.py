@@ -38,20 +38,26 @@ class ModelArrays:
         mode = "a" if create else "r"
         root = zarr.open_group(self.zarr_path, mode=mode, zarr_format=3)
         if self.group_name in root:
-            return root[self.group_name]
-        if not create:
+            group = root[self.group_name]
+        elif not create:
             return None
-        group = root.create_group(self.group_name)
-        group.create_array(
-            "vectors", shape=(0, self.dim), chunks=(CHUNK_ROWS, self.dim), dtype="float32", fill_value=np.nan
-        )
-        group.create_array("item_ids", shape=(0,), chunks=(ID_CHUNK_ROWS,), dtype="int64", fill_value=-1)
+        else:
+            group = root.create_group(self.group_name)
+        if not create:
+            return group
+        # checked one by one: a crash while creating can leave the group without an array
+        if "vectors" not in group:
+            group.create_array(
+                "vectors", shape=(0, self.dim), chunks=(CHUNK_ROWS, self.dim), dtype="float32", fill_value=np.nan
+            )
+        if "item_ids" not in group:
+            group.create_array("item_ids", shape=(0,), chunks=(ID_CHUNK_ROWS,), dtype="int64", fill_value=-1)
         return group
 
     def arrays(self):
         """(vectors, item_ids) opened fresh, so a shape another writer grew is seen."""
         group = self._group(create=False)
-        if group is None:
+        if group is None or "vectors" not in group or "item_ids" not in group:
             return None, None
         return group["vectors"], group["item_ids"]
 
@@ -63,9 +69,11 @@ class ModelArrays:
         group = self._group(create=True)
         vec, ids = group["vectors"], group["item_ids"]
         end = start + n
+        new_rows = ((end + GROW_ROWS - 1) // GROW_ROWS) * GROW_ROWS
+        # each array on its own: a crash between the two resizes leaves them unequal
         if vec.shape[0] < end:
-            new_rows = ((end + GROW_ROWS - 1) // GROW_ROWS) * GROW_ROWS
             vec.resize((new_rows, self.dim))
+        if ids.shape[0] < end:
             ids.resize((new_rows,))
         vec[start:end] = np.asarray(vectors, dtype=np.float32)
         ids[start:end] = np.asarray(item_ids, dtype=np.int64)

@@ -104,8 +104,14 @@ def _probe_fast(path: str) -> AudioInfo | None:
                 subtype = _WAV_SUBTYPES.get((tag, bits))
                 if subtype is None or channels < 1 or rate < 1 or align != channels * bits // 8:
                     return None
-                if length == 0xFFFFFFFF or body + length > size:
-                    return None  # streamed or truncated: libsndfile's reading of it counts
+                if length == 0xFFFFFFFF:
+                    return None  # streamed: libsndfile's reading of it counts
+                if (size - body) // align < length // align:
+                    # libsndfile would quietly read the part that is there; a cut copy is an error
+                    raise AudioError(
+                        f"truncated file: the header declares {length // align} frames, the file holds "
+                        f"{max(size - body, 0) // align}"
+                    )
                 frames = length // align
                 return AudioInfo(rate, channels, frames, subtype) if frames > 0 else None
             pos = body + length + (length & 1)
@@ -123,6 +129,8 @@ def _probe_fast(path: str) -> AudioInfo | None:
 
 
 def _short(exc: BaseException) -> str:
+    if isinstance(getattr(exc, "strerror", None), str) and getattr(exc, "filename", None):
+        return exc.strerror  # PyAV/OSError: the reason without "[Errno N]" and the path
     text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
     # libsndfile repeats the path inside its message; keep only the reason
     return text.split(": ", 1)[-1] if text.startswith("Error opening") else text

@@ -140,4 +140,10 @@ def m002_failure_stage_and_dedup(db: Database) -> None:
     db.execute("CREATE INDEX tasks_claim_item ON tasks (model_id, status, item_id)")
 
 
+@migrations()
+def m003_done_rows_index(db: Database) -> None:
+    # nearest-neighbour queries map candidate zarr rows back to their (deduplicated) items
+    db.execute("CREATE INDEX tasks_done_row ON tasks (model_id, row) WHERE status = 'done'")
+
+
 LATEST = [m.name for m in migrations._migrations]

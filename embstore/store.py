@@ -236,8 +236,10 @@ class Store:
             )
             counts["failures_by_reason"] = group_reasons(
                 self.conn.execute(
-                    "SELECT coalesce(stage, '?') || ': ' || coalesce(error, '?'), count(*) FROM tasks"
-                    " WHERE model_id = ? AND status = 'failed' GROUP BY 1 ORDER BY 2 DESC LIMIT 100000",
+                    # live items only, like the counts above: the reasons add up to "failed"
+                    "SELECT coalesce(t.stage, '?') || ': ' || coalesce(t.error, '?'), count(*) FROM tasks t"
+                    " JOIN items i ON i.id = t.item_id WHERE t.model_id = ? AND t.status = 'failed'"
+                    " AND i.removed = 0 GROUP BY 1 ORDER BY 2 DESC LIMIT 100000",
                     (row["id"],),
                 )
             )
@@ -307,10 +309,7 @@ class Store:
         if dataset is not None:
             where.append("i.dataset = ?")
             params.append(dataset)
-        select = (
-            "SELECT i.id AS item_id, i.uid, i.speaker, i.dataset, i.start, i.end, t.row, f.path, r.path AS root,"
-            " r.kind AS root_kind"
-        )
+        select = "SELECT i.id AS item_id, i.uid, i.speaker, i.dataset, i.start, i.end, t.row, f.path, r.path AS root"
         joins = " JOIN files f ON f.id = i.file_id JOIN roots r ON r.id = f.root_id"
         if ids is not None:
             # look the ids up by their unique index instead of reading every done row

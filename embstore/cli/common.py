@@ -17,6 +17,30 @@ model_option = click.option(
 )
 
 
+# the exit status of a command stopped by its environment (disk full...); `extract` documents it
+EXIT_ENVIRONMENT = 4
+
+
+class EnvironmentFailure(click.ClickException):
+    exit_code = EXIT_ENVIRONMENT
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """One line for a full or failing disk under the store; None for anything else."""
+    import errno
+    import sqlite3
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full: {exc.strerror}; free some space and run the command again"
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc)
+        if "full" in text:
+            return f"disk full: SQLite says {text!r}; free some space and run the command again"
+        if "disk I/O error" in text:
+            return f"cannot write the store: SQLite says {text!r} (disk full or failing?)"
+    return None
+
+
 def library_errors(fn: Callable) -> Callable:
     """Library errors become one-line click errors, never tracebacks."""
 
@@ -28,6 +52,11 @@ def library_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except USER_ERRORS as exc:
             raise click.ClickException(str(exc)) from None
+        except Exception as exc:
+            message = storage_failure(exc)
+            if message is None:
+                raise
+            raise EnvironmentFailure(message) from None
 
     return wrapper
 

@@ -1,0 +1,131 @@
+"""`embstore export-pkl`, `export-kaldi`, `export-npy`: embeddings out of the store."""
+
+from __future__ import annotations
+
+import click
+
+from embstore.cli.common import (
+    echo_json, json_option, library_errors, model_option, open_store, stderr_is_tty, store_argument,
+)
+
+out_argument = click.argument("out", type=click.Path(file_okay=False))
+
+
+@click.command("export-pkl")
+@store_argument
+@out_argument
+@model_option
+@click.option("--dataset", default=None, help="Only this dataset's items.")
+@click.option("--speaker", default=None, help="Only this speaker's items.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["dict", "array"]), default="dict", show_default=True,
+    help="dict: embedding + metadata; array: the bare float32 array.",
+)
+@click.option("--workers", type=int, default=None, help="Threads writing files (default: 2 per CPU, at most 16).")
+@click.option("--force", is_flag=True, help="Rewrite every file, even those already up to date.")
+@json_option
+@library_errors
+def export_pkl(store, out, model, dataset, speaker, fmt, workers, force, as_json):
+    """Write one pickle per embedded item: OUT/<dataset>/<speaker>/<stem>.pkl.
+
+    The layout of the usual extraction scripts, so code reading their output
+    keeps working. Where two items of one speaker share a stem (VoxCeleb's
+    id/video/00001.wav), both keep their folders below the speaker
+    (OUT/<dataset>/<speaker>/<video>/00001.pkl); nothing is overwritten.
+    Kaldi items are named by their utterance id. Names are sanitised, so
+    nothing is ever written outside OUT.
+
+    \b
+    --format dict (default) pickles a dict:
+        embedding    float32 numpy array [dim]
+        id           item id in the store
+        speaker, dataset
+        path         source audio file; start, end: seconds (None = whole file)
+        model, fingerprint
+    --format array pickles the bare float32 array.
+
+    Incremental: OUT/.embstore-export.db remembers what was written, so a
+    second export writes only new or changed items and deletes the files of
+    items that left the store.
+
+    \b
+    Examples:
+        embstore export-pkl store/ embeddings/
+        embstore export-pkl store/ embeddings/ --speaker id10001 --format array
+        python -c "import pickle; print(pickle.load(open('embeddings/libri/1688/1688-142285-0000.pkl','rb'))['embedding'].shape)"
+    """
+    with open_store(store) as st:
+        report = st.export_pkl(
+            out, model=model, dataset=dataset, speaker=speaker, fmt=fmt, workers=workers, force=force,
+            progress=stderr_is_tty() and not as_json,
+        )
+    if as_json:
+        echo_json(report.as_dict())
+        return
+    click.echo(
+        f"{report.items} items: wrote {report.written} files ({report.files_per_second:.0f} files/s),"
+        f" {report.unchanged} unchanged, {report.moved} moved, {report.removed} removed"
+        f" -> {report.out} ({report.model}, {report.seconds:.1f}s)"
+    )
+
+
+@click.command("export-kaldi")
+@store_argument
+@out_argument
+@model_option
+@json_option
+@library_errors
+def export_kaldi(store, out, model, as_json):
+    """Write Kaldi tables: xvector.ark + xvector.scp, utt2spk, spk2utt in OUT.
+
+    Keys are the store's item ids (whitespace replaced by _), sorted; the
+    vectors are float32. Read them with kaldiio.load_scp('OUT/xvector.scp') or
+    any Kaldi tool (e.g. ivector-mean ark:OUT/spk2utt scp:OUT/xvector.scp ...).
+
+    \b
+    Examples:
+        embstore export-kaldi store/ exp/xvectors
+        embstore export-kaldi store/ exp/xvectors --model resemblyzer-ge2e
+    """
+    with open_store(store) as st:
+        info = st.export_kaldi(out, model=model)
+    if as_json:
+        echo_json(info)
+        return
+    click.echo(f"{info['items']} items of {info['speakers']} speakers -> {info['out']} ({', '.join(info['files'])})")
+
+
+@click.command("export-npy")
+@store_argument
+@out_argument
+@model_option
+@json_option
+@library_errors
+def export_npy(store, out, model, as_json):
+    """Write one matrix: OUT/embeddings.npy (float32 [items, dim]) + row labels.
+
+    \b
+    OUT/embeddings.npy   float32 [n, dim], one row per embedded item
+    OUT/ids.txt          item id of row i on line i
+    OUT/speakers.txt     speaker of row i on line i
+    OUT/datasets.txt     dataset of row i on line i
+    OUT/export.json      model name, spec, fingerprint, dim, item count
+    (a backslash or newline inside a name is written as \\\\ or \\n)
+
+    \b
+    Examples:
+        embstore export-npy store/ matrix/
+        python -c "import numpy as np; print(np.load('matrix/embeddings.npy', mmap_mode='r').shape)"
+    """
+    with open_store(store) as st:
+        info = st.export_npy(out, model=model)
+    if as_json:
+        echo_json(info)
+        return
+    click.echo(f"{info['items']} x {info['dim']} float32 -> {info['out']}/embeddings.npy (+ ids, speakers, datasets)")
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(export_pkl)
+    cli.add_command(export_kaldi)
+    cli.add_command(export_npy)

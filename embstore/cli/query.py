@@ -1,0 +1,158 @@
+"""`embstore speakers`, `speaker`, `similar`, `centroids`: questions answered from the store."""
+
+from __future__ import annotations
+
+import click
+
+from embstore.cli.common import echo_json, echo_table, json_option, library_errors, model_option, open_store, store_argument
+
+
+@click.command()
+@store_argument
+@model_option
+@json_option
+@library_errors
+def speakers(store, model, as_json):
+    """Speakers in STORE with their item counts and how many items are embedded.
+
+    The done count is for the chosen model, or the only one; with several
+    models and no --model, one count per model.
+
+    \b
+    Examples:
+        embstore speakers store/
+        embstore speakers store/ --json | jq '.[] | select(.done < .items)'
+    """
+    with open_store(store) as st:
+        rows = st.speakers(model=model)
+    if as_json:
+        echo_json(rows)
+        return
+    table = []
+    for r in rows:
+        done = r.get("done", "")
+        if isinstance(done, dict):
+            done = ", ".join(f"{k}: {v}" for k, v in done.items())
+        table.append({"speaker": r["speaker"], "datasets": ",".join(r["datasets"]), "items": r["items"], "done": done})
+    echo_table(table, ["speaker", "datasets", "items", "done"])
+
+
+@click.command()
+@store_argument
+@click.argument("speaker_id", metavar="ID")
+@model_option
+@click.option("--vectors", is_flag=True, help="Include each item's embedding (a list of floats in --json).")
+@json_option
+@library_errors
+def speaker(store, speaker_id, model, vectors, as_json):
+    """One speaker's items: id, dataset, audio path, whether embedded.
+
+    --json prints a list of objects (id, dataset, path, start, end, duration,
+    done); with --vectors each also has "embedding" (null when not done yet).
+
+    \b
+    Examples:
+        embstore speaker store/ id10001
+        embstore speaker store/ id10001 --json --vectors > id10001.json
+    """
+    with open_store(store) as st:
+        items = st.speaker_items(speaker_id, model=model, vectors=vectors)
+    if as_json:
+        for item in items:
+            if item.get("embedding") is not None:
+                item["embedding"] = [float(x) for x in item["embedding"]]
+        echo_json(items)
+        return
+    table = []
+    for item in items:
+        row = {"id": item["id"], "dataset": item["dataset"], "path": item["path"], "done": item.get("done", "")}
+        if vectors:
+            vec = item.get("embedding")
+            row["embedding"] = "" if vec is None else "[" + ", ".join(f"{x:.3f}" for x in vec[:4]) + ", ...]"
+        table.append(row)
+    echo_table(table, ["id", "dataset", "done", "path"] + (["embedding"] if vectors else []))
+
+
+@click.command()
+@store_argument
+@click.argument("item_id", metavar="[ITEM_ID]", required=False)
+@click.option("--audio", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Embed this audio file with the store's model and search for it.")
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="How many neighbours.")
+@model_option
+@json_option
+@library_errors
+def similar(store, item_id, audio, k, model, as_json):
+    """The K items whose embeddings are closest (cosine) to an item or an audio file.
+
+    ITEM_ID is an item id or its unique ending (a file stem, with or without
+    extension). The item itself is left out; items with identical audio are
+    not. The first search builds STORE/cache (normalised rows, safe to delete).
+
+    \b
+    Examples:
+        embstore similar store/ vox1/id10001/1zcIwhmdeo4/00001
+        embstore similar store/ 1688-142285-0000 -k 5 --json
+        embstore similar store/ --audio query.wav
+    """
+    if (item_id is None) == (audio is None):
+        raise click.UsageError("give either ITEM_ID or --audio FILE")
+    with open_store(store) as st:
+        found = st.similar(item_id=item_id, audio=audio, k=k, model=model)
+    if as_json:
+        echo_json(found)
+        return
+    echo_table(
+        [{"rank": n + 1, "score": f"{r['score']:.4f}", "speaker": r["speaker"], "id": r["id"]} for n, r in enumerate(found)],
+        ["rank", "score", "speaker", "id"],
+    )
+
+
+@click.command()
+@store_argument
+@model_option
+@json_option
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None,
+              help="Write speakers, centroids, counts to this .npz file.")
+@library_errors
+def centroids(store, model, as_json, out_file):
+    """Per-speaker centroid: the mean of the speaker's L2-normalised embeddings.
+
+    Not re-normalised: a centroid's norm (<= 1) says how consistent the
+    speaker's embeddings are. --out writes an .npz with arrays `speakers`
+    (str), `centroids` (float32 [n, dim]) and `counts` (items per speaker);
+    --json prints [{"speaker", "items", "centroid": [...]}].
+
+    \b
+    Examples:
+        embstore centroids store/ --out centroids.npz
+        embstore centroids store/ --json > centroids.json
+        embstore centroids store/               # speakers, item counts, norms
+    """
+    import numpy as np
+
+    from embstore.query import centroid_table
+
+    with open_store(store) as st:
+        names, matrix, counts = centroid_table(st, model)
+    if out_file:
+        with open(out_file, "wb") as f:  # an open file: np.savez would otherwise append .npz
+            np.savez(f, speakers=np.array(names, dtype=str), centroids=matrix, counts=counts)
+    if as_json:
+        echo_json([
+            {"speaker": s, "items": int(n), "centroid": [float(x) for x in v]} for s, n, v in zip(names, counts, matrix)
+        ])
+        return
+    if out_file:
+        click.echo(f"{len(names)} speakers x {matrix.shape[1]} -> {out_file}")
+        return
+    norms = np.linalg.norm(matrix, axis=1) if len(names) else []
+    echo_table(
+        [{"speaker": s, "items": int(n), "norm": f"{x:.3f}"} for s, n, x in zip(names, counts, norms)],
+        ["speaker", "items", "norm"],
+    )
+
+
+def register(cli: click.Group) -> None:
+    for command in (speakers, speaker, similar, centroids):
+        cli.add_command(command)

@@ -1,0 +1,557 @@
+"""Embeddings out of the store: one pickle per item, Kaldi ark/scp, or one NumPy matrix.
+
+`export_pkl` keeps the layout older scripts wrote, `OUT/<dataset>/<speaker>/<stem>.pkl`,
+so code that globs those files keeps working, without their collisions:
+
+- an item's name is its file's stem; a Kaldi item (segment or recording) is named by its
+  utterance id, since it has no file of its own;
+- when two live items of one speaker share a name (VoxCeleb's `id/video/00001.wav`),
+  each of them is written at its path below the speaker folder instead
+  (`OUT/ds/id/video/00001.pkl`); items with a unique name stay flat;
+- every path component is sanitised (`/`, `\\`, NUL and control characters become `_`;
+  `.`, `..` and empty names get a `_` prefix; very long names are shortened with a
+  hash), and a directory that still resolves outside OUT (a symlink) is refused;
+- anything still colliding (case-insensitively) gets a short hash of its item id.
+
+Exports are incremental: `OUT/.embstore-export.db` (SQLite) records, per item id, the
+model fingerprint, row and path written, so a second export writes only new or changed
+items, moves items whose path changed, and deletes the files of items that are gone
+from the store (only files it wrote itself).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import pickle
+import re
+import sqlite3
+import threading
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+
+from embstore.store import StoreError
+
+if TYPE_CHECKING:
+    from embstore.store import Store
+
+MANIFEST_NAME = ".embstore-export.db"
+FORMATS = ("dict", "array")
+BATCH_ROWS = 4096
+FILES_PER_TASK = 64
+MAX_NAME_BYTES = 200
+
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
+
+
+# -- paths --------------------------------------------------------------------------------
+
+
+def safe_component(text: str | None) -> str:
+    """One path component that cannot leave its folder, whatever `text` holds."""
+    name = _UNSAFE.sub("_", "" if text is None else str(text))
+    if name in ("", ".", ".."):
+        name = "_" + name
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=4).hexdigest()
+        short = name.encode("utf-8", "surrogatepass")[: MAX_NAME_BYTES - 9].decode("utf-8", "ignore")
+        name = f"{short}~{digest}"
+    return name
+
+
+def _flat_name(item: sqlite3.Row) -> str:
+    if item["root_kind"] == "kaldi":
+        return item["uid"]
+    return os.path.splitext(os.path.basename(item["path"]))[0]
+
+
+def _below_speaker(item: sqlite3.Row) -> list[str]:
+    """The item's path below its speaker folder, taken from its id (which, unlike the
+    file's stem, stays unique when a.wav and a.flac sit side by side)."""
+    uid = item["uid"]
+    if item["root_kind"] == "kaldi":
+        return [uid]
+    rel = uid
+    for prefix in (f"{item['dataset']}/{item['speaker']}/", f"{item['dataset']}/"):
+        if uid.startswith(prefix):
+            rel = uid[len(prefix) :]
+            break
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    return parts or [uid]
+
+
+def pkl_paths(items: Sequence[sqlite3.Row], taken: dict[str, str] | None = None) -> dict[str, str]:
+    """{item id: path relative to OUT} under the rules in this module's docstring.
+
+    `items` must hold every live item of each (dataset, speaker) it touches, done or not,
+    so a name a pending item will need is never handed to another. `taken` maps paths
+    (case-folded) already used by other item ids, which then are not reused."""
+    groups: dict[tuple, list[sqlite3.Row]] = defaultdict(list)
+    for item in items:
+        groups[(item["dataset"], item["speaker"])].append(item)
+    paths: dict[str, str] = {}
+    for (dataset, speaker), members in groups.items():
+        folder = [safe_component(dataset), safe_component(speaker)]
+        names = {m["uid"]: safe_component(_flat_name(m)) for m in members}
+        counts = Counter(n.casefold() for n in names.values())
+        for m in members:
+            name = names[m["uid"]]
+            if counts[name.casefold()] == 1:
+                parts = [name]
+            else:
+                parts = [safe_component(p) for p in _below_speaker(m)]
+            paths[m["uid"]] = "/".join(folder + parts[:-1] + [parts[-1] + ".pkl"])
+    # sanitising can map different names onto one (a/b and a_b): give those a hash
+    holders: dict[str, list[str]] = defaultdict(list)
+    for uid, path in paths.items():
+        holders[path.casefold()].append(uid)
+    for key, uids in holders.items():
+        other = (taken or {}).get(key)
+        if len(uids) == 1 and (other is None or other == uids[0]):
+            continue
+        for uid in uids:
+            digest = hashlib.blake2b(uid.encode("utf-8", "surrogatepass"), digest_size=4).hexdigest()
+            paths[uid] = paths[uid][: -len(".pkl")] + f"~{digest}.pkl"
+    return paths
+
+
+def _inside(out_real: str, rel_dir: str) -> str:
+    """The real directory for `rel_dir` below OUT; refuses one that resolves outside it."""
+    target = os.path.realpath(os.path.join(out_real, rel_dir))
+    if target != out_real and not target.startswith(out_real + os.sep):
+        raise StoreError(f"refusing to write into {rel_dir!r}: it resolves to {target}, outside {out_real}")
+    return target
+
+
+# -- pickles ------------------------------------------------------------------------------
+
+
+class _PortablePickler(pickle.Pickler):
+    """Pickles 1-D arrays as `numpy.frombuffer(bytearray, dtype)`: loadable (and writable)
+    with NumPy 1.x or 2.x alike; NumPy 2's own reduction names `numpy._core`, which
+    NumPy 1.x cannot import."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is np.ndarray and obj.ndim == 1 and obj.dtype.kind == "f":
+            return np.frombuffer, (bytearray(obj.tobytes()), obj.dtype.str)
+        return NotImplemented
+
+
+def dumps(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    _PortablePickler(buffer, protocol=4).dump(obj)
+    return buffer.getvalue()
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    # a reader (or a crash) never sees half a file; O_NOFOLLOW: never write through a link
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# -- the export manifest ------------------------------------------------------------------
+
+
+class _Manifest:
+    """OUT/.embstore-export.db: what this folder's files hold, keyed by item id."""
+
+    def __init__(self, out: str):
+        self.path = os.path.join(out, MANIFEST_NAME)
+        try:
+            self.conn = sqlite3.connect(self.path, isolation_level=None, timeout=60)
+            self.conn.execute("PRAGMA journal_mode = WAL")
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+            self.conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            self.conn.execute(
+                "CREATE TABLE IF NOT EXISTS files (uid TEXT PRIMARY KEY, fingerprint TEXT NOT NULL,"
+                " row INTEGER NOT NULL, path TEXT NOT NULL, dataset TEXT, speaker TEXT, digest TEXT NOT NULL)"
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot use the export manifest ({exc})") from None
+
+    def meta(self) -> dict[str, str]:
+        return dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+
+    def set_meta(self, values: dict[str, str]) -> None:
+        self.conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(values.items()))
+
+    def entries(self) -> dict[str, tuple]:
+        return {
+            r[0]: r[1:] for r in self.conn.execute("SELECT uid, fingerprint, row, path, dataset, speaker, digest FROM files")
+        }
+
+    def record(self, rows: list[tuple]) -> None:
+        with self.transaction():
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO files (uid, fingerprint, row, path, dataset, speaker, digest)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    def forget(self, uids: list[str]) -> None:
+        with self.transaction():
+            self.conn.executemany("DELETE FROM files WHERE uid = ?", [(u,) for u in uids])
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# -- export-pkl ---------------------------------------------------------------------------
+
+
+@dataclass
+class ExportReport:
+    out: str
+    model: str
+    fingerprint: str
+    format: str
+    items: int = 0          # done items selected
+    written: int = 0        # new or changed files written
+    unchanged: int = 0      # already there, same row, model and path
+    moved: int = 0          # rewritten at a new path (a later item made their name collide)
+    removed: int = 0        # files of items gone from the store, deleted
+    seconds: float = 0.0
+
+    @property
+    def files_per_second(self) -> float:
+        return self.written / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["files_per_second"] = round(self.files_per_second, 1)
+        return d
+
+
+def _selected_items(store: "Store", model_id: int, dataset: str | None, speaker: str | None) -> list[sqlite3.Row]:
+    """Every live item of the selection (done or not), with its task for the model."""
+    where, params = ["+i.removed = 0" if speaker is not None else "i.removed = 0"], [model_id]
+    if speaker is not None:
+        where.append("i.speaker = ?")
+        params.append(speaker)
+    if dataset is not None:
+        where.append("i.dataset = ?")
+        params.append(dataset)
+    # with a speaker, start from its items (items_speaker index), not from every item
+    first = "FROM items i CROSS JOIN files f ON f.id = i.file_id" if speaker is not None else (
+        "FROM items i JOIN files f ON f.id = i.file_id"
+    )
+    return store.query(
+        "SELECT i.id, i.uid, i.dataset, i.speaker, i.start, i.end, f.path, r.path AS root, r.kind AS root_kind,"
+        f" t.status, t.row {first} JOIN roots r ON r.id = f.root_id"
+        " LEFT JOIN tasks t ON t.item_id = i.id AND t.model_id = ?"
+        " WHERE " + " AND ".join(where) + " ORDER BY i.id",
+        params,
+    )
+
+
+def export_pkl(
+    store: "Store",
+    out: str | os.PathLike,
+    model: str | None = None,
+    dataset: str | None = None,
+    speaker: str | None = None,
+    fmt: str = "dict",
+    workers: int | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> ExportReport:
+    """Write one pickle per done item under OUT (see the module docstring for paths).
+
+    fmt="dict": {"embedding": float32 array, "id", "speaker", "dataset", "path" (source
+    audio), "start", "end" (seconds, None for whole files), "model", "fingerprint"};
+    fmt="array": the bare float32 array. `force` rewrites every file."""
+    if fmt not in FORMATS:
+        raise StoreError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    started = time.monotonic()
+    m = store.resolve_model(model)
+    out_path = os.path.abspath(os.fspath(out))
+    if os.path.exists(out_path) and not os.path.isdir(out_path):
+        raise StoreError(f"{out_path} exists and is not a folder")
+    os.makedirs(out_path, exist_ok=True)
+    out_real = os.path.realpath(out_path)
+    report = ExportReport(out_path, store.model_key(m), m["fingerprint"], fmt)
+    manifest = _Manifest(out_real)
+    try:
+        meta = manifest.meta()
+        if meta.get("fingerprint") not in (None, m["fingerprint"]):
+            raise StoreError(
+                f"{out_path} holds an export of model {meta.get('model')} ({meta['fingerprint'][:12]});"
+                f" export {report.model} into another folder"
+            )
+        manifest.set_meta({"fingerprint": m["fingerprint"], "model": report.model, "format": fmt})
+        known = manifest.entries()
+        items = _selected_items(store, m["id"], dataset, speaker)
+
+        def in_scope(entry: tuple) -> bool:
+            return (dataset is None or entry[3] == dataset) and (speaker is None or entry[4] == speaker)
+
+        # the selection is every live item in scope: an entry in scope but not selected is gone
+        taken = {entry[2].casefold(): uid for uid, entry in known.items() if not in_scope(entry)}
+        paths = pkl_paths(items, taken)
+        done = [it for it in items if it["status"] == "done" and it["row"] is not None]
+        report.items = len(done)
+        todo = []
+        for it in done:
+            digest = _digest(it, fmt, report.model)
+            entry = known.get(it["uid"])
+            if not force and entry is not None and entry[:3] == (m["fingerprint"], it["row"], paths[it["uid"]]) and (
+                entry[5] == digest
+            ):
+                report.unchanged += 1
+                continue
+            todo.append((it, paths[it["uid"]], digest, entry[2] if entry else None))
+        _write_all(store, m, out_real, todo, fmt, report, manifest, workers, progress)
+        alive = {it["uid"] for it in done}
+        gone = [(uid, entry[2]) for uid, entry in known.items() if uid not in alive and in_scope(entry)]
+        # deletions come after every write, and spare every path in use now: a moved or
+        # gone item's old path may have become another item's path
+        current = {paths[uid].casefold() for uid in alive}
+        for old in {old for _, rel, _, old in todo if old is not None and old != rel}:
+            if old.casefold() not in current:
+                with contextlib.suppress(OSError):
+                    _remove_file(out_real, old)
+        for _, rel in gone:
+            if rel.casefold() not in current:
+                with contextlib.suppress(OSError):
+                    report.removed += _remove_file(out_real, rel)
+        manifest.forget([uid for uid, _ in gone])
+    finally:
+        manifest.close()
+    report.seconds = round(time.monotonic() - started, 3)
+    return report
+
+
+def _digest(item: sqlite3.Row, fmt: str, model_name: str) -> str:
+    """What else a pickle holds; when it changes (speaker, source path...) it is rewritten."""
+    text = "\0".join(
+        str(x) for x in (fmt, model_name, item["dataset"], item["speaker"], item["root"], item["path"],
+                         item["start"], item["end"])
+    )
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+def _write_all(
+    store: "Store", m: sqlite3.Row, out_real: str, todo: list[tuple], fmt: str, report: ExportReport,
+    manifest: _Manifest, workers: int | None, progress: bool,
+) -> None:
+    try:
+        _write_files(store, m, out_real, todo, fmt, report, manifest, workers, progress)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise StoreError(f"cannot write to {out_real}: {exc.strerror or exc}{where}") from None
+
+
+def _write_files(store, m, out_real, todo, fmt, report, manifest, workers, progress) -> None:
+    if not todo:
+        return
+    dirs = sorted({os.path.dirname(path) for _, path, _, _ in todo})
+    for rel_dir in dirs:
+        _inside(out_real, rel_dir)  # before creating anything: a symlinked folder is refused
+        os.makedirs(os.path.join(out_real, rel_dir), exist_ok=True)
+        _inside(out_real, rel_dir)
+    todo.sort(key=lambda t: t[0]["row"])  # rows in order: each Zarr chunk is read once
+    arrays = store.model_arrays(m)
+    bar = _bar(progress, len(todo))
+    # file creation is filesystem-bound; past ~2 threads per core they only contend for the GIL
+    workers = workers or min(16, 2 * (os.cpu_count() or 1))
+    fingerprint, model_name = m["fingerprint"], report.model
+
+    def payload(item: sqlite3.Row, vector: np.ndarray) -> bytes:
+        if fmt == "array":
+            return dumps(vector)
+        return dumps({
+            "embedding": vector, "id": item["uid"], "speaker": item["speaker"], "dataset": item["dataset"],
+            "path": os.path.join(item["root"], item["path"]), "start": item["start"], "end": item["end"],
+            "model": model_name, "fingerprint": fingerprint,
+        })
+
+    def write_some(jobs: list[tuple], vectors: np.ndarray) -> None:
+        for (item, rel, _, _), vector in zip(jobs, vectors):
+            _write_atomic(os.path.join(out_real, rel), payload(item, vector))
+
+    def finish(batch: list[tuple], futures: list[Future]) -> None:
+        for f in futures:
+            f.result()
+        manifest.record([
+            (item["uid"], fingerprint, item["row"], rel, item["dataset"], item["speaker"], digest)
+            for item, rel, digest, _ in batch
+        ])
+        report.written += len(batch)
+        report.moved += sum(1 for _, rel, _, old in batch if old is not None and old != rel)
+        if bar is not None:
+            bar.update(len(batch))
+
+    pending: tuple[list, list] | None = None
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="export") as pool:
+        try:
+            for start in range(0, len(todo), BATCH_ROWS):
+                batch = todo[start : start + BATCH_ROWS]
+                vectors = arrays.read_rows(np.array([job[0]["row"] for job in batch], dtype=np.int64))
+                # a few dozen files per task: one future per file costs more than its write
+                futures = [
+                    pool.submit(write_some, batch[k : k + FILES_PER_TASK], vectors[k : k + FILES_PER_TASK])
+                    for k in range(0, len(batch), FILES_PER_TASK)
+                ]
+                # read the next batch while this one is written
+                if pending is not None:
+                    finish(*pending)
+                pending = (batch, futures)
+            if pending is not None:
+                finish(*pending)
+        finally:
+            if bar is not None:
+                bar.close()
+
+
+def _remove_file(out_real: str, rel: str) -> bool:
+    path = os.path.join(out_real, rel)
+    real_dir = os.path.realpath(os.path.dirname(path))
+    if real_dir != out_real and not real_dir.startswith(out_real + os.sep):
+        return False
+    if os.path.islink(path) or not os.path.isfile(path):
+        return False
+    os.unlink(path)
+    # drop folders the export made empty, never OUT itself
+    parent = os.path.dirname(path)
+    while parent != out_real and parent.startswith(out_real + os.sep):
+        try:
+            os.rmdir(parent)
+        except OSError:
+            break
+        parent = os.path.dirname(parent)
+    return True
+
+
+def _bar(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="file", dynamic_ncols=True, desc="export")
+
+
+# -- export-kaldi -------------------------------------------------------------------------
+
+
+def _kaldi_token(text: str | None) -> str:
+    # Kaldi tables split on whitespace: keys and speakers must not hold any
+    return re.sub(r"\s+", "_", text or "") or "_"
+
+
+def _batches(rows: list, size: int = 65536) -> Iterator[list]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def export_kaldi(store: "Store", out: str | os.PathLike, model: str | None = None) -> dict[str, Any]:
+    """OUT/xvector.ark + xvector.scp (kaldiio), utt2spk, spk2utt; keys are item ids
+    (whitespace turned into `_`), sorted, so Kaldi tools and kaldiio read them as tables."""
+    from kaldiio import WriteHelper
+
+    started = time.monotonic()
+    m, rows = store.done_rows(model)
+    out_path = os.path.abspath(os.fspath(out))
+    if "," in out_path or re.search(r"\s", out_path):
+        raise StoreError(f"{out_path}: Kaldi write specifiers cannot hold commas or spaces; pick another folder")
+    os.makedirs(out_path, exist_ok=True)
+    keyed: dict[str, sqlite3.Row] = {}
+    for r in rows:
+        key = _kaldi_token(r["uid"])
+        if key in keyed:
+            raise StoreError(f"items {keyed[key]['uid']!r} and {r['uid']!r} both become Kaldi key {key!r}")
+        keyed[key] = r
+    keys = sorted(keyed)
+    ark, scp = os.path.join(out_path, "xvector.ark"), os.path.join(out_path, "xvector.scp")
+    tmp_ark, tmp_scp = ark + ".tmp", scp + ".tmp"
+    arrays = store.model_arrays(m)
+    with WriteHelper(f"ark,scp:{tmp_ark},{tmp_scp}") as writer:
+        for batch in _batches(keys):
+            vectors = arrays.read_rows(np.array([keyed[k]["row"] for k in batch], dtype=np.int64))
+            for key, vector in zip(batch, vectors):
+                writer(key, vector)
+    # the scp names the ark it was written to: point it at the final name
+    with open(tmp_scp, encoding="utf-8") as f:
+        lines = [line.replace(f" {tmp_ark}:", f" {ark}:", 1) for line in f]
+    _write_atomic(tmp_scp, "".join(lines).encode("utf-8"))
+    os.replace(tmp_ark, ark)
+    os.replace(tmp_scp, scp)
+    spk_of = {k: _kaldi_token(keyed[k]["speaker"]) for k in keys}
+    _write_atomic(os.path.join(out_path, "utt2spk"), "".join(f"{k} {spk_of[k]}\n" for k in keys).encode("utf-8"))
+    by_speaker: dict[str, list[str]] = defaultdict(list)
+    for k in keys:
+        by_speaker[spk_of[k]].append(k)
+    _write_atomic(
+        os.path.join(out_path, "spk2utt"),
+        "".join(f"{s} {' '.join(by_speaker[s])}\n" for s in sorted(by_speaker)).encode("utf-8"),
+    )
+    return {
+        "out": out_path, "model": store.model_key(m), "fingerprint": m["fingerprint"], "items": len(keys),
+        "speakers": len(by_speaker), "files": ["xvector.ark", "xvector.scp", "utt2spk", "spk2utt"],
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+# -- export-npy ---------------------------------------------------------------------------
+
+
+def _line(text: str | None) -> str:
+    # one value per line: a newline inside an id would shift every later line
+    return (text or "").replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def export_npy(store: "Store", out: str | os.PathLike, model: str | None = None) -> dict[str, Any]:
+    """OUT/embeddings.npy (float32 [n, dim]) with ids.txt, speakers.txt and datasets.txt
+    (line i describes row i; backslash and newline escaped as \\\\, \\n), plus export.json."""
+    import json
+
+    started = time.monotonic()
+    m, rows = store.done_rows(model)
+    out_path = os.path.abspath(os.fspath(out))
+    os.makedirs(out_path, exist_ok=True)
+    target = os.path.join(out_path, "embeddings.npy")
+    tmp = os.path.join(out_path, ".embeddings.npy.tmp")
+    matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(rows), int(m["dim"])))
+    arrays = store.model_arrays(m)
+    for start in range(0, len(rows), 65536):
+        batch = rows[start : start + 65536]
+        matrix[start : start + len(batch)] = arrays.read_rows(np.array([r["row"] for r in batch], dtype=np.int64))
+    matrix.flush()
+    del matrix
+    os.replace(tmp, target)
+    for name, column in (("ids.txt", "uid"), ("speakers.txt", "speaker"), ("datasets.txt", "dataset")):
+        _write_atomic(os.path.join(out_path, name), "".join(_line(r[column]) + "\n" for r in rows).encode("utf-8"))
+    info = {
+        "model": store.model_key(m), "spec": m["spec"], "fingerprint": m["fingerprint"], "dim": int(m["dim"]),
+        "items": len(rows), "files": ["embeddings.npy", "ids.txt", "speakers.txt", "datasets.txt"],
+    }
+    _write_atomic(os.path.join(out_path, "export.json"), (json.dumps(info, indent=2) + "\n").encode("utf-8"))
+    info.update(out=out_path, seconds=round(time.monotonic() - started, 3))
+    return info
+
+
+__all__ = ["export_pkl", "export_kaldi", "export_npy", "pkl_paths", "safe_component", "dumps", "ExportReport"]
