@@ -67,9 +67,16 @@ class ResemblyzerEncoder(Encoder):
     batching = "any"
 
     def __init__(self, device: str = "cpu", dtype: str = "fp32", rate: float = 1.3, min_coverage: float = 0.75) -> None:
+        import warnings
+
         import torch
-        from resemblyzer import hparams
-        from resemblyzer.voice_encoder import VoiceEncoder
+
+        with warnings.catch_warnings():
+            # its webrtcvad import warns that pkg_resources is deprecated, once per process
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from resemblyzer import hparams
+            from resemblyzer.voice_encoder import VoiceEncoder
 
         self._hp = hparams
         self.device = device
