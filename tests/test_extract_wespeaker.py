@@ -37,16 +37,17 @@ def reference(setup):
     return {str(p.relative_to(root).with_suffix("")): encoder.embed_file(str(p)) for p in paths}, encoder
 
 
-@pytest.mark.parametrize("features,trim,runtime", [
-    ("cpu", 0, "torch"), ("device", 0, "torch"), ("cpu", 0, "onnx"), ("cpu", 8, "onnx"),
+@pytest.mark.parametrize("features,trim,runtime,batching", [
+    ("cpu", 0, "torch", "auto"), ("device", 0, "torch", "auto"), ("cpu", 0, "torch", "equal"),
+    ("cpu", 0, "onnx", "auto"), ("cpu", 8, "onnx", "auto"),
 ])
-def test_wespeaker_pipeline_equals_embed_file(tmp_path, setup, reference, features, trim, runtime):
+def test_wespeaker_pipeline_equals_embed_file(tmp_path, setup, reference, features, trim, runtime, batching):
     spec, root, _ = setup
     ref, encoder = reference
     st = embstore.open(tmp_path / "s")
     st.scan([root])
     summary = st.extract(model=spec, device="cpu", features=features, max_trim_frames=trim, batch_frames=2000,
-                         runtime=runtime)
+                         runtime=runtime, batching=batching)
     assert summary.failed == 0 and summary.done == len(ref)
     assert summary.features == features
     assert summary.runtime == ("onnxruntime" if runtime == "onnx" else "torch")
@@ -58,5 +59,7 @@ def test_wespeaker_pipeline_equals_embed_file(tmp_path, setup, reference, featur
         assert cos.min() >= 0.99999, (summary.batching, cos.min())
     if runtime == "onnx":  # ONNX graphs batch equal lengths only
         assert summary.batching == "equal" or summary.mean_batch_items >= 1
-    if runtime == "torch" and encoder.batching == "masked":
+    if batching == "equal":
+        assert summary.batching == "equal" and summary.padding_overhead == 0
+    elif runtime == "torch" and encoder.batching == "masked":
         assert summary.mean_batch_items > 1 and summary.padding_overhead > 0

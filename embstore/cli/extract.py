@@ -34,13 +34,16 @@ EXIT_RUN_ERROR = 4
 @click.option("--threads", type=click.IntRange(1), default=None, help="Torch threads per worker.")
 @click.option("--runtime", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
               help="auto: ONNX Runtime for WeSpeaker models on CPU (same numbers, faster), torch elsewhere.")
+@click.option("--batching", type=click.Choice(["auto", "equal"]), default="auto", show_default=True,
+              help="auto: the model's exact mode (masked padded batches where supported); "
+                   "equal: only equal-length buckets.")
 @click.option("--features", type=click.Choice(["auto", "cpu", "device"]), default="auto", show_default=True,
               help="Where fbank features are computed: in loader threads (cpu) or batched on the model's "
                    "device (auto: device on GPU for WeSpeaker models).")
 @json_option
 @library_errors
 def extract(store, model, gpus, device, workers, batch_frames, loader_workers, dtype, max_trim_frames,
-            retry_failed, limit, threads, features, runtime, as_json):
+            retry_failed, limit, threads, features, runtime, batching, as_json):
     """Embed every pending item of STORE, exactly once; resumes where a run stopped.
 
     \b
@@ -60,7 +63,7 @@ def extract(store, model, gpus, device, workers, batch_frames, loader_workers, d
             model=model, device=device, gpus=gpus, workers=workers, batch_frames=batch_frames,
             loader_workers=loader_workers, dtype=dtype, retry_failed=retry_failed, limit=limit,
             max_trim_frames=max_trim_frames, progress=not as_json, threads=threads, features=features,
-            runtime=runtime,
+            runtime=runtime, batching=batching,
         )
     if as_json:
         echo_json(summary.as_dict())

@@ -165,6 +165,7 @@ def run_extraction(
     threads: int | None = None,
     features: str = "auto",
     runtime: str = "auto",
+    batching: str = "auto",
 ) -> ExtractSummary:
     """Embed every pending item of the store with `model`; returns what was done."""
     spec = model or DEFAULT_MODEL
@@ -174,6 +175,8 @@ def run_extraction(
         raise ExtractionError(f"unknown dtype {dtype!r}: use fp32, bf16 or fp16")
     if max_trim_frames < 0:
         raise ExtractionError("--max-trim-frames must be >= 0")
+    if batching not in ("auto", "equal"):
+        raise ExtractionError(f"unknown batching {batching!r}: use auto or equal")
     if runtime not in ("auto", "torch", "onnx"):
         raise ExtractionError(f"unknown runtime {runtime!r}: use auto, torch or onnx")
     if features not in ("auto", "cpu", "device"):
@@ -197,7 +200,9 @@ def run_extraction(
         raise ExtractionError(f"{encoder.name} cannot compute its features on the device; use --features cpu")
     device_features = features == "device" or (features == "auto" and can_device_features and devices[0] != "cpu")
     use_onnx = _wants_onnx(encoder, runtime, devices, dtype, device_features)
-    batching = "equal" if use_onnx else encoder.batching  # ONNX graphs take equal lengths only
+    force_equal = batching == "equal"
+    # ONNX graphs take equal lengths only
+    batching = "equal" if use_onnx or (force_equal and encoder.batching == "masked") else encoder.batching
     description = encoder.describe()
     if max_trim_frames and batching == "equal":  # only equal-length batching trims
         description["frontend"] = dict(description["frontend"], max_trim_frames=max_trim_frames)
@@ -222,7 +227,8 @@ def run_extraction(
     if use_onnx:
         worker_spec = _onnx_spec(store, encoder, spec, explicit=(runtime == "onnx"))
     summary.runtime = "onnxruntime" if worker_spec.startswith("onnx:") else "torch"
-    summary.batching = "equal" if worker_spec.startswith("onnx:") else encoder.batching
+    if worker_spec.startswith("onnx:"):
+        summary.batching = "equal"
     del encoder
 
     options_json = json.dumps(
@@ -252,7 +258,8 @@ def run_extraction(
     summary.run_id = run_id
     try:
         _run_processes(store, summary, worker_spec, model_id, run_id, devices, dtype, batch_frames, loader_workers,
-                       limit, max_trim_frames, lease_seconds, progress, threads, left, left_seconds, device_features)
+                       limit, max_trim_frames, lease_seconds, progress, threads, left, left_seconds, device_features,
+                       force_equal)
     finally:
         summary.seconds = time.monotonic() - started
         summary.left, _ = pending_summary(store.conn, model_id)
@@ -306,7 +313,7 @@ def _onnx_spec(store: Store, encoder, spec: str, explicit: bool) -> str:
 
 def _run_processes(store, summary, spec, model_id, run_id, devices, dtype, batch_frames, loader_workers, limit,
                    max_trim_frames, lease_seconds, show_progress, threads, left, left_seconds,
-                   device_features) -> None:
+                   device_features, force_equal) -> None:
     from embstore.extract.worker import WorkerOptions, worker_main
     from embstore.extract.writer import writer_main
 
@@ -326,7 +333,7 @@ def _run_processes(store, summary, spec, model_id, run_id, devices, dtype, batch
             claim_items=512 if dev.startswith("cuda") else 64,
             loader_workers=loader_workers or (6 if dev.startswith("cuda") else 2),
             lease_seconds=lease_seconds, threads=per_worker_threads, max_trim_frames=max_trim_frames,
-            max_items=limit, index=index, device_features=device_features,
+            max_items=limit, index=index, device_features=device_features, force_equal=force_equal,
         )
         procs.append(ctx.Process(target=worker_main, args=(opts, inbox, progress, stop_event, claimed_total),
                                  name=f"embstore-worker-{index}", daemon=False))
