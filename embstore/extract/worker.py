@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from embstore.extract.claims import ClaimedTask, claim_batch, new_owner, refresh_tasks, release_claims, renew_lease
+from embstore.extract.claims import ClaimedTask, claim_batch, new_owner, refresh_tasks, renew_lease
 from embstore.extract.writer import ItemFailure, ItemResult
 
 
@@ -43,6 +43,7 @@ class WorkerOptions:
     max_items: int | None = None  # --limit, shared through `claimed_total`
     index: int = 0  # which worker of the run: the writer counts finished workers by it
     device_features: bool = False  # fbank on the model's device, batched (GPU); loaders only decode
+    force_equal: bool = False  # --batching equal: no masked padded batches
 
 
 @dataclass
@@ -196,6 +197,8 @@ class Worker:
         # scan order keeps a speaker's rows together in the store; only equal-length
         # batching needs the global length order (mixed-length claims are sorted by
         # length inside the claim, which keeps masked padding low)
+        if self.o.force_equal and self.encoder.batching == "masked":
+            self.encoder.batching = "equal"  # --batching equal: buckets of equal length only
         self.order = "length" if self.encoder.batching == "equal" else "item"
         lease_thread = threading.Thread(target=self._renew_leases, daemon=True)
         lease_thread.start()
@@ -205,10 +208,9 @@ class Worker:
             self._compute()
         finally:
             self.stop_event.set() if self.feeder_error else None
-            conn = self._connect()
-            release_claims(conn, self.owner)
-            conn.close()
-            self.outbox.put(("worker_finished", self.o.index))
+            # the writer frees what this worker still holds, after committing what it
+            # sent: freed here, results still in the writer's buffer would be dropped
+            self.outbox.put(("worker_finished", self.o.index, self.owner))
             self.progress.put(
                 ("worker_stats", self.owner, self.batches, self.batch_items, self.real_frames, self.padded_frames)
             )
@@ -439,7 +441,7 @@ def worker_main(options: WorkerOptions, outbox, progress, stop_event, claimed_to
     except BaseException as exc:
         progress.put(("worker_error", worker.owner, "".join(traceback.format_exception_only(exc)).strip()))
         try:
-            outbox.put(("worker_finished", options.index))
+            outbox.put(("worker_finished", options.index, worker.owner))
         except Exception:
             pass
         raise SystemExit(1)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from embstore.arrays import CHUNK_ROWS, ModelArrays
+from embstore.extract.claims import release_claims
 
 FLUSH_SECONDS = 1.0
 
@@ -181,6 +182,12 @@ def writer_main(store_path: str, model_id: int, run_id: int | None, inbox, progr
                         writer.add(m)
                 elif kind == "worker_finished":
                     finished.add(message[1])
+                    if len(message) > 2:
+                        # commit what that worker sent, then give back what it still holds
+                        done, failed, seconds = writer.flush()
+                        if done or failed:
+                            progress.put(("written", done, failed, seconds))
+                        release_claims(writer.conn, message[2])
             if len(finished) >= n_workers or writer.due():
                 done, failed, seconds = writer.flush()
                 if done or failed:
