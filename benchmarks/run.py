@@ -13,7 +13,10 @@ Systems (each run in its own process, repeats interleaved, medians reported):
   model_only      features precomputed in memory, model forward only, same runtime,
                   batching and processes as embstore: the pipeline's ceiling
   model_only_b1   eager fp32, batch 1, one process: runtime gains vs pipeline gains
-  embstore        `embstore scan` + `embstore extract` (export-pkl timed separately)
+  embstore        `embstore scan` + `embstore extract` (export-pkl timed separately), defaults
+  embstore_torch_masked / embstore_torch_equal
+                  WeSpeaker models on torch with masked padded batches vs equal-length
+                  buckets: mean batch size, padding and throughput of each
 Fidelity: each system's embedding of each file vs `embed_file` (the per-item reference;
 seed_original calls exactly that, so its outputs are the reference).
 """
@@ -253,10 +256,10 @@ def system_model_only_b1(args) -> dict:
     return {"seconds": time.perf_counter() - started, "files": len(files), "embeddings": embeddings}
 
 
-def system_embstore(args) -> dict:
+def system_embstore(args, extra_flags: tuple[str, ...] = ()) -> dict:
     root, store = Path(args.corpus), Path(args.work) / "store"
     exe = [sys.executable, "-m", "embstore"]
-    extract = exe + ["extract", str(store), "--model", args.model, "--json"]
+    extract = exe + ["extract", str(store), "--model", args.model, "--json", *extra_flags]
     if args.device == "cpu":
         extract += ["--device", "cpu", "--workers", str(args.workers), "--threads", str(args.threads)]
     else:
@@ -292,7 +295,8 @@ def system_embstore(args) -> dict:
         "seconds": seconds, "files": summary["done"], "embeddings": dict(zip(ids, vectors)),
         "extra": {
             "mean_batch_items": summary["mean_batch_items"], "padding_overhead": summary["padding_overhead"],
-            "batching": summary["batching"], "resume_nothing_to_do_s": round(resume_s, 3),
+            "batching": summary["batching"], "runtime": summary.get("runtime"),
+            "resume_nothing_to_do_s": round(resume_s, 3),
             "nothing_to_do": json.loads(again.stdout)["nothing_to_do"], "rescan_unchanged_s": round(rescan_s, 3),
             "rescan_no_changes": json.loads(rescan.stdout)["no_changes"],
             "export_pkl_s": round(export_s, 3) if export_s is not None else None,
@@ -310,12 +314,27 @@ def _collect_pkl(out: Path, root: Path, files: list[Path]) -> dict[str, np.ndarr
     return got
 
 
+def system_embstore_torch_masked(args) -> dict:
+    """embstore on torch with masked padded batches of mixed lengths (issue: exact batching)."""
+    return system_embstore(args, ("--runtime", "torch", "--batching", "auto"))
+
+
+def system_embstore_torch_equal(args) -> dict:
+    """embstore on torch with equal-length buckets only: the batching masked replaces."""
+    return system_embstore(args, ("--runtime", "torch", "--batching", "equal"))
+
+
+# only for models with a masked adapter (WeSpeaker); skipped for the others
+WESPEAKER_ONLY = {"embstore_torch_masked", "embstore_torch_equal"}
+
 SYSTEMS = {
     "seed_original": system_seed_original,
     "seed_optimized": system_seed_optimized,
     "model_only": system_model_only,
     "model_only_b1": system_model_only_b1,
     "embstore": system_embstore,
+    "embstore_torch_masked": system_embstore_torch_masked,
+    "embstore_torch_equal": system_embstore_torch_equal,
 }
 
 
@@ -402,9 +421,10 @@ def fidelity(embeddings: dict[str, np.ndarray], reference: dict[str, np.ndarray]
 
 
 def benchmark_model(label: str, model: str, args, corpus_info: dict) -> dict:
-    runs: dict[str, list[dict]] = {name: [] for name in args.systems}
+    systems_here = [n for n in args.systems if n not in WESPEAKER_ONLY or model.startswith("wespeaker:")]
+    runs: dict[str, list[dict]] = {name: [] for name in systems_here}
     for repeat in range(args.repeats):
-        for name in args.systems:  # interleaved: drift in the machine hits every system alike
+        for name in systems_here:  # interleaved: drift in the machine hits every system alike
             print(f"[{label}] repeat {repeat + 1}/{args.repeats}: {name}", flush=True)
             runs[name].append(run_system(name, model, args, args.out / "work" / label / name))
     reference = runs["seed_original"][0]["embeddings"] if "seed_original" in runs else None
@@ -466,13 +486,17 @@ def markdown(results: dict) -> str:
                 f"| {e.get('fraction_of_model_only', '')} | {e['peak_rss_mb']} | {e.get('fidelity_min_cos', '')} "
                 f"| {e.get('fidelity_mean_cos', '')} |"
             )
-        emb = block["systems"].get("embstore", {})
-        if emb:
-            lines += ["", f"embstore: {emb.get('batching')} batching, mean batch {emb.get('mean_batch_items')} items, "
-                          f"padding overhead {emb.get('padding_overhead')}; re-run on the finished store "
-                          f"{emb.get('resume_nothing_to_do_s')} s (nothing to do: {emb.get('nothing_to_do')}); "
-                          f"unchanged rescan {emb.get('rescan_unchanged_s')} s; export-pkl "
-                          f"{emb.get('export_pkl_files_per_s')} files/s."]
+        lines.append("")
+        for name, emb in block["systems"].items():
+            if "mean_batch_items" not in emb:
+                continue
+            lines.append(
+                f"- {name}: {emb.get('batching')} batching on {emb.get('runtime')}, mean batch "
+                f"{emb.get('mean_batch_items')} items, padding overhead {emb.get('padding_overhead')}; re-run on "
+                f"the finished store {emb.get('resume_nothing_to_do_s')} s (nothing to do: "
+                f"{emb.get('nothing_to_do')}); unchanged rescan {emb.get('rescan_unchanged_s')} s; export-pkl "
+                f"{emb.get('export_pkl_files_per_s')} files/s."
+            )
         lines.append("")
     return "\n".join(lines)
 
