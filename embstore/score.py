@@ -35,6 +35,13 @@ def _error_rates(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | n
     return miss_rate, fa_rate
 
 
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of each row of `a` with the same row of `b` (float64 for the sums)."""
+    a = np.atleast_2d(np.asarray(a, dtype=np.float64))
+    b = np.atleast_2d(np.asarray(b, dtype=np.float64))
+    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
 def compute_eer(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
     """Equal error rate in [0, 1], interpolated where the miss and false-alarm curves cross."""
     miss, fa = _error_rates(scores, labels)

@@ -49,6 +49,23 @@ def connect(db_path: str | os.PathLike) -> sqlite3.Connection:
     return conn
 
 
+@contextlib.contextmanager
+def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT on an autocommit connection; ROLLBACK on any error.
+
+    Taking the write lock at BEGIN means a transaction never fails half-way on a lock
+    another writer holds (busy_timeout waits for it instead)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        if conn.in_transaction:  # SQLite already rolled back on SQLITE_FULL / IOERR
+            conn.execute("ROLLBACK")
+        raise
+    else:
+        conn.execute("COMMIT")
+
+
 class Store:
     """Open with `embstore.open(path)`; creates or upgrades the store as needed."""
 
@@ -102,15 +119,8 @@ class Store:
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, taken at once (BEGIN IMMEDIATE) so it never deadlocks."""
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.conn
-        except BaseException:
-            if self.conn.in_transaction:  # SQLite already rolled back on SQLITE_FULL / IOERR
-                self.conn.execute("ROLLBACK")
-            raise
-        else:
-            self.conn.execute("COMMIT")
+        with immediate(self.conn) as conn:
+            yield conn
 
     def query(self, sql: str, params: Sequence[Any] | dict = ()) -> list[sqlite3.Row]:
         return self.conn.execute(sql, params).fetchall()

@@ -14,13 +14,10 @@ from click.testing import CliRunner
 
 import embstore
 from embstore.cli import cli
+from embstore.score import cosine_rows
 from tests.audio_factory import make_tree, write
 
 
-def cos_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return (a * b).sum(axis=1)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +57,7 @@ def test_batched_pipeline_equals_embed_file(tmp_path, encoder):
     assert vectors.shape == (9, encoder.dim) and vectors.dtype == np.float32
     by_uid = {os.path.splitext(str(f.relative_to(tmp_path / "root")))[0]: f for f in files}
     reference = np.stack([encoder.embed_file(str(by_uid[i])) for i in ids])
-    assert cos_rows(vectors, reference).min() >= 0.99999
+    assert cosine_rows(vectors, reference).min() >= 0.99999
     check_consistent(st)
     # per speaker
     ids1, v1 = st.embeddings(speaker="spk1")
@@ -136,7 +133,7 @@ def test_dedup_and_stale_reextraction(tmp_path):
     ids2, vectors2 = st.embeddings()
     vec2 = dict(zip(ids2, vectors2))
     uid = "ds/spk1/spk1-0"
-    assert cos_rows(vec2[uid][None], vec[uid][None])[0] < 0.9999
+    assert cosine_rows(vec2[uid][None], vec[uid][None])[0] < 0.9999
     # removed files drop out of queries
     files[3].unlink()
     st.scan([tmp_path / "root"])
@@ -208,7 +205,7 @@ def test_two_workers_one_killed_then_restart(tmp_path, corpus):
     check_consistent(st2)
     ids, vectors = st2.embeddings()
     assert set(ids) == set(clean)
-    assert cos_rows(vectors, np.stack([clean[i] for i in ids])).min() >= 0.99999
+    assert cosine_rows(vectors, np.stack([clean[i] for i in ids])).min() >= 0.99999
 
 
 def test_whole_run_killed_then_resumed(tmp_path, corpus):
@@ -240,7 +237,7 @@ def test_whole_run_killed_then_resumed(tmp_path, corpus):
     check_consistent(st)
     ids, vectors = st.embeddings()
     assert set(ids) == set(clean)
-    assert cos_rows(vectors, np.stack([clean[i] for i in ids])).min() >= 0.99999
+    assert cosine_rows(vectors, np.stack([clean[i] for i in ids])).min() >= 0.99999
 
 
 def test_two_extract_commands_at_once(tmp_path, corpus):
@@ -257,7 +254,7 @@ def test_two_extract_commands_at_once(tmp_path, corpus):
     st = embstore.open(store)
     check_consistent(st)
     ids, vectors = st.embeddings()
-    assert cos_rows(vectors, np.stack([clean[i] for i in ids])).min() >= 0.99999
+    assert cosine_rows(vectors, np.stack([clean[i] for i in ids])).min() >= 0.99999
 
 
 def test_sigint_stops_cleanly_and_releases_claims(tmp_path, corpus):

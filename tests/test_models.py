@@ -13,17 +13,14 @@ import yaml
 
 from embstore import models
 from embstore.models.base import ModelError, check_finite
-from embstore.score import compute_eer, compute_min_dcf
+from embstore.score import compute_eer, compute_min_dcf, cosine_rows
 
 torch = pytest.importorskip("torch")
-from wespeaker_dirs import make_wespeaker_dir  # noqa: E402
+from tests.wespeaker_dirs import make_wespeaker_dir  # noqa: E402
 
 EXACT = 0.99999  # cosine of batched vs per-item fp32 embeddings (float rounding only)
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = np.atleast_2d(a), np.atleast_2d(b)
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 def _write(path: Path, data: np.ndarray, rate: int) -> Path:
@@ -160,7 +157,7 @@ def test_resemblyzer_matches_the_package(shared_data, resemblyzer_encoder) -> No
         expected = package.embed_utterance(preprocess_wav(str(path)))
         ours = resemblyzer_encoder.embed_file(str(path))
         assert ours.shape == (256,) and ours.dtype == np.float32
-        assert cosine(ours, expected)[0] >= 0.999
+        assert cosine_rows(ours, expected)[0] >= 0.999
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
@@ -172,7 +169,7 @@ def test_resemblyzer_batch_equals_embed_file(shared_data, resemblyzer_encoder, b
     batch = enc.embed_batch(feats)
     single = np.stack([enc.embed_file(p, *s) for p, s in zip(paths, spans)])
     assert batch.shape == (batch_size, enc.dim)
-    assert cosine(batch, single).min() >= EXACT
+    assert cosine_rows(batch, single).min() >= EXACT
 
 
 def test_resemblyzer_any_lengths_and_metadata(shared_data, resemblyzer_encoder) -> None:
@@ -186,7 +183,7 @@ def test_resemblyzer_any_lengths_and_metadata(shared_data, resemblyzer_encoder) 
     assert all(len(f) <= enc.feature_length(len(w)) for f, w in zip(feats, wavs))
     mixed = enc.embed_batch(feats)
     single = np.stack([enc.embed_file(p, *s) for p, s in zip(paths, spans)])
-    assert cosine(mixed, single).min() >= EXACT
+    assert cosine_rows(mixed, single).min() >= EXACT
     with pytest.raises(ValueError, match="silent"):
         enc.features(np.zeros(16000, dtype=np.float32))
     for key in ("partial_frames", "partial_rate", "vad", "sample_rate"):
@@ -214,7 +211,7 @@ def test_resemblyzer_eer_on_librispeech(shared_data, resemblyzer_encoder) -> Non
     assert check_finite(vectors).all()
     index = {p.stem: i for i, p in enumerate(paths)}
     # spot-check the batched vectors against the reference path
-    assert cosine(vectors[[0, 57]], np.stack([enc.embed_file(str(paths[i])) for i in (0, 57)])).min() >= EXACT
+    assert cosine_rows(vectors[[0, 57]], np.stack([enc.embed_file(str(paths[i])) for i in (0, 57)])).min() >= EXACT
     scores, labels = [], []
     for line in (shared_data / "trials.txt").read_text().splitlines():
         a, b, label = line.split()
@@ -242,7 +239,7 @@ def test_wespeaker_batch_equals_embed_file(encoders, wav_files, arch: str, batch
     single = np.stack([enc.embed_file(p) for p in paths])
     assert batch.shape == (batch_size, enc.dim) and batch.dtype == np.float32
     assert check_finite(batch).all()
-    assert cosine(batch, single).min() >= EXACT
+    assert cosine_rows(batch, single).min() >= EXACT
 
 
 def test_wespeaker_frontend_follows_family(encoders) -> None:
@@ -263,7 +260,7 @@ def test_wespeaker_mixed_lengths(encoders, model_dirs, wav_files) -> None:
         feats = [enc.features(enc.load(p, *s)) for p, s in zip(paths, spans)]
         if enc.batching == "masked":
             single = np.stack([enc.embed_file(p, *s) for p, s in zip(paths, spans)])
-            assert cosine(enc.embed_batch(feats), single).min() >= EXACT
+            assert cosine_rows(enc.embed_batch(feats), single).min() >= EXACT
     plain = models.load(f"wespeaker:{model_dirs['ecapa']}", masked=False)
     assert plain.batching == "equal"
     feats = [plain.features(plain.load(p, *s)) for p, s in zip(paths, spans)]
@@ -285,13 +282,13 @@ def test_wespeaker_long_items_are_windowed(model_dirs, wav_files) -> None:
     assert len(windows) == 3 and windows[-1][1] == len(feats)
     manual = np.mean([enc.embed_batch([feats[a:b]])[0] for a, b in windows], axis=0)
     reference = enc.embed_file(path)
-    assert cosine(reference, manual)[0] >= EXACT
+    assert cosine_rows(reference, manual)[0] >= EXACT
     twice = enc.embed_batch([feats, enc.features(enc.load(str(wav_files[1])))])
-    assert cosine(twice[0], reference)[0] >= EXACT
+    assert cosine_rows(twice[0], reference)[0] >= EXACT
     assert enc.frontend["max_frames"] == 40
     whole = models.load(f"wespeaker:{model_dirs['ecapa']}")
     assert whole.fingerprint != enc.fingerprint
-    assert cosine(whole.embed_file(path), reference)[0] < EXACT  # the policy changes numbers
+    assert cosine_rows(whole.embed_file(path), reference)[0] < EXACT  # the policy changes numbers
 
 
 def test_wespeaker_fingerprints(tmp_path, model_dirs, encoders) -> None:
@@ -357,14 +354,14 @@ def test_wespeaker_resamples_and_mixes_down(tmp_path, encoders) -> None:
     mono16 = _speechlike(1.0, 7)
     stereo = _write(tmp_path / "stereo.wav", np.stack([mono16, mono16], axis=1), 16000)
     mono = _write(tmp_path / "mono.wav", mono16, 16000)
-    assert cosine(enc.embed_file(str(stereo)), enc.embed_file(str(mono)))[0] >= EXACT
+    assert cosine_rows(enc.embed_file(str(stereo)), enc.embed_file(str(mono)))[0] >= EXACT
     mono8k = _speechlike(1.0, 8, rate=8000)
     low = _write(tmp_path / "eight.wav", np.stack([mono8k, 0.5 * mono8k], axis=1), 8000)
     wav = enc.load(str(low))
     assert len(wav) == resampled_length(8000, 8000, 16000) == 16000
     expected = resample((0.75 * mono8k).astype(np.float32), 8000, 16000)
     np.testing.assert_allclose(wav, expected, atol=2e-4)  # 16-bit quantisation of the file
-    assert cosine(enc.embed_file(str(low)), enc.embed_batch([enc.features(wav)]))[0] >= EXACT
+    assert cosine_rows(enc.embed_file(str(low)), enc.embed_batch([enc.features(wav)]))[0] >= EXACT
 
 
 def test_wespeaker_device_features(encoders, wav_files) -> None:
@@ -373,7 +370,7 @@ def test_wespeaker_device_features(encoders, wav_files) -> None:
     on_device = enc.features_batch(wavs)
     assert tuple(on_device.shape) == (4, enc.feature_length(len(wavs[0])), 80)
     reference = enc.embed_batch([enc.features(w) for w in wavs])
-    assert cosine(enc.embed_batch(on_device), reference).min() >= 0.9999
+    assert cosine_rows(enc.embed_batch(on_device), reference).min() >= 0.9999
 
 
 def test_wespeaker_bf16_runs(model_dirs, encoders, wav_files) -> None:
@@ -382,7 +379,7 @@ def test_wespeaker_bf16_runs(model_dirs, encoders, wav_files) -> None:
     feats = [enc.features(enc.load(str(p), 0, 0.5)) for p in wav_files[:2]]
     low = enc.embed_batch(feats)
     assert low.dtype == np.float32 and check_finite(low).all()
-    assert cosine(low, encoders["ecapa"].embed_batch(feats)).min() >= 0.95
+    assert cosine_rows(low, encoders["ecapa"].embed_batch(feats)).min() >= 0.95
 
 
 @pytest.mark.cuda
@@ -393,12 +390,12 @@ def test_wespeaker_on_cuda(model_dirs, encoders, wav_files) -> None:
     reference = cpu.embed_batch(feats)
     gpu = models.load(f"wespeaker:{model_dirs['resnet34']}", device="cuda")
     assert gpu.fingerprint == cpu.fingerprint  # the device does not change identity
-    assert cosine(gpu.embed_batch(feats), reference).min() >= 0.9999
+    assert cosine_rows(gpu.embed_batch(feats), reference).min() >= 0.9999
     on_device = gpu.features_batch([gpu.load(str(p)) for p in wav_files[:4]])
-    assert on_device.is_cuda and cosine(gpu.embed_batch(on_device), reference).min() >= 0.9999
+    assert on_device.is_cuda and cosine_rows(gpu.embed_batch(on_device), reference).min() >= 0.9999
     for dtype in ("bf16", "fp16"):
         low = models.load(f"wespeaker:{model_dirs['resnet34']}", device="cuda", dtype=dtype)
-        assert cosine(low.embed_batch(feats), reference).min() >= 0.99
+        assert cosine_rows(low.embed_batch(feats), reference).min() >= 0.99
 
 
 # ---------------------------------------------------------------- ONNX
@@ -442,9 +439,9 @@ def test_onnx_matches_torch(onnx_export, encoders, wav_files) -> None:
     paths = [str(p) for p in wav_files[:3]]
     single = np.stack([enc.embed_file(p) for p in paths])
     reference = np.stack([torch_enc.embed_file(p) for p in paths])
-    assert cosine(single, reference).min() >= EXACT
+    assert cosine_rows(single, reference).min() >= EXACT
     batch = enc.embed_batch([enc.features(enc.load(p)) for p in paths])
-    assert cosine(batch, single).min() >= EXACT
+    assert cosine_rows(batch, single).min() >= EXACT
     with pytest.raises(ValueError, match="same number of frames"):
         enc.embed_batch([enc.features(enc.load(paths[0], 0, 0.5)), enc.features(enc.load(paths[1]))])
 

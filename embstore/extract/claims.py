@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from embstore.audio import resampled_length, span_frames
+from embstore.store import immediate
 
 HOST = socket.gethostname()
 
@@ -82,8 +83,7 @@ def refresh_tasks(
     _register_length_function(conn, feature_length, sample_rate)
     now = time.time()
     counts = {}
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with immediate(conn):
         last = conn.execute("SELECT coalesce(max(item_id), 0) FROM tasks WHERE model_id = ?", (model_id,)).fetchone()[0]
         cur = conn.execute(
             "INSERT OR IGNORE INTO tasks (item_id, model_id, status, length)"
@@ -117,11 +117,6 @@ def refresh_tasks(
                 (model_id,),
             )
             counts["retried"] = cur.rowcount
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:  # SQLite already rolled back on SQLITE_FULL / IOERR
-            conn.execute("ROLLBACK")
-        raise
     return counts
 
 
@@ -136,11 +131,7 @@ def _has_gaps(conn: sqlite3.Connection, model_id: int) -> bool:
 
 
 def _release_lost(conn: sqlite3.Connection, model_id: int, now: float) -> int:
-    released = conn.execute(
-        "UPDATE tasks SET status = 'pending', owner = NULL, lease_until = NULL"
-        " WHERE model_id = ? AND status = 'claimed' AND lease_until < ?",
-        (model_id, now),
-    ).rowcount
+    released = _release_expired(conn, model_id, now)
     owners = [r[0] for r in conn.execute(
         "SELECT DISTINCT owner FROM tasks WHERE model_id = ? AND status = 'claimed'", (model_id,)
     )]
@@ -171,9 +162,8 @@ def claim_batch(
     """
     order_sql = "t.length, t.item_id" if order == "length" else "t.item_id"
     now = time.time()
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        _release_lost_quick(conn, model_id, now)
+    with immediate(conn):
+        _release_expired(conn, model_id, now)
         candidates = conn.execute(
             "SELECT t.id, t.length FROM tasks t JOIN items i ON i.id = t.item_id"
             f" WHERE t.model_id = ? AND t.status = 'pending' AND i.removed = 0 ORDER BY {order_sql} LIMIT ?",
@@ -186,7 +176,6 @@ def claim_batch(
             chosen.append(task_id)
             frames += max(length, 1)
         if not chosen:
-            conn.execute("COMMIT")
             return []
         marks = ",".join("?" * len(chosen))
         conn.execute(
@@ -200,52 +189,35 @@ def claim_batch(
             f" JOIN roots r ON r.id = f.root_id WHERE t.id IN ({marks}) ORDER BY {order_sql}",
             chosen,
         ).fetchall()
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:  # SQLite already rolled back on SQLITE_FULL / IOERR
-            conn.execute("ROLLBACK")
-        raise
     return [
         ClaimedTask(r[0], r[1], r[2], os.path.join(r[3], r[4]), r[5], r[6], r[7] or 0.0, r[8]) for r in rows
     ]
 
 
-def _release_lost_quick(conn: sqlite3.Connection, model_id: int, now: float) -> None:
-    conn.execute(
+def _release_expired(conn: sqlite3.Connection, model_id: int, now: float) -> int:
+    return conn.execute(
         "UPDATE tasks SET status = 'pending', owner = NULL, lease_until = NULL"
         " WHERE model_id = ? AND status = 'claimed' AND lease_until < ?",
         (model_id, now),
-    )
+    ).rowcount
 
 
 def renew_lease(conn: sqlite3.Connection, owner: str, lease_seconds: float) -> int:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with immediate(conn):
         n = conn.execute(
             "UPDATE tasks SET lease_until = ? WHERE owner = ? AND status = 'claimed'",
             (time.time() + lease_seconds, owner),
         ).rowcount
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:  # SQLite already rolled back on SQLITE_FULL / IOERR
-            conn.execute("ROLLBACK")
-        raise
     return n
 
 
 def release_claims(conn: sqlite3.Connection, owner: str) -> int:
     """Give back everything `owner` still holds (a clean stop, or a worker found dead)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with immediate(conn):
         n = conn.execute(
             "UPDATE tasks SET status = 'pending', owner = NULL, lease_until = NULL WHERE owner = ? AND status = 'claimed'",
             (owner,),
         ).rowcount
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:  # SQLite already rolled back on SQLITE_FULL / IOERR
-            conn.execute("ROLLBACK")
-        raise
     return n
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from embstore.arrays import CHUNK_ROWS, ModelArrays
 from embstore.extract.claims import release_claims
+from embstore.store import immediate
 
 FLUSH_SECONDS = 1.0
 
@@ -99,8 +100,7 @@ class ZarrWriter:
         results, failures = self.results, self.failures
         conn = self.conn
         now = time.time()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(conn):
             held = self._still_held(conn, [(r.task_id, r.owner) for r in results] + [(f.task_id, f.owner) for f in failures])
             fresh = [r for r in results if (r.task_id, r.owner) in held and r.vector is not None]
             dups = [r for r in results if (r.task_id, r.owner) in held and r.vector is None]
@@ -128,11 +128,6 @@ class ZarrWriter:
                 " run_id = ? WHERE id = ?",
                 [(f.stage, f.error[:2000], self.run_id, f.task_id) for f in failed],
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:  # SQLite already rolled back on SQLITE_FULL / IOERR
-                conn.execute("ROLLBACK")
-            raise
         self.results, self.failures = [], []
         seconds = sum(r.seconds for _, r in done_rows)
         self.stats.done += len(done_rows)
