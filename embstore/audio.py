@@ -7,9 +7,11 @@ mono at the file's own rate; `resample` converts with soxr.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -136,7 +138,9 @@ def _short(exc: BaseException) -> str:
     return text.split(": ", 1)[-1] if text.startswith("Error opening") else text
 
 
-def _probe_av(path: str) -> AudioInfo:
+@contextlib.contextmanager
+def _av_audio(path: str) -> Iterator[tuple[Any, Any, int]]:
+    """(container, first audio stream, its rate) from PyAV; every failure an AudioError."""
     try:
         import av
     except ImportError:
@@ -146,20 +150,23 @@ def _probe_av(path: str) -> AudioInfo:
             if not container.streams.audio:
                 raise AudioError("no audio stream")
             stream = container.streams.audio[0]
-            rate = int(stream.rate or stream.codec_context.sample_rate)
-            channels = int(stream.codec_context.channels)
-            if stream.frames:
-                frames = int(stream.frames)
-            elif stream.duration and stream.time_base:
-                frames = int(round(float(stream.duration * stream.time_base) * rate))
-            elif container.duration:
-                frames = int(round(container.duration / 1_000_000 * rate))
-            else:
-                frames = 0
+            yield container, stream, int(stream.rate or stream.codec_context.sample_rate)
     except AudioError:
         raise
     except Exception as exc:
         raise AudioError(f"PyAV: {_short(exc)}") from None
+
+
+def _probe_av(path: str) -> AudioInfo:
+    with _av_audio(path) as (container, stream, rate):
+        channels = int(stream.codec_context.channels)
+        # stream.frames counts codec packets (1024 samples each for AAC), not samples
+        if stream.duration and stream.time_base:
+            frames = int(round(float(stream.duration * stream.time_base) * rate))
+        elif container.duration:
+            frames = int(round(container.duration / 1_000_000 * rate))
+        else:
+            frames = int(stream.frames or 0) * int(stream.codec_context.frame_size or 0)
     if frames <= 0 or rate <= 0:
         raise AudioError("no audio samples (header only)")
     return AudioInfo(rate, channels, frames, "av")
@@ -199,27 +206,16 @@ def read_audio(
 
 
 def _read_av(path: str, start: float | None, end: float | None) -> tuple[np.ndarray, int]:
-    try:
-        import av
-    except ImportError:
-        raise AudioError("format not readable by soundfile (install embstore[av])") from None
-    try:
-        with av.open(path) as container:
-            if not container.streams.audio:
-                raise AudioError("no audio stream")
-            stream = container.streams.audio[0]
-            rate = int(stream.rate or stream.codec_context.sample_rate)
-            resampler = av.AudioResampler(format="fltp", layout=stream.layout, rate=rate)
-            parts = []
-            for frame in container.decode(stream):
-                for out in resampler.resample(frame):
-                    parts.append(out.to_ndarray())
-            for out in resampler.resample(None):
+    import av
+
+    parts = []
+    with _av_audio(path) as (container, stream, rate):
+        resampler = av.AudioResampler(format="fltp", layout=stream.layout, rate=rate)
+        for frame in container.decode(stream):
+            for out in resampler.resample(frame):
                 parts.append(out.to_ndarray())
-    except AudioError:
-        raise
-    except Exception as exc:
-        raise AudioError(f"PyAV: {_short(exc)}") from None
+        for out in resampler.resample(None):
+            parts.append(out.to_ndarray())
     if not parts:
         raise AudioError("no audio samples decoded")
     data = np.concatenate(parts, axis=1).T.astype(np.float32)  # [frames, channels]

@@ -193,3 +193,26 @@ def test_fast_header_parse_equals_libsndfile(tmp_path, subtype, ext, channels):
 
         with pytest.raises(AudioError, match="truncated file"):
             probe(str(path))
+
+
+def test_m4a_goes_through_pyav_with_its_duration(tmp_path):
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    from embstore.audio import probe, read_audio
+
+    path = tmp_path / "x.m4a"
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("aac", rate=16000)
+        stream.layout = "mono"
+        t = np.arange(32000) / 16000
+        frame = av.AudioFrame.from_ndarray((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)[None],
+                                           format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in list(stream.encode(frame)) + list(stream.encode(None)):
+            container.mux(packet)
+    info = probe(str(path))
+    assert info.subtype == "av" and info.sample_rate == 16000
+    assert abs(info.duration - 2.0) < 0.2  # encoder priming may add a few ms
+    wav, rate = read_audio(str(path))
+    assert rate == 16000 and abs(len(wav) / rate - 2.0) < 0.2
