@@ -209,13 +209,10 @@ class _Manifest:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
+        from embstore.store import immediate
+
+        with immediate(self.conn):
             yield
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
 
     def close(self) -> None:
         self.conn.close()
