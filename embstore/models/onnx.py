@@ -144,7 +144,11 @@ def export_onnx(encoder: Any, folder: str) -> str:
 
     partial = path + f".{os.getpid()}.partial"
     model = LastOutput(encoder.model).eval().to("cpu")
-    with torch.inference_mode(False), torch.no_grad():
+    import warnings
+
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        # the TorchScript exporter's deprecation and tracer notes: expected, and noise for users
+        warnings.simplefilter("ignore")
         torch.onnx.export(
             model, (torch.zeros(1, 200, encoder.fbank_config.num_mel_bins),), partial,
             input_names=["feats"], output_names=["embs"],
