@@ -51,7 +51,6 @@ def test_incremental_rescan_add_change_remove(tmp_path):
     write(files[1], 2.5, seed=9)
     os.utime(files[1], ns=(time.time_ns(), time.time_ns() + 10**9))
     files[0].unlink()
-    st.conn.execute("UPDATE items SET duration = duration")  # no-op; keep linters quiet
     report = st.scan([tmp_path / "root"])
     assert (report.added, report.changed, report.removed) == (1, 1, 1)
     got = items(st)
@@ -138,7 +137,7 @@ def test_kaldi_without_segments_and_piped_commands(tmp_path):
 
 
 def test_list_file_with_speakers(tmp_path):
-    a = write(tmp_path / "corpus" / "x" / "a.wav", 0.5)
+    write(tmp_path / "corpus" / "x" / "a.wav", 0.5)
     b = write(tmp_path / "corpus" / "y" / "b.wav", 0.5)
     lst = tmp_path / "corpus" / "mylist.txt"
     lst.write_text(f"x/a.wav\tjane\n{b}\n")

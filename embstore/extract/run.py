@@ -343,7 +343,6 @@ def _run_processes(store, summary, spec, model_id, run_id, devices, dtype, batch
     writer.start()
     for p in procs:
         p.start()
-    owners: dict[int, str] = {}
     bar = _bar(show_progress, left_seconds if not limit else None)
     reported_dead: set[int] = set()
     batches = items_in_batches = real_frames = padded_frames = 0
