@@ -377,7 +377,7 @@ def _run_processes(store, summary, spec, model_id, run_id, devices, dtype, batch
                     summary.audio_seconds += seconds
                     if bar is not None:
                         bar.update(seconds)
-                        elapsed = max(time.monotonic() - bar.start_t, 1e-6) if hasattr(bar, "start_t") else 1
+                        elapsed = max(bar.format_dict["elapsed"], 1e-6)  # tqdm's own clock
                         bar.set_postfix_str(
                             f"{summary.done} done, {summary.failed} failed, "
                             f"{summary.done / elapsed:.1f} items/s, {summary.audio_seconds / elapsed:.0f}x realtime"
@@ -475,5 +475,7 @@ def _bar(enabled: bool, total_seconds: float | None):
         return None
     from tqdm import tqdm
 
+    # counts seconds of audio, so the ETA comes from the audio left, not from item counts
     return tqdm(total=round(total_seconds) if total_seconds else None, unit=" s audio", desc="extract",
-                file=sys.stderr, smoothing=0.05, dynamic_ncols=True)
+                file=sys.stderr, smoothing=0.05, dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s of audio [{elapsed}<{remaining}{postfix}]")
