@@ -109,7 +109,7 @@ def refresh_tasks(
             (model_id,),
         )
         counts["stale"] = cur.rowcount
-        counts["released"] = _release_lost(conn, model_id, now)
+        counts["released"] = release_lost(conn, model_id, now)
         counts["retried"] = 0
         if retry_failed:
             cur = conn.execute(
@@ -130,7 +130,8 @@ def _has_gaps(conn: sqlite3.Connection, model_id: int) -> bool:
     return tasks < items
 
 
-def _release_lost(conn: sqlite3.Connection, model_id: int, now: float) -> int:
+def release_lost(conn: sqlite3.Connection, model_id: int, now: float) -> int:
+    """Back to pending: claims whose lease ran out, and those of dead processes on this host."""
     released = _release_expired(conn, model_id, now)
     owners = [r[0] for r in conn.execute(
         "SELECT DISTINCT owner FROM tasks WHERE model_id = ? AND status = 'claimed'", (model_id,)

@@ -360,41 +360,42 @@ def _run_processes(store, summary, spec, model_id, run_id, devices, dtype, batch
                 if p.is_alive():
                     p.terminate()
 
+    def handle(message) -> None:
+        """Fold one worker/writer report into the run's figures."""
+        nonlocal batches, items_in_batches, real_frames, padded_frames
+        kind = message[0]
+        if kind == "written":
+            _, done, failed, seconds = message
+            summary.done += done
+            summary.failed += failed
+            summary.audio_seconds += seconds
+            if bar is not None:
+                bar.update(seconds)
+                elapsed = max(bar.format_dict["elapsed"], 1e-6)  # tqdm's own clock
+                bar.set_postfix_str(
+                    f"{summary.done} done, {summary.failed} failed, "
+                    f"{summary.done / elapsed:.1f} items/s, {summary.audio_seconds / elapsed:.0f}x realtime"
+                )
+        elif kind == "worker_stats":
+            _, _owner, b, items, real, padded = message
+            batches += b
+            items_in_batches += items
+            real_frames += real
+            padded_frames += padded
+        elif kind == "worker_error":
+            worker_errors.append(message[2])
+        elif kind == "writer_error":
+            summary.error = message[1]
+            stop_event.set()
+
     if threading_is_main():
         signal.signal(signal.SIGINT, on_sigint)
     try:
         while True:
             try:
-                message = progress.get(timeout=0.25)
+                handle(progress.get(timeout=0.25))
             except queue.Empty:
-                message = None
-            if message is not None:
-                kind = message[0]
-                if kind == "written":
-                    _, done, failed, seconds = message
-                    summary.done += done
-                    summary.failed += failed
-                    summary.audio_seconds += seconds
-                    if bar is not None:
-                        bar.update(seconds)
-                        elapsed = max(bar.format_dict["elapsed"], 1e-6)  # tqdm's own clock
-                        bar.set_postfix_str(
-                            f"{summary.done} done, {summary.failed} failed, "
-                            f"{summary.done / elapsed:.1f} items/s, {summary.audio_seconds / elapsed:.0f}x realtime"
-                        )
-                elif kind == "worker_stats":
-                    _, owner, b, items, real, padded = message
-                    batches += b
-                    items_in_batches += items
-                    real_frames += real
-                    padded_frames += padded
-                elif kind == "worker_error":
-                    worker_errors.append(message[2])
-                elif kind == "writer_error":
-                    summary.error = message[1]
-                    stop_event.set()
-                elif kind == "writer_finished":
-                    pass
+                pass
             for index, p in enumerate(procs):
                 if index not in reported_dead and not p.is_alive() and p.exitcode not in (0, None):
                     # a killed worker: tell the writer not to wait for it; its claims are freed below
@@ -413,22 +414,9 @@ def _run_processes(store, summary, spec, model_id, run_id, devices, dtype, batch
                 p.join(timeout=5)
         while True:
             try:
-                message = progress.get_nowait()
+                handle(progress.get_nowait())
             except queue.Empty:
                 break
-            if message[0] == "written":
-                summary.done += message[1]
-                summary.failed += message[2]
-                summary.audio_seconds += message[3]
-            elif message[0] == "worker_stats":
-                batches += message[2]
-                items_in_batches += message[3]
-                real_frames += message[4]
-                padded_frames += message[5]
-            elif message[0] == "worker_error":
-                worker_errors.append(message[2])
-            elif message[0] == "writer_error":
-                summary.error = message[1]
     finally:
         if threading_is_main():
             signal.signal(signal.SIGINT, original_sigint)
@@ -458,10 +446,10 @@ def _run_processes(store, summary, spec, model_id, run_id, devices, dtype, batch
 
 
 def refresh_owners_released(store: Store, model_id: int) -> None:
-    from embstore.extract.claims import _release_lost
+    from embstore.extract.claims import release_lost
 
     with store.write() as conn:
-        _release_lost(conn, model_id, time.time())
+        release_lost(conn, model_id, time.time())
 
 
 def threading_is_main() -> bool:
