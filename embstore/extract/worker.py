@@ -207,7 +207,8 @@ class Worker:
         try:
             self._compute()
         finally:
-            self.stop_event.set() if self.feeder_error else None
+            if self.feeder_error:
+                self.stop_event.set()
             # the writer frees what this worker still holds, after committing what it
             # sent: freed here, results still in the writer's buffer would be dropped
             self.outbox.put(("worker_finished", self.o.index, self.owner))
@@ -445,5 +446,3 @@ def worker_main(options: WorkerOptions, outbox, progress, stop_event, claimed_to
         except Exception:
             pass
         raise SystemExit(1)
-    finally:
-        time.sleep(0)  # let queue feeder threads flush before the process exits
