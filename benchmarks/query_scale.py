@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import embstore  # noqa: E402
-from embstore.store import utcnow  # noqa: E402
+from embstore.manifest.connection import utcnow  # noqa: E402
 from tests.store_factory import fake_model_description  # noqa: E402
 
 BLOCK = 65536

@@ -204,8 +204,8 @@ def _shard_forward(payload) -> tuple[float, list[tuple[str, np.ndarray]]]:
     spec, device, threads, batch_frames, items, barrier = payload
     import torch
 
-    from embstore.extract.run import default_batch_frames
-    from embstore.extract.worker import Loaded, plan_batches
+    from embstore.extract.plan import default_batch_frames
+    from embstore.extract.batching import Loaded, plan_batches
     from embstore.models import load
 
     torch.set_num_threads(threads)
@@ -253,10 +253,11 @@ def system_model_only(args) -> dict:
 def runtime_spec(encoder, args) -> str:
     """What embstore's workers run for this model and device: its ONNX export on CPU for
     WeSpeaker models (`--runtime auto`), else the model itself."""
-    from embstore.extract.run import _wants_onnx
+    from embstore.extract.options import ExtractOptions
+    from embstore.extract.plan import wants_onnx
     from embstore.models.onnx import export_onnx
 
-    if _wants_onnx(encoder, "auto", [args.device], "fp32", device_features=False):
+    if wants_onnx(encoder, ExtractOptions(), [args.device], device_features=False):
         return "onnx:" + export_onnx(encoder, str(Path(args.work) / "onnx"))
     return args.model
 

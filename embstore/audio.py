@@ -15,6 +15,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from embstore.errors import AudioError
+
 AUDIO_EXTENSIONS = frozenset(
     {
         ".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".mp4",
@@ -22,10 +24,6 @@ AUDIO_EXTENSIONS = frozenset(
         ".nist", ".webm", ".mka",
     }
 )
-
-
-class AudioError(Exception):
-    """A file that cannot be read as audio; the message says why."""
 
 
 @dataclass(frozen=True)

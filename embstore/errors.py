@@ -1,9 +1,34 @@
-"""The errors a user can cause; the CLI prints them as one line, never a traceback."""
+"""Every exception embstore raises on purpose, in one leaf module.
+
+The ones a user can cause (a bad path, a bad option, an unreadable file, a model that
+cannot load) carry a one-line message; the CLI prints it as is, never a traceback.
+"""
 
 from __future__ import annotations
 
-from embstore.audio import AudioError
-from embstore.models.base import ModelError
-from embstore.store import StoreError
+
+class StoreError(Exception):
+    """A problem with the store or a request against it; one line for the user."""
+
+
+class NewerStoreError(StoreError):
+    """The store was written by a newer embstore (its schema has migrations we do not know)."""
+
+
+class ScanError(StoreError):
+    """A source that cannot be scanned (no wav.scp, a malformed list line...)."""
+
+
+class ExtractionError(StoreError):
+    """Extraction options or an environment that cannot run (no CUDA, bad device...)."""
+
+
+class AudioError(Exception):
+    """A file that cannot be read as audio; the message says why."""
+
+
+class ModelError(Exception):
+    """A model spec that cannot be loaded; the message says why in one line."""
+
 
 USER_ERRORS: tuple[type[BaseException], ...] = (StoreError, AudioError, ModelError, FileNotFoundError, PermissionError)

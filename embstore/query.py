@@ -3,35 +3,28 @@
 Every answer comes from the manifest (what is done, for which live item) plus the
 model's Zarr rows. Only rows a done task of a live item points at are ever returned:
 rows left behind by re-extracted (stale) items or by a crash stay invisible, and a row
-shared by deduplicated items is returned once per item.
-
-Nearest neighbours scan every committed row. Reading 1 M rows back from Zarr means
-decompressing ~1 GB (seconds), so the first query builds `STORE/cache/<array>/unit.f32`:
-the model's rows, L2-normalised, as a flat float32 file that later queries memory-map
-and scan in ~0.2 s per million rows. Committed rows never change (the writer only
-appends past `models.rows`), so the cache is extended, never rebuilt, as extraction
-adds rows. It is derived data: deleting `STORE/cache` is always safe. When the store
-is read-only the queries stream from Zarr instead.
+shared by deduplicated items is returned once per item. Nearest neighbours and centroids
+read the rows through the normalised-row cache (`embstore.arrays.unit_cache`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
+import difflib
 import os
 import sqlite3
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
+from scipy.sparse import csr_matrix
 
-from embstore.store import StoreError
-
-if TYPE_CHECKING:
-    from embstore.store import Store
-
-BLOCK_ROWS = 65536
-CACHE_DIR = "cache"
+from embstore.arrays.unit_cache import UnitRows
+from embstore.arrays.unit_cache import unit_rows as cached_unit_rows
+from embstore.errors import StoreError
+from embstore.manifest.connection import LIVE_ITEM, select_in
+from embstore.manifest.database import Manifest
+from embstore.manifest.tasks import committed_rows
+from embstore.models.registry import load
+from embstore.vectors import l2_normalise
 
 
 # -- resolving ids ------------------------------------------------------------------------
@@ -46,7 +39,7 @@ def _id_forms(text: str) -> list[str]:
     return forms
 
 
-def resolve_ids(store: "Store", ids: Iterable[str]) -> dict[str, int | None]:
+def resolve_ids(store: Manifest, ids: Iterable[str]) -> dict[str, int | None]:
     """Map each id to a live item's `items.id`, or None when the store has no such item.
 
     An id is an item id, or the trailing path components of exactly one item id
@@ -58,12 +51,8 @@ def resolve_ids(store: "Store", ids: Iterable[str]) -> dict[str, int | None]:
     exact: dict[str, int] = {}
     forms = {i: _id_forms(i) for i in wanted}
     lookups = list(dict.fromkeys(f for fs in forms.values() for f in fs))
-    for start in range(0, len(lookups), 900):
-        chunk = lookups[start : start + 900]
-        for row in store.conn.execute(
-            f"SELECT id, uid FROM items WHERE uid IN ({','.join('?' * len(chunk))}) AND +removed = 0", chunk
-        ):
-            exact[row[1]] = row[0]
+    for row in select_in(store.conn, "SELECT i.id, i.uid FROM items i WHERE i.uid IN ({marks}) AND +" + LIVE_ITEM, lookups):
+        exact[row[1]] = row[0]
     rest = []
     for i in wanted:
         hit = next((exact[f] for f in forms[i] if f in exact), None)
@@ -88,7 +77,7 @@ def resolve_ids(store: "Store", ids: Iterable[str]) -> dict[str, int | None]:
     return found
 
 
-def _suffix_index(store: "Store", forms: set[str]) -> dict[str, Any]:
+def _suffix_index(store: Manifest, forms: set[str]) -> dict[str, Any]:
     """{form: item id, or [uids] when several items end with it} for the given forms."""
     if not forms:
         return {}
@@ -97,8 +86,8 @@ def _suffix_index(store: "Store", forms: set[str]) -> dict[str, Any]:
         # a few ids: let SQLite scan the uids rather than pulling them all into Python
         for form in forms:
             rows = store.query(
-                "SELECT id, uid FROM items WHERE removed = 0 AND length(uid) > length(?)"
-                " AND substr(uid, -length(?) - 1) = '/' || ? LIMIT 11",
+                f"SELECT i.id, i.uid FROM items i WHERE {LIVE_ITEM} AND length(i.uid) > length(?)"
+                " AND substr(i.uid, -length(?) - 1) = '/' || ? LIMIT 11",
                 (form, form, form),
             )
             if len(rows) == 1:
@@ -107,7 +96,7 @@ def _suffix_index(store: "Store", forms: set[str]) -> dict[str, Any]:
                 out[form] = [r["uid"] for r in rows]
         return out
     depths = {form.count("/") + 1 for form in forms}
-    for item_id, uid in store.conn.execute("SELECT id, uid FROM items WHERE removed = 0"):
+    for item_id, uid in store.conn.execute(f"SELECT i.id, i.uid FROM items i WHERE {LIVE_ITEM}"):
         parts = uid.split("/")
         for depth in depths:
             if len(parts) <= depth:
@@ -128,127 +117,22 @@ def _suffix_index(store: "Store", forms: set[str]) -> dict[str, Any]:
 # -- unit vectors: cache or stream -------------------------------------------------------
 
 
-def _normalise(block: np.ndarray) -> np.ndarray:
-    block = np.nan_to_num(np.asarray(block, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    norms = np.linalg.norm(block, axis=1, keepdims=True)
-    norms[norms == 0] = 1.0
-    return block / norms
-
-
-@dataclass
-class UnitRows:
-    """A model's committed rows, L2-normalised, readable block by block."""
-
-    rows: int
-    dim: int
-    matrix: np.ndarray | None  # memory-mapped cache; None = stream from Zarr
-    arrays: Any
-
-    def blocks(self, block_rows: int = BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
-        if self.matrix is not None:
-            for start in range(0, self.rows, block_rows):
-                yield start, self.matrix[start : start + block_rows]
-            return
-        for start, vectors, _ids in self.arrays.iter_blocks(self.rows, block_rows):
-            yield start, _normalise(vectors)
-
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        rows = np.asarray(rows, dtype=np.int64)
-        if self.matrix is not None:
-            return np.asarray(self.matrix[rows], dtype=np.float32).reshape(len(rows), self.dim)
-        return _normalise(self.arrays.read_rows(rows))
-
-
-def unit_rows(store: "Store", model: sqlite3.Row, use_cache: bool = True) -> UnitRows:
-    """The model's rows [0, models.rows) normalised; from the cache when it can be kept."""
-    committed = int(
-        store.conn.execute("SELECT rows FROM models WHERE id = ?", (model["id"],)).fetchone()[0]
-    )
-    arrays = store.model_arrays(model)
-    matrix = None
-    if use_cache and committed:
-        try:
-            matrix = _cached_matrix(store, model, committed, arrays)
-        except OSError:
-            matrix = None  # read-only store or full disk: stream instead
-    return UnitRows(committed, int(model["dim"]), matrix, arrays)
-
-
-@contextlib.contextmanager
-def _locked(path: str) -> Iterator[None]:
-    import fcntl
-
-    with open(path, "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _cached_matrix(store: "Store", model: sqlite3.Row, committed: int, arrays) -> np.ndarray:
-    folder = os.path.join(str(store.path), CACHE_DIR, model["array_path"])
-    data_path = os.path.join(folder, "unit.f32")
-    meta_path = os.path.join(folder, "unit.json")
-    dim = int(model["dim"])
-    want = {"fingerprint": model["fingerprint"], "dim": dim}
-    meta = _read_meta(meta_path)
-    if not (meta and _same(meta, want) and meta["rows"] >= committed):
-        os.makedirs(folder, exist_ok=True)
-        with _locked(os.path.join(folder, ".lock")):
-            meta = _read_meta(meta_path)  # someone else may have extended it meanwhile
-            have = meta["rows"] if meta and _same(meta, want) and meta["rows"] <= committed else 0
-            if have < committed:
-                _extend(data_path, meta_path, want, arrays, have, committed, dim)
-            meta = _read_meta(meta_path)
-    if meta is None:
-        raise OSError("cache metadata missing")
-    # a cache ahead of the store (rows rolled back) only serves the committed prefix
-    return np.memmap(data_path, dtype=np.float32, mode="r", shape=(committed, dim))
-
-
-def _same(meta: dict, want: dict) -> bool:
-    return meta.get("fingerprint") == want["fingerprint"] and meta.get("dim") == want["dim"]
-
-
-def _read_meta(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-        return meta if isinstance(meta.get("rows"), int) else None
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _extend(data_path: str, meta_path: str, want: dict, arrays, have: int, committed: int, dim: int) -> None:
-    vectors, _ = arrays.arrays()
-    if vectors is None:
-        raise StoreError(f"the store records {committed} rows but its embeddings array is missing")
-    with open(data_path, "r+b" if os.path.exists(data_path) else "w+b") as f:
-        # anything past the recorded rows is a torn append from an interrupted build
-        f.truncate(have * dim * 4)
-        f.seek(have * dim * 4)
-        for start in range(have, committed, BLOCK_ROWS):
-            block = vectors[start : min(start + BLOCK_ROWS, committed)]
-            f.write(np.ascontiguousarray(_normalise(block)).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    tmp = meta_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(dict(want, rows=committed), f)
-    os.replace(tmp, meta_path)
+def unit_rows(store: Manifest, model: sqlite3.Row, use_cache: bool = True) -> UnitRows:
+    """The model's committed rows normalised, from STORE/cache when it can be kept."""
+    committed = committed_rows(store.conn, model["id"])
+    return cached_unit_rows(store.model_arrays(model), committed, model["fingerprint"], store.paths.cache, use_cache)
 
 
 # -- speakers -----------------------------------------------------------------------------
 
 
-def speakers(store: "Store", model: str | None = None) -> list[dict[str, Any]]:
+def speakers(store: Manifest, model: str | None = None) -> list[dict[str, Any]]:
     """One dict per speaker: speaker, datasets, items (live), done (finished for the
     chosen or only model; a {model: n} dict when the store holds several and none is chosen)."""
     out: dict[str, dict[str, Any]] = {}
     # (speaker, dataset) groups come straight off the items_speaker index, in order
     for speaker, dataset, n in store.conn.execute(
-        "SELECT speaker, dataset, count(*) FROM items WHERE removed = 0 GROUP BY speaker, dataset"
+        f"SELECT i.speaker, i.dataset, count(*) FROM items i WHERE {LIVE_ITEM} GROUP BY i.speaker, i.dataset"
     ):
         name = speaker if speaker is not None else ""
         entry = out.setdefault(name, {"speaker": name, "datasets": [], "items": 0})
@@ -262,7 +146,7 @@ def speakers(store: "Store", model: str | None = None) -> list[dict[str, Any]]:
         counts = dict.fromkeys(out, 0)
         for speaker, n in store.conn.execute(
             "SELECT i.speaker, count(*) FROM tasks t JOIN items i ON i.id = t.item_id"
-            " WHERE t.model_id = ? AND t.status = 'done' AND i.removed = 0 GROUP BY i.speaker",
+            f" WHERE t.model_id = ? AND t.status = 'done' AND {LIVE_ITEM} GROUP BY i.speaker",
             (m["id"],),
         ):
             counts[speaker if speaker is not None else ""] = n
@@ -275,7 +159,7 @@ def speakers(store: "Store", model: str | None = None) -> list[dict[str, Any]]:
 
 
 def speaker_items(
-    store: "Store", speaker: str, model: str | None = None, vectors: bool = False
+    store: Manifest, speaker: str, model: str | None = None, vectors: bool = False
 ) -> list[dict[str, Any]]:
     """A speaker's live items: id, dataset, path (+ start/end), done; with `vectors`, the
     embedding as a float32 array (None for items not done)."""
@@ -285,7 +169,7 @@ def speaker_items(
         "SELECT i.id, i.uid, i.dataset, i.start, i.end, i.duration, r.path AS root, f.path,"
         " t.status, t.row FROM items i CROSS JOIN files f ON f.id = i.file_id JOIN roots r ON r.id = f.root_id"
         " LEFT JOIN tasks t ON t.item_id = i.id AND t.model_id = ?"
-        " WHERE i.speaker = ? AND +i.removed = 0 ORDER BY i.id",
+        f" WHERE i.speaker = ? AND +{LIVE_ITEM} ORDER BY i.id",
         (m["id"] if m is not None else -1, speaker),
     )
     if not rows:
@@ -309,10 +193,8 @@ def speaker_items(
     return out
 
 
-def _close_speakers(store: "Store", speaker: str) -> str:
-    import difflib
-
-    names = [r[0] for r in store.conn.execute("SELECT DISTINCT speaker FROM items WHERE removed = 0 LIMIT 200000")]
+def _close_speakers(store: Manifest, speaker: str) -> str:
+    names = [r[0] for r in store.conn.execute(f"SELECT DISTINCT i.speaker FROM items i WHERE {LIVE_ITEM} LIMIT 200000")]
     close = difflib.get_close_matches(speaker, [n for n in names if n is not None], n=3)
     return f" (did you mean {', '.join(close)}?)" if close else ""
 
@@ -321,7 +203,7 @@ def _close_speakers(store: "Store", speaker: str) -> str:
 
 
 def similar(
-    store: "Store",
+    store: Manifest,
     item_id: str | None = None,
     audio: str | os.PathLike | None = None,
     k: int = 10,
@@ -356,7 +238,7 @@ def similar(
         query = np.asarray(vector, dtype=np.float32).ravel()
         if query.shape != (source.dim,):
             raise StoreError(f"the query vector has {query.size} values; the model's dimension is {source.dim}")
-    query = _normalise(query[None, :])[0]
+    query = l2_normalise(query[None, :])[0]
     if not np.any(query):
         raise StoreError("the query embedding is zero or not finite")
     wanted = k + len(exclude)
@@ -370,10 +252,8 @@ def similar(
         fetch *= 8
 
 
-def embed_audio(store: "Store", model: sqlite3.Row, path: str | os.PathLike) -> np.ndarray:
+def embed_audio(store: Manifest, model: sqlite3.Row, path: str | os.PathLike) -> np.ndarray:
     """Embed one file with the model the store recorded (same spec, same fingerprint)."""
-    from embstore.models import load
-
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such audio file")
     encoder = load(model["spec"])
@@ -410,20 +290,17 @@ def _top_rows(source: UnitRows, query: np.ndarray, n: int) -> tuple[np.ndarray, 
 
 
 def _items_at_rows(
-    store: "Store", model: sqlite3.Row, rows: np.ndarray, scores: np.ndarray, exclude: set[int]
+    store: Manifest, model: sqlite3.Row, rows: np.ndarray, scores: np.ndarray, exclude: set[int]
 ) -> list[dict[str, Any]]:
     """Live items whose done task points at the given rows (several per shared row)."""
     score_of = {int(r): float(s) for r, s in zip(rows, scores)}
-    found = []
-    keys = list(score_of)
-    for start in range(0, len(keys), 900):
-        chunk = keys[start : start + 900]
-        found += store.query(
-            "SELECT t.row, i.id, i.uid, i.speaker, i.dataset, r.path AS root, f.path FROM tasks t"
-            " JOIN items i ON i.id = t.item_id JOIN files f ON f.id = i.file_id JOIN roots r ON r.id = f.root_id"
-            f" WHERE t.model_id = ? AND t.status = 'done' AND i.removed = 0 AND t.row IN ({','.join('?' * len(chunk))})",
-            (model["id"], *chunk),
-        )
+    found = select_in(
+        store.conn,
+        "SELECT t.row, i.id, i.uid, i.speaker, i.dataset, r.path AS root, f.path FROM tasks t"
+        " JOIN items i ON i.id = t.item_id JOIN files f ON f.id = i.file_id JOIN roots r ON r.id = f.root_id"
+        f" WHERE t.model_id = ? AND t.status = 'done' AND {LIVE_ITEM} AND t.row IN ({{marks}})",
+        list(score_of), params_before=(model["id"],),
+    )
     out = [
         {
             "id": r["uid"], "speaker": r["speaker"], "dataset": r["dataset"],
@@ -441,14 +318,14 @@ def _items_at_rows(
 # -- centroids ----------------------------------------------------------------------------
 
 
-def speaker_rows(store: "Store", model: sqlite3.Row) -> tuple[list[str], np.ndarray, np.ndarray]:
+def speaker_rows(store: Manifest, model: sqlite3.Row) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(speakers sorted, speaker index per done live item, its row), one entry per item."""
     names: list[str] = []
     index_parts: list[np.ndarray] = []
     row_parts: list[np.ndarray] = []
     for speaker, rows in store.conn.execute(
         "SELECT i.speaker, group_concat(t.row) FROM tasks t JOIN items i ON i.id = t.item_id"
-        " WHERE t.model_id = ? AND t.status = 'done' AND i.removed = 0 GROUP BY i.speaker ORDER BY i.speaker",
+        f" WHERE t.model_id = ? AND t.status = 'done' AND {LIVE_ITEM} GROUP BY i.speaker ORDER BY i.speaker",
         (model["id"],),
     ):
         parsed = np.array(rows.split(","), dtype=np.int64)
@@ -461,11 +338,9 @@ def speaker_rows(store: "Store", model: sqlite3.Row) -> tuple[list[str], np.ndar
 
 
 def centroid_table(
-    store: "Store", model: str | None = None, use_cache: bool = True
+    store: Manifest, model: str | None = None, use_cache: bool = True
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(speakers, float32 [n, dim] means of L2-normalised embeddings, items per speaker)."""
-    from scipy.sparse import csr_matrix
-
     m = store.resolve_model(model)
     names, speaker_index, rows = speaker_rows(store, m)
     dim = int(m["dim"])
@@ -492,7 +367,7 @@ def centroid_table(
     return names, means, counts
 
 
-def centroids(store: "Store", model: str | None = None) -> tuple[list[str], np.ndarray]:
+def centroids(store: Manifest, model: str | None = None) -> tuple[list[str], np.ndarray]:
     """(speakers, float32 [n_speakers, dim]): each speaker's mean L2-normalised embedding
     (not re-normalised: its norm says how tight the speaker's embeddings are)."""
     names, means, _ = centroid_table(store, model)

@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import os
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+from embstore.errors import StoreError
+from embstore.query import resolve_ids
+from embstore.vectors import cosine_rows  # noqa: F401 - re-exported for callers of score
+
+if TYPE_CHECKING:
+    from embstore.manifest.database import Manifest
 
 
 def _error_rates(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -33,13 +43,6 @@ def _error_rates(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | n
     miss_rate = misses[cut] / n_target
     fa_rate = 1.0 - rejected_nontargets[cut] / n_nontarget
     return miss_rate, fa_rate
-
-
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine of each row of `a` with the same row of `b` (float64 for the sums)."""
-    a = np.atleast_2d(np.asarray(a, dtype=np.float64))
-    b = np.atleast_2d(np.asarray(b, dtype=np.float64))
-    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 def compute_eer(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
@@ -74,12 +77,6 @@ def compute_min_dcf(
 # -- trial lists and scoring a store -------------------------------------------------------
 # (below: parsing Kaldi/VoxCeleb trial lists, resolving their ids, scoring a store's items)
 
-import os  # noqa: E402
-from typing import TYPE_CHECKING  # noqa: E402
-
-if TYPE_CHECKING:
-    from embstore.store import Store
-
 TRIAL_LABELS = {
     "target": True, "tgt": True, "true": True, "1": True, "same": True,
     "nontarget": False, "non-target": False, "nontgt": False, "impostor": False, "imp": False,
@@ -91,8 +88,6 @@ def parse_trials(path: str) -> list[tuple[str, str, bool]]:
     """(id1, id2, is_target) per line of a trial list: `id1 id2 target|nontarget` (Kaldi),
     or the label first as in VoxCeleb's `1 id10270/x/00001.wav id10309/y/00002.wav`.
     Labels: target/nontarget, 1/0, true/false. The first line decides where the label is."""
-    from embstore.store import StoreError
-
     trials: list[tuple[str, str, bool]] = []
     label_at: int | None = None
     try:
@@ -123,7 +118,7 @@ def parse_trials(path: str) -> list[tuple[str, str, bool]]:
 
 
 def score_trials(
-    store: "Store",
+    store: "Manifest",
     trials: str | os.PathLike,
     model: str | None = None,
     p_target: float = 0.01,
@@ -137,9 +132,6 @@ def score_trials(
     Returns {"eer", "min_dcf", "trials" (scored), "missing" (skipped: an id not in the
     store or without an embedding), "targets", "nontargets", "model"}. `scores_out`
     gets one `id1 id2 score target|nontarget` line per scored trial."""
-    from embstore.query import resolve_ids
-    from embstore.store import StoreError
-
     if not 0.0 < p_target < 1.0:
         raise StoreError(f"--p-target must be between 0 and 1 (got {p_target})")
     if c_miss <= 0 or c_fa <= 0:

@@ -21,6 +21,7 @@ file changed since).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sqlite3
@@ -30,7 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from embstore.store import Store
+from embstore.audio import content_hash
+from embstore.manifest.connection import LIVE_ITEM, select_in
+from embstore.manifest.database import Manifest
+from embstore.manifest.tasks import claim_owners, owner_is_dead
+from embstore.models.base import untrimmed_fingerprint
+from embstore.models.registry import load
+from embstore.vectors import finite_nonzero
 
 # a recomputed fp32 embedding equals the stored one to float rounding
 DEEP_MIN_COSINE = 0.9999
@@ -72,7 +79,7 @@ class VerifyReport:
         }
 
 
-def verify_store(store: Store, model: str | None = None, deep: int = 0, seed: int | None = None) -> VerifyReport:
+def verify_store(store: Manifest, model: str | None = None, deep: int = 0, seed: int | None = None) -> VerifyReport:
     """Check `store` (one model, or all); `deep` items per model are recomputed."""
     started = time.monotonic()
     report = VerifyReport(store=str(store.path))
@@ -87,7 +94,7 @@ def verify_store(store: Store, model: str | None = None, deep: int = 0, seed: in
     return report
 
 
-def _check_sqlite(store: Store, report: VerifyReport) -> None:
+def _check_sqlite(store: Manifest, report: VerifyReport) -> None:
     try:
         result = [r[0] for r in store.conn.execute("PRAGMA quick_check")]
     except sqlite3.DatabaseError as exc:
@@ -100,7 +107,7 @@ def _check_sqlite(store: Store, report: VerifyReport) -> None:
 
 
 class _ModelCheck:
-    def __init__(self, store: Store, model: sqlite3.Row, report: VerifyReport):
+    def __init__(self, store: Manifest, model: sqlite3.Row, report: VerifyReport):
         self.store = store
         self.model = model
         self.key = store.model_key(model)
@@ -130,12 +137,12 @@ class _ModelCheck:
             committed = int(conn.execute("SELECT rows FROM models WHERE id = ?", (model_id,)).fetchone()[0])
             no_row = [r[0] for r in conn.execute(
                 "SELECT t.item_id FROM tasks t JOIN items i ON i.id = t.item_id"
-                " WHERE t.model_id = ? AND t.status = 'done' AND i.removed = 0 AND t.row IS NULL",
+                f" WHERE t.model_id = ? AND t.status = 'done' AND {LIVE_ITEM} AND t.row IS NULL",
                 (model_id,),
             )]
             cur = conn.execute(
                 "SELECT t.item_id, t.row FROM tasks t JOIN items i ON i.id = t.item_id"
-                " WHERE t.model_id = ? AND t.status = 'done' AND i.removed = 0 AND t.row IS NOT NULL"
+                f" WHERE t.model_id = ? AND t.status = 'done' AND {LIVE_ITEM} AND t.row IS NOT NULL"
                 " ORDER BY t.row, t.item_id",
                 (model_id,),
             )
@@ -148,17 +155,13 @@ class _ModelCheck:
                 "SELECT item_id, count(*) FROM tasks WHERE model_id = ? GROUP BY item_id HAVING count(*) > 1",
                 (model_id,),
             ).fetchall()
-            dead = conn.execute(
-                "SELECT DISTINCT owner FROM tasks WHERE model_id = ? AND status = 'claimed'", (model_id,)
-            ).fetchall()
+            owners = claim_owners(conn, model_id)
         finally:
             conn.execute("COMMIT")
         if twice:
             self.problem("task-twice", f"{len(twice)} items have several tasks for this model",
                          [{"item_id": r[0], "tasks": r[1]} for r in twice])
-        from embstore.extract.claims import owner_is_dead
-
-        gone = [r[0] for r in dead if r[0] and owner_is_dead(r[0])]
+        gone = [owner for owner in owners if owner and owner_is_dead(owner)]
         if gone:
             self.warning("dead-claims", f"claims held by {len(gone)} process(es) that no longer run;"
                          " the next extract gives them back", gone)
@@ -258,8 +261,7 @@ class _ModelCheck:
                 if is_vectors:
                     picked = block[local]
                     finite = np.isfinite(picked).all(axis=1)
-                    nonzero = np.abs(np.where(np.isfinite(picked), picked, 0)).sum(axis=1) > 0
-                    bad = np.flatnonzero(~(finite & nonzero))
+                    bad = np.flatnonzero(~finite_nonzero(picked))
                     nonfinite_count += len(bad)
                     for k in bad[: EXAMPLES - len(nonfinite)]:
                         nonfinite.append({"row": int(rows[a + k]), "item_id": int(items[a + k]),
@@ -287,19 +289,14 @@ class _ModelCheck:
 
     def _item_facts(self, item_ids: list[int]) -> dict[int, sqlite3.Row]:
         """content hash, span and this model's task of each item."""
-        out: dict[int, sqlite3.Row] = {}
-        conn = self.store.conn
-        for start in range(0, len(item_ids), 500):
-            chunk = item_ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for r in conn.execute(
-                "SELECT i.id, i.uid, i.start, i.end, i.removed, f.content_hash, t.status, t.row FROM items i"
-                " JOIN files f ON f.id = i.file_id LEFT JOIN tasks t ON t.item_id = i.id AND t.model_id = ?"
-                f" WHERE i.id IN ({marks})",
-                (self.model["id"], *chunk),
-            ):
-                out[r["id"]] = r
-        return out
+        rows = select_in(
+            self.store.conn,
+            "SELECT i.id, i.uid, i.start, i.end, i.removed, f.content_hash, t.status, t.row FROM items i"
+            " JOIN files f ON f.id = i.file_id LEFT JOIN tasks t ON t.item_id = i.id AND t.model_id = ?"
+            " WHERE i.id IN ({marks})",
+            item_ids, params_before=(self.model["id"],),
+        )
+        return {r["id"]: r for r in rows}
 
     @staticmethod
     def _same_audio(a: sqlite3.Row | None, b: sqlite3.Row | None) -> bool:
@@ -370,16 +367,11 @@ class _ModelCheck:
     # -- deep: recompute some items -----------------------------------------------------
 
     def _deep(self, n: int, seed: int | None) -> None:
-        import json
-
-        from embstore.audio import content_hash
-        from embstore.models import load
-
         conn = self.store.conn
         candidates = conn.execute(
             "SELECT t.item_id, t.row, i.uid, i.start, i.end, f.content_hash, r.path AS root, f.path FROM tasks t"
             " JOIN items i ON i.id = t.item_id JOIN files f ON f.id = i.file_id JOIN roots r ON r.id = f.root_id"
-            " WHERE t.model_id = ? AND t.status = 'done' AND i.removed = 0 AND t.row < ?",
+            f" WHERE t.model_id = ? AND t.status = 'done' AND {LIVE_ITEM} AND t.row < ?",
             (self.model["id"], self.model["rows"]),
         ).fetchall()
         picked = random.Random(seed).sample(candidates, min(n, len(candidates)))
@@ -396,7 +388,7 @@ class _ModelCheck:
         except Exception as exc:
             self.problem("deep", f"cannot load model {self.model['spec']!r} to recompute: {exc}")
             return
-        expected = self.model["fingerprint"].split("-trim")[0]
+        expected = untrimmed_fingerprint(self.model["fingerprint"])
         if encoder.fingerprint != expected:
             self.problem("deep", f"{self.model['spec']} now loads weights with fingerprint {encoder.fingerprint},"
                          f" not {expected} which made these rows; cannot recompute")

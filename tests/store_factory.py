@@ -3,7 +3,7 @@
 `make_store` writes a tree of real tiny audio files (tests/audio_factory.py), scans it
 with the real scanner (so files, items, speakers and paths are real), then fills the
 embeddings of a registered fake model through the real claim and writer code path
-(`refresh_tasks` + `claim_batch` + `ZarrWriter` with `ItemResult`s): rows land in the
+(`SqliteManifestClient` claims + `ZarrWriter` with `ItemResult`s): rows land in the
 store exactly where and how extraction puts them. The vectors are synthetic: a
 per-speaker centre plus item noise, so speakers cluster and every vector is known.
 """
@@ -18,8 +18,10 @@ import numpy as np
 
 import embstore
 from embstore.audio import content_hash
-from embstore.extract.claims import claim_batch, new_owner, refresh_tasks
-from embstore.extract.writer import ItemResult, ZarrWriter
+from embstore.extract.client import SqliteManifestClient
+from embstore.extract.messages import ItemResult
+from embstore.extract.writer import ZarrWriter
+from embstore.manifest.tasks import new_owner
 from embstore.store import Store
 from tests.audio_factory import write
 
@@ -75,15 +77,16 @@ def fill_embeddings(
     if vector_of is None:
         vector_of = lambda uid, speaker: synthetic_vector(uid, speaker, dim, seed)  # noqa: E731
     model = store.register_model(fake_model_description(dim, name))
-    refresh_tasks(store.conn, model["id"], lambda n: max(1, n // 160), 16000)
     owner = new_owner()
+    client = SqliteManifestClient(store.path, model["id"], owner, 600, "item", lambda n: max(1, n // 160), 16000)
+    client.refresh()
     speaker_of = {r["id"]: r["speaker"] for r in store.query("SELECT id, speaker FROM items")}
     writer = ZarrWriter(str(store.path), model["id"], None)
     try:
         twins: list[tuple[object, str]] = []
         first_item_of: dict[tuple, int] = {}
         while True:
-            claimed = claim_batch(store.conn, model["id"], owner, 600, 512, 10**12, order="item")
+            claimed = client.claim(512, 10**12)
             if not claimed:
                 break
             for task in claimed:
@@ -106,6 +109,7 @@ def fill_embeddings(
         writer.flush()
     finally:
         writer.close()
+        client.close()
     return store.conn.execute("SELECT * FROM models WHERE id = ?", (model["id"],)).fetchone()
 
 

@@ -206,7 +206,7 @@ def test_verify_passes(result):
 
 
 def test_reason_grouping_strips_paths_and_counts():
-    from embstore.store import group_reasons, reason_key
+    from embstore.manifest.reports import group_reasons, reason_key
 
     a = "decode: PyAV: Invalid data found when processing input: '/data/a b/x.wav'"
     b = "decode: PyAV: Invalid data found when processing input: '/data/c/y.wav'"

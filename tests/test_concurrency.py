@@ -144,24 +144,28 @@ def test_writer_commits_a_finished_workers_results_before_freeing_its_claims(tmp
     be dropped as no longer held, and the run would end with work left undone)."""
     import queue
 
-    from embstore.extract.claims import claim_batch, new_owner, refresh_tasks
-    from embstore.extract.writer import ItemResult, writer_main
+    from embstore.extract.client import SqliteManifestClient
+    from embstore.extract.messages import ItemResult, ResultBatch, WorkerFinished
+    from embstore.extract.writer import writer_main
+    from embstore.manifest.tasks import new_owner
     from tests.store_factory import fake_model_description, make_tree as tiny_tree
 
     tiny_tree(tmp_path / "audio", speakers=1, per_speaker=5)
     st = embstore.open(tmp_path / "s")
     st.scan([tmp_path / "audio"])
     model = st.register_model(fake_model_description(dim=8))
-    refresh_tasks(st.conn, model["id"], lambda n: 1, 16000)
     owner = new_owner()
-    claimed = claim_batch(st.conn, model["id"], owner, 600, 100, 10**9)
+    client = SqliteManifestClient(st.path, model["id"], owner, 600, "length", lambda n: 1, 16000)
+    client.refresh()
+    claimed = client.claim(100, 10**9)
+    client.close()
     assert len(claimed) == 5
     inbox, progress = queue.Queue(), queue.Queue()
     rng = np.random.default_rng(0)
     # results for four items, the fifth was claimed but never computed (a stop)
-    inbox.put(("items", [ItemResult(t.task_id, t.item_id, owner, None, 1.0, rng.standard_normal(8).astype(np.float32))
-                         for t in claimed[:4]]))
-    inbox.put(("worker_finished", 0, owner))
+    inbox.put(ResultBatch([ItemResult(t.task_id, t.item_id, owner, None, 1.0, rng.standard_normal(8).astype(np.float32))
+                           for t in claimed[:4]]))
+    inbox.put(WorkerFinished(0, owner))
     writer_main(str(st.path), model["id"], None, inbox, progress, 1)
     states = dict(st.query("SELECT item_id, status FROM tasks"))
     assert [states[t.item_id] for t in claimed] == ["done"] * 4 + ["pending"]

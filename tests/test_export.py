@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 import embstore
 from embstore.cli import cli
-from embstore.export import pkl_paths, safe_component
+from embstore.export.files import safe_component
+from embstore.export.pkl import pkl_paths
 from tests.audio_factory import write
 from tests.store_factory import fill_embeddings, kaldi_dir, make_store
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 import embstore
 from embstore.cli import cli
-from embstore.score import cosine_rows
+from embstore.vectors import cosine_rows
 from tests.audio_factory import make_tree, write
 
 

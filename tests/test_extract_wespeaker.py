@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import embstore
-from embstore.score import cosine_rows
+from embstore.vectors import cosine_rows
 from tests.audio_factory import write
 from tests.wespeaker_dirs import make_wespeaker_dir
 

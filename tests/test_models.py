@@ -12,8 +12,10 @@ import pytest
 import yaml
 
 from embstore import models
-from embstore.models.base import ModelError, check_finite
-from embstore.score import compute_eer, compute_min_dcf, cosine_rows
+from embstore.errors import ModelError
+from embstore.vectors import finite_nonzero as check_finite
+from embstore.score import compute_eer, compute_min_dcf
+from embstore.vectors import cosine_rows
 
 torch = pytest.importorskip("torch")
 from tests.wespeaker_dirs import make_wespeaker_dir  # noqa: E402
@@ -269,7 +271,7 @@ def test_wespeaker_mixed_lengths(encoders, model_dirs, wav_files) -> None:
 
 
 def test_wespeaker_long_items_are_windowed(model_dirs, wav_files) -> None:
-    from embstore.models.wespeaker import long_item_windows
+    from embstore.models.fbank_encoder import long_item_windows
 
     assert long_item_windows(100, 6000) == [(0, 100)]
     assert long_item_windows(250, 100) == [(0, 100), (100, 200), (150, 250)]

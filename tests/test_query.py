@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from embstore import query
 from embstore.cli import cli
-from embstore.store import StoreError
+from embstore.errors import StoreError
 from tests.audio_factory import write
 from tests.store_factory import fill_embeddings, make_store
 
@@ -148,7 +148,7 @@ def test_similar_by_audio_uses_the_stored_model(store, monkeypatch):
         loaded.append(spec)
         return FakeEncoder(fingerprint)
 
-    monkeypatch.setattr(embstore.models, "load", fake_load)
+    monkeypatch.setattr(query, "load", fake_load)
     audio = store.path.parent / "audio/ds/spk3/utt2.wav"
     result = CliRunner().invoke(cli, ["similar", str(store.path), "--audio", str(audio), "-k", "3", "--json"])
     assert result.exit_code == 0, result.output
@@ -157,7 +157,7 @@ def test_similar_by_audio_uses_the_stored_model(store, monkeypatch):
     assert found[0]["id"] == "ds/spk3/utt2" and abs(found[0]["score"] - 1.0) < 1e-5
     assert [f["id"] for f in found] == [e[0] for e in brute_force(store, wanted, 3)]
     # weights changed since extraction: the vectors are not comparable, say so
-    monkeypatch.setattr(embstore.models, "load", lambda spec, *a, **k: FakeEncoder("0" * 24))
+    monkeypatch.setattr(query, "load", lambda spec, *a, **k: FakeEncoder("0" * 24))
     result = CliRunner().invoke(cli, ["similar", str(store.path), "--audio", str(audio)])
     assert result.exit_code == 1 and "not comparable" in result.output
 

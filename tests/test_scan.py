@@ -4,7 +4,7 @@ import time
 import pytest
 
 import embstore
-from embstore.scan import ScanError
+from embstore.errors import ScanError
 from tests.audio_factory import make_tree, write
 
 
@@ -188,7 +188,7 @@ def test_fast_header_parse_equals_libsndfile(tmp_path, subtype, ext, channels):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     if ext == "wav":
-        from embstore.audio import AudioError
+        from embstore.errors import AudioError
 
         with pytest.raises(AudioError, match="truncated file"):
             probe(str(path))

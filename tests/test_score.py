@@ -9,7 +9,7 @@ from click.testing import CliRunner
 import embstore
 from embstore.cli import cli
 from embstore.score import compute_eer, compute_min_dcf, parse_trials
-from embstore.store import StoreError
+from embstore.errors import StoreError
 from tests.store_factory import make_store
 
 

@@ -1,8 +1,8 @@
 import pytest
 
 import embstore
-from embstore.migrations import LATEST, migrations
-from embstore.store import NewerStoreError, StoreError
+from embstore.manifest.schema import LATEST, migrations
+from embstore.errors import NewerStoreError, StoreError
 
 
 def test_fresh_store_has_every_migration_and_wal(tmp_path):

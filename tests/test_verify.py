@@ -58,8 +58,10 @@ def base_store(tmp_path_factory) -> Path:
     """6 items embedded with the default model, written through the writer's own path
     (claims + ZarrWriter, as extraction does) without starting extraction processes."""
     from embstore.audio import content_hash
-    from embstore.extract.claims import claim_batch, new_owner, refresh_tasks
-    from embstore.extract.writer import ItemResult, ZarrWriter
+    from embstore.extract.client import SqliteManifestClient
+    from embstore.extract.messages import ItemResult
+    from embstore.extract.writer import ZarrWriter
+    from embstore.manifest.tasks import new_owner
 
     root = tmp_path_factory.mktemp("verify-corpus")
     make_tree(root, speakers=3, per_speaker=2, seconds=1.0)
@@ -68,14 +70,16 @@ def base_store(tmp_path_factory) -> Path:
     st.scan([root])
     encoder = _load_model()
     model = st.register_model(encoder.describe())
-    refresh_tasks(st.conn, model["id"], encoder.feature_length, encoder.sample_rate)
     owner = new_owner()
+    client = SqliteManifestClient(store, model["id"], owner, 600, "item", encoder.feature_length, encoder.sample_rate)
+    client.refresh()
     writer = ZarrWriter(str(store), model["id"], None)
-    for task in claim_batch(st.conn, model["id"], owner, 600, 100, 10**9, order="item"):
+    for task in client.claim(100, 10**9):
         vector = encoder.embed_file(task.path)
         writer.add(ItemResult(task.task_id, task.item_id, owner, content_hash(task.path), task.duration, vector))
     writer.flush()
     writer.close()
+    client.close()
     assert st.query("SELECT count(*) FROM tasks WHERE status = 'done'")[0][0] == 6
     st.close()
     _rechunk(store)
@@ -128,6 +132,7 @@ _MODELS: dict = {}
 def cached_models(monkeypatch):
     """--deep loads the model once per test module, not once per call."""
     import embstore.models as models
+    import embstore.verify as verify
 
     cache = _MODELS
     real = models.load
@@ -138,7 +143,7 @@ def cached_models(monkeypatch):
             cache[key] = real(spec, device=device, dtype=dtype, **kw)
         return cache[key]
 
-    monkeypatch.setattr(models, "load", load)
+    monkeypatch.setattr(verify, "load", load)
     return cache
 
 

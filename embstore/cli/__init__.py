@@ -9,8 +9,7 @@ from __future__ import annotations
 import click
 
 from embstore import __version__
-from embstore.cli import extract as _extract
-from embstore.cli import scan as _scan
+from embstore.cli import export, extract, query, scan, score, status, verify
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,25 +27,8 @@ def cli() -> None:
     """
 
 
-for module in (_scan, _extract):
+for module in (scan, extract, status, query, score, export, verify):
     module.register(cli)
-
-
-def _register_optional() -> None:
-    # command groups added by later modules register themselves the same way
-    import importlib
-
-    for name in ("export", "query", "score", "verify"):
-        try:
-            module = importlib.import_module(f"embstore.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"embstore.cli.{name}":
-                raise
-            continue
-        module.register(cli)
-
-
-_register_optional()
 
 
 def main() -> None:

@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 import click
 
+from embstore.errors import USER_ERRORS
+
 store_argument = click.argument("store", type=click.Path(file_okay=False))
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 model_option = click.option(
@@ -46,8 +48,6 @@ def library_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from embstore.errors import USER_ERRORS
-
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as exc:
@@ -61,7 +61,8 @@ def library_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def open_store(path: str, create: bool = False):
+def open_store(path: str, create: bool = False) -> Any:
+    """The store at `path` (a `embstore.store.Store`); imported on use so `--help` stays instant."""
     import embstore
 
     return embstore.open(path, create=create)

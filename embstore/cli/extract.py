@@ -1,4 +1,4 @@
-"""`embstore extract` and `embstore errors`."""
+"""`embstore extract`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from embstore.cli.common import echo_json, echo_table, json_option, library_errors, model_option, open_store, store_argument
+from embstore.cli.common import echo_json, json_option, library_errors, open_store, store_argument
 
 EXIT_SOME_FAILED = 3
 EXIT_INTERRUPTED = 130
@@ -88,27 +88,5 @@ def extract(store, model, gpus, device, workers, batch_frames, loader_workers, d
         sys.exit(EXIT_SOME_FAILED)
 
 
-@click.command()
-@store_argument
-@model_option
-@json_option
-@library_errors
-def errors(store, model, as_json):
-    """Items that failed (and files whose header could not be read), with the reason.
-
-    \b
-    Examples:
-        embstore errors store/
-        embstore errors store/ --json
-    """
-    with open_store(store) as st:
-        rows = st.errors(model)
-    if as_json:
-        echo_json(rows)
-        return
-    echo_table(rows, ["id", "stage", "error", "path"])
-
-
 def register(cli: click.Group) -> None:
     cli.add_command(extract)
-    cli.add_command(errors)

@@ -1,4 +1,4 @@
-"""`embstore scan` and `embstore status`."""
+"""`embstore scan`."""
 
 from __future__ import annotations
 
@@ -56,49 +56,5 @@ def scan(store, roots, layout, kaldi, lists, jobs, as_json):
         click.echo(f"{report.ignored} audio files outside the {layout} layout were ignored", err=True)
 
 
-@click.command()
-@store_argument
-@json_option
-@library_errors
-def status(store, as_json):
-    """What STORE holds: files, items, speakers, audio, and each model's progress.
-
-    \b
-    Examples:
-        embstore status store/
-        embstore status store/ --json | jq .models
-    """
-    with open_store(store) as st:
-        info = st.status()
-    if as_json:
-        echo_json(info)
-        return
-    hours = info["audio_seconds"] / 3600
-    click.echo(f"store      {info['store']}")
-    click.echo(
-        f"files      {info['files']}  ({info['scan_failed']} unreadable, {info['removed_files']} removed)"
-    )
-    click.echo(f"items      {info['items']}  ({hours:.2f} h of audio)")
-    click.echo(f"speakers   {info['speakers']} in {info['datasets']} datasets")
-    for name, counts in info["models"].items():
-        click.echo(
-            f"model      {name} [{counts['batching']} batching, dim {counts['dim']}]: "
-            + ", ".join(f"{counts[k]} {k}" for k in ("done", "pending", "claimed", "stale", "failed"))
-        )
-        run = counts.get("last_run")
-        if run:
-            click.echo(
-                f"           last run {run['status']} {run['ended_at']}: {run['batching']} batching on "
-                f"{run['runtime'] or 'torch'}, mean batch {run['mean_batch_items']}, "
-                f"padding {(run['padding_overhead'] or 0):.1%}, "
-                f"{run['x_realtime']}x realtime"
-            )
-        for reason, n in list(counts["failures_by_reason"].items())[:5]:
-            click.echo(f"           {n} x {reason}")
-    for reason, n in list(info["scan_failures_by_reason"].items())[:5]:
-        click.echo(f"scan       {n} x {reason}")
-
-
 def register(cli: click.Group) -> None:
     cli.add_command(scan)
-    cli.add_command(status)

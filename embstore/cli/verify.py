@@ -33,10 +33,8 @@ def verify(store, deep, seed, model, as_json):
         embstore verify store/ --json | jq .problems
         embstore verify store/ --model resemblyzer-ge2e
     """
-    from embstore.verify import verify_store
-
     with open_store(store) as st:
-        report = verify_store(st, model=model, deep=deep, seed=seed)
+        report = st.verify(model=model, deep=deep, seed=seed)
     if as_json:
         echo_json(report.as_dict())
     else:

@@ -8,10 +8,12 @@ The extraction pipeline only talks to an `Encoder`:
   frames from header information alone, so the manifest can group equal lengths before
   anything is decoded;
 - on the compute side: `embed_batch(feats)` embeds a list of feature matrices at once.
-  What may be mixed in one batch is declared by `batching`:
+  What may be mixed in one batch is declared by `capabilities.batching`:
     "any"    - items of any lengths (e.g. fixed-size windows are batched inside);
     "masked" - padded batches of mixed lengths are exact (masked adapter);
     "equal"  - only items with equal feature length are batched together.
+- `device_features(wavs, max_frames)`: only where `capabilities.device_features`;
+  features of many waveforms in padded passes on the model's device (GPU fbank);
 - `embed_file(path, start, end)`: the plain reference, one item at a time, no batching.
   Tests and the benchmark's fidelity check compare everything against it.
 """
@@ -20,19 +22,40 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
+from embstore.audio import load_for_model
+
 BATCHING_MODES = ("any", "masked", "equal")
+RUNTIMES = ("torch", "onnxruntime", "openvino")
 
 
-class ModelError(Exception):
-    """A model spec that cannot be loaded; the message says why in one line."""
+@dataclass(frozen=True)
+class Capabilities:
+    """What an encoder can do, declared by its adapter (never probed with hasattr).
 
+    batching         what `embed_batch` may mix in one batch (see the module doc)
+    device_features  `device_features(wavs)` computes its features batched on the model's
+                     device (GPU fbank), so loaders only decode
+    onnx_export      `embstore.models.onnx.export_onnx` can export its network
+    runtime          where its forward runs: torch, onnxruntime or openvino
+    dtypes           compute precisions it accepts
+    """
 
-class NonFiniteEmbedding(Exception):
-    """A model returned NaN or inf for an item; it is never stored."""
+    batching: str = "equal"
+    device_features: bool = False
+    onnx_export: bool = False
+    runtime: str = "torch"
+    dtypes: tuple[str, ...] = ("fp32",)
+
+    def __post_init__(self) -> None:
+        if self.batching not in BATCHING_MODES:
+            raise ValueError(f"batching {self.batching!r} is not one of {BATCHING_MODES}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime {self.runtime!r} is not one of {RUNTIMES}")
 
 
 class Encoder:
@@ -43,13 +66,15 @@ class Encoder:
     sample_rate: int
     device: str = "cpu"
     dtype: str = "fp32"
-    batching: str = "equal"
+    capabilities: Capabilities = Capabilities()
     # settings that change the numbers (window, scaling, cmn, ...); hashed into fingerprint
     frontend: dict[str, Any]
 
-    def load(self, path: str, start: float | None = None, end: float | None = None) -> np.ndarray:
-        from embstore.audio import load_for_model
+    @property
+    def batching(self) -> str:
+        return self.capabilities.batching
 
+    def load(self, path: str, start: float | None = None, end: float | None = None) -> np.ndarray:
         return load_for_model(path, self.sample_rate, start, end)
 
     def feature_length(self, num_samples: int) -> int:
@@ -61,6 +86,11 @@ class Encoder:
     def embed_batch(self, feats: Sequence[np.ndarray]) -> np.ndarray:
         """[len(feats), dim] float32 embeddings."""
         raise NotImplementedError
+
+    def device_features(self, wavs: Sequence[np.ndarray], max_frames: int) -> list[Any]:
+        """Each waveform's features, computed on the model's device in padded passes of
+        about `max_frames` feature frames; only when `capabilities.device_features`."""
+        raise NotImplementedError(f"{self.name} computes its features on the CPU only")
 
     def embed_file(self, path: str, start: float | None = None, end: float | None = None) -> np.ndarray:
         raise NotImplementedError
@@ -95,9 +125,14 @@ def fingerprint_of(weights: dict[str, Any] | None, frontend: dict[str, Any], ext
     return digest.hexdigest()
 
 
-def check_finite(vectors: np.ndarray) -> np.ndarray:
-    """Boolean mask of rows that are finite and non-zero."""
-    vectors = np.asarray(vectors)
-    finite = np.isfinite(vectors).all(axis=1)
-    nonzero = np.abs(np.where(np.isfinite(vectors), vectors, 0)).sum(axis=1) > 0
-    return finite & nonzero
+TRIM_SUFFIX = "-trim"
+
+
+def trimmed_fingerprint(fingerprint: str, max_trim_frames: int) -> str:
+    """The rows of trimmed equal batching are their own model: the policy is in the key."""
+    return f"{fingerprint}{TRIM_SUFFIX}{max_trim_frames}"
+
+
+def untrimmed_fingerprint(fingerprint: str) -> str:
+    """The encoder's own fingerprint behind a model row's (see `trimmed_fingerprint`)."""
+    return fingerprint.split(TRIM_SUFFIX, 1)[0]

@@ -17,8 +17,9 @@ import inspect
 import sys
 from typing import Any
 
-from embstore.models import short_error
-from embstore.models.base import Encoder, ModelError
+from embstore.errors import ModelError
+from embstore.models.base import Encoder
+from embstore.models.common import short_error
 from embstore.models.wespeaker import WeSpeakerEncoder, import_wespeaker
 
 # hub models whose frontend is a pretrained SSL network, which embstore does not run

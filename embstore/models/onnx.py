@@ -27,9 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from embstore.models import abspath, check_device, safe_name, short_error
-from embstore.models.base import ModelError, fingerprint_of
-from embstore.models.wespeaker import DEFAULT_MAX_FRAMES, DEFAULT_WINDOW_BATCH, FbankEncoder, fbank_config_from, read_config
+from embstore.errors import ModelError
+from embstore.models.base import Capabilities, fingerprint_of
+from embstore.models.common import abspath, check_device, safe_name, short_error
+from embstore.models.fbank_encoder import DEFAULT_MAX_FRAMES, DEFAULT_WINDOW_BATCH, FbankEncoder, fbank_config_from, read_config
 
 
 def _file_digest(path: str) -> bytes:
@@ -41,7 +42,8 @@ def _file_digest(path: str) -> bytes:
 
 
 class OnnxEncoder(FbankEncoder):
-    batching = "equal"
+    # a graph runs equal lengths only; fbank may still run batched on a GPU next to it
+    capabilities = Capabilities(batching="equal", device_features=True, runtime="onnxruntime")
 
     def __init__(
         self,

@@ -25,8 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from embstore.models import autocast, torch_device
-from embstore.models.base import Encoder, fingerprint_of
+from embstore.models.base import Capabilities, Encoder, fingerprint_of
+from embstore.models.common import DTYPES, autocast, torch_device
 
 # webrtcvad aggressiveness hard-coded in resemblyzer.audio.trim_long_silences
 _VAD_MODE = 3
@@ -64,7 +64,8 @@ def _trim_long_silences(wav: np.ndarray, hp: Any) -> np.ndarray:
 
 class ResemblyzerEncoder(Encoder):
     name = "resemblyzer-ge2e"
-    batching = "any"
+    # fixed 1.6 s partials: items of any lengths batch together exactly
+    capabilities = Capabilities(batching="any", runtime="torch", dtypes=DTYPES)
 
     def __init__(self, device: str = "cpu", dtype: str = "fp32", rate: float = 1.3, min_coverage: float = 0.75) -> None:
         import warnings

@@ -10,36 +10,20 @@ from __future__ import annotations
 import os
 import sqlite3
 import sys
-from collections import defaultdict
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
-from embstore.audio import AudioError, is_audio_name, probe
-from embstore.store import Store, StoreError, utcnow
+from embstore.audio import probe
+from embstore.errors import AudioError, ScanError
+from embstore.manifest.connection import execute_in, utcnow
+from embstore.manifest.database import Manifest
+from embstore.manifest.tasks import mark_items_stale
+from embstore.progress import progress_bar
+from embstore.scan.sources import Candidate, kaldi_candidates, list_candidates, tree_candidates
 
 BATCH_FILES = 2000
-
-
-class ScanError(StoreError):
-    pass
-
-
-@dataclass
-class Candidate:
-    """A file the scan found, with what its source says about it."""
-
-    path: str  # as stored: relative to the root, or absolute for kaldi/list sources
-    abspath: str
-    size: int
-    mtime_ns: int
-    dataset: str
-    speaker: str
-    uid: str
-    # kaldi segments: [(uid, start, end, speaker)]; None = the whole file is one item
-    segments: list[tuple[str, float, float, str]] | None = None
-    error: str | None = None  # known bad before probing (broken symlink...)
-
 
 @dataclass
 class ScanReport:
@@ -55,6 +39,10 @@ class ScanReport:
     seconds: float = 0.0
     failures: list[dict[str, str]] = field(default_factory=list)
 
+    def ignore(self, files: int) -> None:
+        """Audio files outside the layout (e.g. directly under a dataset folder)."""
+        self.ignored += files
+
     @property
     def no_changes(self) -> bool:
         return not (self.added or self.changed or self.removed or self.items_added or self.items_removed)
@@ -64,157 +52,6 @@ class ScanReport:
         d["failures"] = self.failures[:100]
         d["no_changes"] = self.no_changes
         return d
-
-
-# -- sources ------------------------------------------------------------------------------
-
-
-def _walk(root: str) -> Iterator[tuple[str, list[os.DirEntry]]]:
-    """(relative folder, its entries) depth-first in sorted order; symlinked folders are
-    followed once (loops are cut by inode)."""
-    seen: set[tuple[int, int]] = set()
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        full = os.path.join(root, rel) if rel else root
-        try:
-            st = os.stat(full)
-            key = (st.st_dev, st.st_ino)
-            if key in seen:
-                continue
-            seen.add(key)
-            with os.scandir(full) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError:
-            continue
-        subdirs = []
-        files = []
-        for e in entries:
-            if e.name.startswith("."):
-                continue
-            try:
-                if e.is_dir():
-                    subdirs.append(e.name)
-                    continue
-            except OSError:
-                pass
-            if is_audio_name(e.name):
-                files.append(e)
-        yield rel, files
-        stack.extend(os.path.join(rel, d) if rel else d for d in reversed(subdirs))
-
-
-def _tree_candidates(root: str, layout: str, report: ScanReport) -> Iterator[tuple[str, list[Candidate]]]:
-    root_name = os.path.basename(os.path.normpath(root))
-    for rel, entries in _walk(root):
-        parts = rel.split(os.sep) if rel else []
-        if layout == "dataset":
-            if len(parts) < 2:
-                report.ignored += len(entries)
-                yield rel, []
-                continue
-            dataset, speaker = parts[0], parts[1]
-        else:
-            if len(parts) < 1:
-                report.ignored += len(entries)
-                yield rel, []
-                continue
-            dataset, speaker = root_name, parts[0]
-        out = []
-        for e in entries:
-            path = os.path.join(rel, e.name)
-            stem = os.path.splitext(path)[0]
-            uid = stem if layout == "dataset" else f"{dataset}/{stem}"
-            try:
-                st = e.stat()
-                out.append(Candidate(path, e.path, st.st_size, st.st_mtime_ns, dataset, speaker, uid))
-            except OSError as exc:
-                reason = "broken symlink" if e.is_symlink() else f"cannot stat: {exc.strerror}"
-                out.append(Candidate(path, e.path, -1, -1, dataset, speaker, uid, error=reason))
-        yield rel, out
-
-
-def _stat_candidate(path: str, abspath: str, dataset: str, speaker: str, uid: str, segments=None) -> Candidate:
-    try:
-        st = os.stat(abspath)
-        if not os.path.isfile(abspath):
-            return Candidate(path, abspath, -1, -1, dataset, speaker, uid, segments, error="not a regular file")
-        return Candidate(path, abspath, st.st_size, st.st_mtime_ns, dataset, speaker, uid, segments)
-    except OSError as exc:
-        reason = "broken symlink" if os.path.islink(abspath) else f"file not found ({exc.strerror})"
-        return Candidate(path, abspath, -1, -1, dataset, speaker, uid, segments, error=reason)
-
-
-def _read_table(path: Path, min_fields: int) -> Iterator[tuple[int, list[str]]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            fields = line.split(None, min_fields - 1) if min_fields > 1 else [line]
-            if len(fields) < min_fields:
-                raise ScanError(f"{path}:{lineno}: expected {min_fields} fields, got {line!r}")
-            yield lineno, fields
-
-
-def _kaldi_candidates(datadir: Path) -> Iterator[tuple[str, list[Candidate]]]:
-    wav_scp = datadir / "wav.scp"
-    if not wav_scp.exists():
-        raise ScanError(f"{datadir}: no wav.scp (is it a Kaldi data dir?)")
-    dataset = datadir.name
-    utt2spk = {}
-    if (datadir / "utt2spk").exists():
-        utt2spk = {f[0]: f[1].strip() for _, f in _read_table(datadir / "utt2spk", 2)}
-    recordings: dict[str, str] = {}
-    for lineno, (rec, value) in _read_table(wav_scp, 2):
-        value = value.strip()
-        if value.endswith("|") or " | " in value or value.startswith("-"):
-            raise ScanError(
-                f"{wav_scp}:{lineno}: piped commands are not supported ({rec}); convert the audio to files first"
-            )
-        if ".ark:" in value or value.endswith(".ark"):
-            raise ScanError(f"{wav_scp}:{lineno}: ark offsets are not supported ({rec}); point to audio files")
-        recordings[rec] = os.path.abspath(value)
-    segments: dict[str, list[tuple[str, float, float, str]]] | None = None
-    if (datadir / "segments").exists():
-        segments = defaultdict(list)
-        for lineno, fields in _read_table(datadir / "segments", 4):
-            utt, rec, start, end = fields[0], fields[1], fields[2], fields[3].split()[0]
-            if rec not in recordings:
-                raise ScanError(f"{datadir / 'segments'}:{lineno}: recording {rec} is not in wav.scp")
-            try:
-                span = (float(start), float(end))
-            except ValueError:
-                raise ScanError(f"{datadir / 'segments'}:{lineno}: bad start/end {start!r} {end!r}") from None
-            if span[1] <= span[0] and span[1] != -1:
-                raise ScanError(f"{datadir / 'segments'}:{lineno}: segment {utt} ends before it starts")
-            segments[rec].append((utt, span[0], span[1], utt2spk.get(utt, "unknown")))
-    by_dir: dict[str, list[Candidate]] = defaultdict(list)
-    for rec, abspath in recordings.items():
-        if segments is not None:
-            segs = segments.get(rec, [])
-            speaker = segs[0][3] if segs else "unknown"
-            cand = _stat_candidate(abspath, abspath, dataset, speaker, rec, segs)
-        else:
-            cand = _stat_candidate(abspath, abspath, dataset, utt2spk.get(rec, "unknown"), rec)
-        by_dir[os.path.dirname(abspath)].append(cand)
-    yield from by_dir.items()
-
-
-def _list_candidates(list_file: Path) -> Iterator[tuple[str, list[Candidate]]]:
-    base = list_file.parent.absolute()
-    dataset = list_file.stem
-    by_dir: dict[str, list[Candidate]] = defaultdict(list)
-    for _, (line,) in _read_table(list_file, 1):
-        path, _, speaker = line.partition("\t")
-        path = path.strip()
-        abspath = os.path.normpath(os.path.join(base, path))
-        speaker = speaker.strip() or os.path.basename(os.path.dirname(abspath)) or "unknown"
-        rel = os.path.relpath(abspath, base)
-        uid_path = rel if not rel.startswith("..") else abspath.lstrip("/")
-        uid = f"{dataset}/{os.path.splitext(uid_path)[0]}"
-        by_dir[os.path.dirname(abspath)].append(_stat_candidate(abspath, abspath, dataset, speaker, uid))
-    yield from by_dir.items()
 
 
 # -- header reading -----------------------------------------------------------------------
@@ -258,7 +95,7 @@ class _Prober:
 class _Syncer:
     """Applies a source's folders to the manifest in batched write transactions."""
 
-    def __init__(self, store: Store, root_id: int, report: ScanReport, prober: _Prober, item_sync: bool):
+    def __init__(self, store: Manifest, root_id: int, report: ScanReport, prober: _Prober, item_sync: bool):
         self.store = store
         self.conn: sqlite3.Connection = store.conn
         self.root_id = root_id
@@ -432,11 +269,7 @@ class _Syncer:
                     " WHERE id = ?",
                     (w["dataset"], w["speaker"], w["start"], w["end"], w["duration"], row["id"]),
                 )
-                stale = conn.execute(
-                    "UPDATE tasks SET status = 'stale', error = NULL, stage = NULL WHERE item_id = ?"
-                    " AND status IN ('done', 'failed', 'claimed', 'pending')",
-                    (row["id"],),
-                ).rowcount
+                stale = mark_items_stale(conn, row["id"])
                 self.report.items_stale += stale and 1
         for row in current.values():
             if not row["removed"]:
@@ -445,12 +278,11 @@ class _Syncer:
         self._insert_items(conn, fresh)
 
     def _remove(self, conn: sqlite3.Connection, file_ids: list[int]) -> None:
-        for start in range(0, len(file_ids), 500):
-            chunk = file_ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            conn.execute(f"UPDATE files SET status = 'removed', scanned_at = ? WHERE id IN ({marks})", (self.now, *chunk))
-            cur = conn.execute(f"UPDATE items SET removed = 1 WHERE removed = 0 AND file_id IN ({marks})", chunk)
-            self.report.items_removed += cur.rowcount
+        execute_in(conn, "UPDATE files SET status = 'removed', scanned_at = ? WHERE id IN ({marks})", file_ids,
+                   params_before=(self.now,))
+        self.report.items_removed += execute_in(
+            conn, "UPDATE items SET removed = 1 WHERE removed = 0 AND file_id IN ({marks})", file_ids
+        )
         self.report.removed += len(file_ids)
 
     def remove_missing_dirs(self, seen_dirs: set[str]) -> None:
@@ -466,7 +298,7 @@ class _Syncer:
         self.flush()
 
 
-def _root_row(store: Store, kind: str, path: str, layout: str | None, dataset: str | None) -> int:
+def _root_row(store: Manifest, kind: str, path: str, layout: str | None, dataset: str | None) -> int:
     row = store.conn.execute("SELECT id, layout FROM roots WHERE kind = ? AND path = ?", (kind, path)).fetchone()
     if row is not None:
         if kind == "tree" and row["layout"] != layout:
@@ -483,7 +315,7 @@ def _root_row(store: Store, kind: str, path: str, layout: str | None, dataset: s
 
 
 def scan_into(
-    store: Store,
+    store: Manifest,
     roots: Sequence[str | os.PathLike] = (),
     layout: str = "dataset",
     kaldi: Sequence[str | os.PathLike] = (),
@@ -492,8 +324,6 @@ def scan_into(
     progress: bool = False,
 ) -> ScanReport:
     """Scan trees (`roots`, in `layout`), Kaldi data dirs and list files into the store."""
-    import time
-
     if layout not in ("dataset", "speaker"):
         raise ScanError(f"unknown layout {layout!r}: use dataset or speaker")
     if not (roots or kaldi or lists):
@@ -501,24 +331,24 @@ def scan_into(
     started = time.monotonic()
     report = ScanReport()
     prober = _Prober(jobs if jobs is not None else min(2, os.cpu_count() or 1))
-    bar = _progress_bar(progress)
+    bar = progress_bar(progress, unit=" files", desc="scan", smoothing=0.1)
     sources: list[tuple[str, str, str | None, str | None, Iterable[tuple[str, list[Candidate]]]]] = []
     for root in roots:
         path = os.path.abspath(os.fspath(root))
         if not os.path.isdir(path):
             raise ScanError(f"{root}: not a folder")
         dataset = os.path.basename(os.path.normpath(path)) if layout == "speaker" else None
-        sources.append(("tree", path, layout, dataset, _tree_candidates(path, layout, report)))
+        sources.append(("tree", path, layout, dataset, tree_candidates(path, layout, report.ignore)))
     for datadir in kaldi:
         path = Path(datadir).absolute()
         if not path.is_dir():
             raise ScanError(f"{datadir}: not a Kaldi data dir")
-        sources.append(("kaldi", str(path), None, path.name, list(_kaldi_candidates(path))))
+        sources.append(("kaldi", str(path), None, path.name, list(kaldi_candidates(path))))
     for list_file in lists:
         path = Path(list_file).absolute()
         if not path.is_file():
             raise ScanError(f"{list_file}: no such list file")
-        sources.append(("list", str(path), None, path.stem, list(_list_candidates(path))))
+        sources.append(("list", str(path), None, path.stem, list(list_candidates(path))))
     try:
         for kind, path, src_layout, dataset, folders in sources:
             root_id = _root_row(store, kind, path, src_layout, dataset)
@@ -541,10 +371,3 @@ def scan_into(
     report.seconds = round(time.monotonic() - started, 3)
     return report
 
-
-def _progress_bar(enabled: bool):
-    if not enabled or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(unit=" files", desc="scan", smoothing=0.1, file=sys.stderr)

@@ -18,7 +18,6 @@ model fingerprint, row and path written, so a second export writes only new or c
 items, moves items whose path changed, and deletes the files of items that are gone
 from the store (only files it wrote itself).
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -26,44 +25,29 @@ import hashlib
 import io
 import os
 import pickle
-import re
 import sqlite3
-import threading
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from embstore.store import StoreError
-
-if TYPE_CHECKING:
-    from embstore.store import Store
+from embstore.errors import StoreError
+from embstore.export.files import inside, safe_component, write_atomic
+from embstore.manifest.connection import immediate
+from embstore.manifest.database import Manifest
+from embstore.manifest.selection import Selection, select_items
+from embstore.progress import progress_bar
 
 MANIFEST_NAME = ".embstore-export.db"
 FORMATS = ("dict", "array")
 BATCH_ROWS = 4096
 FILES_PER_TASK = 64
-MAX_NAME_BYTES = 200
-
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]")
 
 
 # -- paths --------------------------------------------------------------------------------
-
-
-def safe_component(text: str | None) -> str:
-    """One path component that cannot leave its folder, whatever `text` holds."""
-    name = _UNSAFE.sub("_", "" if text is None else str(text))
-    if name in ("", ".", ".."):
-        name = "_" + name
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-        digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=4).hexdigest()
-        short = name.encode("utf-8", "surrogatepass")[: MAX_NAME_BYTES - 9].decode("utf-8", "ignore")
-        name = f"{short}~{digest}"
-    return name
 
 
 def _flat_name(item: sqlite3.Row) -> str:
@@ -122,14 +106,6 @@ def pkl_paths(items: Sequence[sqlite3.Row], taken: dict[str, str] | None = None)
     return paths
 
 
-def _inside(out_real: str, rel_dir: str) -> str:
-    """The real directory for `rel_dir` below OUT; refuses one that resolves outside it."""
-    target = os.path.realpath(os.path.join(out_real, rel_dir))
-    if target != out_real and not target.startswith(out_real + os.sep):
-        raise StoreError(f"refusing to write into {rel_dir!r}: it resolves to {target}, outside {out_real}")
-    return target
-
-
 # -- pickles ------------------------------------------------------------------------------
 
 
@@ -148,20 +124,6 @@ def dumps(obj: Any) -> bytes:
     buffer = io.BytesIO()
     _PortablePickler(buffer, protocol=4).dump(obj)
     return buffer.getvalue()
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    # a reader (or a crash) never sees half a file; O_NOFOLLOW: never write through a link
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # -- the export manifest ------------------------------------------------------------------
@@ -209,8 +171,6 @@ class _Manifest:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
-        from embstore.store import immediate
-
         with immediate(self.conn):
             yield
 
@@ -244,30 +204,8 @@ class ExportReport:
         return d
 
 
-def _selected_items(store: "Store", model_id: int, dataset: str | None, speaker: str | None) -> list[sqlite3.Row]:
-    """Every live item of the selection (done or not), with its task for the model."""
-    where, params = ["+i.removed = 0" if speaker is not None else "i.removed = 0"], [model_id]
-    if speaker is not None:
-        where.append("i.speaker = ?")
-        params.append(speaker)
-    if dataset is not None:
-        where.append("i.dataset = ?")
-        params.append(dataset)
-    # with a speaker, start from its items (items_speaker index), not from every item
-    first = "FROM items i CROSS JOIN files f ON f.id = i.file_id" if speaker is not None else (
-        "FROM items i JOIN files f ON f.id = i.file_id"
-    )
-    return store.query(
-        "SELECT i.id, i.uid, i.dataset, i.speaker, i.start, i.end, f.path, r.path AS root, r.kind AS root_kind,"
-        f" t.status, t.row {first} JOIN roots r ON r.id = f.root_id"
-        " LEFT JOIN tasks t ON t.item_id = i.id AND t.model_id = ?"
-        " WHERE " + " AND ".join(where) + " ORDER BY i.id",
-        params,
-    )
-
-
 def export_pkl(
-    store: "Store",
+    store: Manifest,
     out: str | os.PathLike,
     model: str | None = None,
     dataset: str | None = None,
@@ -302,7 +240,7 @@ def export_pkl(
             )
         manifest.set_meta({"fingerprint": m["fingerprint"], "model": report.model, "format": fmt})
         known = manifest.entries()
-        items = _selected_items(store, m["id"], dataset, speaker)
+        items = select_items(store.conn, m["id"], Selection(speaker=speaker, dataset=dataset), done_only=False)
 
         def in_scope(entry: tuple) -> bool:
             return (dataset is None or entry[3] == dataset) and (speaker is None or entry[4] == speaker)
@@ -353,7 +291,7 @@ def _digest(item: sqlite3.Row, fmt: str, model_name: str) -> str:
 
 
 def _write_all(
-    store: "Store", m: sqlite3.Row, out_real: str, todo: list[tuple], fmt: str, report: ExportReport,
+    store: Manifest, m: sqlite3.Row, out_real: str, todo: list[tuple], fmt: str, report: ExportReport,
     manifest: _Manifest, workers: int | None, progress: bool,
 ) -> None:
     try:
@@ -368,12 +306,12 @@ def _write_files(store, m, out_real, todo, fmt, report, manifest, workers, progr
         return
     dirs = sorted({os.path.dirname(path) for _, path, _, _ in todo})
     for rel_dir in dirs:
-        _inside(out_real, rel_dir)  # before creating anything: a symlinked folder is refused
+        inside(out_real, rel_dir)  # before creating anything: a symlinked folder is refused
         os.makedirs(os.path.join(out_real, rel_dir), exist_ok=True)
-        _inside(out_real, rel_dir)
+        inside(out_real, rel_dir)
     todo.sort(key=lambda t: t[0]["row"])  # rows in order: each Zarr chunk is read once
     arrays = store.model_arrays(m)
-    bar = _bar(progress, len(todo))
+    bar = progress_bar(progress, total=len(todo), unit="file", desc="export")
     # file creation is filesystem-bound; past ~2 threads per core they only contend for the GIL
     workers = workers or min(16, 2 * (os.cpu_count() or 1))
     fingerprint, model_name = m["fingerprint"], report.model
@@ -389,7 +327,7 @@ def _write_files(store, m, out_real, todo, fmt, report, manifest, workers, progr
 
     def write_some(jobs: list[tuple], vectors: np.ndarray) -> None:
         for (item, rel, _, _), vector in zip(jobs, vectors):
-            _write_atomic(os.path.join(out_real, rel), payload(item, vector))
+            write_atomic(os.path.join(out_real, rel), payload(item, vector))
 
     def finish(batch: list[tuple], futures: list[Future]) -> None:
         for f in futures:
@@ -442,113 +380,3 @@ def _remove_file(out_real: str, rel: str) -> bool:
             break
         parent = os.path.dirname(parent)
     return True
-
-
-def _bar(enabled: bool, total: int):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="file", dynamic_ncols=True, desc="export")
-
-
-# -- export-kaldi -------------------------------------------------------------------------
-
-
-def _kaldi_token(text: str | None) -> str:
-    # Kaldi tables split on whitespace: keys and speakers must not hold any
-    return re.sub(r"\s+", "_", text or "") or "_"
-
-
-def _batches(rows: list, size: int = 65536) -> Iterator[list]:
-    for start in range(0, len(rows), size):
-        yield rows[start : start + size]
-
-
-def export_kaldi(store: "Store", out: str | os.PathLike, model: str | None = None) -> dict[str, Any]:
-    """OUT/xvector.ark + xvector.scp (kaldiio), utt2spk, spk2utt; keys are item ids
-    (whitespace turned into `_`), sorted, so Kaldi tools and kaldiio read them as tables."""
-    from kaldiio import WriteHelper
-
-    started = time.monotonic()
-    m, rows = store.done_rows(model)
-    out_path = os.path.abspath(os.fspath(out))
-    if "," in out_path or re.search(r"\s", out_path):
-        raise StoreError(f"{out_path}: Kaldi write specifiers cannot hold commas or spaces; pick another folder")
-    os.makedirs(out_path, exist_ok=True)
-    keyed: dict[str, sqlite3.Row] = {}
-    for r in rows:
-        key = _kaldi_token(r["uid"])
-        if key in keyed:
-            raise StoreError(f"items {keyed[key]['uid']!r} and {r['uid']!r} both become Kaldi key {key!r}")
-        keyed[key] = r
-    keys = sorted(keyed)
-    ark, scp = os.path.join(out_path, "xvector.ark"), os.path.join(out_path, "xvector.scp")
-    tmp_ark, tmp_scp = ark + ".tmp", scp + ".tmp"
-    arrays = store.model_arrays(m)
-    with WriteHelper(f"ark,scp:{tmp_ark},{tmp_scp}") as writer:
-        for batch in _batches(keys):
-            vectors = arrays.read_rows(np.array([keyed[k]["row"] for k in batch], dtype=np.int64))
-            for key, vector in zip(batch, vectors):
-                writer(key, vector)
-    # the scp names the ark it was written to: point it at the final name
-    with open(tmp_scp, encoding="utf-8") as f:
-        lines = [line.replace(f" {tmp_ark}:", f" {ark}:", 1) for line in f]
-    _write_atomic(tmp_scp, "".join(lines).encode("utf-8"))
-    os.replace(tmp_ark, ark)
-    os.replace(tmp_scp, scp)
-    spk_of = {k: _kaldi_token(keyed[k]["speaker"]) for k in keys}
-    _write_atomic(os.path.join(out_path, "utt2spk"), "".join(f"{k} {spk_of[k]}\n" for k in keys).encode("utf-8"))
-    by_speaker: dict[str, list[str]] = defaultdict(list)
-    for k in keys:
-        by_speaker[spk_of[k]].append(k)
-    _write_atomic(
-        os.path.join(out_path, "spk2utt"),
-        "".join(f"{s} {' '.join(by_speaker[s])}\n" for s in sorted(by_speaker)).encode("utf-8"),
-    )
-    return {
-        "out": out_path, "model": store.model_key(m), "fingerprint": m["fingerprint"], "items": len(keys),
-        "speakers": len(by_speaker), "files": ["xvector.ark", "xvector.scp", "utt2spk", "spk2utt"],
-        "seconds": round(time.monotonic() - started, 3),
-    }
-
-
-# -- export-npy ---------------------------------------------------------------------------
-
-
-def _line(text: str | None) -> str:
-    # one value per line: a newline inside an id would shift every later line
-    return (text or "").replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
-
-
-def export_npy(store: "Store", out: str | os.PathLike, model: str | None = None) -> dict[str, Any]:
-    """OUT/embeddings.npy (float32 [n, dim]) with ids.txt, speakers.txt and datasets.txt
-    (line i describes row i; backslash and newline escaped as \\\\, \\n), plus export.json."""
-    import json
-
-    started = time.monotonic()
-    m, rows = store.done_rows(model)
-    out_path = os.path.abspath(os.fspath(out))
-    os.makedirs(out_path, exist_ok=True)
-    target = os.path.join(out_path, "embeddings.npy")
-    tmp = os.path.join(out_path, ".embeddings.npy.tmp")
-    matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(rows), int(m["dim"])))
-    arrays = store.model_arrays(m)
-    for start in range(0, len(rows), 65536):
-        batch = rows[start : start + 65536]
-        matrix[start : start + len(batch)] = arrays.read_rows(np.array([r["row"] for r in batch], dtype=np.int64))
-    matrix.flush()
-    del matrix
-    os.replace(tmp, target)
-    for name, column in (("ids.txt", "uid"), ("speakers.txt", "speaker"), ("datasets.txt", "dataset")):
-        _write_atomic(os.path.join(out_path, name), "".join(_line(r[column]) + "\n" for r in rows).encode("utf-8"))
-    info = {
-        "model": store.model_key(m), "spec": m["spec"], "fingerprint": m["fingerprint"], "dim": int(m["dim"]),
-        "items": len(rows), "files": ["embeddings.npy", "ids.txt", "speakers.txt", "datasets.txt"],
-    }
-    _write_atomic(os.path.join(out_path, "export.json"), (json.dumps(info, indent=2) + "\n").encode("utf-8"))
-    info.update(out=out_path, seconds=round(time.monotonic() - started, 3))
-    return info
-
-
-__all__ = ["export_pkl", "export_kaldi", "export_npy", "pkl_paths", "safe_component", "dumps", "ExportReport"]

@@ -7,8 +7,14 @@ names this version does not know was made by a newer embstore and is refused.
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
+
+from embstore.errors import NewerStoreError
+from embstore.paths import file_lock
 
 migrations = Migrations("embstore")
 
@@ -147,3 +153,21 @@ def m003_done_rows_index(db: Database) -> None:
 
 
 LATEST = [m.name for m in migrations._migrations]
+
+
+def migrate(conn: sqlite3.Connection, store_root: Path, lock_path: Path) -> None:
+    """Bring the schema up to date; refuse a store written by a newer embstore.
+
+    Migrations run under a file lock, so processes opening one fresh store together
+    apply them once."""
+    db = Database(conn)
+    applied = [m.name for m in migrations.applied(db)]
+    unknown = [name for name in applied if name not in LATEST]
+    if unknown:
+        raise NewerStoreError(
+            f"{store_root} was written by a newer embstore (schema {unknown[-1]}); upgrade embstore to open it"
+        )
+    if len(applied) < len(LATEST):
+        with file_lock(lock_path):
+            # another process may have migrated while we waited for the lock
+            migrations.apply(db)

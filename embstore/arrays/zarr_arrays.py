@@ -10,7 +10,6 @@ speaker's rows, written together, sit in one or two chunks.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 
@@ -107,7 +106,3 @@ class ModelArrays:
         for start in range(0, rows, block_rows):
             stop = min(start + block_rows, rows)
             yield start, vec[start:stop], ids[start:stop]
-
-
-def zarr_path_of(store_path: str | os.PathLike) -> Path:
-    return Path(store_path) / "embeddings.zarr"

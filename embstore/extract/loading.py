@@ -1,0 +1,84 @@
+"""Loading claimed items ahead of the model: read, hash, decode, resample, features.
+
+One claim is loaded in two passes over the loader pool: first every item's bytes are
+hashed, then one dedup lookup asks the manifest which of those audio spans already have
+a row; only the rest are decoded and turned into features. Every failure is the item's
+own, with the stage it happened in.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Executor
+
+import numpy as np
+
+from embstore.audio import content_hash
+from embstore.errors import AudioError
+from embstore.extract.batching import Loaded
+from embstore.extract.client import ManifestClient
+from embstore.extract.messages import ClaimedTask
+from embstore.models.base import Encoder
+
+
+def hash_item(task: ClaimedTask) -> Loaded:
+    try:
+        return Loaded(task, content_hash=content_hash(task.path))
+    except FileNotFoundError:
+        return Loaded(task, error=("read", "file not found (removed since scan?)"))
+    except IsADirectoryError:
+        return Loaded(task, error=("read", "is a directory, not an audio file"))
+    except OSError as exc:
+        return Loaded(task, error=("read", f"cannot read: {exc.strerror or exc}"))
+
+
+def decode_item(encoder: Encoder, item: Loaded, device_features: bool = False) -> Loaded:
+    """Samples (and, unless features run on the device, features) of a hashed item."""
+    task = item.task
+    try:
+        wav = encoder.load(task.path, task.start, task.end)
+    except AudioError as exc:
+        return _failed(item, "decode", str(exc))
+    except Exception as exc:
+        return _failed(item, "decode", f"{type(exc).__name__}: {exc}")
+    if wav.size == 0:
+        return _failed(item, "decode", "no audio samples")
+    if not wav.any():
+        # no speaker to embed: any model would return NaN or a meaningless constant vector
+        return _failed(item, "decode", "silent audio (all samples are zero)")
+    if device_features:
+        if encoder.feature_length(len(wav)) <= 0:
+            return _failed(item, "features", "too short for this model (no feature frames)")
+        item.wav = wav
+        return item
+    try:
+        feats = encoder.features(wav)
+    except Exception as exc:
+        return _failed(item, "features", f"{type(exc).__name__}: {exc}")
+    if feats is None or len(feats) == 0:
+        return _failed(item, "features", "too short for this model (no feature frames)")
+    if not np.isfinite(feats).all():
+        return _failed(item, "features", "non-finite features")
+    item.feats = feats
+    return item
+
+
+def _failed(item: Loaded, stage: str, message: str) -> Loaded:
+    item.error = (stage, message)
+    return item
+
+
+def load_claim(
+    pool: Executor, encoder: Encoder, client: ManifestClient, claimed: list[ClaimedTask], device_features: bool
+) -> list[Loaded]:
+    """Every claimed item loaded, reused from a done twin (dedup), or failed."""
+    hashed = list(pool.map(hash_item, claimed))
+    keys = [(x.content_hash, x.task.start, x.task.end) for x in hashed if x.content_hash]
+    rows = client.dedup_rows(keys) if keys else {}
+    todo = []
+    for x in hashed:
+        if x.content_hash is not None:
+            x.dup_row = rows.get((x.content_hash, x.task.start, x.task.end))
+        if x.error is None and x.dup_row is None:
+            todo.append(x)
+    list(pool.map(lambda x: decode_item(encoder, x, device_features), todo))
+    return hashed

@@ -1,0 +1,76 @@
+"""`ExtractOptions`: every option of `embstore extract`, validated in one place."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from embstore.errors import ExtractionError
+from embstore.models.common import DTYPES
+from embstore.models.registry import DEFAULT_SPEC
+
+RUNTIME_CHOICES = ("auto", "torch", "onnx")
+FEATURE_CHOICES = ("auto", "cpu", "device")
+BATCHING_CHOICES = ("auto", "equal")
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """What the user asked of a run; `ExtractOptions(**kwargs)` raises ExtractionError
+    (one line) for any bad value."""
+
+    model: str | None = None  # spec; None = the default model
+    device: str = "cpu"  # cpu, cuda, cuda:N (ignored with gpus)
+    gpus: str | None = None  # "0,1": one worker per listed GPU
+    workers: int | None = None  # processes (per GPU with gpus)
+    batch_frames: int | None = None  # feature frames per batch; None = from the device
+    loader_workers: int | None = None  # loader threads per worker
+    dtype: str = "fp32"
+    retry_failed: bool = False
+    limit: int | None = None  # at most this many items in the run
+    max_trim_frames: int = 0  # equal batching: group lengths within K frames by trimming
+    lease_seconds: float = 120.0
+    progress: bool = False  # a bar on stderr (when it is a terminal)
+    threads: int | None = None  # compute threads per worker
+    features: str = "auto"  # where fbank runs: auto, cpu, device
+    runtime: str = "auto"  # auto, torch, onnx
+    batching: str = "auto"  # auto (the model's exact mode) or equal
+
+    def __post_init__(self) -> None:
+        self._choice("dtype", DTYPES)
+        self._choice("features", FEATURE_CHOICES)
+        self._choice("runtime", RUNTIME_CHOICES)
+        self._choice("batching", BATCHING_CHOICES)
+        for name in ("workers", "batch_frames", "loader_workers", "limit", "threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ExtractionError(f"--{name.replace('_', '-')} must be a whole number >= 1 (got {value!r})")
+        if not isinstance(self.max_trim_frames, int) or self.max_trim_frames < 0:
+            raise ExtractionError("--max-trim-frames must be >= 0")
+        if not self.lease_seconds > 0:
+            raise ExtractionError(f"the lease must be positive (got {self.lease_seconds})")
+
+    def _choice(self, name: str, allowed: tuple[str, ...]) -> None:
+        value = getattr(self, name)
+        if value not in allowed:
+            raise ExtractionError(f"unknown {name} {value!r}: use {', '.join(allowed)}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "ExtractOptions":
+        """Options from keyword arguments (the Python API); an unknown name is a one-line error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ExtractionError(f"unknown extract option(s): {', '.join(unknown)}")
+        return cls(**kwargs)
+
+    @property
+    def spec(self) -> str:
+        return (self.model or "").strip() or DEFAULT_SPEC
+
+    def record(self) -> dict[str, Any]:
+        """What the `runs` table keeps of the options (the display switch aside)."""
+        out = asdict(self)
+        out.pop("progress")
+        out["model"] = self.spec
+        return out

@@ -1,0 +1,210 @@
+"""What a run will do, decided before any worker starts: devices, runtime, batching,
+the model's fingerprint (its rows), the task list, or "nothing to do"."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+
+from embstore.errors import ExtractionError
+from embstore.extract.messages import WorkerSetup
+from embstore.extract.options import ExtractOptions
+from embstore.extract.summary import ExtractSummary
+from embstore.manifest import tasks
+from embstore.manifest.database import Manifest
+from embstore.models.base import Encoder, trimmed_fingerprint
+from embstore.models.onnx import export_onnx
+from embstore.models.registry import load
+
+
+@dataclass
+class ExtractionPlan:
+    spec: str  # the model the user asked for
+    worker_spec: str  # what workers load (an ONNX export of it, on CPU)
+    model_id: int
+    model_key: str
+    fingerprint: str
+    devices: list[str]
+    batching: str  # any | masked | equal
+    runtime: str  # torch | onnxruntime
+    device_features: bool
+    prepared: dict[str, int] = field(default_factory=dict)
+    left: int = 0
+    left_seconds: float = 0.0
+
+    def summary(self) -> ExtractSummary:
+        return ExtractSummary(
+            model=self.model_key, fingerprint=self.fingerprint, batching=self.batching, devices=self.devices,
+            workers=len(self.devices), prepared=self.prepared, features="device" if self.device_features else "cpu",
+            runtime=self.runtime,
+        )
+
+
+def devices_of(options: ExtractOptions) -> list[str]:
+    """One entry per worker process: cuda:N per listed GPU (times --workers), or cpu."""
+    per_device = max(1, options.workers or 1)
+    if options.gpus:
+        try:
+            ids = [int(g) for g in options.gpus.split(",") if g.strip() != ""]
+        except ValueError:
+            raise ExtractionError(f"--gpus takes GPU numbers like 0,1 (got {options.gpus!r})") from None
+        if not ids:
+            raise ExtractionError("--gpus needs at least one GPU number")
+        _check_cuda(max(ids))
+        return [f"cuda:{i}" for i in ids] * per_device
+    device = options.device
+    if device.startswith("cuda"):
+        _check_cuda(int(device.split(":")[1]) if ":" in device else 0)
+        return [device if ":" in device else "cuda:0"] * per_device
+    if device != "cpu":
+        raise ExtractionError(f"unknown device {device!r}: use cpu, cuda, cuda:N or --gpus")
+    return ["cpu"] * per_device
+
+
+def _check_cuda(highest: int) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ExtractionError("CUDA requested but no CUDA device is available (use --device cpu)")
+    if highest >= torch.cuda.device_count():
+        raise ExtractionError(f"GPU {highest} requested but only {torch.cuda.device_count()} visible")
+
+
+def default_batch_frames(device: str, batching: str) -> int:
+    if device.startswith("cuda"):
+        try:
+            import torch
+
+            free, _ = torch.cuda.mem_get_info(int(device.split(":")[1]) if ":" in device else 0)
+            # ~64 KB of activations per frame for ResNet34-sized models at fp32, with headroom;
+            # an out-of-memory halves it at run time anyway
+            return int(max(20_000, min(2_000_000, free * 0.5 / 65536)))
+        except Exception:
+            return 200_000
+    # on CPU large batches do not pay (ResNet34: batch 8 is slower per item than batch 1),
+    # and padding costs real compute: masked batches only pack short items together
+    return {"any": 16_000, "masked": 1_000}.get(batching, 6_000)
+
+
+def worker_setups(plan: ExtractionPlan, options: ExtractOptions) -> list[WorkerSetup]:
+    cpu_count = os.cpu_count() or 1
+    n = len(plan.devices)
+    threads = options.threads or max(1, cpu_count // n if plan.devices[0] == "cpu" else 2)
+    return [
+        WorkerSetup(
+            model_spec=plan.worker_spec, model_id=plan.model_id, device=device, dtype=options.dtype,
+            batching=plan.batching,
+            batch_frames=options.batch_frames or default_batch_frames(device, plan.batching),
+            claim_items=512 if device.startswith("cuda") else 64,
+            loader_workers=options.loader_workers or (6 if device.startswith("cuda") else 2),
+            threads=threads, lease_seconds=options.lease_seconds, max_trim_frames=options.max_trim_frames,
+            index=index, device_features=plan.device_features,
+        )
+        for index, device in enumerate(plan.devices)
+    ]
+
+
+def quick_nothing_to_do(manifest: Manifest, options: ExtractOptions) -> ExtractSummary | None:
+    """Answer "nothing to do" without loading the model when the store already knows it.
+
+    Only for a spec seen before whose weight files are older than its models row:
+    then the fingerprint cannot have changed.
+    """
+    spec = options.spec
+    rows = manifest.query("SELECT * FROM models WHERE spec = ? ORDER BY id DESC", (spec,))
+    if len(rows) != 1:
+        return None
+    row = rows[0]
+    _, _, target = spec.partition(":")
+    if target and os.path.exists(target) and _newest_mtime(target) >= _created(row):
+        return None
+    if tasks.has_open_work(manifest.conn, row["id"], options.retry_failed):
+        return None
+    return ExtractSummary(
+        model=manifest.model_key(row), fingerprint=row["fingerprint"], batching=row["batching"],
+        failed=tasks.failed_count(manifest.conn, row["id"]), nothing_to_do=True,
+    )
+
+
+def _created(row: sqlite3.Row) -> float:
+    return time.mktime(time.strptime(row["created_at"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+
+
+def _newest_mtime(target: str) -> float:
+    if not os.path.isdir(target):
+        return os.path.getmtime(target)
+    return max(
+        (os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(target) for f in fs),
+        default=os.path.getmtime(target),
+    )
+
+
+def wants_onnx(encoder: Encoder, options: ExtractOptions, devices: list[str], device_features: bool) -> bool:
+    """auto picks ONNX Runtime for exportable torch models on CPU at fp32: the same
+    numbers (to 1e-7) ~1.7x faster there. Elsewhere torch (GPU, bf16/fp16, resemblyzer)."""
+    caps = encoder.capabilities
+    suitable = caps.onnx_export and caps.runtime == "torch" and options.dtype == "fp32"
+    if options.runtime == "onnx":
+        if not suitable:
+            raise ExtractionError("--runtime onnx works for wespeaker:DIR models at fp32")
+        return True
+    if options.runtime == "torch" or not suitable or device_features or devices[0] != "cpu":
+        return False
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _onnx_spec(manifest: Manifest, encoder: Encoder, options: ExtractOptions) -> str:
+    """The ONNX export workers load (cached per fingerprint); torch if the export fails
+    and ONNX was not asked for explicitly."""
+    try:
+        return "onnx:" + export_onnx(encoder, str(manifest.paths.cache / "onnx" / encoder.fingerprint))
+    except Exception as exc:
+        if options.runtime == "onnx":
+            raise ExtractionError(f"cannot run {options.spec} with ONNX Runtime: {type(exc).__name__}: {exc}") from None
+        return options.spec
+
+
+def plan_extraction(manifest: Manifest, options: ExtractOptions) -> ExtractionPlan | ExtractSummary:
+    """The plan of a run, or the summary of a run with nothing to do."""
+    devices = devices_of(options)
+    quick = quick_nothing_to_do(manifest, options)
+    if quick is not None:
+        quick.devices = devices
+        return quick
+    # the parent loads the model on CPU once: its fingerprint names the rows
+    # (the dtype is part of its fingerprint: bf16 rows never mix with fp32 rows)
+    encoder = load(options.spec, device="cpu", dtype=options.dtype)
+    caps = encoder.capabilities
+    if options.features == "device" and not caps.device_features:
+        raise ExtractionError(f"{encoder.name} cannot compute its features on the device; use --features cpu")
+    device_features = options.features == "device" or (
+        options.features == "auto" and caps.device_features and devices[0] != "cpu"
+    )
+    use_onnx = wants_onnx(encoder, options, devices, device_features)
+    # ONNX graphs take equal lengths only
+    batching = "equal" if use_onnx or (options.batching == "equal" and caps.batching == "masked") else caps.batching
+    description = encoder.describe()
+    if options.max_trim_frames and batching == "equal":  # only equal-length batching trims
+        description["frontend"] = dict(description["frontend"], max_trim_frames=options.max_trim_frames)
+        description["fingerprint"] = trimmed_fingerprint(description["fingerprint"], options.max_trim_frames)
+    row = manifest.register_model(description)
+    prepared = tasks.refresh_tasks(manifest.conn, row["id"], encoder.feature_length, encoder.sample_rate,
+                                   options.retry_failed)
+    left, left_seconds = tasks.pending_summary(manifest.conn, row["id"])
+    worker_spec = options.spec
+    if left and use_onnx:
+        worker_spec = _onnx_spec(manifest, encoder, options)
+    on_onnx = worker_spec.startswith("onnx:")
+    return ExtractionPlan(
+        spec=options.spec, worker_spec=worker_spec, model_id=row["id"], model_key=manifest.model_key(row),
+        fingerprint=row["fingerprint"], devices=devices, batching="equal" if on_onnx else batching,
+        runtime="onnxruntime" if on_onnx else "torch", device_features=device_features, prepared=prepared,
+        left=left, left_seconds=left_seconds,
+    )
+

@@ -1,0 +1,44 @@
+"""`ExtractSummary`: what a run did, returned by `Store.extract` and kept in `runs`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class ExtractSummary:
+    model: str
+    fingerprint: str
+    batching: str
+    done: int = 0
+    failed: int = 0
+    audio_seconds: float = 0.0
+    seconds: float = 0.0
+    workers: int = 0
+    devices: list[str] = field(default_factory=list)
+    mean_batch_items: float = 0.0
+    padding_overhead: float = 0.0
+    nothing_to_do: bool = False
+    interrupted: bool = False
+    error: str | None = None
+    run_id: int | None = None
+    features: str = "cpu"
+    runtime: str = "torch"
+    prepared: dict[str, int] = field(default_factory=dict)
+    left: int = 0
+    dropped: int = 0  # results whose claim had been taken back before the commit
+
+    @property
+    def items_per_second(self) -> float:
+        return self.done / self.seconds if self.seconds else 0.0
+
+    @property
+    def x_realtime(self) -> float:
+        return self.audio_seconds / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["items_per_second"] = round(self.items_per_second, 2)
+        d["x_realtime"] = round(self.x_realtime, 1)
+        return d

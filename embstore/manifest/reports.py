@@ -1,0 +1,118 @@
+"""What a store holds and what went wrong: `status` and `errors` reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+from typing import Any, Iterable
+
+from embstore.manifest import registry
+from embstore.manifest.connection import LIVE_ITEM, scalar
+from embstore.manifest.runs import last_run
+
+TASK_STATES = ("pending", "claimed", "done", "failed", "stale")
+# what `status` shows of a model's last run
+LAST_RUN_KEYS = ("batching", "runtime", "features", "mean_batch_items", "padding_overhead", "items_per_second",
+                 "x_realtime", "done", "failed", "devices", "workers_per_node")
+
+_QUOTED_PATH = re.compile(r"""(['"])[^'"]*[/\\][^'"]*\1""")
+_BARE_PATH = re.compile(r"(?<![\w.])/[^\s:;,'\"()]+")
+_BIG_NUMBER = re.compile(r"\d{3,}")
+
+
+def reason_key(message: str | None) -> str:
+    """A failure message without what makes each one unique (paths, counts), so that
+    failures group by their cause."""
+    text = _QUOTED_PATH.sub("'...'", message or "?")
+    text = _BARE_PATH.sub("<path>", text)
+    return _BIG_NUMBER.sub("N", text)
+
+
+def group_reasons(rows: Iterable[tuple[str | None, int]], top: int = 20) -> dict[str, int]:
+    """{reason: count} of the `top` most frequent reasons, messages grouped by `reason_key`."""
+    grouped: dict[str, int] = {}
+    for message, n in rows:
+        key = reason_key(message)
+        grouped[key] = grouped.get(key, 0) + n
+    return dict(sorted(grouped.items(), key=lambda kv: -kv[1])[:top])
+
+
+def model_progress(conn: sqlite3.Connection, row: sqlite3.Row) -> dict[str, Any]:
+    """Task counts per state (live items only), failure reasons and the last run of one model."""
+    counts: dict[str, Any] = dict.fromkeys(TASK_STATES, 0)
+    for state, n in conn.execute(
+        "SELECT t.status, count(*) FROM tasks t JOIN items i ON i.id = t.item_id"
+        f" WHERE t.model_id = ? AND {LIVE_ITEM} GROUP BY t.status",
+        (row["id"],),
+    ):
+        counts[state] = n
+    # items scanned since the last extract have no task yet: they are pending too
+    counts["pending"] += scalar(
+        conn,
+        f"SELECT count(*) FROM items i WHERE {LIVE_ITEM} AND NOT EXISTS"
+        " (SELECT 1 FROM tasks t WHERE t.item_id = i.id AND t.model_id = ?)",
+        (row["id"],),
+    )
+    counts.update({"batching": row["batching"], "dim": row["dim"], "fingerprint": row["fingerprint"], "rows": row["rows"]})
+    counts["failures_by_reason"] = group_reasons(conn.execute(
+        # live items only, like the counts above: the reasons add up to "failed"
+        "SELECT coalesce(t.stage, '?') || ': ' || coalesce(t.error, '?'), count(*) FROM tasks t"
+        " JOIN items i ON i.id = t.item_id WHERE t.model_id = ? AND t.status = 'failed'"
+        f" AND {LIVE_ITEM} GROUP BY 1 ORDER BY 2 DESC LIMIT 100000",
+        (row["id"],),
+    ))
+    last = last_run(conn, row["id"])
+    if last is not None:
+        run = json.loads(last["summary"])
+        # how the last run batched (masked / equal / any), on what runtime, how well
+        counts["last_run"] = {key: run.get(key) for key in LAST_RUN_KEYS} | {
+            "status": last["status"], "ended_at": last["ended_at"],
+        }
+    return counts
+
+
+def status(conn: sqlite3.Connection, where: str) -> dict[str, Any]:
+    """Files, items, speakers, audio and each model's progress."""
+    report: dict[str, Any] = {
+        "store": where,
+        "files": scalar(conn, "SELECT count(*) FROM files WHERE status = 'ok'"),
+        "items": scalar(conn, f"SELECT count(*) FROM items i WHERE {LIVE_ITEM}"),
+        "speakers": scalar(conn, f"SELECT count(DISTINCT speaker) FROM items i WHERE {LIVE_ITEM}"),
+        "datasets": scalar(conn, f"SELECT count(DISTINCT dataset) FROM items i WHERE {LIVE_ITEM}"),
+        "audio_seconds": round(scalar(conn, f"SELECT coalesce(sum(duration), 0) FROM items i WHERE {LIVE_ITEM}"), 3),
+        "scan_failed": scalar(conn, "SELECT count(*) FROM files WHERE status = 'scan_failed'"),
+        "removed_files": scalar(conn, "SELECT count(*) FROM files WHERE status = 'removed'"),
+        "models": {},
+    }
+    for row in registry.model_rows(conn):
+        report["models"][registry.model_key(conn, row)] = model_progress(conn, row)
+    report["scan_failures_by_reason"] = group_reasons(conn.execute(
+        "SELECT error, count(*) FROM files WHERE status = 'scan_failed' GROUP BY error ORDER BY 2 DESC LIMIT 100000"
+    ))
+    return report
+
+
+def errors(conn: sqlite3.Connection, models: list[sqlite3.Row]) -> list[dict[str, Any]]:
+    """Failed items of the given models, then files whose header could not be read."""
+    out: list[dict[str, Any]] = []
+    for m in models:
+        key = registry.model_key(conn, m)
+        for r in conn.execute(
+            "SELECT i.uid, r.path AS root, f.path, t.stage, t.error, t.attempts FROM tasks t"
+            " JOIN items i ON i.id = t.item_id JOIN files f ON f.id = i.file_id JOIN roots r ON r.id = f.root_id"
+            f" WHERE t.model_id = ? AND t.status = 'failed' AND {LIVE_ITEM} ORDER BY i.id",
+            (m["id"],),
+        ):
+            out.append({
+                "id": r["uid"], "path": os.path.join(r["root"], r["path"]), "stage": r["stage"] or "extract",
+                "error": r["error"], "attempts": r["attempts"], "model": key,
+            })
+    for r in conn.execute(
+        "SELECT r.path AS root, f.path, f.error FROM files f JOIN roots r ON r.id = f.root_id"
+        " WHERE f.status = 'scan_failed' ORDER BY f.id"
+    ):
+        path = os.path.join(r["root"], r["path"])
+        out.append({"id": None, "path": path, "stage": "scan", "error": r["error"], "attempts": 0, "model": None})
+    return out

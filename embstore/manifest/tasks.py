@@ -1,0 +1,340 @@
+"""Every statement on `tasks`: one task per (item, model).
+
+Workers take pending tasks in one short BEGIN IMMEDIATE transaction (`claim_batch`),
+holding them under a lease they renew while they work. A lease that runs out, or whose
+owner process is gone, returns its tasks to pending, so a killed worker's work is redone
+by someone else, never lost. Only the writer moves a task to done (`mark_done`), and only
+while the claiming owner still holds it (`still_held`): a task is done once.
+
+Owners are `host:pid:token` for local processes (a restart on the same host frees a dead
+process's claims at once) and `ray:<node>:<actor>:<run>` on a cluster (the driver frees
+those when it learns an actor is gone; leases are the fallback).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import time
+import uuid
+from typing import Any, Callable, Iterable, Sequence
+
+from embstore.audio import resampled_length, span_frames
+from embstore.manifest.connection import LIVE_ITEM, immediate, marks, scalar, select_in
+
+HOST = socket.gethostname()
+
+# what a claim returns per task, in this order (the client turns it into a ClaimedTask)
+CLAIM_COLUMNS = "t.id, t.item_id, i.uid, r.path AS root, f.path, i.start, i.end, i.duration, t.length"
+OPEN_STATES = ("pending", "claimed", "stale")
+
+
+# -- owners -------------------------------------------------------------------------------
+
+
+def new_owner() -> str:
+    """host:pid:token - the pid lets a restart on this host free a dead process's claims at once."""
+    return f"{HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_is_dead(owner: str) -> bool:
+    """True only when the owner is a process of this host that no longer runs."""
+    host, _, rest = owner.partition(":")
+    if host != HOST:
+        return False  # another machine's worker (or a cluster actor): only its lease can tell
+    try:
+        pid = int(rest.split(":", 1)[0])
+    except ValueError:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+# -- the task list ------------------------------------------------------------------------
+
+
+def _register_length_function(conn: sqlite3.Connection, feature_length: Callable[[int], int], rate: int) -> None:
+    def length(frames: Any, file_rate: Any, start: Any, end: Any) -> int:
+        if frames is None or not file_rate:
+            return 0
+        n = span_frames(int(frames), int(file_rate), start, end)
+        return int(feature_length(resampled_length(n, int(file_rate), rate)))
+
+    conn.create_function("embstore_length", 4, length, deterministic=True)
+
+
+def refresh_tasks(
+    conn: sqlite3.Connection,
+    model_id: int,
+    feature_length: Callable[[int], int],
+    sample_rate: int,
+    retry_failed: bool = False,
+) -> dict[str, int]:
+    """Make the task list current: tasks for new items, stale ones back to pending
+    (with their new length), claims of dead local processes and expired leases released."""
+    _register_length_function(conn, feature_length, sample_rate)
+    now = time.time()
+    counts = {}
+    with immediate(conn):
+        last = high_water_item(conn, model_id)
+        cur = conn.execute(
+            "INSERT OR IGNORE INTO tasks (item_id, model_id, status, length)"
+            " SELECT i.id, ?, 'pending', embstore_length(f.frames, f.sample_rate, i.start, i.end)"
+            f" FROM items i JOIN files f ON f.id = i.file_id WHERE i.id > ? AND {LIVE_ITEM}",
+            (model_id, last),
+        )
+        counts["new"] = cur.rowcount
+        if _has_gaps(conn, model_id):
+            # items that were removed and came back, or got no task while removed
+            counts["new"] += conn.execute(
+                "INSERT OR IGNORE INTO tasks (item_id, model_id, status, length)"
+                " SELECT i.id, ?, 'pending', embstore_length(f.frames, f.sample_rate, i.start, i.end)"
+                f" FROM items i JOIN files f ON f.id = i.file_id WHERE i.id <= ? AND {LIVE_ITEM}"
+                " AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.item_id = i.id AND t.model_id = ?)",
+                (model_id, last, model_id),
+            ).rowcount
+        counts["stale"] = conn.execute(
+            "UPDATE tasks SET status = 'pending', owner = NULL, lease_until = NULL,"
+            " length = (SELECT embstore_length(f.frames, f.sample_rate, i.start, i.end)"
+            "           FROM items i JOIN files f ON f.id = i.file_id WHERE i.id = tasks.item_id)"
+            " WHERE model_id = ? AND status = 'stale'",
+            (model_id,),
+        ).rowcount
+        counts["released"] = release_lost(conn, model_id, now)
+        counts["retried"] = 0
+        if retry_failed:
+            counts["retried"] = conn.execute(
+                "UPDATE tasks SET status = 'pending', error = NULL, stage = NULL WHERE model_id = ? AND status = 'failed'",
+                (model_id,),
+            ).rowcount
+    return counts
+
+
+def high_water_item(conn: sqlite3.Connection, model_id: int) -> int:
+    """The highest item id that has a task for the model (new items lie above it)."""
+    return int(scalar(conn, "SELECT coalesce(max(item_id), 0) FROM tasks WHERE model_id = ?", (model_id,)))
+
+
+def _has_gaps(conn: sqlite3.Connection, model_id: int) -> bool:
+    """Cheap check whether some live item below the high-water mark lacks a task."""
+    items = scalar(conn, "SELECT count(*) FROM items i WHERE " + LIVE_ITEM)
+    tasks = scalar(
+        conn, f"SELECT count(*) FROM tasks t JOIN items i ON i.id = t.item_id WHERE t.model_id = ? AND {LIVE_ITEM}",
+        (model_id,),
+    )
+    return tasks < items
+
+
+def mark_items_stale(conn: sqlite3.Connection, item_id: int) -> int:
+    """An item's audio or span changed: every model's embedding of it must be redone."""
+    return conn.execute(
+        "UPDATE tasks SET status = 'stale', error = NULL, stage = NULL WHERE item_id = ?"
+        " AND status IN ('done', 'failed', 'claimed', 'pending')",
+        (item_id,),
+    ).rowcount
+
+
+# -- claims and leases --------------------------------------------------------------------
+
+
+def _release(conn: sqlite3.Connection, where: str, params: Sequence[Any]) -> int:
+    return conn.execute(
+        f"UPDATE tasks SET status = 'pending', owner = NULL, lease_until = NULL WHERE status = 'claimed' AND {where}",
+        tuple(params),
+    ).rowcount
+
+
+def release_lost(conn: sqlite3.Connection, model_id: int, now: float) -> int:
+    """Back to pending: claims whose lease ran out, and those of dead processes on this host."""
+    released = _release(conn, "model_id = ? AND lease_until < ?", (model_id, now))
+    for owner in claim_owners(conn, model_id):
+        if owner and owner_is_dead(owner):
+            released += _release(conn, "owner = ?", (owner,))
+    return released
+
+
+def claim_owners(conn: sqlite3.Connection, model_id: int) -> list[str]:
+    return [r[0] for r in conn.execute(
+        "SELECT DISTINCT owner FROM tasks WHERE model_id = ? AND status = 'claimed'", (model_id,)
+    )]
+
+
+def claim_batch(
+    conn: sqlite3.Connection,
+    model_id: int,
+    owner: str,
+    lease_seconds: float,
+    max_items: int,
+    max_frames: int,
+    order: str = "length",
+    only_item_ids: Sequence[int] | None = None,
+) -> list[sqlite3.Row]:
+    """Atomically take up to `max_items` pending tasks (about `max_frames` frames in all);
+    rows of CLAIM_COLUMNS.
+
+    order="length" takes the shortest pending lengths first, so equal lengths come
+    together (exact batching); order="item" takes scan order, which keeps a speaker's
+    rows together in the store. `only_item_ids` restricts the claim to those items.
+    """
+    order_sql = "t.length, t.item_id" if order == "length" else "t.item_id"
+    restrict, extra = "", ()
+    if only_item_ids is not None:
+        restrict, extra = f" AND t.item_id IN ({marks(len(only_item_ids))})", tuple(only_item_ids)
+    now = time.time()
+    with immediate(conn):
+        _release(conn, "model_id = ? AND lease_until < ?", (model_id, now))
+        candidates = conn.execute(
+            "SELECT t.id, t.length FROM tasks t JOIN items i ON i.id = t.item_id"
+            f" WHERE t.model_id = ? AND t.status = 'pending' AND {LIVE_ITEM}{restrict} ORDER BY {order_sql} LIMIT ?",
+            (model_id, *extra, max_items),
+        ).fetchall()
+        chosen, frames = [], 0
+        for task_id, length in candidates:
+            if chosen and frames + max(length, 1) > max_frames:
+                break
+            chosen.append(task_id)
+            frames += max(length, 1)
+        if not chosen:
+            return []
+        conn.execute(
+            "UPDATE tasks SET status = 'claimed', owner = ?, lease_until = ?, attempts = attempts + 1"
+            f" WHERE id IN ({marks(len(chosen))})",
+            (owner, now + lease_seconds, *chosen),
+        )
+        return conn.execute(
+            f"SELECT {CLAIM_COLUMNS} FROM tasks t JOIN items i ON i.id = t.item_id JOIN files f ON f.id = i.file_id"
+            f" JOIN roots r ON r.id = f.root_id WHERE t.id IN ({marks(len(chosen))}) ORDER BY {order_sql}",
+            chosen,
+        ).fetchall()
+
+
+def renew_lease(conn: sqlite3.Connection, owner: str, lease_seconds: float) -> int:
+    with immediate(conn):
+        return conn.execute(
+            "UPDATE tasks SET lease_until = ? WHERE owner = ? AND status = 'claimed'",
+            (time.time() + lease_seconds, owner),
+        ).rowcount
+
+
+def release_claims(conn: sqlite3.Connection, owner: str) -> int:
+    """Give back everything `owner` still holds (a clean stop, or a worker found dead)."""
+    with immediate(conn):
+        return _release(conn, "owner = ?", (owner,))
+
+
+def release_owners_like(conn: sqlite3.Connection, pattern: str) -> int:
+    """Give back the claims of every owner matching a LIKE pattern (e.g. one run's actors)."""
+    with immediate(conn):
+        return _release(conn, "owner LIKE ?", (pattern,))
+
+
+# -- progress -----------------------------------------------------------------------------
+
+
+def pending_summary(conn: sqlite3.Connection, model_id: int) -> tuple[int, float]:
+    """(tasks left to do, their seconds of audio)."""
+    n, secs = conn.execute(
+        "SELECT count(*), coalesce(sum(i.duration), 0) FROM tasks t JOIN items i ON i.id = t.item_id"
+        f" WHERE t.model_id = ? AND t.status IN ({marks(len(OPEN_STATES))}) AND {LIVE_ITEM}",
+        (model_id, *OPEN_STATES),
+    ).fetchone()
+    return int(n), float(secs)
+
+
+def failed_count(conn: sqlite3.Connection, model_id: int) -> int:
+    return int(scalar(conn, "SELECT count(*) FROM tasks WHERE model_id = ? AND status = 'failed'", (model_id,)))
+
+
+def has_open_work(conn: sqlite3.Connection, model_id: int, retry_failed: bool) -> bool:
+    """Whether a run could find anything to do, answered from the tasks alone."""
+    states = OPEN_STATES + (("failed",) if retry_failed else ())
+    if conn.execute(
+        f"SELECT 1 FROM tasks WHERE model_id = ? AND status IN ({marks(len(states))}) LIMIT 1", (model_id, *states)
+    ).fetchone():
+        return True
+    last = high_water_item(conn, model_id)
+    return conn.execute(f"SELECT 1 FROM items i WHERE i.id > ? AND {LIVE_ITEM} LIMIT 1", (last,)).fetchone() is not None
+
+
+# -- dedup --------------------------------------------------------------------------------
+
+
+def rows_of_identical_audio(
+    conn: sqlite3.Connection, model_id: int, keys: Iterable[tuple[str, float | None, float | None]]
+) -> dict[tuple[str, float | None, float | None], int]:
+    """{(content hash, start, end): a done row of that audio and span} for the keys that
+    have one: items whose bytes and span are identical share an embedding."""
+    wanted = list(dict.fromkeys(keys))
+    by_hash: dict[str, list[tuple]] = {}
+    for key in wanted:
+        by_hash.setdefault(key[0], []).append(key)
+    found: dict[tuple[str, float | None, float | None], int] = {}
+    for r in select_in(
+        conn,
+        "SELECT f.content_hash, i.start, i.end, t.row FROM files f JOIN items i ON i.file_id = f.id"
+        " JOIN tasks t ON t.item_id = i.id WHERE f.content_hash IN ({marks})"
+        " AND t.model_id = ? AND t.status = 'done' AND t.row IS NOT NULL",
+        list(by_hash), params_after=(model_id,),
+    ):
+        key = (r[0], r[1], r[2])
+        if key in by_hash.get(r[0], ()) and key not in found:
+            found[key] = int(r[3])
+    return found
+
+
+# -- the writer's commit ------------------------------------------------------------------
+
+
+def still_held(conn: sqlite3.Connection, pairs: Iterable[tuple[int, str]]) -> set[tuple[int, str]]:
+    """The (task id, owner) pairs whose task that owner still holds."""
+    ids = sorted({task_id for task_id, _ in pairs})
+    return {
+        (r[0], r[1])
+        for r in select_in(conn, "SELECT id, owner FROM tasks WHERE id IN ({marks}) AND status = 'claimed'", ids)
+    }
+
+
+def committed_rows(conn: sqlite3.Connection, model_id: int) -> int:
+    return int(scalar(conn, "SELECT rows FROM models WHERE id = ?", (model_id,)))
+
+
+def set_committed_rows(conn: sqlite3.Connection, model_id: int, rows: int) -> None:
+    conn.execute("UPDATE models SET rows = ? WHERE id = ?", (rows, model_id))
+
+
+def mark_done(
+    conn: sqlite3.Connection, done: Sequence[tuple[int, int, int, str | None]], run_id: int | None
+) -> None:
+    """(task id, row, item id, content hash) per finished task; the file's hash is kept for dedup."""
+    now = time.time()
+    conn.executemany(
+        "UPDATE tasks SET status = 'done', row = ?, owner = NULL, lease_until = NULL, error = NULL,"
+        " stage = NULL, done_at = ?, run_id = ? WHERE id = ?",
+        [(row, now, run_id, task_id) for task_id, row, _, _ in done],
+    )
+    conn.executemany(
+        "UPDATE files SET content_hash = ? WHERE id = (SELECT file_id FROM items WHERE id = ?)",
+        [(digest, item_id) for _, _, item_id, digest in done if digest],
+    )
+
+
+def mark_failed(conn: sqlite3.Connection, failed: Sequence[tuple[int, str, str]], run_id: int | None) -> None:
+    """(task id, stage, error) per failed task."""
+    conn.executemany(
+        "UPDATE tasks SET status = 'failed', owner = NULL, lease_until = NULL, stage = ?, error = ?,"
+        " run_id = ? WHERE id = ?",
+        [(stage, error[:2000], run_id, task_id) for task_id, stage, error in failed],
+    )
+
+
+__all__ = [
+    "HOST", "new_owner", "owner_is_dead", "refresh_tasks", "release_lost", "claim_batch", "renew_lease",
+    "release_claims", "pending_summary", "failed_count", "has_open_work", "rows_of_identical_audio",
+    "still_held", "committed_rows", "set_committed_rows", "mark_done", "mark_failed", "mark_items_stale",
+]

@@ -1,0 +1,82 @@
+"""Model sources by spec prefix: `load(spec)` finds the adapter and builds the encoder.
+
+    resemblyzer            GE2E weights shipped in the resemblyzer wheel (the default;
+                           None or "" mean this too)
+    wespeaker:DIR          a WeSpeaker model directory (config.yaml + avg_model.pt), or
+                           wespeaker:DIR/some.pt to pick one checkpoint of several
+    wespeaker-hub:NAME     a WeSpeaker hub name (english, chinese, campplus, eres2net,
+                           vblinkp, vblinkf), downloaded by WeSpeaker's own hub code into
+                           $WESPEAKER_HOME (default ~/.wespeaker), then loaded as a DIR
+    onnx:FILE              a WeSpeaker ONNX export run with onnxruntime; frontend settings
+                           from a config.yaml next to it when present
+
+`device`: "cpu", "cuda" or "cuda:N". `dtype`: "fp32" (exact), "bf16" or "fp16" (torch
+autocast around the model forward; part of the fingerprint because it changes the
+numbers). Extra keyword options go to the encoder (e.g. `max_frames` for WeSpeaker/ONNX).
+
+Encoders return embeddings as computed, NaN/inf included: callers filter rows with
+`embstore.vectors.finite_nonzero` and record those items as failed, so one bad item never
+fails a whole batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from embstore.errors import ModelError
+from embstore.models.base import Encoder
+from embstore.models.common import DTYPES, check_device
+from embstore.models.hub import load_hub
+from embstore.models.onnx import OnnxEncoder
+from embstore.models.resemblyzer import ResemblyzerEncoder
+from embstore.models.wespeaker import WeSpeakerEncoder
+
+DEFAULT_SPEC = "resemblyzer"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One kind of spec: `prefix` alone (no argument) or `prefix:ARG`."""
+
+    prefix: str
+    factory: Callable[..., Encoder]
+    takes_argument: bool
+    form: str  # how users write it
+
+
+SOURCES: dict[str, ModelSource] = {
+    source.prefix: source
+    for source in (
+        ModelSource("resemblyzer", ResemblyzerEncoder, takes_argument=False, form="resemblyzer"),
+        ModelSource("wespeaker", WeSpeakerEncoder, takes_argument=True, form="wespeaker:DIR"),
+        ModelSource("wespeaker-hub", load_hub, takes_argument=True, form="wespeaker-hub:NAME"),
+        ModelSource("onnx", OnnxEncoder, takes_argument=True, form="onnx:FILE"),
+    )
+}
+SPEC_FORMS = ", ".join(s.form for s in SOURCES.values())
+
+
+def parse_spec(spec: str | None) -> tuple[ModelSource, str | None]:
+    """The source a spec names and its argument; ModelError for anything else."""
+    spec = (spec or "").strip() or DEFAULT_SPEC
+    kind, sep, arg = spec.partition(":")
+    source = SOURCES.get(kind.strip().lower())
+    if source is None or (source.takes_argument and not arg.strip()) or (not source.takes_argument and sep):
+        raise ModelError(f"unknown model spec {spec!r}: use one of {SPEC_FORMS}")
+    return source, arg.strip() if source.takes_argument else None
+
+
+def load(spec: str | None = None, device: str = "cpu", dtype: str = "fp32", **options: Any) -> Encoder:
+    """The encoder that `spec` names, ready on `device`; `ModelError` (one line) if it cannot be."""
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    check_device(device)
+    source, arg = parse_spec(spec)
+    args = () if arg is None else (arg,)
+    try:
+        inspect.signature(source.factory).bind(*args, device=device, dtype=dtype, **options)
+    except TypeError as exc:  # an option this source does not take
+        raise ModelError(f"{(spec or DEFAULT_SPEC).strip()}: bad option ({exc})") from None
+    return source.factory(*args, device=device, dtype=dtype, **options)

@@ -1,0 +1,64 @@
+"""Where a store's files live, where the per-user cache lives, and locking files between
+processes. A leaf: no embstore imports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+MANIFEST_NAME = "manifest.db"
+ARRAYS_NAME = "embeddings.zarr"
+CACHE_NAME = "cache"
+
+
+@dataclass(frozen=True)
+class StorePaths:
+    """The layout of one store folder: `manifest.db`, `embeddings.zarr/`, `cache/`."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, root: str | os.PathLike) -> "StorePaths":
+        return cls(Path(root).expanduser().absolute())
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST_NAME
+
+    @property
+    def arrays(self) -> Path:
+        return self.root / ARRAYS_NAME
+
+    @property
+    def cache(self) -> Path:
+        """Derived data (normalised rows...): deleting it is always safe."""
+        return self.root / CACHE_NAME
+
+    def lock(self, name: str) -> Path:
+        return self.root / f".{name}.lock"
+
+
+def user_cache_dir() -> Path:
+    """Per-user cache shared by every store (model exports, compiled models):
+    `$EMBSTORE_CACHE`, else `$XDG_CACHE_HOME/embstore`, else `~/.cache/embstore`."""
+    explicit = os.environ.get("EMBSTORE_CACHE")
+    if explicit:
+        return Path(explicit).expanduser().absolute()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base).absolute() / "embstore"
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (created if needed) between processes."""
+    import fcntl
+
+    with open(path, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
