@@ -1,4 +1,4 @@
-"""Progress bars: one factory, shown only on a terminal. A leaf: no embstore imports."""
+"""Progress bars (one factory, shown only on a terminal) and rates. A leaf: no embstore imports."""
 
 from __future__ import annotations
 
@@ -17,3 +17,8 @@ def progress_bar(enabled: bool, **options: Any) -> Any:
     options.setdefault("file", sys.stderr)
     options.setdefault("dynamic_ncols", True)
     return tqdm(**options)
+
+
+def rate(count: float, seconds: float) -> float:
+    """count per second; 0 for no time at all."""
+    return count / seconds if seconds else 0.0

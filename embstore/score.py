@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from embstore.errors import StoreError
+from embstore.manifest.connection import select_in
 from embstore.query import resolve_ids
 from embstore.vectors import cosine_rows  # noqa: F401 - re-exported for callers of score
 
@@ -140,16 +141,12 @@ def score_trials(
     parsed = parse_trials(str(trials))
     item_of = resolve_ids(store, [x for a, b, _ in parsed for x in (a, b)])
     wanted = sorted({i for i in item_of.values() if i is not None})
-    row_of: dict[int, int] = {}
-    for start in range(0, len(wanted), 900):
-        chunk = wanted[start : start + 900]
-        row_of.update(
-            store.conn.execute(
-                f"SELECT item_id, row FROM tasks WHERE model_id = ? AND status = 'done'"
-                f" AND item_id IN ({','.join('?' * len(chunk))})",
-                (m["id"], *chunk),
-            ).fetchall()
+    row_of: dict[int, int] = dict(
+        (r[0], r[1]) for r in select_in(
+            store.conn, "SELECT item_id, row FROM tasks WHERE model_id = ? AND status = 'done' AND item_id IN ({marks})",
+            wanted, params_before=(m["id"],),
         )
+    )
     slot = {item: k for k, item in enumerate(row_of)}
     vectors = store.model_arrays(m).read_rows(np.array(list(row_of.values()), dtype=np.int64)).astype(np.float64)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)

@@ -37,6 +37,7 @@ from embstore.manifest.database import Manifest
 from embstore.manifest.tasks import claim_owners, owner_is_dead
 from embstore.models.base import untrimmed_fingerprint
 from embstore.models.registry import load
+from embstore.paths import ARRAYS_NAME
 from embstore.vectors import finite_nonzero
 
 # a recomputed fp32 embedding equals the stored one to float rounding
@@ -225,7 +226,7 @@ class _ModelCheck:
 
     def _chunk_path(self, array, index: int) -> str:
         key = array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))
-        return os.path.join("embeddings.zarr", self.model["array_path"], os.path.basename(array.path), key)
+        return os.path.join(ARRAYS_NAME, self.model["array_path"], os.path.basename(array.path), key)
 
     def _scan_chunks(self, vec, ids, committed: int, items: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Read every chunk under the committed rows; returns the stored item id of each

@@ -133,6 +133,7 @@ def cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+@pytest.mark.slow
 def test_the_run_completes_and_counts_add_up(result):
     summary = result["summary"]
     assert summary.error is None and not summary.interrupted
@@ -143,12 +144,14 @@ def test_the_run_completes_and_counts_add_up(result):
     assert result["st"].query("SELECT count(*) FROM tasks WHERE status IN ('pending', 'claimed')")[0][0] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CONVERTED))
 def test_converted_formats_match_16k_mono_float(result, name):
     vec = result["vec"]
     assert cos(vec[Path(name).stem], vec["ref16"]) >= CONVERTED[name]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FAILS))
 def test_each_bad_file_fails_with_its_reason(result, name):
     stage, words = FAILS[name]
@@ -158,6 +161,7 @@ def test_each_bad_file_fails_with_its_reason(result, name):
     assert str(result["root"]) not in error["error"]  # reasons name the cause, the path is a column
 
 
+@pytest.mark.slow
 def test_odd_names_symlink_and_folder(result):
     vec = result["vec"]
     for name in ODD_NAMES:
@@ -170,6 +174,7 @@ def test_odd_names_symlink_and_folder(result):
     assert "folder.wav" not in result["errors"]
 
 
+@pytest.mark.slow
 def test_one_hour_item_is_embedded(result):
     st = result["st"]
     duration = st.query("SELECT duration FROM items WHERE uid LIKE '%one_hour_8k'")[0][0]
@@ -178,6 +183,7 @@ def test_one_hour_item_is_embedded(result):
     assert np.isfinite(v).all() and np.linalg.norm(v) == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_status_groups_failures_by_reason(result):
     model = result["status"]["models"][MODEL]
     reasons = model["failures_by_reason"]
@@ -190,6 +196,7 @@ def test_status_groups_failures_by_reason(result):
     assert not any(str(result["root"]) in r for r in scan_reasons)
 
 
+@pytest.mark.slow
 def test_errors_and_status_commands_show_them(result):
     store = str(result["store"])
     out = CliRunner().invoke(cli, ["errors", store])
@@ -200,6 +207,7 @@ def test_errors_and_status_commands_show_them(result):
     assert out.exit_code == 0 and "silent audio" in out.output
 
 
+@pytest.mark.slow
 def test_verify_passes(result):
     out = CliRunner().invoke(cli, ["verify", str(result["store"])])
     assert out.exit_code == 0, out.output
@@ -217,6 +225,7 @@ def test_reason_grouping_strips_paths_and_counts():
     assert group_reasons([(a, 2), (b, 3), ("x", 1)]) == {reason_key(a): 5, "x": 1}
 
 
+@pytest.mark.slow
 def test_a_truncated_file_repaired_on_disk_is_picked_up_by_the_next_scan(result, tmp_path):
     """A truncated file fixed on disk is picked up by the next scan (size/mtime change)."""
     src = result["root"] / SPK / "ref16.wav"

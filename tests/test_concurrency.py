@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import embstore
 from embstore.verify import verify_store
@@ -85,6 +86,7 @@ class Reader(threading.Thread):
             st.close()
 
 
+@pytest.mark.slow
 def test_readers_and_scan_while_extract_runs(tmp_path):
     root = tmp_path / "root"
     make_tree(root, speakers=2, per_speaker=5, seconds=1.3)

@@ -11,6 +11,11 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
+# subprocesses, kills and full filesystems: `make test` runs these, `make test-fast` does not
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -21,6 +21,9 @@ import embstore
 from embstore.verify import verify_store
 from tests.audio_factory import make_tree
 
+# subprocesses, kills and full filesystems: `make test` runs these, `make test-fast` does not
+pytestmark = pytest.mark.slow
+
 ITEMS = 6
 
 

@@ -70,6 +70,7 @@ def test_batched_pipeline_equals_embed_file(tmp_path, encoder):
     assert run["status"] == "finished" and run["items_done"] == 9
 
 
+@pytest.mark.slow
 def test_bad_files_fail_alone_with_reasons_then_retry(tmp_path):
     make_tree(tmp_path / "root", speakers=1, per_speaker=2, seconds=1.0)
     folder = tmp_path / "root" / "ds" / "spk0"
@@ -104,6 +105,7 @@ def test_bad_files_fail_alone_with_reasons_then_retry(tmp_path):
     assert all({"id", "path", "stage", "error"} <= set(r) for r in rows)
 
 
+@pytest.mark.slow
 def test_dedup_and_stale_reextraction(tmp_path):
     files = make_tree(tmp_path / "root", speakers=2, per_speaker=2, seconds=1.2)
     copy = tmp_path / "root" / "ds" / "spk9" / "copy.wav"
@@ -177,6 +179,7 @@ def corpus(tmp_path_factory):
     return root, dict(zip(ids, vectors))
 
 
+@pytest.mark.slow
 def test_two_workers_one_killed_then_restart(tmp_path, corpus):
     root, clean = corpus
     store = tmp_path / "s"
@@ -208,6 +211,7 @@ def test_two_workers_one_killed_then_restart(tmp_path, corpus):
     assert cosine_rows(vectors, np.stack([clean[i] for i in ids])).min() >= 0.99999
 
 
+@pytest.mark.slow
 def test_whole_run_killed_then_resumed(tmp_path, corpus):
     root, clean = corpus
     store = tmp_path / "s"
@@ -240,6 +244,7 @@ def test_whole_run_killed_then_resumed(tmp_path, corpus):
     assert cosine_rows(vectors, np.stack([clean[i] for i in ids])).min() >= 0.99999
 
 
+@pytest.mark.slow
 def test_two_extract_commands_at_once(tmp_path, corpus):
     root, clean = corpus
     store = tmp_path / "s"
@@ -257,6 +262,7 @@ def test_two_extract_commands_at_once(tmp_path, corpus):
     assert cosine_rows(vectors, np.stack([clean[i] for i in ids])).min() >= 0.99999
 
 
+@pytest.mark.slow
 def test_sigint_stops_cleanly_and_releases_claims(tmp_path, corpus):
     root, _ = corpus
     store = tmp_path / "s"

@@ -200,6 +200,7 @@ def test_resemblyzer_fingerprint_follows_frontend(resemblyzer_encoder) -> None:
     assert ResemblyzerEncoder(rate=1.0).fingerprint != resemblyzer_encoder.fingerprint
 
 
+@pytest.mark.slow
 def test_resemblyzer_eer_on_librispeech(shared_data, resemblyzer_encoder) -> None:
     """Quality floor of the default model: EER <= 1 % on 4950 trials of 100 utterances.
 

@@ -130,7 +130,6 @@ def test_similar_never_returns_removed_items_or_orphan_rows(store):
 
 
 def test_similar_by_audio_uses_the_stored_model(store, monkeypatch):
-    import embstore.models
 
     ids, vectors = store.embeddings()
     wanted = dict(zip(ids, vectors))["ds/spk3/utt2"]

@@ -155,6 +155,7 @@ def real_store(shared_data, tmp_path_factory):
     st.close()
 
 
+@pytest.mark.slow
 def test_real_eer_and_audio_search_with_the_default_model(real_store, shared_data):
     # one test, so pytest-xdist never extracts the corpus twice (once per worker)
     result = CliRunner().invoke(cli, ["score", str(real_store.path), str(shared_data / "trials.txt"), "--json"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import click
 
 from embstore.cli.common import (
@@ -87,12 +89,9 @@ def export_kaldi(store, out, model, as_json):
         embstore export-kaldi store/ exp/xvectors
         embstore export-kaldi store/ exp/xvectors --model resemblyzer-ge2e
     """
-    with open_store(store) as st:
-        info = st.export_kaldi(out, model=model)
-    if as_json:
-        echo_json(info)
-        return
-    click.echo(f"{info['items']} items of {info['speakers']} speakers -> {info['out']} ({', '.join(info['files'])})")
+    info = _export(store, as_json, lambda st: st.export_kaldi(out, model=model))
+    if info:
+        click.echo(f"{info['items']} items of {info['speakers']} speakers -> {info['out']} ({', '.join(info['files'])})")
 
 
 @click.command("export-npy")
@@ -117,12 +116,19 @@ def export_npy(store, out, model, as_json):
         embstore export-npy store/ matrix/
         python -c "import numpy as np; print(np.load('matrix/embeddings.npy', mmap_mode='r').shape)"
     """
+    info = _export(store, as_json, lambda st: st.export_npy(out, model=model))
+    if info:
+        click.echo(f"{info['items']} x {info['dim']} float32 -> {info['out']}/embeddings.npy (+ ids, speakers, datasets)")
+
+
+def _export(store: str, as_json: bool, run: Callable[[Any], dict[str, Any]]) -> dict[str, Any] | None:
+    """Run one export; with --json print its info and return None, else return it."""
     with open_store(store) as st:
-        info = st.export_npy(out, model=model)
+        info = run(st)
     if as_json:
         echo_json(info)
-        return
-    click.echo(f"{info['items']} x {info['dim']} float32 -> {info['out']}/embeddings.npy (+ ids, speakers, datasets)")
+        return None
+    return info
 
 
 def register(cli: click.Group) -> None:

@@ -39,7 +39,7 @@ from embstore.export.files import inside, safe_component, write_atomic
 from embstore.manifest.connection import immediate
 from embstore.manifest.database import Manifest
 from embstore.manifest.selection import Selection, select_items
-from embstore.progress import progress_bar
+from embstore.progress import progress_bar, rate
 
 MANIFEST_NAME = ".embstore-export.db"
 FORMATS = ("dict", "array")
@@ -196,12 +196,10 @@ class ExportReport:
 
     @property
     def files_per_second(self) -> float:
-        return self.written / self.seconds if self.seconds else 0.0
+        return rate(self.written, self.seconds)
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["files_per_second"] = round(self.files_per_second, 1)
-        return d
+        return asdict(self) | {"files_per_second": round(self.files_per_second, 1)}
 
 
 def export_pkl(

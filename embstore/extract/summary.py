@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from embstore.progress import rate
+
 
 @dataclass
 class ExtractSummary:
@@ -31,14 +33,11 @@ class ExtractSummary:
 
     @property
     def items_per_second(self) -> float:
-        return self.done / self.seconds if self.seconds else 0.0
+        return rate(self.done, self.seconds)
 
     @property
     def x_realtime(self) -> float:
-        return self.audio_seconds / self.seconds if self.seconds else 0.0
+        return rate(self.audio_seconds, self.seconds)
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["items_per_second"] = round(self.items_per_second, 2)
-        d["x_realtime"] = round(self.x_realtime, 1)
-        return d
+        return asdict(self) | {"items_per_second": round(self.items_per_second, 2), "x_realtime": round(self.x_realtime, 1)}

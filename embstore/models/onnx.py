@@ -46,13 +46,8 @@ class OnnxEncoder(FbankEncoder):
     capabilities = Capabilities(batching="equal", device_features=True, runtime="onnxruntime")
 
     def __init__(
-        self,
-        target: str,
-        device: str = "cpu",
-        dtype: str = "fp32",
-        max_frames: int | None = None,
-        window_batch: int = DEFAULT_WINDOW_BATCH,
-        threads: int = 0,
+        self, target: str, device: str = "cpu", dtype: str = "fp32", *,
+        threads: int = 0, max_frames: int | None = None, window_batch: int = DEFAULT_WINDOW_BATCH,
     ) -> None:
         try:
             import onnxruntime as ort

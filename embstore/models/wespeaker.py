@@ -126,18 +126,13 @@ def build_model(config: dict[str, Any], where: str) -> Any:
 
 
 class WeSpeakerEncoder(FbankEncoder):
+    """`wespeaker:DIR`; the options after `dtype` are keyword-only (see the module doc)."""
+
     def __init__(
-        self,
-        target: str,
-        device: str = "cpu",
-        dtype: str = "fp32",
-        max_frames: int | None = None,
-        window_batch: int = DEFAULT_WINDOW_BATCH,
-        name: str | None = None,
-        spec: str | None = None,
-        config_overrides: dict[str, Any] | None = None,
-        masked: bool = True,
-        verify_masked: bool = False,
+        self, target: str, device: str = "cpu", dtype: str = "fp32", *,
+        name: str | None = None, spec: str | None = None, config_overrides: dict[str, Any] | None = None,
+        max_frames: int | None = None, window_batch: int = DEFAULT_WINDOW_BATCH,
+        masked: bool = True, verify_masked: bool = False,
     ) -> None:
         import torch
 

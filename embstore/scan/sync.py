@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 
 from embstore.audio import probe
 from embstore.errors import AudioError, ScanError
-from embstore.manifest.connection import execute_in, utcnow
+from embstore.manifest.connection import LIVE_ITEM, execute_in, utcnow
 from embstore.manifest.database import Manifest
 from embstore.manifest.tasks import mark_items_stale
 from embstore.progress import progress_bar
@@ -281,7 +281,7 @@ class _Syncer:
         execute_in(conn, "UPDATE files SET status = 'removed', scanned_at = ? WHERE id IN ({marks})", file_ids,
                    params_before=(self.now,))
         self.report.items_removed += execute_in(
-            conn, "UPDATE items SET removed = 1 WHERE removed = 0 AND file_id IN ({marks})", file_ids
+            conn, "UPDATE items AS i SET removed = 1 WHERE " + LIVE_ITEM + " AND file_id IN ({marks})", file_ids
         )
         self.report.removed += len(file_ids)
 
