@@ -257,7 +257,7 @@ def runtime_spec(encoder, args) -> str:
     from embstore.extract.plan import wants_onnx
     from embstore.models.onnx import export_onnx
 
-    if wants_onnx(encoder, ExtractOptions(), [args.device], device_features=False):
+    if wants_onnx(encoder.capabilities, ExtractOptions(), [args.device], device_features=False):
         return "onnx:" + export_onnx(encoder, str(Path(args.work) / "onnx"))
     return args.model
 

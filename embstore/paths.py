@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -62,3 +63,26 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write a whole file or nothing: a reader (or a crash) never sees half of it, and
+    concurrent writers of the same path each replace it whole. O_NOFOLLOW: never write
+    through a symlink planted at the temporary name."""
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_atomic_text(path: str | os.PathLike, text: str) -> None:
+    """`write_atomic` of UTF-8 text, creating the folder first."""
+    os.makedirs(os.path.dirname(os.fspath(path)), exist_ok=True)
+    write_atomic(path, text.encode("utf-8"))

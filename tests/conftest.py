@@ -15,6 +15,17 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def _user_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("embstore-user-cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_user_cache(monkeypatch, _user_cache):
+    # model cards and exports go to a per-session cache, never the developer's ~/.cache
+    monkeypatch.setenv("EMBSTORE_CACHE", str(_user_cache))
+
+
 @pytest.fixture(autouse=True)
 def _few_threads(monkeypatch):
     # two cores here: keep torch and BLAS from oversubscribing when pytest-xdist runs workers

@@ -1,12 +1,11 @@
-"""Writing export files safely: atomic replaces, sanitised names, nothing outside OUT."""
+"""Writing export files safely: sanitised names, nothing outside OUT (atomic writes:
+`embstore.paths.write_atomic`)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
-import threading
 
 from embstore.errors import StoreError
 
@@ -33,17 +32,3 @@ def inside(out_real: str, rel_dir: str) -> str:
     if target != out_real and not target.startswith(out_real + os.sep):
         raise StoreError(f"refusing to write into {rel_dir!r}: it resolves to {target}, outside {out_real}")
     return target
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    # a reader (or a crash) never sees half a file; O_NOFOLLOW: never write through a link
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from embstore.errors import StoreError
-from embstore.export.files import write_atomic
+from embstore.paths import write_atomic
 from embstore.manifest.database import Manifest
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from embstore.export.files import write_atomic
+from embstore.paths import write_atomic
 from embstore.manifest.database import Manifest
 
 

@@ -35,7 +35,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from embstore.errors import StoreError
-from embstore.export.files import inside, safe_component, write_atomic
+from embstore.export.files import inside, safe_component
+from embstore.paths import write_atomic
 from embstore.manifest.connection import immediate
 from embstore.manifest.database import Manifest
 from embstore.manifest.selection import Selection, select_items

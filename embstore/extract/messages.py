@@ -36,6 +36,7 @@ class WorkerSetup:
     max_trim_frames: int = 0
     index: int = 0  # which worker of the run: the writer counts finished workers by it
     device_features: bool = False  # fbank on the model's device, batched (GPU); loaders only decode
+    fingerprint: str | None = None  # what the loaded model must fingerprint as (None: not checked)
 
     @property
     def claim_order(self) -> str:

@@ -3,6 +3,7 @@ the model's fingerprint (its rows), the task list, or "nothing to do"."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sqlite3
 import time
@@ -14,8 +15,9 @@ from embstore.extract.options import ExtractOptions
 from embstore.extract.summary import ExtractSummary
 from embstore.manifest import tasks
 from embstore.manifest.database import Manifest
-from embstore.models.base import Encoder, trimmed_fingerprint
-from embstore.models.onnx import export_onnx
+from embstore.models import cards
+from embstore.models.base import Capabilities, Encoder, trimmed_fingerprint
+from embstore.models.onnx import cached_export, export_onnx
 from embstore.models.registry import load
 
 
@@ -31,6 +33,8 @@ class ExtractionPlan:
     runtime: str  # torch | onnxruntime
     device_features: bool
     prepared: dict[str, int] = field(default_factory=dict)
+    # what the workers' model must fingerprint as (None: an export named by it)
+    expected_fingerprint: str | None = None
     left: int = 0
     left_seconds: float = 0.0
 
@@ -100,7 +104,7 @@ def worker_setups(plan: ExtractionPlan, options: ExtractOptions) -> list[WorkerS
             claim_items=512 if device.startswith("cuda") else 64,
             loader_workers=options.loader_workers or (6 if device.startswith("cuda") else 2),
             threads=threads, lease_seconds=options.lease_seconds, max_trim_frames=options.max_trim_frames,
-            index=index, device_features=plan.device_features,
+            index=index, device_features=plan.device_features, fingerprint=plan.expected_fingerprint,
         )
         for index, device in enumerate(plan.devices)
     ]
@@ -141,10 +145,9 @@ def _newest_mtime(target: str) -> float:
     )
 
 
-def wants_onnx(encoder: Encoder, options: ExtractOptions, devices: list[str], device_features: bool) -> bool:
+def wants_onnx(caps: Capabilities, options: ExtractOptions, devices: list[str], device_features: bool) -> bool:
     """auto picks ONNX Runtime for exportable torch models on CPU at fp32: the same
     numbers (to 1e-7) ~1.7x faster there. Elsewhere torch (GPU, bf16/fp16, resemblyzer)."""
-    caps = encoder.capabilities
     suitable = caps.onnx_export and caps.runtime == "torch" and options.dtype == "fp32"
     if options.runtime == "onnx":
         if not suitable:
@@ -152,22 +155,39 @@ def wants_onnx(encoder: Encoder, options: ExtractOptions, devices: list[str], de
         return True
     if options.runtime == "torch" or not suitable or device_features or devices[0] != "cpu":
         return False
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("onnxruntime") is not None
 
 
-def _onnx_spec(manifest: Manifest, encoder: Encoder, options: ExtractOptions) -> str:
-    """The ONNX export workers load (cached per fingerprint); torch if the export fails
-    and ONNX was not asked for explicitly."""
+class ModelAtHand:
+    """The user's model as the plan needs it: its card (cached per user, see
+    `models.cards`) and, only when something needs the network itself, the encoder."""
+
+    def __init__(self, options: ExtractOptions):
+        self.options = options
+        self._encoder: Encoder | None = None
+        card = cards.lookup(options.spec, options.dtype)
+        self.card = card if card is not None else cards.remember(options.spec, options.dtype, self.encoder)
+
+    @property
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            # on CPU, once, in the parent: the workers load their own on their devices
+            self._encoder = load(self.options.spec, device="cpu", dtype=self.options.dtype)
+        return self._encoder
+
+
+def _onnx_spec(model: ModelAtHand) -> str:
+    """The ONNX export workers load, from the user cache (made once per fingerprint);
+    the model itself if the export fails and ONNX was not asked for explicitly."""
+    path = cached_export(model.card.fingerprint)
+    if os.path.isfile(path):
+        return "onnx:" + path
     try:
-        return "onnx:" + export_onnx(encoder, str(manifest.paths.cache / "onnx" / encoder.fingerprint))
+        return "onnx:" + export_onnx(model.encoder, os.path.dirname(path))
     except Exception as exc:
-        if options.runtime == "onnx":
-            raise ExtractionError(f"cannot run {options.spec} with ONNX Runtime: {type(exc).__name__}: {exc}") from None
-        return options.spec
+        if model.options.runtime == "onnx":
+            raise ExtractionError(f"cannot run {model.options.spec} with ONNX Runtime: {type(exc).__name__}: {exc}") from None
+        return model.options.spec
 
 
 def plan_extraction(manifest: Manifest, options: ExtractOptions) -> ExtractionPlan | ExtractSummary:
@@ -177,34 +197,30 @@ def plan_extraction(manifest: Manifest, options: ExtractOptions) -> ExtractionPl
     if quick is not None:
         quick.devices = devices
         return quick
-    # the parent loads the model on CPU once: its fingerprint names the rows
-    # (the dtype is part of its fingerprint: bf16 rows never mix with fp32 rows)
-    encoder = load(options.spec, device="cpu", dtype=options.dtype)
-    caps = encoder.capabilities
+    model = ModelAtHand(options)
+    caps = model.card.capabilities
     if options.features == "device" and not caps.device_features:
-        raise ExtractionError(f"{encoder.name} cannot compute its features on the device; use --features cpu")
+        raise ExtractionError(f"{model.card.description['name']} cannot compute its features on the device; use --features cpu")
     device_features = options.features == "device" or (
         options.features == "auto" and caps.device_features and devices[0] != "cpu"
     )
-    use_onnx = wants_onnx(encoder, options, devices, device_features)
+    use_onnx = wants_onnx(caps, options, devices, device_features)
     # ONNX graphs take equal lengths only
     batching = "equal" if use_onnx or (options.batching == "equal" and caps.batching == "masked") else caps.batching
-    description = encoder.describe()
+    # the dtype is part of the fingerprint: bf16 rows never mix with fp32 rows
+    description = dict(model.card.description)
     if options.max_trim_frames and batching == "equal":  # only equal-length batching trims
         description["frontend"] = dict(description["frontend"], max_trim_frames=options.max_trim_frames)
         description["fingerprint"] = trimmed_fingerprint(description["fingerprint"], options.max_trim_frames)
     row = manifest.register_model(description)
-    prepared = tasks.refresh_tasks(manifest.conn, row["id"], encoder.feature_length, encoder.sample_rate,
+    prepared = tasks.refresh_tasks(manifest.conn, row["id"], model.card.length_rule, model.card.sample_rate,
                                    options.retry_failed)
     left, left_seconds = tasks.pending_summary(manifest.conn, row["id"])
-    worker_spec = options.spec
-    if left and use_onnx:
-        worker_spec = _onnx_spec(manifest, encoder, options)
+    worker_spec = _onnx_spec(model) if left and use_onnx else options.spec
     on_onnx = worker_spec.startswith("onnx:")
     return ExtractionPlan(
         spec=options.spec, worker_spec=worker_spec, model_id=row["id"], model_key=manifest.model_key(row),
         fingerprint=row["fingerprint"], devices=devices, batching="equal" if on_onnx else batching,
         runtime="onnxruntime" if on_onnx else "torch", device_features=device_features, prepared=prepared,
-        left=left, left_seconds=left_seconds,
+        left=left, left_seconds=left_seconds, expected_fingerprint=None if on_onnx else model.card.fingerprint,
     )
-

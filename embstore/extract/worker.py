@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -30,9 +31,14 @@ from embstore.extract.loading import load_claim
 from embstore.extract.messages import ItemFailure, ItemOutcome, ItemResult, WorkerFailed, WorkerSetup, WorkerStats
 from embstore.extract.outbox import Outbox, QueueOutbox
 from embstore.manifest.tasks import new_owner
-from embstore.models.base import Encoder
+from embstore.errors import ExtractionError
+from embstore.models.base import Encoder, untrimmed_fingerprint
 from embstore.models.registry import load
 from embstore.vectors import finite_nonzero
+
+
+# vectors of recently computed audio kept per worker for dedup (~1 KB each at dim 256)
+RECENT_VECTORS = 4096
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -44,12 +50,21 @@ def one_line(exc: BaseException) -> str:
 
 
 def open_encoder(setup: WorkerSetup) -> Encoder:
-    """The worker's model on its device, with its share of the CPU threads."""
-    import torch
+    """The worker's model on its device, with its share of the CPU threads; an ONNX
+    worker never imports torch (a second of start-up)."""
+    if setup.model_spec.startswith("onnx:"):
+        encoder = load(setup.model_spec, device=setup.device, dtype=setup.dtype, threads=max(1, setup.threads))
+    else:
+        import torch
 
-    torch.set_num_threads(max(1, setup.threads))
-    extra = {"threads": max(1, setup.threads)} if setup.model_spec.startswith("onnx:") else {}
-    return load(setup.model_spec, device=setup.device, dtype=setup.dtype, **extra)
+        torch.set_num_threads(max(1, setup.threads))
+        encoder = load(setup.model_spec, device=setup.device, dtype=setup.dtype)
+    if setup.fingerprint is not None and encoder.fingerprint != untrimmed_fingerprint(setup.fingerprint):
+        raise ExtractionError(
+            f"{setup.model_spec} loads with fingerprint {encoder.fingerprint[:12]} here, but the run's rows are"
+            f" {setup.fingerprint[:12]}: the model changed during the run; run again"
+        )
+    return encoder
 
 
 class Worker:
@@ -67,6 +82,7 @@ class Worker:
         self.feeder_error: BaseException | None = None
         self.batch_frames = setup.batch_frames
         self.batches = self.batch_items = self.real_frames = self.padded_frames = 0
+        self.recent: OrderedDict[tuple, np.ndarray] = OrderedDict()
 
     def run(self) -> None:
         lease_thread = threading.Thread(target=self._renew_leases, daemon=True)
@@ -97,8 +113,11 @@ class Worker:
         pool = ThreadPoolExecutor(max_workers=max(1, self.setup.loader_workers), thread_name_prefix="loader")
         refreshed = False
         try:
+            # small first claims: the first rows come early, then claims grow to full size
+            claim_items = min(4, self.setup.claim_items)
             while not self.stop_event.is_set():
-                claimed = self.client.claim(self.setup.claim_items, self.batch_frames * 2)
+                claimed = self.client.claim(claim_items, self.batch_frames * 2)
+                claim_items = min(2 * claim_items, self.setup.claim_items)
                 if not claimed:
                     if refreshed and self._compute_busy():
                         # items scanned while the last batches compute are still this
@@ -158,8 +177,9 @@ class Worker:
                         outcomes.append(self._result(x, None, x.dup_row))
                     else:
                         good.append(x)
-                outcomes.extend(self._embed_all(good))
-                self.outbox.results(outcomes)
+                if outcomes:
+                    self.outbox.results(outcomes)
+                self._embed_all(good)
             finally:
                 with self.outstanding_lock:
                     self.outstanding -= 1
@@ -167,19 +187,26 @@ class Worker:
     def _result(self, x: Loaded, vector: np.ndarray | None, row: int | None = None) -> ItemResult:
         return ItemResult(x.task.task_id, x.task.item_id, self.owner, x.content_hash, x.task.duration, vector, row)
 
-    def _embed_all(self, good: list[Loaded]) -> list[ItemOutcome]:
-        outcomes: list[ItemOutcome] = []
-        # identical audio inside one claim is computed once
+    def _embed_all(self, good: list[Loaded]) -> None:
+        """Embed one claim's loaded items, sending each batch's outcomes as it is done
+        (the writer commits while the rest computes; the first rows land early)."""
+        # identical audio is computed once: inside one claim, and across this worker's
+        # recent claims whose rows may not be committed yet (no dedup row to point at)
         first_of: dict[tuple, Loaded] = {}
         twins: list[tuple[Loaded, Loaded]] = []
         unique = []
+        known: list[ItemOutcome] = []
         for x in good:
             key = (x.content_hash, x.task.start, x.task.end)
-            if x.content_hash and key in first_of:
+            if x.content_hash and key in self.recent:
+                known.append(self._result(x, self.recent[key]))
+            elif x.content_hash and key in first_of:
                 twins.append((x, first_of[key]))
             else:
                 first_of[key] = x
                 unique.append(x)
+        if known:
+            self.outbox.results(known)
         if self.setup.device_features and unique:
             feats = self.encoder.device_features([x.wav for x in unique], self.batch_frames)
             for x, f in zip(unique, feats):
@@ -204,23 +231,34 @@ class Worker:
                     todo[:0] = [[x] for x in batch]
                     continue
                 reason = "out of memory (even alone)" if _is_oom(exc) else f"{type(exc).__name__}: {exc}"
-                outcomes.extend(ItemFailure(x.task.task_id, self.owner, "model", reason) for x in batch)
+                self.outbox.results([ItemFailure(x.task.task_id, self.owner, "model", reason) for x in batch])
                 continue
             self.batches += 1
             self.batch_items += len(batch)
+            outcomes: list[ItemOutcome] = []
             for x, vec, fine in zip(batch, out, finite_nonzero(out)):
                 if fine:
                     vectors[x.task.task_id] = vec
+                    self._remember(x, vec)
                     outcomes.append(self._result(x, vec))
                 else:
                     outcomes.append(ItemFailure(x.task.task_id, self.owner, "model", "non-finite or zero embedding"))
+            self.outbox.results(outcomes)
+        twin_outcomes: list[ItemOutcome] = []
         for x, first in twins:
             vec = vectors.get(first.task.task_id)
             if vec is None:
-                outcomes.append(ItemFailure(x.task.task_id, self.owner, "model", "identical audio failed to embed"))
+                twin_outcomes.append(ItemFailure(x.task.task_id, self.owner, "model", "identical audio failed to embed"))
             else:
-                outcomes.append(self._result(x, vec))
-        return outcomes
+                twin_outcomes.append(self._result(x, vec))
+        if twin_outcomes:
+            self.outbox.results(twin_outcomes)
+
+    def _remember(self, x: Loaded, vector: np.ndarray) -> None:
+        if x.content_hash:
+            self.recent[(x.content_hash, x.task.start, x.task.end)] = vector
+            if len(self.recent) > RECENT_VECTORS:
+                self.recent.popitem(last=False)
 
     def _after_oom(self) -> None:
         self.batch_frames = max(1, self.batch_frames // 2)

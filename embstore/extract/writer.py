@@ -64,10 +64,12 @@ class ZarrWriter:
             self.add(outcome)
 
     def due(self) -> bool:
+        if not (self.results or self.failures):
+            return False
+        if self.totals.flushes == 0:
+            return True  # a run's first results are committed at once: progress shows early
         buffered = sum(1 for r in self.results if r.vector is not None)
-        return buffered >= CHUNK_ROWS or bool(
-            (self.results or self.failures) and time.monotonic() - self.last_flush >= FLUSH_SECONDS
-        )
+        return buffered >= CHUNK_ROWS or time.monotonic() - self.last_flush >= FLUSH_SECONDS
 
     def flush(self) -> Written:
         """Commit everything buffered; what this flush committed."""

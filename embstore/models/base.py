@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from embstore.audio import load_for_model
+from embstore.models.lengths import LengthRule
 
 BATCHING_MODES = ("any", "masked", "equal")
 RUNTIMES = ("torch", "onnxruntime", "openvino")
@@ -77,8 +78,13 @@ class Encoder:
     def load(self, path: str, start: float | None = None, end: float | None = None) -> np.ndarray:
         return load_for_model(path, self.sample_rate, start, end)
 
-    def feature_length(self, num_samples: int) -> int:
+    @property
+    def length_rule(self) -> LengthRule:
+        """How many feature frames `num_samples` samples give (see `models.lengths`)."""
         raise NotImplementedError
+
+    def feature_length(self, num_samples: int) -> int:
+        return self.length_rule(num_samples)
 
     def features(self, wav: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -106,6 +112,7 @@ class Encoder:
             "batching": self.batching,
             "frontend": self.frontend,
         }
+
 
 
 def fingerprint_of(weights: dict[str, Any] | None, frontend: dict[str, Any], extra: bytes = b"") -> str:

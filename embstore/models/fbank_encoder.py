@@ -20,6 +20,7 @@ from embstore.errors import ModelError
 from embstore.features import WINDOW_TYPES, FbankConfig, fbank, fbank_batch, num_frames
 from embstore.models.base import Encoder
 from embstore.models.common import short_error
+from embstore.models.lengths import FbankLength
 
 if TYPE_CHECKING:
     import torch
@@ -104,8 +105,9 @@ class FbankEncoder(Encoder):
             "max_frames": int(self.max_frames),
         }
 
-    def feature_length(self, num_samples: int) -> int:
-        return num_frames(num_samples, self.fbank_config)
+    @property
+    def length_rule(self) -> FbankLength:
+        return FbankLength(self.fbank_config.window_size, self.fbank_config.window_shift)
 
     def features(self, wav: np.ndarray) -> np.ndarray:
         feats = fbank(wav, self.fbank_config)

@@ -30,7 +30,14 @@ import numpy as np
 from embstore.errors import ModelError
 from embstore.models.base import Capabilities, fingerprint_of
 from embstore.models.common import abspath, check_device, safe_name, short_error
-from embstore.models.fbank_encoder import DEFAULT_MAX_FRAMES, DEFAULT_WINDOW_BATCH, FbankEncoder, fbank_config_from, read_config
+from embstore.models.fbank_encoder import (
+    DEFAULT_MAX_FRAMES,
+    DEFAULT_WINDOW_BATCH,
+    FbankEncoder,
+    fbank_config_from,
+    read_config,
+)
+from embstore.paths import user_cache_dir, write_atomic_text
 
 
 def _file_digest(path: str) -> bytes:
@@ -115,6 +122,12 @@ class OnnxEncoder(FbankEncoder):
         return np.asarray(out, dtype=np.float32).reshape(len(batch), -1)
 
 
+def cached_export(fingerprint: str) -> str:
+    """Where the ONNX export of the model with this fingerprint lives in the user cache
+    (shared by every store); the file may not exist yet."""
+    return str(user_cache_dir() / "onnx" / fingerprint / "model.onnx")
+
+
 def export_onnx(encoder: Any, folder: str) -> str:
     """Export a torch WeSpeaker encoder to `folder/model.onnx` (+ its config.yaml) and
     return the path; an existing export is reused. Time and batch axes are dynamic.
@@ -155,7 +168,7 @@ def export_onnx(encoder: Any, folder: str) -> str:
     config["embstore"] = {**(config.get("embstore") or {}), "max_frames": int(encoder.max_frames)}
     import yaml
 
-    with open(os.path.join(folder, "config.yaml"), "w", encoding="utf-8") as f:
-        yaml.safe_dump(config, f, sort_keys=False)
+    # config first: a concurrent run that sees model.onnx always finds its config beside it
+    write_atomic_text(os.path.join(folder, "config.yaml"), yaml.safe_dump(config, sort_keys=False))
     os.replace(partial, path)  # atomic: a concurrent run sees all of it or none
     return path

@@ -27,6 +27,7 @@ import numpy as np
 
 from embstore.models.base import Capabilities, Encoder, fingerprint_of
 from embstore.models.common import DTYPES, autocast, torch_device
+from embstore.models.lengths import PartialsLength
 
 # webrtcvad aggressiveness hard-coded in resemblyzer.audio.trim_long_silences
 _VAD_MODE = 3
@@ -131,16 +132,12 @@ class ResemblyzerEncoder(Encoder):
             raise ValueError("no speech found by the VAD (audio too short or silent)")
         return wav
 
-    def _slices(self, num_samples: int) -> list[slice]:
-        from resemblyzer.voice_encoder import VoiceEncoder
-
-        _, mel_slices = VoiceEncoder.compute_partial_slices(num_samples, self.rate, self.min_coverage)
-        return mel_slices
-
-    def feature_length(self, num_samples: int) -> int:
+    @property
+    def length_rule(self) -> PartialsLength:
         """Upper bound on the number of partial windows (the VAD can only shorten the audio)."""
-        window = self._hp.vad_window_length * self.sample_rate // 1000
-        return len(self._slices(max(num_samples - num_samples % window, 0)))
+        hp = self._hp
+        return PartialsLength.of(self.sample_rate, hp.mel_window_step, hp.partials_n_frames, self.rate,
+                                 self.min_coverage, hp.vad_window_length)
 
     def features(self, wav: np.ndarray) -> np.ndarray:
         """[n_partials, 160, 40] mel windows of one item, as embed_utterance cuts them."""
