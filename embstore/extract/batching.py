@@ -25,7 +25,7 @@ class Loaded:
     task: ClaimedTask
     feats: Any = None  # NumPy [T, ...], or a device tensor once device features ran
     content_hash: str | None = None
-    dup_row: int | None = None
+    dup_row: tuple[int, int | None] | None = None  # (row, row count) of identical audio done before
     error: tuple[str, str] | None = None  # (stage, message)
     wav: np.ndarray | None = None  # kept only when features are computed on the device
 

@@ -21,6 +21,7 @@ from embstore.manifest.connection import connect
 from embstore.paths import StorePaths
 
 DedupKey = tuple[str, "float | None", "float | None"]  # (content hash, start, end)
+DedupRows = tuple[int, "int | None"]  # (first row, row count; None = one row)
 
 
 class ManifestClient(ABC):
@@ -45,8 +46,8 @@ class ManifestClient(ABC):
         """Bring the task list up to date (items scanned meanwhile, leases run out)."""
 
     @abstractmethod
-    def dedup_rows(self, keys: Sequence[DedupKey]) -> dict[DedupKey, int]:
-        """Done rows of identical audio and span, for the keys that have one."""
+    def dedup_rows(self, keys: Sequence[DedupKey]) -> dict[DedupKey, DedupRows]:
+        """(row, row count) of done tasks of identical audio and span, for the keys that have one."""
 
     def close(self) -> None:
         """Free connections; the default holds none."""
@@ -130,7 +131,7 @@ class SqliteManifestClient(ManifestClient):
     def refresh(self) -> None:
         tasks.refresh_tasks(self.conn, self.model_id, self.feature_length, self.sample_rate)
 
-    def dedup_rows(self, keys: Sequence[DedupKey]) -> dict[DedupKey, int]:
+    def dedup_rows(self, keys: Sequence[DedupKey]) -> dict[DedupKey, DedupRows]:
         return tasks.rows_of_identical_audio(self.conn, self.model_id, keys)
 
     def close(self) -> None:

@@ -64,8 +64,18 @@ class ItemResult:
     owner: str
     content_hash: str | None
     seconds: float
-    vector: np.ndarray | None = None  # None: a duplicate that reuses `row`
-    row: int | None = None
+    vector: np.ndarray | None = None  # [dim], or [windows, dim] for a window model; None: a duplicate
+    row: int | None = None  # a duplicate's rows: `row_count` rows from `row` (None: one)
+    row_count: int | None = None
+    spans: np.ndarray | None = None  # a window model's [windows, 2] start/end seconds
+    speech: tuple[str, list[tuple[float, float]]] | None = None  # (VAD key, regions) found on the way
+
+    @property
+    def rows(self) -> int:
+        """Rows this result adds to the arrays (0 for a duplicate)."""
+        if self.vector is None:
+            return 0
+        return 1 if self.vector.ndim == 1 else len(self.vector)
 
 
 @dataclass

@@ -174,7 +174,7 @@ class Worker:
                     if x.error is not None:
                         outcomes.append(ItemFailure(x.task.task_id, self.owner, x.error[0], x.error[1]))
                     elif x.dup_row is not None:
-                        outcomes.append(self._result(x, None, x.dup_row))
+                        outcomes.append(self._result(x, None, *x.dup_row))
                     else:
                         good.append(x)
                 if outcomes:
@@ -184,8 +184,9 @@ class Worker:
                 with self.outstanding_lock:
                     self.outstanding -= 1
 
-    def _result(self, x: Loaded, vector: np.ndarray | None, row: int | None = None) -> ItemResult:
-        return ItemResult(x.task.task_id, x.task.item_id, self.owner, x.content_hash, x.task.duration, vector, row)
+    def _result(self, x: Loaded, vector: np.ndarray | None, row: int | None = None, row_count: int | None = None) -> ItemResult:
+        return ItemResult(x.task.task_id, x.task.item_id, self.owner, x.content_hash, x.task.duration, vector, row,
+                          row_count)
 
     def _embed_all(self, good: list[Loaded]) -> None:
         """Embed one claim's loaded items, sending each batch's outcomes as it is done

@@ -27,6 +27,7 @@ from embstore.arrays.zarr_arrays import CHUNK_ROWS, ModelArrays
 from embstore.extract.messages import (
     ItemFailure, ItemOutcome, ItemResult, ResultBatch, WorkerFinished, WriterFailed, WriterFinished, Written,
 )
+from embstore.manifest import speech as speech_regions
 from embstore.manifest import tasks
 from embstore.manifest.connection import connect, immediate
 from embstore.manifest.registry import model_row
@@ -68,7 +69,7 @@ class ZarrWriter:
             return False
         if self.totals.flushes == 0:
             return True  # a run's first results are committed at once: progress shows early
-        buffered = sum(1 for r in self.results if r.vector is not None)
+        buffered = sum(r.rows for r in self.results)
         return buffered >= CHUNK_ROWS or time.monotonic() - self.last_flush >= FLUSH_SECONDS
 
     def flush(self) -> Written:
@@ -83,19 +84,27 @@ class ZarrWriter:
             fresh = [r for r in results if (r.task_id, r.owner) in held and r.vector is not None]
             dups = [r for r in results if (r.task_id, r.owner) in held and r.vector is None]
             base = tasks.committed_rows(conn, self.model_id)
+            windows = self.arrays.spans  # a window model: each result owns its windows' rows
+            counts = [r.rows for r in fresh]
+            starts = base + np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int) if fresh else []
+            added = int(sum(counts))
             if fresh:
-                self._check_fault(base + len(fresh))
+                self._check_fault(base + added)
                 self.arrays.write_rows(
-                    base, np.stack([r.vector for r in fresh]), np.array([r.item_id for r in fresh], dtype=np.int64)
+                    base, np.concatenate([r.vector.reshape(-1, self.arrays.dim) for r in fresh]),
+                    np.repeat(np.array([r.item_id for r in fresh], dtype=np.int64), counts),
+                    np.concatenate([r.spans for r in fresh]) if windows else None,
                 )
-            done = [(base + k, r) for k, r in enumerate(fresh)] + [(r.row, r) for r in dups]
-            tasks.mark_done(conn, [(r.task_id, row, r.item_id, r.content_hash) for row, r in done], self.run_id)
+            done = [(int(row), n if windows else None, r) for row, n, r in zip(starts, counts, fresh)]
+            done += [(r.row, r.row_count, r) for r in dups]
+            tasks.mark_done(conn, [(r.task_id, row, n, r.item_id, r.content_hash) for row, n, r in done], self.run_id)
+            speech_regions.save_regions(conn, [(r.item_id, *r.speech) for _, _, r in done if r.speech is not None])
             if fresh:
-                tasks.set_committed_rows(conn, self.model_id, base + len(fresh))
+                tasks.set_committed_rows(conn, self.model_id, base + added)
             failed = [f for f in failures if (f.task_id, f.owner) in held]
             tasks.mark_failed(conn, [(f.task_id, f.stage, f.error) for f in failed], self.run_id)
         self.results, self.failures = [], []
-        written = Written(len(done), len(failed), sum(r.seconds for _, r in done))
+        written = Written(len(done), len(failed), sum(r.seconds for _, _, r in done))
         t = self.totals
         self.totals = WriterFinished(
             t.done + written.done, t.failed + written.failed,

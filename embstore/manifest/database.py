@@ -83,7 +83,7 @@ class Manifest:
         return self.paths.arrays
 
     def model_arrays(self, row: sqlite3.Row) -> ModelArrays:
-        return ModelArrays(self.paths.arrays, row["array_path"], row["dim"])
+        return ModelArrays(self.paths.arrays, row["array_path"], row["dim"], spans=row["kind"] == "windows")
 
     # -- reading ------------------------------------------------------------------------
 

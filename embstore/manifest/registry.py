@@ -28,11 +28,12 @@ def register_model(conn: sqlite3.Connection, description: dict[str, Any]) -> sql
         if row is None:
             cur = conn.execute(
                 "INSERT INTO models (name, spec, fingerprint, dim, sample_rate, batching, frontend,"
-                " array_path, rows, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, '', 0, ?)",
+                " array_path, rows, created_at, kind) VALUES (?, ?, ?, ?, ?, ?, ?, '', 0, ?, ?)",
                 (
                     description["name"], description["spec"], fp, int(description["dim"]),
                     int(description["sample_rate"]), description["batching"],
                     json.dumps(description.get("frontend", {}), sort_keys=True, default=str), utcnow(),
+                    description.get("kind", "item"),
                 ),
             )
             model_id = cur.lastrowid

@@ -152,6 +152,41 @@ def m003_done_rows_index(db: Database) -> None:
     db.execute("CREATE INDEX tasks_done_row ON tasks (model_id, row) WHERE status = 'done'")
 
 
+@migrations()
+def m004_windows_speech_diarization(db: Database) -> None:
+    # window models: a done task owns `row_count` rows from `row` on (NULL: one row)
+    db.execute("ALTER TABLE tasks ADD COLUMN row_count INTEGER")
+    db.execute("ALTER TABLE models ADD COLUMN kind TEXT NOT NULL DEFAULT 'item'")  # item | windows
+    # speech regions per item and VAD setting, so a rerun or a second model reuses them
+    db.execute(
+        """
+        CREATE TABLE speech (
+            item_id INTEGER NOT NULL REFERENCES items(id),
+            vad TEXT NOT NULL,               -- the VAD's key (method and settings)
+            regions TEXT NOT NULL,           -- JSON [[start, end], ...] seconds from the item's start
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (item_id, vad)
+        )
+        """
+    )
+    # pseudo-speaker labels from corpus clustering, beside the real label
+    db.execute("ALTER TABLE items ADD COLUMN cluster TEXT")
+    db.execute("CREATE INDEX items_cluster ON items (cluster) WHERE cluster IS NOT NULL")
+    db.execute(
+        """
+        CREATE TABLE diarization (
+            item_id INTEGER NOT NULL REFERENCES items(id),
+            model_id INTEGER NOT NULL REFERENCES models(id),
+            params TEXT NOT NULL,            -- JSON: method, speaker count options
+            speakers INTEGER NOT NULL,
+            segments TEXT NOT NULL,          -- JSON [[start, end, label], ...]
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (item_id, model_id, params)
+        )
+        """
+    )
+
+
 LATEST = [m.name for m in migrations._migrations]
 
 

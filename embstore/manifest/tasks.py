@@ -132,7 +132,10 @@ def _has_gaps(conn: sqlite3.Connection, model_id: int) -> bool:
 
 
 def mark_items_stale(conn: sqlite3.Connection, item_id: int) -> int:
-    """An item's audio or span changed: every model's embedding of it must be redone."""
+    """An item's audio or span changed: every model's embedding of it must be redone, and
+    what was derived from its audio (speech regions, diarization) is forgotten."""
+    conn.execute("DELETE FROM speech WHERE item_id = ?", (item_id,))
+    conn.execute("DELETE FROM diarization WHERE item_id = ?", (item_id,))
     return conn.execute(
         "UPDATE tasks SET status = 'stale', error = NULL, stage = NULL WHERE item_id = ?"
         " AND status IN ('done', 'failed', 'claimed', 'pending')",
@@ -267,24 +270,25 @@ def has_open_work(conn: sqlite3.Connection, model_id: int, retry_failed: bool) -
 
 def rows_of_identical_audio(
     conn: sqlite3.Connection, model_id: int, keys: Iterable[tuple[str, float | None, float | None]]
-) -> dict[tuple[str, float | None, float | None], int]:
-    """{(content hash, start, end): a done row of that audio and span} for the keys that
-    have one: items whose bytes and span are identical share an embedding."""
+) -> dict[tuple[str, float | None, float | None], tuple[int, int | None]]:
+    """{(content hash, start, end): (row, row count) of a done task of that audio and
+    span} for the keys that have one: items whose bytes and span are identical share
+    their embeddings."""
     wanted = list(dict.fromkeys(keys))
     by_hash: dict[str, list[tuple]] = {}
     for key in wanted:
         by_hash.setdefault(key[0], []).append(key)
-    found: dict[tuple[str, float | None, float | None], int] = {}
+    found: dict[tuple[str, float | None, float | None], tuple[int, int | None]] = {}
     for r in select_in(
         conn,
-        "SELECT f.content_hash, i.start, i.end, t.row FROM files f JOIN items i ON i.file_id = f.id"
+        "SELECT f.content_hash, i.start, i.end, t.row, t.row_count FROM files f JOIN items i ON i.file_id = f.id"
         " JOIN tasks t ON t.item_id = i.id WHERE f.content_hash IN ({marks})"
         " AND t.model_id = ? AND t.status = 'done' AND t.row IS NOT NULL",
         list(by_hash), params_after=(model_id,),
     ):
         key = (r[0], r[1], r[2])
         if key in by_hash.get(r[0], ()) and key not in found:
-            found[key] = int(r[3])
+            found[key] = (int(r[3]), r[4])
     return found
 
 
@@ -309,18 +313,19 @@ def set_committed_rows(conn: sqlite3.Connection, model_id: int, rows: int) -> No
 
 
 def mark_done(
-    conn: sqlite3.Connection, done: Sequence[tuple[int, int, int, str | None]], run_id: int | None
+    conn: sqlite3.Connection, done: Sequence[tuple[int, int, int | None, int, str | None]], run_id: int | None
 ) -> None:
-    """(task id, row, item id, content hash) per finished task; the file's hash is kept for dedup."""
+    """(task id, row, row count, item id, content hash) per finished task (row count None:
+    one row); the file's hash is kept for dedup."""
     now = time.time()
     conn.executemany(
-        "UPDATE tasks SET status = 'done', row = ?, owner = NULL, lease_until = NULL, error = NULL,"
+        "UPDATE tasks SET status = 'done', row = ?, row_count = ?, owner = NULL, lease_until = NULL, error = NULL,"
         " stage = NULL, done_at = ?, run_id = ? WHERE id = ?",
-        [(row, now, run_id, task_id) for task_id, row, _, _ in done],
+        [(row, count, now, run_id, task_id) for task_id, row, count, _, _ in done],
     )
     conn.executemany(
         "UPDATE files SET content_hash = ? WHERE id = (SELECT file_id FROM items WHERE id = ?)",
-        [(digest, item_id) for _, _, item_id, digest in done if digest],
+        [(digest, item_id) for _, _, _, item_id, digest in done if digest],
     )
 
 
