@@ -386,11 +386,25 @@ class Store:
 
         return centroids(self, model)
 
-    def score(self, trials: str | os.PathLike, model: str | None = None, **options: Any) -> dict[str, Any]:
-        """EER and minDCF of a trial list; see `embstore.score.score_trials`."""
-        from embstore.score import score_trials
+    def score(self, trials: str | os.PathLike | Sequence[str | os.PathLike], model: str | None = None,
+              **options: Any) -> dict[str, Any]:
+        """EER, minDCF, actual DCF of trial lists under none/mean/S-norm/AS-norm; score files
+        and plots. See `embstore.eval.scoring.score` for the options."""
+        from embstore.eval.scoring import score
 
-        return score_trials(self, trials, model=model, **options)
+        return score(self, trials, model=model, **options)
+
+    def outliers(self, model: str | None = None, **options: Any) -> list[dict[str, Any]]:
+        """Items furthest from their own speaker; see `embstore.eval.outliers.find_outliers`."""
+        from embstore.eval.outliers import find_outliers
+
+        return find_outliers(self, model=model, **options)
+
+    def report(self, out: str | os.PathLike, **options: Any) -> dict[str, Any]:
+        """Write the self-contained HTML report; see `embstore.eval.report.build_report`."""
+        from embstore.eval.report import build_report
+
+        return build_report(self, out, **options)
 
     def export_pkl(self, out: str | os.PathLike, **options: Any):
         """One pickle per item under OUT; see `embstore.export.export_pkl`."""

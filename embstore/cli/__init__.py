@@ -36,7 +36,7 @@ def _register_optional() -> None:
     # command groups added by later modules register themselves the same way
     import importlib
 
-    for name in ("export", "query", "score", "verify"):
+    for name in ("export", "query", "score", "report", "outliers", "verify"):
         try:
             module = importlib.import_module(f"embstore.cli.{name}")
         except ModuleNotFoundError as exc:
