@@ -12,7 +12,6 @@ ranks, and puts the true labels back.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,8 +20,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import embstore  # noqa: E402
+from score_scale import emit  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 
@@ -91,11 +92,7 @@ def main() -> None:
         "outliers_seconds_per_trial": round(seconds / args.trials, 3),
     }
     st.close()
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

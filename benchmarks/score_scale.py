@@ -55,6 +55,15 @@ def write_trials(path: Path, items: int, trials: int, per_speaker: int, seed: in
             f.write(f"{uid_of(int(x), per_speaker)} {uid_of(int(y), per_speaker)} {label}\n")
 
 
+def emit(results: dict, out: Path | None) -> None:
+    """Print the results as JSON, and write them to `out` when given."""
+    text = json.dumps(results, indent=2)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+
+
 def timed(fn):
     started = time.perf_counter()
     result = fn()
@@ -122,11 +131,7 @@ def main() -> None:
             raise SystemExit(proc.stderr)
         results["cli_asnorm_seconds"] = round(seconds, 2)
     results["target_seconds"] = 60
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

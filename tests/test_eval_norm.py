@@ -152,7 +152,7 @@ def test_cohort_and_mean_from_item_files_and_speaker_files(norm_store, tmp_path)
 
 
 def test_top_n_larger_than_the_cohort_falls_back_to_all_of_it(norm_store):
-    st, vec, trials = norm_store
+    st, _, trials = norm_store
     scoring = run_scoring(st, trials, norm="asnorm,snorm", cohort="dataset:cohort", top_n=300)
     got = by_norm(scoring)
     assert any("--top-n 300 is more than the cohort's 5 speakers" in w for w in scoring.warnings)
@@ -187,7 +187,7 @@ def test_bad_norm_options_are_one_line_errors(norm_store, options, message):
 
 
 def test_cohort_with_one_speaker_or_no_embedded_item(norm_store, tmp_path):
-    st, vec, trials = norm_store
+    st, _, trials = norm_store
     one = tmp_path / "one.txt"
     one.write_text("spk2\n")
     with pytest.raises(StoreError, match="holds 1 speaker .*at least 2"):

@@ -153,7 +153,7 @@ def test_bad_trial_lists_name_the_line(store_and_lists, tmp_path, text, message)
 
 
 def test_missing_and_unreadable_trial_files(store_and_lists, tmp_path):
-    st, lists = store_and_lists
+    st, _ = store_and_lists
     result = CliRunner().invoke(cli, ["score", str(st.path), str(tmp_path / "absent.txt")])
     assert result.exit_code == 2 and "does not exist" in result.output
     with pytest.raises(StoreError, match="absent.txt: cannot read the trial list"):

@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 BLOCK = 65536
 
 
-def leave_one_out_scores(unit: np.ndarray, speaker_sums: np.ndarray, counts: np.ndarray, index: np.ndarray) -> np.ndarray:
+def leave_one_out_scores(
+    unit: np.ndarray, speaker_sums: np.ndarray, counts: np.ndarray, index: np.ndarray
+) -> np.ndarray:
     """Cosine of each unit row with (its speaker's sum - itself) / (n - 1); NaN for n = 1."""
     rest = speaker_sums[index] - unit
     norms = np.linalg.norm(rest, axis=1)
@@ -68,7 +70,8 @@ def find_outliers(
         raise StoreError(f"--below is a cosine, between -1 and 1 (got {below})")
     m, rows = store.done_rows(model, speaker, dataset)
     if not rows:
-        where = " ".join(x for x in (f"speaker {speaker!r}" if speaker else "", f"dataset {dataset!r}" if dataset else "") if x)
+        parts = [f"speaker {speaker!r}" if speaker else "", f"dataset {dataset!r}" if dataset else ""]
+        where = " ".join(x for x in parts if x)
         raise StoreError(f"no embedded items{' of ' + where if where else ''} in the store")
     names, means, counts = centroid_table(store, store.model_key(m))
     position = {n: k for k, n in enumerate(names)}
@@ -83,7 +86,9 @@ def find_outliers(
         scores[part] = leave_one_out_scores(unit, sums, counts, index[part])
     scored = np.flatnonzero(~np.isnan(scores))
     if not len(scored):
-        raise StoreError("no speaker in the selection has two embedded items; outliers need a centroid to leave one out of")
+        raise StoreError(
+            "no speaker in the selection has two embedded items; outliers need a centroid to leave one out of"
+        )
     order = scored[np.lexsort((scored, scores[scored]))]
     chosen = order[scores[order] < below] if below is not None else order[:top]
     unit = source.take(zarr_rows[chosen]).astype(np.float64)

@@ -285,24 +285,23 @@ _SVG_PROLOGUE = re.compile(r"^.*?(?=<svg\b)", re.S)
 _SVG_METADATA = re.compile(r"<metadata>.*?</metadata>\s*", re.S)
 
 
-def svg_text(fig) -> str:
-    """The figure as an `<svg>` element to inline in HTML (no XML prologue, no metadata)."""
-    buffer = io.StringIO()
+def _render(fig, fmt: str) -> bytes:
+    buffer = io.BytesIO()
     try:
-        fig.savefig(buffer, format="svg", metadata=_metadata("svg"))
+        fig.savefig(buffer, format=fmt, metadata=_metadata(fmt))
     finally:
         pyplot().close(fig)
-    text = _SVG_PROLOGUE.sub("", buffer.getvalue(), count=1)
+    return buffer.getvalue()
+
+
+def svg_text(fig) -> str:
+    """The figure as an `<svg>` element to inline in HTML (no XML prologue, no metadata)."""
+    text = _SVG_PROLOGUE.sub("", _render(fig, "svg").decode("utf-8"), count=1)
     return _SVG_METADATA.sub("", text)
 
 
 def png_data_uri(fig) -> str:
-    buffer = io.BytesIO()
-    try:
-        fig.savefig(buffer, format="png", metadata=_metadata("png"))
-    finally:
-        pyplot().close(fig)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(_render(fig, "png")).decode("ascii")
 
 
 def _safe(name: str) -> str:

@@ -17,6 +17,21 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from embstore.eval.outliers import find_outliers
+
+# matplotlib itself is only imported when the first figure is drawn
+from embstore.eval.plots import (
+    bar_figure,
+    det_figure,
+    det_limits,
+    hist_figure,
+    histograms_figure,
+    pyplot,
+    score_ranges,
+    series_figure,
+    svg_text,
+)
+from embstore.eval.scoring import ScoreOptions, result_table, run_scoring
 from embstore.store import StoreError
 
 if TYPE_CHECKING:
@@ -88,8 +103,6 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _figure(fig, caption: str = "") -> str:
-    from embstore.eval.plots import svg_text
-
     text = svg_text(fig)
     cap = f"<figcaption class='note'>{_e(caption)}</figcaption>" if caption else ""
     return f"<figure>{text}{cap}</figure>"
@@ -133,8 +146,6 @@ def summary_section(store: "Store", status: dict[str, Any]) -> str:
 
 
 def durations_section(store: "Store") -> str:
-    from embstore.eval.plots import histograms_figure
-
     groups: dict[str, list[float]] = {}
     for dataset, duration in store.conn.execute(
         "SELECT coalesce(dataset, ''), duration FROM items WHERE removed = 0 AND duration IS NOT NULL"
@@ -157,15 +168,13 @@ def durations_section(store: "Store") -> str:
 
 
 def speakers_section(store: "Store") -> str:
-    from embstore.eval.plots import histograms_figure
-
     counts = store.query(
         "SELECT coalesce(speaker, '') AS speaker, count(*) AS n, group_concat(DISTINCT dataset) AS datasets"
         " FROM items WHERE removed = 0 GROUP BY speaker"
     )
-    if not counts:
+    n = np.array([c["n"] for c in counts], dtype=np.int64)
+    if not len(n):
         return "<p class='note'>No items.</p>"
-    n = np.array([c["n"] for c in counts])
     spread = n.max() / max(n.min(), 1)
     fig = histograms_figure({"all speakers": n}, "Items per speaker", "items", log_y=spread > 50, integer=True)
     order = np.argsort(n, kind="stable")
@@ -186,8 +195,6 @@ def _when(text: str | None) -> datetime | None:
 
 
 def runs_section(store: "Store") -> str:
-    from embstore.eval.plots import series_figure
-
     runs = store.query(
         "SELECT r.id, coalesce(m.name, '?') AS model, r.started_at, r.ended_at, r.status, r.items_done,"
         " r.items_failed, r.audio_seconds, r.summary FROM runs r LEFT JOIN models m ON m.id = r.model_id ORDER BY r.id"
@@ -229,8 +236,6 @@ def runs_section(store: "Store") -> str:
 
 
 def failures_section(status: dict[str, Any]) -> str:
-    from embstore.eval.plots import bar_figure
-
     rows = [[key, reason, n] for key, m in status["models"].items() for reason, n in m["failures_by_reason"].items()]
     rows += [["scan", reason, n] for reason, n in status["scan_failures_by_reason"].items()]
     if not rows:
@@ -238,15 +243,13 @@ def failures_section(status: dict[str, Any]) -> str:
     rows.sort(key=lambda r: -r[2])
     top = rows[:15]
     fig = bar_figure([f"{r[0]}: {r[1]}" for r in top], [r[2] for r in top], "Failures by reason", "items")
-    return _figure(fig, "Messages grouped by cause (paths and numbers masked).") + table(["where", "reason", "items"], rows)
+    caption = "Messages grouped by cause (paths and numbers masked)."
+    return _figure(fig, caption) + table(["where", "reason", "items"], rows)
 
 
-def scoring_section(store: "Store", model_key: str, trials: Sequence[str], options: dict[str, Any]) -> str:
-    from embstore.eval.plots import det_figure, det_limits, hist_figure, score_ranges
-    from embstore.eval.scoring import result_table, run_scoring
-
+def scoring_section(store: "Store", model_key: str, trials: Sequence[str], options: ScoreOptions) -> str:
     try:
-        scoring = run_scoring(store, trials, model=model_key, **options)
+        scoring = run_scoring(store, trials, model_key, options)
     except StoreError as exc:
         return f"<p class='err'>Cannot score with {_e(model_key)}: {_e(exc)}</p>"
     headers, rows = result_table([r.row() for r in scoring.results], scoring.p_targets)
@@ -267,8 +270,6 @@ def scoring_section(store: "Store", model_key: str, trials: Sequence[str], optio
 
 
 def outliers_section(store: "Store", model_key: str, top: int) -> str:
-    from embstore.eval.outliers import find_outliers
-
     try:
         found = find_outliers(store, model=model_key, top=top)
     except StoreError as exc:
@@ -291,29 +292,20 @@ def build_report(
     out: str | os.PathLike,
     trials: Sequence[str | os.PathLike] = (),
     model: str | None = None,
-    norm: str | Sequence[str] = "none",
-    mean_from: str | None = None,
-    cohort: str | None = None,
-    top_n: int = 300,
-    p_target: float | str | Sequence[float] = (0.01, 0.05),
     outliers: int = 20,
+    **options: Any,
 ) -> dict[str, Any]:
     """Write the report to `out`; returns {"path", "bytes", "sections"}.
 
-    With `trials`, each model (or only `model`) gets a scoring section with those lists
-    under `norm` (same options as `Store.score`)."""
-    from embstore.eval.norm import check_norm_options
-    from embstore.eval.plots import pyplot
-    from embstore.eval.scoring import parse_norms, parse_p_targets
+    With `trials`, each model (or only `model`) gets a scoring section with those lists;
+    `options` are `ScoreOptions`' (norm, mean_from, cohort, top_n, p_target...)."""
     from embstore.eval.trials import read_trials
 
     pyplot()  # fail before any work when matplotlib is missing
+    score_options = ScoreOptions(**options)
     trials = [str(t) for t in trials]
     for t in trials:
         read_trials(t)  # a bad list fails now, not after minutes of charts
-    check_norm_options(parse_norms(norm), mean_from, cohort, top_n)
-    options = {"norm": norm, "mean_from": mean_from, "cohort": cohort, "top_n": top_n,
-               "p_target": parse_p_targets(p_target)}
     if outliers < 1:
         raise StoreError(f"--outliers must be at least 1 (got {outliers})")
     models = [store.resolve_model(model)] if model else store.models()
@@ -328,7 +320,7 @@ def build_report(
         ("failures", "Failures", failures_section(status)),
     ]
     if trials:
-        body = "".join(f"<h3>{_e(k)}</h3>" + scoring_section(store, k, trials, options) for k in keys)
+        body = "".join(f"<h3>{_e(k)}</h3>" + scoring_section(store, k, trials, score_options) for k in keys)
         sections.append(("scoring", "Scoring", body or "<p class='note'>No model to score.</p>"))
     body = "".join(f"<h3>{_e(k)}</h3>" + outliers_section(store, k, outliers) for k in keys)
     sections.append(("outliers", "Speaker outliers", body or "<p class='note'>No model: no embeddings to compare.</p>"))

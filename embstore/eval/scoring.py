@@ -16,9 +16,15 @@ import numpy as np
 
 from embstore.eval.metrics import Evaluation, evaluate
 from embstore.eval.norm import (
-    check_norm_options, cohort_stats, cohort_vectors, grouped_sums, pair_scores, symmetric_norm, to_unit,
+    check_norm_options,
+    cohort_stats,
+    cohort_vectors,
+    grouped_sums,
+    pair_scores,
+    symmetric_norm,
+    to_unit,
 )
-from embstore.eval.selection import select_items
+from embstore.eval.selection import in_chunks, select_items
 from embstore.eval.trials import TrialList, read_trials
 from embstore.store import StoreError
 
@@ -101,18 +107,40 @@ def parse_norms(value: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(parts)) or ["none"]
 
 
+@dataclass
+class ScoreOptions:
+    """How trial lists are scored; checked when made, before anything is read.
+
+    norm: none|mean|snorm|asnorm, or several (a list or "none,asnorm"): one result per
+    list and norm. mean_from / cohort: SELs (`embstore.eval.selection`); mean_from
+    subtracts that mean under every norm. top_n: AS-norm's cohort size per side (all of
+    the cohort, with a warning, when it is smaller). p_target: the priors of minDCF and
+    of the actual DCF, taken at the EER threshold; c_miss / c_fa: the DCF's costs."""
+
+    norm: str | Sequence[str] = "none"
+    mean_from: str | None = None
+    cohort: str | None = None
+    top_n: int = 300
+    p_target: float | str | Sequence[float] = (0.01, 0.05)
+    c_miss: float = 1.0
+    c_fa: float = 1.0
+    norms: list[str] = field(init=False)
+    p_targets: list[float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.norms = parse_norms(self.norm)
+        check_norm_options(self.norms, self.mean_from, self.cohort, self.top_n)
+        self.p_targets = parse_p_targets(self.p_target)
+        if self.c_miss <= 0 or self.c_fa <= 0:
+            raise StoreError("--c-miss and --c-fa must be positive")
+
+
 def _done_rows_of(store: "Store", model_id: int, items: list[int]) -> dict[int, int]:
     """{item id: Zarr row} of the items whose task for the model is done."""
     out: dict[int, int] = {}
-    for start in range(0, len(items), 900):
-        chunk = items[start : start + 900]
-        out.update(
-            store.conn.execute(
-                f"SELECT item_id, row FROM tasks WHERE model_id = ? AND status = 'done'"
-                f" AND item_id IN ({','.join('?' * len(chunk))})",
-                (model_id, *chunk),
-            ).fetchall()
-        )
+    for chunk, marks in in_chunks(items):
+        sql = f"SELECT item_id, row FROM tasks WHERE model_id = ? AND status = 'done' AND item_id IN ({marks})"
+        out.update(store.conn.execute(sql, (model_id, *chunk)).fetchall())
     return out
 
 
@@ -147,20 +175,12 @@ def run_scoring(
     store: "Store",
     trials: str | os.PathLike | Sequence[str | os.PathLike],
     model: str | None = None,
-    norm: str | Sequence[str] = "none",
-    mean_from: str | None = None,
-    cohort: str | None = None,
-    top_n: int = 300,
-    p_target: float | str | Sequence[float] = (0.01, 0.05),
-    c_miss: float = 1.0,
-    c_fa: float = 1.0,
+    options: ScoreOptions | None = None,
+    **kwargs: Any,
 ) -> Scoring:
-    """Score every trial list under every norm; see `score` for the options."""
-    norms = parse_norms(norm)
-    check_norm_options(norms, mean_from, cohort, top_n)
-    p_targets = parse_p_targets(p_target)
-    if c_miss <= 0 or c_fa <= 0:
-        raise StoreError("--c-miss and --c-fa must be positive")
+    """Score every trial list under every norm: `options`, or a ScoreOptions made of kwargs."""
+    opts = options if options is not None else ScoreOptions(**kwargs)
+    norms, mean_from, cohort, top_n, p_targets = opts.norms, opts.mean_from, opts.cohort, opts.top_n, opts.p_targets
     paths = list(dict.fromkeys(str(p) for p in _as_list(trials)))  # a list given twice is scored once
     if not paths:
         raise StoreError("give at least one trial list")
@@ -231,7 +251,7 @@ def run_scoring(
             else:
                 final = raw
             try:
-                evaluation = evaluate(final, t.labels[kept], p_targets, c_miss, c_fa)
+                evaluation = evaluate(final, t.labels[kept], p_targets, opts.c_miss, opts.c_fa)
             except ValueError as exc:
                 raise StoreError(
                     f"cannot score {t.path}: {exc} ({int(kept.sum())} trials scored, {int((~kept).sum())} missing)"
@@ -279,40 +299,29 @@ def write_scores(path: str, result: ScoredList) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for start in range(0, len(enroll), 65536):
             part = slice(start, start + 65536)
-            f.write("".join(
-                f"{a} {b} {s:.6f} {w}\n" for a, b, s, w in zip(enroll[part], test[part], result.scores[part], words[part])
-            ))
+            lines = zip(enroll[part], test[part], result.scores[part], words[part])
+            f.write("".join(f"{a} {b} {s:.6f} {w}\n" for a, b, s, w in lines))
 
 
 def score(
     store: "Store",
     trials: str | os.PathLike | Sequence[str | os.PathLike],
     model: str | None = None,
-    norm: str | Sequence[str] = "none",
-    mean_from: str | None = None,
-    cohort: str | None = None,
-    top_n: int = 300,
-    p_target: float | str | Sequence[float] = (0.01, 0.05),
-    c_miss: float = 1.0,
-    c_fa: float = 1.0,
     scores: str | os.PathLike | None = None,
     plot: str | os.PathLike | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Score one or several trial lists with the store's embeddings.
 
-    norm: one of none|mean|snorm|asnorm, or several (a list or "none,asnorm"): one
-    result per list and norm. mean_from / cohort: SELs (`embstore.eval.selection`);
-    mean_from subtracts that mean under every norm. top_n: AS-norm's cohort size per side
-    (all of the cohort, with a warning, when it is smaller). p_target: the priors of
-    minDCF (c_miss = c_fa = 1 unless given); the actual DCF is taken at the EER threshold.
-    scores: a file (one result) or a folder (one `<list>[.<norm>].score` file each) of
-    `<enroll> <test> <score> <target|nontarget>` lines. plot: a folder for DET curves and
-    score histograms (PNG and SVG; needs matplotlib, `pip install embstore[plot]`).
+    options: those of `ScoreOptions` (norm, mean_from, cohort, top_n, p_target, c_miss,
+    c_fa). scores: a file (one result) or a folder (one `<list>[.<norm>].score` file
+    each) of `<enroll> <test> <score> <target|nontarget>` lines. plot: a folder for DET
+    curves and score histograms (PNG and SVG; needs matplotlib, `embstore[plot]`).
 
     Returns {"model", "results": [one dict per list and norm: list, norm, trials,
     targets, nontargets, missing, missing_ids, eer, eer_threshold, min_dcf {p: v},
     act_dcf {p: v}, ...], "warnings", "options", "score_files", "plots"}."""
-    scoring = run_scoring(store, trials, model, norm, mean_from, cohort, top_n, p_target, c_miss, c_fa)
+    scoring = run_scoring(store, trials, model, ScoreOptions(**options))
     out: dict[str, Any] = {
         "model": scoring.model, "results": [r.row() for r in scoring.results], "warnings": scoring.warnings,
         "options": scoring.options | {"p_targets": scoring.p_targets}, "score_files": [], "plots": [],

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -59,17 +59,22 @@ def _read_lines(path: str, what: str) -> list[str]:
     return list(dict.fromkeys(values))
 
 
+def in_chunks(values: Sequence, size: int = 900) -> Iterator[tuple[Sequence, str]]:
+    """`values` in slices under SQLite's variable limit, each with its `?,?,...` list."""
+    for start in range(0, len(values), size):
+        chunk = values[start : start + size]
+        yield chunk, ",".join("?" * len(chunk))
+
+
 def _done_items(store: "Store", model_id: int, column: str, values: Iterable) -> list[sqlite3.Row]:
     """(item id, speaker, row) of live items whose `column` is one of `values` and whose
     task for the model is done, plus `done` = 0 rows for live items not done yet."""
-    values = list(values)
     out: list[sqlite3.Row] = []
-    for start in range(0, len(values), 900):
-        chunk = values[start : start + 900]
+    for chunk, marks in in_chunks(list(values)):
         out += store.query(
             "SELECT i.id, i.speaker, t.row, t.status = 'done' AS done FROM items i"
-            " LEFT JOIN tasks t ON t.item_id = i.id AND t.model_id = ?"
-            f" WHERE i.{column} IN ({','.join('?' * len(chunk))}) AND i.removed = 0",
+            f" LEFT JOIN tasks t ON t.item_id = i.id AND t.model_id = ? WHERE i.{column} IN ({marks})"
+            " AND i.removed = 0",
             (model_id, *chunk),
         )
     return out
@@ -120,4 +125,4 @@ def _first(values: list[str], n: int = 5) -> str:
     return ", ".join(values[:n]) + (", ..." if len(values) > n else "")
 
 
-__all__ = ["ItemSelection", "select_items", "SEL_HELP"]
+__all__ = ["ItemSelection", "select_items", "in_chunks", "SEL_HELP"]
