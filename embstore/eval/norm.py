@@ -79,12 +79,14 @@ def cohort_stats(
     for start in range(0, len(unit), STAT_BLOCK):
         scores = np.asarray(unit[start : start + STAT_BLOCK], dtype=np.float32) @ cohort_t
         stop = start + len(scores)
-        for k in top_ns:
+        # all of the cohort first: the top-n statistics then partition `scores` in place
+        for k in sorted(top_ns, key=lambda k: -(n_cohort if k is None else min(k, n_cohort))):
             if k is None or k >= n_cohort:
                 top = scores
             else:
                 # the k largest of each row, unordered: mean and std do not need the order
-                top = np.partition(scores, n_cohort - k, axis=1)[:, n_cohort - k :]
+                scores.partition(n_cohort - k, axis=1)
+                top = scores[:, n_cohort - k :]
             mu, sigma = stats[k]
             mu[start:stop] = top.mean(axis=1, dtype=np.float64)
             sigma[start:stop] = top.std(axis=1, dtype=np.float64)
