@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import click
 
-from embstore.cli.common import (
-    echo_json,
-    echo_table,
-    json_option,
-    library_errors,
-    model_option,
-    open_store,
-    store_argument,
-)
+from embstore.cli.common import echo_json, echo_table, json_option
+from embstore.cli.common import library_errors, model_option, open_store, store_argument
 
 
 @click.command()

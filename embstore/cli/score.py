@@ -7,15 +7,8 @@ from typing import Callable
 
 import click
 
-from embstore.cli.common import (
-    echo_json,
-    echo_table,
-    json_option,
-    library_errors,
-    model_option,
-    open_store,
-    store_argument,
-)
+from embstore.cli.common import echo_json, echo_table, json_option, library_errors
+from embstore.cli.common import model_option, open_store, store_argument
 
 SEL = "SEL"
 
