@@ -12,7 +12,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from embstore import query, score
+from embstore import query
+from embstore.eval import outliers, report, scoring
 from embstore.export import kaldi, npy, pkl
 from embstore.extract.options import ExtractOptions
 from embstore.extract.summary import ExtractSummary
@@ -87,9 +88,19 @@ class Store(Manifest):
         """(speakers, float32 [n, dim] mean L2-normalised embedding per speaker)."""
         return query.centroids(self, model)
 
-    def score(self, trials: str | os.PathLike, model: str | None = None, **options: Any) -> dict[str, Any]:
-        """EER and minDCF of a trial list; see `embstore.score.score_trials`."""
-        return score.score_trials(self, trials, model=model, **options)
+    def score(self, trials: str | os.PathLike | Sequence[str | os.PathLike], model: str | None = None,
+              **options: Any) -> dict[str, Any]:
+        """EER, minDCF, actual DCF of trial lists under none/mean/S-norm/AS-norm; score files
+        and plots. See `embstore.eval.scoring.score` for the options."""
+        return scoring.score(self, trials, model=model, **options)
+
+    def outliers(self, model: str | None = None, **options: Any) -> list[dict[str, Any]]:
+        """Items furthest from their own speaker; see `embstore.eval.outliers.find_outliers`."""
+        return outliers.find_outliers(self, model=model, **options)
+
+    def report(self, out: str | os.PathLike, **options: Any) -> dict[str, Any]:
+        """Write the self-contained HTML report; see `embstore.eval.report.build_report`."""
+        return report.build_report(self, out, **options)
 
     # -- exports ------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import yaml
 from embstore import models
 from embstore.errors import ModelError
 from embstore.vectors import finite_nonzero as check_finite
-from embstore.score import compute_eer, compute_min_dcf
+from embstore.eval.metrics import compute_eer, compute_min_dcf
 from embstore.vectors import cosine_rows
 
 torch = pytest.importorskip("torch")
@@ -84,7 +84,7 @@ def resemblyzer_encoder():
 
 
 def test_models_package_does_not_import_torch() -> None:
-    code = "import sys, embstore.models, embstore.features, embstore.score; print('torch' in sys.modules)"
+    code = "import sys, embstore.models, embstore.features, embstore.eval.metrics; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

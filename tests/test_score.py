@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 import embstore
 from embstore.cli import cli
-from embstore.score import compute_eer, compute_min_dcf, parse_trials
+from embstore.eval.metrics import compute_eer, compute_min_dcf
+from embstore.eval.trials import parse_trials
 from embstore.errors import StoreError
 from tests.store_factory import make_store
 
@@ -94,19 +95,24 @@ def test_score_store_vox_style_ids_missing_and_scores_out(vox_store, tmp_path):
         cli, ["score", str(vox_store.path), str(trials), "--json", "--scores-out", str(scores)]
     )
     assert result.exit_code == 0, result.output
-    out = json.loads(result.output)
-    assert set(out) == {"eer", "min_dcf", "trials", "missing"}
-    assert out["trials"] == len(lines) - 1 and out["missing"] == 1
-    assert out["eer"] == 0.0 and out["min_dcf"] == 0.0  # synthetic speakers are well apart
+    out = json.loads(result.output[result.output.index("["):])
+    assert len(out) == 1
+    out = out[0]
+    assert {"eer", "min_dcf", "act_dcf", "trials", "missing", "missing_ids", "list", "norm", "model"} <= set(out)
+    assert out["trials"] == len(lines) - 1 and out["missing"] == 1 and out["missing_ids"] == ["spk9/vid0/00000.wav"]
+    assert out["eer"] == 0.0 and out["min_dcf"] == {"0.01": 0.0, "0.05": 0.0}  # synthetic speakers are well apart
     written = scores.read_text().splitlines()
     assert len(written) == out["trials"]
     a, b, score, label = written[0].split()
     assert (a, b, label) == ("spk0/vid0/00000.wav", "spk0/vid0/00001.wav", "target") and -1 <= float(score) <= 1
     # the same numbers through the API, and the text output
-    api = vox_store.score(trials)
+    api = vox_store.score(trials)["results"][0]
     assert api["eer"] == out["eer"] and api["targets"] + api["nontargets"] == out["trials"]
     result = CliRunner().invoke(cli, ["score", str(vox_store.path), str(trials), "--p-target", "0.05"])
-    assert result.exit_code == 0 and "EER       0.00%" in result.output and "1 missing" in result.output
+    assert result.exit_code == 0, result.output
+    row = next(line.split() for line in result.output.splitlines() if line.startswith("trials.txt"))
+    assert row == ["trials.txt", "none", str(len(lines) - 1), "1", "0.000", "0.0000", "0.0000"]
+    assert "1 of 67 trials skipped" in result.output
 
 
 def test_score_cosine_values_are_exact(vox_store, tmp_path):
@@ -115,7 +121,7 @@ def test_score_cosine_values_are_exact(vox_store, tmp_path):
     trials = tmp_path / "t.txt"
     trials.write_text("ds/spk0/vid0/00000 ds/spk1/vid1/00001 nontarget\nds/spk0/vid0/00000 ds/spk0/vid1/00001 target\n")
     scores = tmp_path / "s.txt"
-    vox_store.score(trials, scores_out=str(scores))
+    vox_store.score(trials, scores=str(scores))
     got = [float(line.split()[2]) for line in scores.read_text().splitlines()]
     a = vec["ds/spk0/vid0/00000"]
     for value, other in zip(got, ["ds/spk1/vid1/00001", "ds/spk0/vid1/00001"]):
@@ -160,10 +166,10 @@ def test_real_eer_and_audio_search_with_the_default_model(real_store, shared_dat
     # one test, so pytest-xdist never extracts the corpus twice (once per worker)
     result = CliRunner().invoke(cli, ["score", str(real_store.path), str(shared_data / "trials.txt"), "--json"])
     assert result.exit_code == 0, result.output
-    out = json.loads(result.output)
+    out = json.loads(result.output)[0]
     assert out["trials"] == 4950 and out["missing"] == 0
     assert out["eer"] <= 0.01, out
-    assert 0 <= out["min_dcf"] <= 1
+    assert 0 <= out["min_dcf"]["0.01"] <= 1
     # --audio embeds with the store's model: the file itself comes back first, at ~1.0
     audio = sorted(shared_data.glob("*/*.flac"))[0]
     found = real_store.similar(audio=audio, k=5)
