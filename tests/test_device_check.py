@@ -62,9 +62,9 @@ def test_targets_are_judged_from_the_phases() -> None:
     gpu_check = load_module("gpu_check")
     phases = {
         "e2e:resnet34:fp32:w1": {"x_realtime_from_start": 8000.0, "fraction_of_model_only_from_start": 0.8,
-                                 "gpu_busy_steady": {"mean_busy_pct": 95.0}},
+                                 "gpu_busy_steady": {"samples": 40, "mean_busy_pct": 95.0}},
         "e2e:resnet34:bf16:w2": {"x_realtime_from_start": 12000.0, "fraction_of_model_only_from_start": 0.92,
-                                 "fraction_of_model_only_steady": 0.97, "gpu_busy_steady": {"mean_busy_pct": 85.0}},
+                                 "fraction_of_model_only_steady": 0.97, "gpu_busy_steady": {"samples": 40, "mean_busy_pct": 85.0}},
         "model:resnet34": {"dtypes": {"fp32": {"masked_vs_own_embed_file": {"min": 0.999995}}}},
         "model:ecapa": {"dtypes": {"fp32": {"masked_vs_own_embed_file": {"min": 0.9999}}}},
         "e2e:ecapa:fp32:w1": {"x_realtime_from_start": 50000.0},  # not ResNet34: not the target's run

@@ -258,16 +258,27 @@ class ChildResult:
 
 
 def nvidia_smi() -> dict[str, Any]:
+    """The GPUs as nvidia-smi names them; the extra fields in a query of their own, so
+    one the driver does not know cannot cost the name."""
     if shutil.which("nvidia-smi") is None:
         return {"available": False}
-    query = "name,driver_version,memory.total,clocks.max.sm,power.limit,pstate"
-    try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return {"available": False, "error": str(exc)}
-    gpus = [dict(zip(query.split(","), (v.strip() for v in line.split(",")))) for line in out.stdout.splitlines() if line]
-    return {"available": out.returncode == 0, "gpus": gpus, "error": short(out.stderr, 300) if out.returncode else None}
+    out: dict[str, Any] = {"available": True, "gpus": []}
+    for query in ("name,driver_version,memory.total", "pstate,clocks.sm,clocks.max.sm,power.limit,temperature.gpu"):
+        try:
+            run = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            out.setdefault("errors", []).append(str(exc))
+            continue
+        if run.returncode != 0:
+            out.setdefault("errors", []).append(short(run.stdout + run.stderr, 300))
+            continue
+        for k, line in enumerate(l for l in run.stdout.splitlines() if l.strip()):
+            if k >= len(out["gpus"]):
+                out["gpus"].append({})
+            out["gpus"][k].update(zip(query.split(","), (v.strip() for v in line.split(","))))
+    out["available"] = bool(out["gpus"])
+    return out
 
 
 def phase_env(args: argparse.Namespace, record: Record) -> dict[str, Any]:
@@ -275,7 +286,8 @@ def phase_env(args: argparse.Namespace, record: Record) -> dict[str, Any]:
     child = child_json(args, "env", {"device": args.device, "quick": args.quick}, timeout=120)
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     machine = {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(), "nvidia_smi": smi,
@@ -420,14 +432,12 @@ def make_shard(job: dict[str, Any]) -> dict[str, Any]:
         else:
             seconds = float(np.clip(rng.lognormal(np.log(job["mean_s"]), 0.45), lo, hi))
         need = int(seconds * RATE)
-        parts, have = [], 0
-        while have < need:
-            utt = sources[spk][int(rng.integers(len(sources[spk])))]
-            parts.append(utt)
-            have += len(utt)
-        joined = np.concatenate(parts)
+        # the speaker's utterances in a random order, cut at a random start with a random
+        # gain: no two files share bytes, so dedup skips nothing
+        joined = np.concatenate([sources[spk][i] for i in rng.permutation(len(sources[spk]))])
+        if len(joined) < need:
+            joined = np.tile(joined, need // len(joined) + 1)
         start = int(rng.integers(0, len(joined) - need + 1))
-        # a random cut and gain: no two files share bytes, so dedup skips nothing
         wav = joined[start : start + need] * float(rng.uniform(0.5, 1.0))
         path = base / spk / f"{spk}-{shard:02d}-{k:05d}.{'flac' if k % 2 == 0 else 'wav'}"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -580,8 +590,8 @@ def child_model(job: dict[str, Any], result: ChildResult) -> None:
     # oversubscribed threads there cost more than they give
     torch.set_num_threads(min(16, os.cpu_count() or 1) if cuda else 1)
     out.update(label=job["label"], spec=spec, device=device, steps={}, dtypes={})
-    # the frame budget a pipeline worker gets: computed, as the run's parent does, before
-    # anything else is on the GPU
+    # the frame budget a pipeline worker gets, computed as the run's parent computes it
+    # (there, too, a CUDA context and little else is on the GPU)
     ref = load(spec, device=device, dtype="fp32")
     batch_frames = default_batch_frames(device, ref.batching)
     claim_items = 512 if cuda else 64
@@ -642,10 +652,13 @@ def child_model(job: dict[str, Any], result: ChildResult) -> None:
                                                passes=job["passes"])
             result.save()
             ordered = sorted(items, key=lambda x: x.feats.shape[0])
-            entry["model_only_length_order"] = time_forward(
-                enc, claim_groups(ordered, claim_items, 2 * batch_frames), batching=enc.batching,
-                batch_frames=batch_frames, audio_s=audio_s, plan_batches=plan_batches,
-                time_left=share / 2, gflop=out.get("gflop_per_audio_s"), passes=job["passes"])
+            if time.time() > deadline:  # the claim-order number is the one the runs need
+                entry["model_only_length_order"] = {"skipped": "no time left in the phase"}
+            else:
+                entry["model_only_length_order"] = time_forward(
+                    enc, claim_groups(ordered, claim_items, 2 * batch_frames), batching=enc.batching,
+                    batch_frames=batch_frames, audio_s=audio_s, plan_batches=plan_batches,
+                    time_left=share / 2, gflop=out.get("gflop_per_audio_s"), passes=job["passes"])
             result.mark(f"{dtype}_model_only")
             if cuda:
                 entry["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -720,6 +733,23 @@ def decode_all(paths: list[str]) -> list[np.ndarray]:
         return list(pool.map(lambda p: load_for_model(p, RATE), paths))
 
 
+def remember_model(state: dict[str, Any], label: str, result: dict[str, Any], ref_file: Path) -> None:
+    """What the end-to-end runs use of a model phase: model-only speeds, the reference."""
+    state.setdefault("model_only", {})[label] = {d: (e.get("model_only") or {}).get("x_realtime")
+                                                  for d, e in (result.get("dtypes") or {}).items()}
+    if ref_file.exists():
+        state.setdefault("reference", {})[label] = str(ref_file)
+
+
+def reuse_model(args: argparse.Namespace, label: str, state: dict[str, Any]) -> str:
+    """A skipped model phase: an earlier run's numbers from the work folder, if any."""
+    result_file = Path(args.work) / f"result-model-{label}.json"
+    if not result_file.exists():
+        return "not asked for"
+    remember_model(state, label, json.loads(result_file.read_text()), Path(args.work) / f"reference-{label}.npy")
+    return f"not asked for; the end-to-end runs use the model-only speeds and reference of {result_file}"
+
+
 def phase_model(args: argparse.Namespace, label: str, state: dict[str, Any], seconds: float) -> dict[str, Any]:
     corpus = state["corpus"]
     files = [p for s in corpus["shards"] for p in sorted(Path(s["path"]).rglob("*")) if p.suffix in (".flac", ".wav")]
@@ -731,10 +761,7 @@ def phase_model(args: argparse.Namespace, label: str, state: dict[str, Any], sec
            "fidelity": corpus["fidelity"], "sample": sample, "seconds": seconds * 0.85,
            "reference_file": str(ref_file), "quick": args.quick, "passes": 1 if args.quick else 3}
     result = child_json(args, "model", job, timeout=seconds + 30)
-    state.setdefault("model_only", {})[label] = {d: (e.get("model_only") or {}).get("x_realtime")
-                                                  for d, e in (result.get("dtypes") or {}).items()}
-    if ref_file.exists():
-        state.setdefault("reference", {})[label] = str(ref_file)
+    remember_model(state, label, result, ref_file)
     bad = [d for d, e in (result.get("dtypes") or {}).items() if not str(e.get("status", "")).startswith("ok")]
     if bad and "status" not in result:
         result["status"] = "partial"
@@ -754,6 +781,11 @@ class GpuSampler:
         self.proc: subprocess.Popen | None = None
         self.thread: threading.Thread | None = None
         self.error: str | None = None
+        # NVML (the library nvidia-smi reads) sampled alongside: a cross-check, and the
+        # numbers if nvidia-smi's output never arrives
+        self.nvml_samples: list[tuple[float, float, float]] = []
+        self._stop = threading.Event()
+        self._nvml: threading.Thread | None = None
 
     def start(self) -> "GpuSampler":
         if shutil.which("nvidia-smi") is None:
@@ -770,7 +802,30 @@ class GpuSampler:
             return self
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
+        self._nvml = threading.Thread(target=self._sample_nvml, daemon=True)
+        self._nvml.start()
         return self
+
+    def _sample_nvml(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:
+            return
+        try:
+            while not self._stop.wait(0.2):
+                rates = pynvml.nvmlDeviceGetUtilizationRates(handle)
+                used = pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20
+                self.nvml_samples.append((time.time(), float(rates.gpu), float(used)))
+        except Exception:
+            return
+        finally:
+            try:
+                pynvml.nvmlShutdown()
+            except Exception:
+                pass
 
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -788,6 +843,9 @@ class GpuSampler:
                 continue
 
     def stop(self) -> None:
+        self._stop.set()
+        if self._nvml is not None:
+            self._nvml.join(timeout=3)
         if self.proc is None:
             return
         self.proc.send_signal(signal.SIGINT)
@@ -800,14 +858,28 @@ class GpuSampler:
             self.thread.join(timeout=3)
 
     def window(self, start: float, end: float) -> dict[str, Any]:
-        inside = [s for s in self.samples if start <= s[0] <= end]
-        if not inside:
-            return {"samples": 0, "error": self.error or "no samples in the window"}
-        busy = np.array([s[1] for s in inside])
-        return {"samples": len(inside), "mean_busy_pct": round(float(busy.mean()), 1),
-                "median_busy_pct": round(float(np.median(busy)), 1),
-                "share_of_samples_at_90_pct_or_more": round(float((busy >= 90).mean()), 3),
-                "max_memory_used_mib": max(s[2] for s in inside)}
+        out = window_stats(self.samples, start, end)
+        nvml = window_stats(self.nvml_samples, start, end)
+        if not out["samples"] and nvml["samples"]:
+            return {**nvml, "source": "nvml (nvidia-smi gave no samples)"}
+        if not out["samples"]:
+            out["error"] = self.error or "no samples in the window"
+        else:
+            out["source"] = "nvidia-smi"
+            if nvml["samples"]:
+                out["nvml_mean_busy_pct"] = nvml["mean_busy_pct"]
+        return out
+
+
+def window_stats(samples: list[tuple[float, float, float]], start: float, end: float) -> dict[str, Any]:
+    inside = [s for s in samples if start <= s[0] <= end]
+    if not inside:
+        return {"samples": 0}
+    busy = np.array([s[1] for s in inside])
+    return {"samples": len(inside), "mean_busy_pct": round(float(busy.mean()), 1),
+            "median_busy_pct": round(float(np.median(busy)), 1),
+            "share_of_samples_at_90_pct_or_more": round(float((busy >= 90).mean()), 3),
+            "max_memory_used_mib": max(s[2] for s in inside)}
 
 
 def e2e_configs(args: argparse.Namespace) -> list[tuple[str, str, int]]:
@@ -817,7 +889,8 @@ def e2e_configs(args: argparse.Namespace) -> list[tuple[str, str, int]]:
         return [(first, "fp32", 1), (first, "bf16", 1), (first, "fp32", 2)] if args.device != "cpu" else [(first, "fp32", 1)]
     # in priority order: runs the budget cannot fit any more are skipped from the end
     configs = [(first, "fp32", 1), (first, "bf16", 1), (first, "bf16", 2), (first, "fp32", 2)]
-    return configs + [(label, "fp32", 1) for label in labels[1:]] + [(first, "tf32", 1)]
+    configs += [(label, "fp32", 1) for label in labels[1:]]
+    return configs + ([(first, "tf32", 1)] if args.device.startswith("cuda") else [])
 
 
 def e2e_name(config: tuple[str, str, int]) -> str:
@@ -962,6 +1035,9 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     phases = data["phases"]
     runs = [(n, p) for n, p in phases.items() if n.startswith("e2e:resnet34:") and p.get("x_realtime_from_start")]
     best_name, best = max(runs, key=lambda r: r[1]["x_realtime_from_start"]) if runs else (None, {})
+    busy = best.get("gpu_busy_steady") or {}
+    if not busy.get("samples"):  # one commit only: no steady window, the extract's whole time
+        busy = best.get("gpu_busy_extract") or {}
     out = [
         {"target": f"ResNet34 end to end >= {TARGET_X_REALTIME:,.0f}x realtime (process start to last commit)",
          "value": best.get("x_realtime_from_start"), "where": best_name,
@@ -972,9 +1048,8 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
          "met": None if best.get("fraction_of_model_only_from_start") is None else
          best["fraction_of_model_only_from_start"] >= TARGET_FRACTION},
         {"target": f"... GPU busy >= {TARGET_BUSY:.0f} % (nvidia-smi, steady state)",
-         "value": (best.get("gpu_busy_steady") or {}).get("mean_busy_pct"), "where": best_name,
-         "met": None if (best.get("gpu_busy_steady") or {}).get("mean_busy_pct") is None else
-         best["gpu_busy_steady"]["mean_busy_pct"] >= TARGET_BUSY},
+         "value": busy.get("mean_busy_pct"), "where": best_name,
+         "met": None if busy.get("mean_busy_pct") is None else busy["mean_busy_pct"] >= TARGET_BUSY},
     ]
     for name, phase in phases.items():
         if name.startswith("model:"):
@@ -1100,14 +1175,14 @@ def main_check(args: argparse.Namespace) -> int:
     for i, label in enumerate(labels):
         name = f"model:{label}"
         if not ready or not wanted("model"):
-            record.skip(name, "no corpus or model" if not ready else "not asked for")
+            record.skip(name, "no corpus or model" if not ready else reuse_model(args, label, state))
             continue
         if label not in state["specs"]:
             record.skip(name, "its model directory was not made")
             continue
         # the first model gets the larger share: its numbers anchor the end-to-end runs
         seconds = budget.share(0.3 if i == 0 else 0.2, 15 if args.quick else 30, 30 if args.quick else 75)
-        record.run(name, lambda: phase_model(args, label, state, seconds))
+        record.run(name, lambda label=label, seconds=seconds: phase_model(args, label, state, seconds))
     configs = e2e_configs(args)
     for k, config in enumerate(configs):
         name = e2e_name(config)
@@ -1124,7 +1199,7 @@ def main_check(args: argparse.Namespace) -> int:
             continue
         # the first runs get the larger shares: later ones are the first to go
         seconds = max(floor, left / min(len(configs) - k, 4))
-        record.run(name, lambda: phase_e2e(args, config, state, seconds))
+        record.run(name, lambda config=config, seconds=seconds: phase_e2e(args, config, state, seconds))
     record.data["phases"]["report"] = {"status": "ok"}
     record.data["total_s"] = round(time.time() - PROCESS_START, 1)
     record.write()
