@@ -52,8 +52,22 @@ def test_cuda_extraction_equals_embed_file(tmp_path, corpus, features):
     encoder = load(spec)  # the CPU reference path
     by_id = {str(f.relative_to(root).with_suffix("")): f for f in files}
     reference = np.stack([encoder.embed_file(str(by_id[i])) for i in ids])
-    # GPU kernels (TF32 off by default in torch for convs? not always): allow GPU rounding
+    # fp32 is strict on CUDA too (TF32 off), but GPU kernels round differently from CPU ones
     assert cosine_rows(vectors, reference).min() >= 0.9999
+
+
+def test_fp32_masked_batches_are_exact_and_tf32_is_its_own_close_model(corpus):
+    from embstore.models import load
+
+    _, files, spec = corpus
+    fp32 = load(spec, device="cuda")  # strict fp32: TF32 off for the call, cuDNN included
+    feats = [fp32.features(fp32.load(str(f))) for f in files]
+    assert fp32.batching == "masked" and len({len(f) for f in feats}) > 1
+    single = np.stack([fp32.embed_file(str(f)) for f in files])
+    assert cosine_rows(fp32.embed_batch(feats), single).min() >= 0.99999
+    tf32 = load(spec, device="cuda", dtype="tf32")
+    assert tf32.fingerprint != fp32.fingerprint
+    assert cosine_rows(tf32.embed_batch(feats), single).min() >= 0.999
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

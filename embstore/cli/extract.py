@@ -8,6 +8,9 @@ import click
 
 from embstore.cli.common import echo_json, json_option, library_errors, open_store, store_argument
 
+# embstore.models.common.DTYPES, spelled out: importing embstore.models loads NumPy,
+# which `embstore --help` must not (tests/test_tf32.py keeps the two equal)
+DTYPE_CHOICES = ["fp32", "tf32", "bf16", "fp16"]
 EXIT_SOME_FAILED = 3
 EXIT_INTERRUPTED = 130
 EXIT_RUN_ERROR = 4
@@ -25,8 +28,8 @@ EXIT_RUN_ERROR = 4
               help="Feature frames per batch (default: from free GPU memory; tuned for CPU).")
 @click.option("--loader-workers", type=click.IntRange(1, 64), default=None,
               help="Loader threads per worker (read, decode, resample, features).")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
-              help="bf16/fp16 trade exactness for speed; stored as a separate model.")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="fp32", show_default=True,
+              help="tf32 (CUDA only), bf16, fp16 trade exactness for speed; stored as a separate model.")
 @click.option("--max-trim-frames", type=click.IntRange(0), default=0, show_default=True,
               help="Batch lengths that differ by up to K frames by trimming their ends (0 = exact).")
 @click.option("--retry-failed", is_flag=True, help="Try failed items again.")

@@ -193,6 +193,8 @@ def _onnx_spec(model: ModelAtHand) -> str:
 def plan_extraction(manifest: Manifest, options: ExtractOptions) -> ExtractionPlan | ExtractSummary:
     """The plan of a run, or the summary of a run with nothing to do."""
     devices = devices_of(options)
+    if options.dtype == "tf32" and devices[0] == "cpu":
+        raise ExtractionError("--dtype tf32 is a CUDA mode (TF32 matrix units); on CPU use fp32 or bf16")
     quick = quick_nothing_to_do(manifest, options)
     if quick is not None:
         quick.devices = devices

@@ -15,7 +15,11 @@ from embstore.errors import ModelError
 if TYPE_CHECKING:
     import torch
 
-DTYPES = ("fp32", "bf16", "fp16")
+# fp32: exact float32 (on CUDA with TF32 off, whatever the process defaults are);
+# tf32: float32 tensors through CUDA's TF32 matrix units (convs and matmuls, ~1e-4
+# relative error, several times faster on Ampere and later; on CPU it computes fp32);
+# bf16/fp16: torch autocast. Each is part of a model's fingerprint.
+DTYPES = ("fp32", "tf32", "bf16", "fp16")
 
 
 def check_device(device: str) -> None:
@@ -40,15 +44,35 @@ def torch_device(device: str) -> "torch.device":
 
 @contextlib.contextmanager
 def autocast(device: str, dtype: str) -> Iterator[None]:
-    """torch autocast for bf16/fp16 around a forward; nothing for fp32 (the exact path)."""
+    """The precision of one forward: autocast for bf16/fp16; for fp32 and tf32 on CUDA
+    the TF32 switches set for the call (fp32 off, tf32 on) and restored afterwards."""
     import torch
 
-    if dtype == "fp32":
-        yield
+    if dtype in ("fp32", "tf32"):
+        if not device.startswith("cuda"):
+            yield  # CPU kernels have no TF32 mode: both are plain float32 there
+            return
+        with _tf32(dtype == "tf32"):
+            yield
         return
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
     with torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch_dtype):
         yield
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool) -> Iterator[None]:
+    # torch's cuDNN default is TF32 *on* for convs: fp32 must switch it off to be fp32.
+    # The legacy flags, as masked.py uses them: torch refuses a mix of the legacy and the
+    # newer `fp32_precision` API in one process.
+    import torch
+
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def safe_name(text: str) -> str:

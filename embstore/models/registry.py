@@ -10,9 +10,9 @@
     onnx:FILE              a WeSpeaker ONNX export run with onnxruntime; frontend settings
                            from a config.yaml next to it when present
 
-`device`: "cpu", "cuda" or "cuda:N". `dtype`: "fp32" (exact), "bf16" or "fp16" (torch
-autocast around the model forward; part of the fingerprint because it changes the
-numbers). Extra keyword options go to the encoder (e.g. `max_frames` for WeSpeaker/ONNX).
+`device`: "cpu", "cuda" or "cuda:N". `dtype`: "fp32" (exact; TF32 off on CUDA), "tf32"
+(CUDA's TF32 matrix mode; fp32 on CPU), "bf16" or "fp16" (torch autocast around the
+model forward); part of the fingerprint because it changes the numbers. Extra keyword options go to the encoder (e.g. `max_frames` for WeSpeaker/ONNX).
 
 Encoders return embeddings as computed, NaN/inf included: callers filter rows with
 `embstore.vectors.finite_nonzero` and record those items as failed, so one bad item never
