@@ -204,7 +204,7 @@ def _shard_forward(payload) -> tuple[float, list[tuple[str, np.ndarray]]]:
     spec, device, threads, batch_frames, items, barrier = payload
     import torch
 
-    from embstore.extract.plan import default_batch_frames
+    from embstore.extract.batching import default_batch_frames
     from embstore.extract.batching import Loaded, plan_batches
     from embstore.models import load
 

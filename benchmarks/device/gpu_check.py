@@ -577,7 +577,7 @@ def child_model(job: dict[str, Any], result: ChildResult) -> None:
     import torch
 
     from embstore.extract.batching import Loaded, plan_batches
-    from embstore.extract.plan import default_batch_frames
+    from embstore.extract.batching import default_batch_frames
     from embstore.models import load
     from embstore.vectors import cosine_rows
 

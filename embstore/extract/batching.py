@@ -2,7 +2,9 @@
 
     any     items of any lengths together, up to the frame budget
     masked  sorted by length, padded to the batch's longest, the encoder masks the rest;
-            a batch costs (items x longest) frames, which must fit the budget
+            a batch costs (items x longest) frames, which must fit the budget, and its
+            padding stays under MAX_PADDING of its real frames (padding is compute spent
+            on nothing, however large the budget a GPU allows)
     equal   buckets of one feature length only (optionally trimming up to K frames off
             longer items, when the user asked for it); no padding at all
 """
@@ -15,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from embstore.extract.messages import ClaimedTask
+
+MAX_PADDING = 0.15
 
 
 @dataclass
@@ -66,13 +70,16 @@ def _any_batches(items: list[Loaded], batch_frames: int) -> tuple[list[list[Load
 def _masked_batches(ordered: list[Loaded], batch_frames: int) -> tuple[list[list[Loaded]], int, int]:
     batches: list[list[Loaded]] = []
     batch: list[Loaded] = []
+    real = 0
     for x in ordered:
         n = x.feats.shape[0]
         # sorted ascending: this item is the batch's longest, so the batch costs (len+1) * n
-        if batch and (len(batch) + 1) * n > batch_frames:
+        cost = (len(batch) + 1) * n
+        if batch and (cost > batch_frames or cost > (1 + MAX_PADDING) * (real + n)):
             batches.append(batch)
-            batch = []
+            batch, real = [], 0
         batch.append(x)
+        real += n
     if batch:
         batches.append(batch)
     real = sum(x.feats.shape[0] for b in batches for x in b)
@@ -99,3 +106,21 @@ def _equal_batches(ordered: list[Loaded], batch_frames: int, max_trim: int) -> t
             batches.append(group[start : start + per_batch])
         real += n * len(group)
     return batches, real, real
+
+
+def default_batch_frames(device: str, batching: str, workers_per_device: int = 1) -> int:
+    """Feature frames per batch: on CUDA from the device's free memory (shared by the
+    workers on it); on CPU what pays there."""
+    if device.startswith("cuda"):
+        try:
+            import torch
+
+            free, _ = torch.cuda.mem_get_info(int(device.split(":")[1]) if ":" in device else 0)
+            # ~64 KB of activations per frame for ResNet34-sized models at fp32, with headroom;
+            # an out-of-memory halves it at run time anyway
+            return int(max(20_000, min(2_000_000, free * 0.5 / 65536 / max(1, workers_per_device))))
+        except Exception:
+            return 200_000
+    # on CPU large batches do not pay (ResNet34: batch 8 is slower per item than batch 1),
+    # and padding costs real compute: masked batches only pack short items together
+    return {"any": 16_000, "masked": 1_000}.get(batching, 6_000)

@@ -28,7 +28,7 @@ class WorkerSetup:
     device: str
     dtype: str
     batching: str  # any | masked | equal: how this run batches
-    batch_frames: int
+    batch_frames: int | None  # None: sized by the worker from its device's free memory
     claim_items: int
     loader_workers: int
     threads: int
@@ -37,6 +37,7 @@ class WorkerSetup:
     index: int = 0  # which worker of the run: the writer counts finished workers by it
     device_features: bool = False  # fbank on the model's device, batched (GPU); loaders only decode
     fingerprint: str | None = None  # what the loaded model must fingerprint as (None: not checked)
+    workers_per_device: int = 1  # workers sharing this device (its memory)
 
     @property
     def claim_order(self) -> str:

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from embstore.errors import ExtractionError
+from embstore.extract.batching import default_batch_frames
 from embstore.extract.messages import WorkerSetup
 from embstore.extract.options import ExtractOptions
 from embstore.extract.summary import ExtractSummary
@@ -76,33 +77,22 @@ def _check_cuda(highest: int) -> None:
         raise ExtractionError(f"GPU {highest} requested but only {torch.cuda.device_count()} visible")
 
 
-def default_batch_frames(device: str, batching: str) -> int:
-    if device.startswith("cuda"):
-        try:
-            import torch
-
-            free, _ = torch.cuda.mem_get_info(int(device.split(":")[1]) if ":" in device else 0)
-            # ~64 KB of activations per frame for ResNet34-sized models at fp32, with headroom;
-            # an out-of-memory halves it at run time anyway
-            return int(max(20_000, min(2_000_000, free * 0.5 / 65536)))
-        except Exception:
-            return 200_000
-    # on CPU large batches do not pay (ResNet34: batch 8 is slower per item than batch 1),
-    # and padding costs real compute: masked batches only pack short items together
-    return {"any": 16_000, "masked": 1_000}.get(batching, 6_000)
-
-
 def worker_setups(plan: ExtractionPlan, options: ExtractOptions) -> list[WorkerSetup]:
     cpu_count = os.cpu_count() or 1
     n = len(plan.devices)
-    threads = options.threads or max(1, cpu_count // n if plan.devices[0] == "cpu" else 2)
+    on_gpu = plan.devices[0] != "cpu"
+    threads = options.threads or max(1, cpu_count // n if not on_gpu else 2)
+    # a GPU worker's loaders feed a fast model: the cores its compute thread leaves
+    loaders = options.loader_workers or (max(6, (cpu_count - n) // n) if on_gpu else 2)
     return [
         WorkerSetup(
             model_spec=plan.worker_spec, model_id=plan.model_id, device=device, dtype=options.dtype,
             batching=plan.batching,
-            batch_frames=options.batch_frames or default_batch_frames(device, plan.batching),
+            # None: the worker sizes it from its device (the parent never touches CUDA)
+            batch_frames=options.batch_frames or (None if device.startswith("cuda") else default_batch_frames(device, plan.batching)),
+            workers_per_device=plan.devices.count(device),
             claim_items=512 if device.startswith("cuda") else 64,
-            loader_workers=options.loader_workers or (6 if device.startswith("cuda") else 2),
+            loader_workers=loaders,
             threads=threads, lease_seconds=options.lease_seconds, max_trim_frames=options.max_trim_frames,
             index=index, device_features=plan.device_features, fingerprint=plan.expected_fingerprint,
         )

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from embstore.extract.batching import Loaded, plan_batches
+from embstore.extract.batching import Loaded, default_batch_frames, plan_batches
 from embstore.extract.client import ClaimBudget, ManifestClient, SqliteManifestClient
 from embstore.extract.loading import load_claim
 from embstore.extract.messages import ItemFailure, ItemOutcome, ItemResult, WorkerFailed, WorkerSetup, WorkerStats
@@ -80,7 +80,8 @@ class Worker:
         self.outstanding = 0  # claims loaded and handed to the compute side, not yet sent
         self.outstanding_lock = threading.Lock()
         self.feeder_error: BaseException | None = None
-        self.batch_frames = setup.batch_frames
+        self.batch_frames = setup.batch_frames or default_batch_frames(setup.device, setup.batching,
+                                                                     setup.workers_per_device)
         self.batches = self.batch_items = self.real_frames = self.padded_frames = 0
         self.recent: OrderedDict[tuple, np.ndarray] = OrderedDict()
 

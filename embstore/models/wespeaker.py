@@ -225,7 +225,11 @@ class WeSpeakerEncoder(FbankEncoder):
 
         if isinstance(batch, torch.Tensor):
             return batch.to(self._torch_device, torch.float32)
-        return torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self._torch_device)
+        host = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        if self._torch_device.type == "cuda":
+            # one copy per batch from pinned memory, without stalling the host
+            return host.pin_memory().to(self._torch_device, non_blocking=True)
+        return host
 
     def _forward(self, batch: Any) -> np.ndarray:
         import torch
@@ -238,11 +242,20 @@ class WeSpeakerEncoder(FbankEncoder):
 
         if self._masked is None:
             return super()._forward_padded(pieces)
+        # lengths stay on the CPU: the adapter needs them there, and a device copy would
+        # cost a wait on the GPU per batch
         lengths = torch.tensor([len(p) for p in pieces], dtype=torch.long)
-        padded = torch.zeros(len(pieces), int(lengths.max()), self.fbank_config.num_mel_bins, device=self._torch_device)
-        for i, p in enumerate(pieces):
-            padded[i, : len(p)] = self._to_device(p)
+        shape = (len(pieces), int(lengths.max()), self.fbank_config.num_mel_bins)
+        if all(isinstance(p, np.ndarray) for p in pieces):
+            host = np.zeros(shape, dtype=np.float32)  # padded on the host, one copy to the device
+            for i, p in enumerate(pieces):
+                host[i, : len(p)] = p
+            padded = self._to_device(host)
+        else:  # features computed on the device already
+            padded = torch.zeros(shape, device=self._torch_device)
+            for i, p in enumerate(pieces):
+                padded[i, : len(p)] = self._to_device(p)
         with torch.inference_mode(), autocast(self.device, self.dtype):
-            out = self._masked(padded, lengths.to(self._torch_device))
+            out = self._masked(padded, lengths)
         return out.float().cpu().numpy()
 
