@@ -24,6 +24,7 @@ import logging
 import math
 import signal
 import threading
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,6 +117,8 @@ class ClusterRun(RunProcesses):
         self.wanted = 0  # replacements to start once the cluster has room
         self.lost_with_node = self.lost_alone = 0
         self.stopping = False
+        # actor names: unique per run, also across stores sharing the cluster
+        self.token = f"{tasks.HOST}-{summary.run_id}-{uuid.uuid4().hex[:8]}"
 
     # -- placement ------------------------------------------------------------------
 
@@ -150,7 +153,7 @@ class ClusterRun(RunProcesses):
     def _start_actor(self, ray: Any, options: dict[str, Any]) -> None:
         index = len(self.slots)
         setup = dataclasses.replace(self.template, index=index, threads=self.options.threads or options.get("num_cpus", 1))
-        actor = self.Worker.options(**options, name=f"embstore-{self.summary.run_id}-worker-{index}").remote(
+        actor = self.Worker.options(**options, name=f"embstore-{self.token}-worker-{index}").remote(
             setup, self.coordinator, self.summary.run_id, self.options.path_pairs(), self.options.features
         )
         slot = Slot(index, actor, options)
@@ -168,7 +171,7 @@ class ClusterRun(RunProcesses):
         store_path = str(self.manifest.path)
         self.coordinator = Coordinator.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
-            name=f"embstore-{self.summary.run_id}-coordinator",
+            name=f"embstore-{self.token}-coordinator",
         ).remote(store_path, store_identity(store_path), self.plan.model_id, self.summary.run_id,
                  self.options.lease_seconds, self.setups[0].claim_order, self.options.limit)
         kind, placements = self._placements(ray)
@@ -254,10 +257,19 @@ class ClusterRun(RunProcesses):
 
     def _lost(self, ray: Any, slot: Slot, exc: BaseException) -> None:
         """An actor is gone: free what it held at once; blame its items only when its
-        node lives on (a lost node is not the items' fault)."""
+        process died on a node that lives on. A lost node (or network) shows first as
+        ActorUnavailableError, seconds before Ray declares the node dead: not the items'
+        fault either way."""
+        from ray.exceptions import ActorDiedError
+
         slot.phase, slot.lost = "done", True
+        # given up on: should an unreachable one come back, it must not claim more
+        # (its late results would be dropped at commit anyway: we freed its claims)
+        ray.kill(slot.actor)
         joined = slot.joined
-        node_alive = joined is not None and any(n["NodeID"] == joined.node_id and n["Alive"] for n in ray.nodes())
+        node_alive = isinstance(exc, ActorDiedError) and joined is not None and any(
+            n["NodeID"] == joined.node_id and n["Alive"] for n in ray.nodes()
+        )
         if joined is not None:
             where = node_name(joined.node_id, joined.node_ip)
             self.nodes[where].lost += 1
@@ -272,12 +284,23 @@ class ClusterRun(RunProcesses):
             self.wanted += 1
 
     def _room(self, ray: Any) -> bool:
-        """Whether the cluster could take a replacement now."""
-        free = ray.available_resources()
-        need = self.slots[0].options if self.slots else {}
-        if need.get("num_gpus") and free.get("GPU", 0) < need["num_gpus"]:
-            return False
-        return free.get("CPU", 0) >= min(need.get("num_cpus", 1), 1)
+        """Whether the live nodes have a GPU (or CPU) that no worker of this run holds:
+        counted from the nodes Ray says are alive, not from its resource view, which
+        keeps a lost node's GPUs for a while."""
+        alive = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+        live = [s.options for s in self.slots if s.phase != "done"]
+        need = self._replacement_options()
+        for key, option in (("GPU", "num_gpus"), ("CPU", "num_cpus")):
+            free = sum(r.get(key, 0) for r in alive) - sum(o.get(option, 0) for o in live)
+            if need.get(option, 0) > free:
+                return False
+        return True
+
+    def _replacement_options(self) -> dict[str, Any]:
+        options = dict(self.slots[0].options)
+        if "num_gpus" not in options:  # a CPU worker goes wherever there is a CPU
+            options.update(num_cpus=1, scheduling_strategy="SPREAD")
+        return options
 
     def _replace(self, ray: Any) -> None:
         if not self.wanted or self.stopping:
@@ -289,10 +312,7 @@ class ClusterRun(RunProcesses):
         while self.wanted and self.replacements_left and self._room(ray):
             self.wanted -= 1
             self.replacements_left -= 1
-            options = dict(self.slots[0].options)
-            if "num_gpus" not in options:  # a CPU worker goes wherever there is a CPU
-                options.update(num_cpus=1, scheduling_strategy="SPREAD")
-            self._start_actor(ray, options)
+            self._start_actor(ray, self._replacement_options())
 
     def _poll(self, ray: Any) -> None:
         progress = ray.get(self.coordinator.poll.remote())
