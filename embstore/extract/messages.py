@@ -11,7 +11,7 @@
 On a cluster (embstore.extract.cluster) the manifest and the writer sit behind the
 coordinator actor, and these travel as actor calls as well:
 
-    worker      --ClaimRequest | LeaseRequest | DedupRequest--> coordinator
+    worker      --ClaimRequest | LeaseRequest | DedupRequest | PackedResults--> coordinator
     coordinator --ClusterModel | DedupRows--> worker
     worker      --WorkerJoined | WorkerDone--> driver      (returns of the actor's calls)
     driver      --WorkerDied--> coordinator
@@ -192,6 +192,21 @@ class DedupRequest:
 @dataclass(frozen=True)
 class DedupRows:
     rows: dict
+
+
+@dataclass(frozen=True)
+class PackedResults:
+    """A claim's results as a few arrays: how a cluster worker's ResultBatch travels
+    (one pickle of arrays, not of hundreds of objects each holding its own vector).
+    Failures and results that reuse a done row travel as they are, in `others`."""
+
+    owner: str
+    task_ids: np.ndarray  # int64 [n]
+    item_ids: np.ndarray  # int64 [n]
+    seconds: np.ndarray  # float64 [n]
+    hashes: tuple  # content hash (or None) per result
+    vectors: np.ndarray  # float32 [n, dim]
+    others: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -376,8 +376,10 @@ def rows_of_identical_audio(
     found: dict[tuple[str, float | None, float | None], int] = {}
     for r in select_in(
         conn,
-        "SELECT f.content_hash, i.start, i.end, t.row FROM files f JOIN items i ON i.file_id = f.id"
-        " JOIN tasks t ON t.item_id = i.id WHERE f.content_hash IN ({marks})"
+        # CROSS JOIN keeps this order (hash index first): left to SQLite, it walks every
+        # done row of the model instead, a cost that grows with the store
+        "SELECT f.content_hash, i.start, i.end, t.row FROM files f CROSS JOIN items i ON i.file_id = f.id"
+        " CROSS JOIN tasks t ON t.item_id = i.id WHERE f.content_hash IN ({marks})"
         " AND t.model_id = ? AND t.status = 'done' AND t.row IS NOT NULL",
         list(by_hash), params_after=(model_id,),
     ):

@@ -18,9 +18,10 @@ from collections import deque
 from typing import Any, Sequence
 
 from embstore.extract.client import DedupKey, ManifestClient
+from embstore.extract.cluster.wire import pack
 from embstore.extract.cluster.nodes import local_spec, missing_roots_line, node_name, resolve_roots
 from embstore.extract.messages import (
-    ClaimedTask, ClaimRequest, ClusterModel, DedupRequest, ItemOutcome, LeaseRequest, ProgressReport, ResultBatch,
+    ClaimedTask, ClaimRequest, ClusterModel, DedupRequest, ItemOutcome, LeaseRequest, ProgressReport,
     WorkerDone, WorkerFailed, WorkerFinished, WorkerJoined, WorkerSetup,
 )
 from embstore.extract.outbox import Outbox
@@ -74,8 +75,9 @@ class RemoteOutbox(Outbox):
     bounded and a slow commit slows the workers instead of queueing without end);
     reports kept for the driver, which gets them when the actor's run returns."""
 
-    def __init__(self, coordinator: Any):
+    def __init__(self, coordinator: Any, owner: str):
         self.coordinator = coordinator
+        self.owner = owner
         self.pending: deque = deque()
         self.reports: list[ProgressReport] = []
         self.lock = threading.Lock()
@@ -83,7 +85,7 @@ class RemoteOutbox(Outbox):
     def results(self, outcomes: list[ItemOutcome]) -> None:
         import ray
 
-        self.pending.append(self.coordinator.results.remote(ResultBatch(outcomes)))
+        self.pending.append(self.coordinator.results.remote(pack(self.owner, outcomes)))
         while len(self.pending) > RESULTS_IN_FLIGHT:
             ray.get(self.pending.popleft())
 
@@ -172,7 +174,7 @@ class WorkerActor:
     def run(self) -> WorkerDone:
         from embstore.extract.worker import Worker, one_line
 
-        outbox = RemoteOutbox(self.coordinator)
+        outbox = RemoteOutbox(self.coordinator, self.owner)
         if self.client is None:
             return WorkerDone(self.owner, (WorkerFailed(self.owner, f"{self.node}: run before a successful start"),))
         try:

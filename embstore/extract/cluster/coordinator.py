@@ -21,9 +21,10 @@ from typing import Callable
 from embstore.errors import ExtractionError
 from embstore.extract.client import to_claimed
 from embstore.extract.messages import (
-    ClaimedTask, ClaimRequest, ClusterModel, CoordinatorProgress, DedupRequest, DedupRows, LeaseRequest, ResultBatch,
+    ClaimedTask, ClaimRequest, ClusterModel, CoordinatorProgress, DedupRequest, DedupRows, LeaseRequest, PackedResults,
     WorkerDied, WorkerFinished, Written,
 )
+from embstore.extract.cluster.wire import unpack
 from embstore.extract.writer import ZarrWriter, writer_failure
 from embstore.manifest import tasks
 from embstore.manifest.connection import immediate
@@ -98,8 +99,8 @@ class Coordinator:
 
     # -- results --------------------------------------------------------------------
 
-    def results(self, batch: ResultBatch) -> None:
-        self.writer.write_batch(batch.outcomes)
+    def results(self, batch: PackedResults) -> None:
+        self.writer.write_batch(unpack(batch))
         if self.writer.due():
             self._flush()
 

@@ -1,0 +1,35 @@
+"""Results on the wire between a cluster worker and the coordinator: `PackedResults`.
+
+Hundreds of `ItemResult`s, each with its own small vector, pickle slowly; the same
+results as a handful of arrays cost a fraction of it (the coordinator's one core is
+what a large cluster shares). Packing is exact: unpacking gives back equal outcomes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from embstore.extract.messages import ItemOutcome, ItemResult, PackedResults
+
+
+def pack(owner: str, outcomes: list[ItemOutcome]) -> PackedResults:
+    fresh = [o for o in outcomes if isinstance(o, ItemResult) and o.vector is not None and o.owner == owner]
+    others = tuple(o for o in outcomes if not (isinstance(o, ItemResult) and o.vector is not None and o.owner == owner))
+    vectors = np.stack([o.vector for o in fresh]).astype(np.float32, copy=False) if fresh else np.zeros((0, 0), np.float32)
+    return PackedResults(
+        owner,
+        np.fromiter((o.task_id for o in fresh), dtype=np.int64, count=len(fresh)),
+        np.fromiter((o.item_id for o in fresh), dtype=np.int64, count=len(fresh)),
+        np.fromiter((o.seconds for o in fresh), dtype=np.float64, count=len(fresh)),
+        tuple(o.content_hash for o in fresh),
+        vectors,
+        others,
+    )
+
+
+def unpack(packed: PackedResults) -> list[ItemOutcome]:
+    fresh = [
+        ItemResult(int(t), int(i), packed.owner, h, float(s), v)
+        for t, i, s, h, v in zip(packed.task_ids, packed.item_ids, packed.seconds, packed.hashes, packed.vectors)
+    ]
+    return fresh + list(packed.others)
