@@ -224,7 +224,7 @@ class WorkerDone:
     """What a worker actor's run returns: its reports, in order (stats, failures)."""
 
     owner: str
-    reports: tuple
+    reports: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -153,7 +153,7 @@ def m003_done_rows_index(db: Database) -> None:
 
 
 @migrations()
-def m004_poison_items(db: Database) -> None:
+def m005_poison_items(db: Database) -> None:
     # a task whose worker died while holding it (in a claim of several): claimed alone
     # from then on, so the next death, if any, points at this item only
     db.execute("ALTER TABLE tasks ADD COLUMN suspect INTEGER NOT NULL DEFAULT 0")

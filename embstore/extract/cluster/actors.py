@@ -27,8 +27,11 @@ from embstore.extract.messages import (
 from embstore.extract.outbox import Outbox
 from embstore.manifest.tasks import cluster_owner
 
-# result batches a worker may have in flight to the coordinator before it waits
-RESULTS_IN_FLIGHT = 4
+# result messages a worker may have in flight to the coordinator before it waits
+RESULTS_IN_FLIGHT = 8
+# Ray passes call arguments under 100 KiB inside the call itself; larger ones go through
+# the object stores, which the one-at-a-time coordinator would wait on, call by call
+INLINE_BYTES = 90_000
 
 
 class RemoteManifestClient(ManifestClient):
@@ -85,7 +88,8 @@ class RemoteOutbox(Outbox):
     def results(self, outcomes: list[ItemOutcome]) -> None:
         import ray
 
-        self.pending.append(self.coordinator.results.remote(pack(self.owner, outcomes)))
+        for part in pack(self.owner, outcomes, INLINE_BYTES):
+            self.pending.append(self.coordinator.results.remote(part))
         while len(self.pending) > RESULTS_IN_FLIGHT:
             ray.get(self.pending.popleft())
 

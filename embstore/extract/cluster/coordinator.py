@@ -39,6 +39,16 @@ def store_identity(store_path: str) -> tuple[str, int, int]:
     return socket.gethostname(), st.st_dev, st.st_ino
 
 
+def _normal_priority() -> None:
+    """Ray starts actors at niceness 15, behind everything else on the node; the
+    coordinator is the one serial process every worker waits on, so it asks for the
+    normal priority back (where the node lets it: it needs CAP_SYS_NICE)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 class Coordinator:
     """Claims, leases, dedup and the writer of one cluster run (see the module doc)."""
 
@@ -50,6 +60,7 @@ class Coordinator:
                 f"the coordinator on {socket.gethostname()} does not see the driver's store {store_path}: "
                 "run `embstore extract --ray` on the machine that holds the store"
             )
+        _normal_priority()
         self.writer = ZarrWriter(store_path, model_id, run_id)
         self.conn = self.writer.conn  # one connection for claims and commits alike
         self.model_id = model_id

@@ -12,9 +12,17 @@ import numpy as np
 from embstore.extract.messages import ItemOutcome, ItemResult, PackedResults
 
 
-def pack(owner: str, outcomes: list[ItemOutcome]) -> PackedResults:
+def pack(owner: str, outcomes: list[ItemOutcome], max_bytes: int = 0) -> list[PackedResults]:
+    """The outcomes as messages of at most about `max_bytes` of vectors each (0: one)."""
     fresh = [o for o in outcomes if isinstance(o, ItemResult) and o.vector is not None and o.owner == owner]
     others = tuple(o for o in outcomes if not (isinstance(o, ItemResult) and o.vector is not None and o.owner == owner))
+    row_bytes = fresh[0].vector.size * 4 + 64 if fresh else 1
+    step = max(1, max_bytes // row_bytes) if max_bytes else max(1, len(fresh))
+    parts = [fresh[k:k + step] for k in range(0, len(fresh), step)] or [[]]
+    return [_packed(owner, part, others if k == 0 else ()) for k, part in enumerate(parts)]
+
+
+def _packed(owner: str, fresh: list[ItemResult], others: tuple) -> PackedResults:
     vectors = np.stack([o.vector for o in fresh]).astype(np.float32, copy=False) if fresh else np.zeros((0, 0), np.float32)
     return PackedResults(
         owner,
