@@ -49,12 +49,13 @@ def build_store(path: Path, items: int, dim: int) -> int:
     st = embstore.open(path)
     now = utcnow()
     with st.write() as conn:
-        root = conn.execute("INSERT INTO roots (kind, path, layout, created_at) VALUES ('tree', '/bench', 'speaker', ?)",
-                            (now,)).lastrowid
+        root = conn.execute(
+            "INSERT INTO roots (kind, path, layout, created_at) VALUES ('tree', '/bench', 'speaker', ?)", (now,)
+        ).lastrowid
         conn.executemany(
-            "INSERT INTO files (id, root_id, dir, path, dataset, speaker, size, mtime_ns, sample_rate, channels, frames,"
-            " duration, subtype, status, scanned_at) VALUES (?, ?, ?, ?, 'ds', ?, 32044, 0, 16000, 1, 16000, 1.0,"
-            " 'PCM_16', 'ok', ?)",
+            "INSERT INTO files (id, root_id, dir, path, dataset, speaker, size, mtime_ns, sample_rate, channels,"
+            " frames, duration, subtype, status, scanned_at)"
+            " VALUES (?, ?, ?, ?, 'ds', ?, 32044, 0, 16000, 1, 16000, 1.0, 'PCM_16', 'ok', ?)",
             ((i + 1, root, f"spk{i // 100}", f"spk{i // 100}/{i}.wav", f"spk{i // 100}", now) for i in range(items)),
         )
         conn.executemany(

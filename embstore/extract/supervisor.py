@@ -17,7 +17,8 @@ import time
 from typing import Any
 
 from embstore.extract.messages import (
-    ProgressReport, WorkerDied, WorkerFailed, WorkerFinished, WorkerSetup, WorkerStats, WriterFailed, WriterFinished, Written,
+    ProgressReport, WorkerDied, WorkerFailed, WorkerFinished, WorkerSetup, WorkerStats, WriterFailed, WriterFinished,
+    Written,
 )
 from embstore.extract.options import ExtractOptions
 from embstore.extract.plan import ExtractionPlan, plan_extraction, worker_setups

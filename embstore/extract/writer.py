@@ -25,7 +25,8 @@ import numpy as np
 
 from embstore.arrays.zarr_arrays import CHUNK_ROWS, ModelArrays
 from embstore.extract.messages import (
-    ItemFailure, ItemOutcome, ItemResult, ResultBatch, WorkerDied, WorkerFinished, WriterFailed, WriterFinished, Written,
+    ItemFailure, ItemOutcome, ItemResult, ResultBatch, WorkerDied, WorkerFinished, WriterFailed, WriterFinished,
+    Written,
 )
 from embstore.manifest import tasks
 from embstore.manifest.connection import connect, immediate

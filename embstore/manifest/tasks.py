@@ -101,7 +101,8 @@ def refresh_tasks(
                 (model_id, last, model_id),
             ).rowcount
         counts["stale"] = conn.execute(
-            "UPDATE tasks SET status = 'pending', owner = NULL, lease_until = NULL, suspect = 0, crashed_workers = NULL,"
+            "UPDATE tasks SET status = 'pending', owner = NULL, lease_until = NULL,"
+            " suspect = 0, crashed_workers = NULL,"
             " length = (SELECT embstore_length(f.frames, f.sample_rate, i.start, i.end)"
             "           FROM items i JOIN files f ON f.id = i.file_id WHERE i.id = tasks.item_id)"
             " WHERE model_id = ? AND status = 'stale'",

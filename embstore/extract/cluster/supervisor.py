@@ -152,7 +152,8 @@ class ClusterRun(RunProcesses):
 
     def _start_actor(self, ray: Any, options: dict[str, Any]) -> None:
         index = len(self.slots)
-        setup = dataclasses.replace(self.template, index=index, threads=self.options.threads or options.get("num_cpus", 1))
+        threads = self.options.threads or options.get("num_cpus", 1)
+        setup = dataclasses.replace(self.template, index=index, threads=threads)
         actor = self.Worker.options(**options, name=f"embstore-{self.token}-worker-{index}").remote(
             setup, self.coordinator, self.summary.run_id, self.options.path_pairs(), self.options.features
         )

@@ -23,7 +23,7 @@ def pack(owner: str, outcomes: list[ItemOutcome], max_bytes: int = 0) -> list[Pa
 
 
 def _packed(owner: str, fresh: list[ItemResult], others: tuple) -> PackedResults:
-    vectors = np.stack([o.vector for o in fresh]).astype(np.float32, copy=False) if fresh else np.zeros((0, 0), np.float32)
+    vectors = np.stack([o.vector for o in fresh]).astype(np.float32, copy=False) if fresh else np.zeros((0, 0))
     return PackedResults(
         owner,
         np.fromiter((o.task_id for o in fresh), dtype=np.int64, count=len(fresh)),
