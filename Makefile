@@ -1,4 +1,5 @@
-# `make demo`: set up and run the main job; `make test`: set up and run the tests.
+# `make demo`: set up and run the main job; `make test`: set up and run the tests
+# (--dist loadgroup: the Ray tests share one local cluster, so they stay on one xdist worker).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[dev,plot]" "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[dev,plot,ray]" "torch==2.13.0"
 	$(BIN)/pip install -q --no-deps "wespeaker-unofficial==0.0.2"
 	touch $@
 
@@ -22,7 +23,7 @@ demo: setup
 	$(BIN)/python -m embstore.demo $(STORE)
 
 test: setup
-	@$(BIN)/python -m pytest -q -n 2 -p no:cacheprovider; rc=$$?; \
+	@$(BIN)/python -m pytest -q -n 2 --dist loadgroup -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 # the edit loop: everything but the slow subprocess / kill / disk-full / cluster tests

@@ -13,7 +13,9 @@ the same corpus into a fresh store, and:
 
 - every live item has exactly one task, done, and no two items share a row;
 - every stored vector equals the clean run's vector (cosine >= 0.99999);
-- `embstore.verify` finds the manifest and the arrays consistent.
+- `embstore.verify` finds the manifest and the arrays consistent;
+- no item was blamed for the kills (no suspects, no `crash` failures: the deaths were
+  the run's, not the items').
 
 The JSON report counts how many kills landed mid-run (the process alive with work
 left), how many while workers held claims, and the final figures.
@@ -286,6 +288,9 @@ def check_store(store: Path, clean: dict[str, np.ndarray], verify_store) -> dict
         verify = verify_store(st)
         runs = {s: n for s, n in st.query("SELECT status, count(*) FROM runs GROUP BY status")}
         garbage = sum(1 for _ in st.zarr_path.rglob("*.partial"))
+        # killing the whole run is never an item's fault: no suspects, no poison items
+        blamed = st.query("SELECT count(*) FROM tasks WHERE suspect = 1 OR crashed_workers IS NOT NULL")[0][0]
+        crash_failed = st.query("SELECT count(*) FROM tasks WHERE stage = 'crash'")[0][0]
         result = {
             "done": len(rows),
             "not_done": not_done[:20],
@@ -301,12 +306,15 @@ def check_store(store: Path, clean: dict[str, np.ndarray], verify_store) -> dict
             "verify_warnings": [w.message for w in verify.warnings],
             "runs_by_status": runs,
             "leftover_partial_files": garbage,
+            "items_blamed_for_kills": blamed,
+            "crash_failed": crash_failed,
         }
     finally:
         st.close()
     result["checks_ok"] = bool(
         not result["not_done"] and not result["items_with_several_tasks"] and result["rows_distinct"]
         and not missing and not extra and min_cos >= MIN_COSINE and verify.ok
+        and not blamed and not crash_failed
     )
     return result
 

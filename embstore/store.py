@@ -34,8 +34,14 @@ class Store(Manifest):
         return scan_into(self, roots, **options)
 
     def extract(self, **options: Any) -> ExtractSummary:
-        """Embed every pending item; the options are `ExtractOptions`' fields."""
-        return run_extraction(self, ExtractOptions.from_kwargs(**options))
+        """Embed every pending item; the options are `ExtractOptions`' fields (`ray=`
+        runs on a Ray cluster: see docs/cluster.md)."""
+        opts = ExtractOptions.from_kwargs(**options)
+        if opts.ray is not None:
+            from embstore.extract.cluster.supervisor import run_cluster_extraction
+
+            return run_cluster_extraction(self, opts)
+        return run_extraction(self, opts)
 
     # -- reports ------------------------------------------------------------------------
 

@@ -40,3 +40,5 @@ def test_crash_loop_three_kills(tmp_path):
     assert report["done"] == report["items"] == 8
     assert report["min_cosine"] >= 0.99999 and report["verify_ok"]
     assert report["rows_distinct"] and not report["items_with_several_tasks"]
+    # whole-run kills are not the items' fault: nothing became a suspect or a poison item
+    assert report["items_blamed_for_kills"] == 0 and report["crash_failed"] == 0

@@ -44,7 +44,6 @@ PROCESS_START = time.time()
 import argparse  # noqa: E402
 import datetime
 import json
-import math
 import os
 import platform
 import shutil

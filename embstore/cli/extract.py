@@ -43,10 +43,15 @@ EXIT_RUN_ERROR = 4
 @click.option("--features", type=click.Choice(["auto", "cpu", "device"]), default="auto", show_default=True,
               help="Where fbank features are computed: in loader threads (cpu) or batched on the model's "
                    "device (auto: device on GPU for WeSpeaker models).")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS|auto",
+              help="Run on a Ray cluster (host:port, or auto: RAY_ADDRESS or the cluster running here): "
+                   "one worker per GPU of the cluster, or --workers N CPU workers. See docs/cluster.md.")
+@click.option("--path-map", "path_map", multiple=True, metavar="OLD=NEW",
+              help="With --ray: nodes that lack a scan root under OLD read it under NEW (repeatable).")
 @json_option
 @library_errors
 def extract(store, model, gpus, device, workers, batch_frames, loader_workers, dtype, max_trim_frames,
-            retry_failed, limit, threads, features, runtime, batching, as_json):
+            retry_failed, limit, threads, features, runtime, batching, ray_address, path_map, as_json):
     """Embed every pending item of STORE, exactly once; resumes where a run stopped.
 
     \b
@@ -60,13 +65,15 @@ def extract(store, model, gpus, device, workers, batch_frames, loader_workers, d
         embstore extract store/ --device cpu --workers 2
         embstore extract store/ --model wespeaker:models/voxceleb_resnet34
         embstore extract store/ --retry-failed
+        embstore extract store/ --ray auto               # on the Ray cluster of this head
+        embstore extract store/ --ray auto --path-map /data=/mnt/data
     """
     with open_store(store) as st:
         summary = st.extract(
             model=model, device=device, gpus=gpus, workers=workers, batch_frames=batch_frames,
             loader_workers=loader_workers, dtype=dtype, retry_failed=retry_failed, limit=limit,
             max_trim_frames=max_trim_frames, progress=not as_json, threads=threads, features=features,
-            runtime=runtime, batching=batching,
+            runtime=runtime, batching=batching, ray=ray_address, path_map=tuple(path_map),
         )
     if as_json:
         echo_json(summary.as_dict())

@@ -44,6 +44,10 @@ def status(store, as_json):
                 f"padding {(run['padding_overhead'] or 0):.1%}, "
                 f"{run['x_realtime']}x realtime"
             )
+            for node, tally in (run.get("workers_per_node") or {}).items():
+                devices = ", ".join(f"{n} x {d}" for d, n in tally["devices"].items())
+                lost = f", {tally['lost']} lost" if tally["lost"] else ""
+                click.echo(f"           {node}: {tally['workers']} worker(s) on {devices}{lost}")
         for reason, n in list(counts["failures_by_reason"].items())[:5]:
             click.echo(f"           {n} x {reason}")
     for reason, n in list(info["scan_failures_by_reason"].items())[:5]:

@@ -33,6 +33,10 @@ class ManifestClient(ABC):
     def claim(self, max_items: int, max_frames: int) -> list[ClaimedTask]:
         """Take up to `max_items` pending tasks (about `max_frames` frames); [] when none."""
 
+    def claim_suspect(self, max_frames: int) -> list[ClaimedTask]:
+        """One suspect task (its batch's worker died), alone; [] when none (the default)."""
+        return []
+
     @abstractmethod
     def renew(self) -> None:
         """Extend the lease of everything this owner holds."""
@@ -121,6 +125,13 @@ class SqliteManifestClient(ManifestClient):
         if self.budget is None:
             return self._claim(max_items, max_frames)
         return self.budget.take(max_items, lambda room: self._claim(room, max_frames))
+
+    def claim_suspect(self, max_frames: int) -> list[ClaimedTask]:
+        def take(room: int) -> list[ClaimedTask]:
+            rows = tasks.claim_suspect(self.conn, self.model_id, self.owner, self.lease_seconds)
+            return [to_claimed(r) for r in rows]
+
+        return take(1) if self.budget is None else self.budget.take(1, take)
 
     def renew(self) -> None:
         tasks.renew_lease(self.conn, self.owner, self.lease_seconds)

@@ -16,6 +16,7 @@ from embstore.audio import content_hash
 from embstore.errors import AudioError
 from embstore.extract.batching import Loaded
 from embstore.extract.client import ManifestClient
+from embstore.extract.faults import crash_if_poison
 from embstore.extract.messages import ClaimedTask
 from embstore.models.base import Encoder
 
@@ -34,6 +35,7 @@ def hash_item(task: ClaimedTask) -> Loaded:
 def decode_item(encoder: Encoder, item: Loaded, device_features: bool = False) -> Loaded:
     """Samples (and, unless features run on the device, features) of a hashed item."""
     task = item.task
+    crash_if_poison(task.path)
     try:
         wav = encoder.load(task.path, task.start, task.end)
     except AudioError as exc:

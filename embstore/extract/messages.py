@@ -4,8 +4,18 @@
     manifest   --ClaimedTask--> worker            (via a ManifestClient)
     worker     --ResultBatch--> writer            (via an Outbox)
     worker / supervisor --WorkerFinished--> writer
+    supervisor --WorkerDied--> writer             (a worker killed while holding claims)
     worker     --WorkerStats | WorkerFailed--> supervisor
     writer     --Written | WriterFailed | WriterFinished--> supervisor
+
+On a cluster (embstore.extract.cluster) the manifest and the writer sit behind the
+coordinator actor, and these travel as actor calls as well:
+
+    worker      --ClaimRequest | LeaseRequest | DedupRequest | PackedResults--> coordinator
+    coordinator --ClusterModel | DedupRows--> worker
+    worker      --WorkerJoined | WorkerDone--> driver      (returns of the actor's calls)
+    driver      --WorkerDied--> coordinator
+    coordinator --CoordinatorProgress--> driver
 
 All are plain dataclasses of builtins and NumPy arrays, so they pickle across
 multiprocessing queues and Ray actor calls alike.
@@ -107,6 +117,21 @@ class WorkerFinished:
 
 
 @dataclass(frozen=True)
+class WorkerDied:
+    """A worker died holding claims while its run lives on: the writer commits what it
+    sent, then counts the death against what it still held (poison items; see
+    `embstore.manifest.tasks.record_death`) and gives that back. `owner` is exact, or
+    with `prefix` the start of it (a local process: host:pid:); `worker` names the
+    worker for the "different workers" rule."""
+
+    index: int
+    owner: str
+    worker: str
+    reason: str
+    prefix: bool = False
+
+
+@dataclass(frozen=True)
 class WorkerStats:
     owner: str
     batches: int
@@ -144,5 +169,83 @@ class WriterFinished:
     flushes: int
 
 
-WriterInbox = Union[ResultBatch, WorkerFinished]
+# -- on a cluster ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterModel:
+    """The run's model as the manifest knows it: a worker checks its own fingerprint
+    against it, and every scan root against its node, before its first claim."""
+
+    model_id: int
+    fingerprint: str  # the encoder's own (untrimmed) fingerprint
+    roots: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ClaimRequest:
+    owner: str
+    max_items: int
+    max_frames: int
+    suspect: bool = False  # one suspect task, alone
+
+
+@dataclass(frozen=True)
+class LeaseRequest:
+    owner: str
+    action: str  # renew | release | refresh
+
+
+@dataclass(frozen=True)
+class DedupRequest:
+    keys: tuple[tuple[str, float | None, float | None], ...]
+
+
+@dataclass(frozen=True)
+class DedupRows:
+    rows: dict
+
+
+@dataclass(frozen=True)
+class PackedResults:
+    """A claim's results as a few arrays: how a cluster worker's ResultBatch travels
+    (one pickle of arrays, not of hundreds of objects each holding its own vector).
+    Failures and results that reuse a done row travel as they are, in `others`."""
+
+    owner: str
+    task_ids: np.ndarray  # int64 [n]
+    item_ids: np.ndarray  # int64 [n]
+    seconds: np.ndarray  # float64 [n]
+    hashes: tuple  # content hash (or None) per result
+    vectors: np.ndarray  # float32 [n, dim]
+    others: tuple = ()
+
+
+@dataclass(frozen=True)
+class WorkerJoined:
+    """A worker actor is up: where it runs and on what."""
+
+    owner: str
+    node_id: str  # Ray's node id
+    node_ip: str
+    device: str  # what it computes on there
+
+
+@dataclass(frozen=True)
+class WorkerDone:
+    """What a worker actor's run returns: its reports, in order (stats, failures)."""
+
+    owner: str
+    reports: tuple = ()
+
+
+@dataclass(frozen=True)
+class CoordinatorProgress:
+    """Commits since the last poll; `finished` once the coordinator has closed."""
+
+    written: tuple
+    finished: WriterFinished | None = None
+
+
+WriterInbox = Union[ResultBatch, WorkerFinished, WorkerDied]
 ProgressReport = Union[WorkerStats, WorkerFailed, Written, WriterFailed, WriterFinished]

@@ -35,6 +35,8 @@ class ExtractOptions:
     features: str = "auto"  # where fbank runs: auto, cpu, device
     runtime: str = "auto"  # auto, torch, onnx
     batching: str = "auto"  # auto (the model's exact mode) or equal
+    ray: str | None = None  # a Ray cluster's address, or "auto": extract on the cluster
+    path_map: tuple[str, ...] = ()  # "OLD=NEW": where nodes that lack a root OLD find it
 
     def __post_init__(self) -> None:
         self._choice("dtype", DTYPES)
@@ -49,6 +51,30 @@ class ExtractOptions:
             raise ExtractionError("--max-trim-frames must be >= 0")
         if not self.lease_seconds > 0:
             raise ExtractionError(f"the lease must be positive (got {self.lease_seconds})")
+        self._check_cluster()
+
+    def _check_cluster(self) -> None:
+        if self.ray is not None and not str(self.ray).strip():
+            raise ExtractionError("--ray takes a cluster address (host:port, ray://host:port) or auto")
+        object.__setattr__(self, "path_map", tuple(self.path_map or ()))
+        for entry in self.path_map:
+            old, sep, new = str(entry).partition("=")
+            if not sep or not old.startswith("/") or not new.startswith("/"):
+                raise ExtractionError(f"--path-map takes OLD=NEW with two absolute paths (got {entry!r})")
+        if self.path_map and self.ray is None:
+            raise ExtractionError("--path-map is for cluster runs (--ray): local workers see the store's roots")
+        if self.ray is None:
+            return
+        if self.gpus or self.device != "cpu":
+            raise ExtractionError("--gpus and --device are for local runs: with --ray there is one worker per GPU "
+                                  "of the cluster (or --workers N CPU workers)")
+        if self.runtime == "onnx":
+            raise ExtractionError("--runtime onnx is for local runs: cluster workers run the model with torch")
+
+    def path_pairs(self) -> list[tuple[str, str]]:
+        """--path-map as (OLD, NEW) pairs, longest OLD first (the most specific wins)."""
+        pairs = [tuple(e.partition("=")[::2]) for e in self.path_map]
+        return sorted(((o.rstrip("/") or "/", n.rstrip("/") or "/") for o, n in pairs), key=lambda p: -len(p[0]))
 
     def _choice(self, name: str, allowed: tuple[str, ...]) -> None:
         value = getattr(self, name)

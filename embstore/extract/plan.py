@@ -143,7 +143,8 @@ def wants_onnx(caps: Capabilities, options: ExtractOptions, devices: list[str], 
         if not suitable:
             raise ExtractionError("--runtime onnx works for wespeaker:DIR models at fp32")
         return True
-    if options.runtime == "torch" or not suitable or device_features or devices[0] != "cpu":
+    # cluster workers load the user's spec on their nodes (the export stays in this store's cache)
+    if options.runtime == "torch" or options.ray or not suitable or device_features or devices[0] != "cpu":
         return False
     return importlib.util.find_spec("onnxruntime") is not None
 

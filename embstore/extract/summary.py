@@ -30,6 +30,8 @@ class ExtractSummary:
     prepared: dict[str, int] = field(default_factory=dict)
     left: int = 0
     dropped: int = 0  # results whose claim had been taken back before the commit
+    # cluster runs: {node: {"workers": n, "devices": {device: n}, "lost": n}}
+    workers_per_node: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def items_per_second(self) -> float:

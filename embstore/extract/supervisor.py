@@ -17,7 +17,8 @@ import time
 from typing import Any
 
 from embstore.extract.messages import (
-    ProgressReport, WorkerFailed, WorkerFinished, WorkerSetup, WorkerStats, WriterFailed, WriterFinished, Written,
+    ProgressReport, WorkerDied, WorkerFailed, WorkerFinished, WorkerSetup, WorkerStats, WriterFailed, WriterFinished,
+    Written,
 )
 from embstore.extract.options import ExtractOptions
 from embstore.extract.plan import ExtractionPlan, plan_extraction, worker_setups
@@ -29,8 +30,10 @@ from embstore.manifest.database import Manifest
 from embstore.progress import progress_bar
 
 
-def run_extraction(manifest: Manifest, options: ExtractOptions) -> ExtractSummary:
-    """Embed every pending item of the store; returns what was done."""
+def run_extraction(manifest: Manifest, options: ExtractOptions, runner: type | None = None) -> ExtractSummary:
+    """Embed every pending item of the store; returns what was done. `runner` runs
+    the planned work (default `RunProcesses`, local processes; the cluster's is
+    `embstore.extract.cluster.supervisor.ClusterRun`)."""
     started = time.monotonic()
     plan = plan_extraction(manifest, options)
     if isinstance(plan, ExtractSummary):
@@ -46,7 +49,7 @@ def run_extraction(manifest: Manifest, options: ExtractOptions) -> ExtractSummar
                                  "features": summary.features}
     summary.run_id = runs.start_run(manifest.conn, plan.model_id, record)
     try:
-        RunProcesses(manifest, plan, options, summary).run()
+        (runner or RunProcesses)(manifest, plan, options, summary).run()
     finally:
         summary.seconds = time.monotonic() - started
         summary.left, _ = tasks.pending_summary(manifest.conn, plan.model_id)
@@ -58,6 +61,16 @@ def run_extraction(manifest: Manifest, options: ExtractOptions) -> ExtractSummar
             if not summary.error:
                 summary.error = f"cannot record the run: {exc}"
     return summary
+
+
+def exit_reason(exitcode: int | None) -> str:
+    """How a worker process ended, in words."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
 
 
 def release_lost_claims(manifest: Manifest, model_id: int) -> None:
@@ -108,6 +121,14 @@ class RunProcesses:
         elif isinstance(message, WriterFinished):
             summary.dropped = message.dropped
 
+    def open_bar(self) -> None:
+        # counts seconds of audio, so the ETA comes from the audio left, not from item counts
+        total = round(self.plan.left_seconds) if self.plan.left_seconds and not self.options.limit else None
+        self.bar = progress_bar(
+            self.options.progress, total=total, unit=" s audio", desc="extract", smoothing=0.05,
+            bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s of audio [{elapsed}<{remaining}{postfix}]",
+        )
+
     def _on_sigint(self, signum: int, frame: Any) -> None:
         self.interrupts += 1
         self.summary.interrupted = True
@@ -135,12 +156,7 @@ class RunProcesses:
         self.writer.start()
         for p in self.procs:
             p.start()
-        # counts seconds of audio, so the ETA comes from the audio left, not from item counts
-        total = round(self.plan.left_seconds) if self.plan.left_seconds and not self.options.limit else None
-        self.bar = progress_bar(
-            self.options.progress, total=total, unit=" s audio", desc="extract", smoothing=0.05,
-            bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s of audio [{elapsed}<{remaining}{postfix}]",
-        )
+        self.open_bar()
         reported_dead: set[int] = set()
         on_main = threading.current_thread() is threading.main_thread()
         original_sigint = signal.getsignal(signal.SIGINT)
@@ -154,9 +170,14 @@ class RunProcesses:
                     pass
                 for index, p in enumerate(self.procs):
                     if index not in reported_dead and not p.is_alive() and p.exitcode not in (0, None):
-                        # a killed worker: tell the writer not to wait for it; its claims are freed below
+                        # a killed worker: the writer stops waiting for it, commits what it
+                        # sent and counts the death against what it held (poison items)
                         reported_dead.add(index)
-                        inbox.put(WorkerFinished(index))
+                        worker = f"{tasks.HOST}:{p.pid}"
+                        if self.interrupts > 1:  # terminated by us (a second Ctrl-C): not the items' fault
+                            inbox.put(WorkerFinished(index))
+                        else:
+                            inbox.put(WorkerDied(index, worker + ":", worker, exit_reason(p.exitcode), prefix=True))
                 if not self.writer.is_alive():
                     break
                 if self.summary.error and all(not p.is_alive() for p in self.procs):
@@ -187,7 +208,8 @@ class RunProcesses:
                 pass  # a full disk: the next run releases the claims of dead processes itself
         self._conclude(reported_dead)
 
-    def _conclude(self, reported_dead: set[int]) -> None:
+    def conclude_workers(self) -> None:
+        """Batch figures and the first worker error into the summary."""
         summary = self.summary
         summary.mean_batch_items = round(self.items_in_batches / self.batches, 2) if self.batches else 0.0
         summary.padding_overhead = round(self.padded_frames / self.real_frames - 1, 4) if self.real_frames else 0.0
@@ -196,6 +218,10 @@ class RunProcesses:
             summary.error = "workers failed: " + errors[0]
         elif errors and not summary.error:
             summary.error = f"{len(errors)} worker(s) failed: {errors[0]}"
+
+    def _conclude(self, reported_dead: set[int]) -> None:
+        summary = self.summary
+        self.conclude_workers()
         if reported_dead and not summary.error and not summary.interrupted:
             # a worker killed before it could say why (OOM killer, kill -9, crash at start):
             # survivors may have finished its work; if not, the run did not do its job

@@ -127,6 +127,7 @@ class Worker:
                             time.sleep(0.1)
                         refreshed = False
                     if refreshed:
+                        self._feed_suspects(pool)
                         break
                     # new items may have been scanned meanwhile, or leases run out
                     self.client.refresh()
@@ -140,6 +141,17 @@ class Worker:
         finally:
             pool.shutdown(wait=True)
             self.feeder_done.set()
+
+    def _feed_suspects(self, pool: ThreadPoolExecutor) -> None:
+        """Suspects (held by a worker that died), one at a time and each alone in this
+        worker: should one kill it, the death is that item's own."""
+        while not self.stop_event.is_set():
+            while self._compute_busy() and not self.stop_event.is_set():
+                time.sleep(0.05)
+            claimed = self.client.claim_suspect(self.batch_frames * 2)
+            if not claimed:
+                return
+            self._hand_over(load_claim(pool, self.encoder, self.client, claimed, self.setup.device_features))
 
     def _hand_over(self, loaded: list[Loaded]) -> None:
         with self.outstanding_lock:

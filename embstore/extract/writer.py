@@ -25,7 +25,8 @@ import numpy as np
 
 from embstore.arrays.zarr_arrays import CHUNK_ROWS, ModelArrays
 from embstore.extract.messages import (
-    ItemFailure, ItemOutcome, ItemResult, ResultBatch, WorkerFinished, WriterFailed, WriterFinished, Written,
+    ItemFailure, ItemOutcome, ItemResult, ResultBatch, WorkerDied, WorkerFinished, WriterFailed, WriterFinished,
+    Written,
 )
 from embstore.manifest import speech as speech_regions
 from embstore.manifest import tasks
@@ -117,6 +118,18 @@ class ZarrWriter:
         """Give back what `owner` still holds (after its results were flushed)."""
         return tasks.release_claims(self.conn, owner)
 
+    def died(self, death: WorkerDied) -> Written:
+        """A worker died mid-run: commit what it sent, count the death against what it
+        still held (suspects, poison items) and give that back. Returns the flush, with
+        the items that failed as poison added to its failures."""
+        written = self.flush()
+        _, failed = tasks.record_death(self.conn, death.owner, death.worker, death.reason, self.run_id, death.prefix)
+        if failed:
+            t = self.totals
+            self.totals = WriterFinished(t.done, t.failed + failed, t.dropped, t.seconds, t.flushes)
+            written = Written(written.done, written.failed + failed, written.seconds)
+        return written
+
     def _check_fault(self, rows_after: int) -> None:
         if 0 <= self._fail_after_rows < rows_after:
             raise OSError(errno.ENOSPC, "No space left on device (injected by EMBSTORE_FAULT_ENOSPC_AFTER_ROWS)")
@@ -161,6 +174,11 @@ def writer_main(store_path: str, model_id: int, run_id: int | None, inbox: Any, 
                     # commit what that worker sent, then give back what it still holds
                     flush()
                     writer.release(message.owner)
+            elif isinstance(message, WorkerDied):
+                finished.add(message.index)
+                written = writer.died(message)
+                if written.done or written.failed:
+                    progress.put(written)
             if len(finished) >= n_workers or writer.due():
                 flush()
         flush()

@@ -187,6 +187,17 @@ def m004_windows_speech_diarization(db: Database) -> None:
     )
 
 
+@migrations()
+def m005_poison_items(db: Database) -> None:
+    # a task whose worker died while holding it (in a claim of several): claimed alone
+    # from then on, so the next death, if any, points at this item only
+    db.execute("ALTER TABLE tasks ADD COLUMN suspect INTEGER NOT NULL DEFAULT 0")
+    # the workers that died while holding this task alone (JSON list); two different
+    # ones and the task fails with stage 'crash'
+    db.execute("ALTER TABLE tasks ADD COLUMN crashed_workers TEXT")
+    db.execute("CREATE INDEX tasks_suspect ON tasks (model_id, status, item_id) WHERE suspect = 1")
+
+
 LATEST = [m.name for m in migrations._migrations]
 
 

@@ -13,6 +13,7 @@ those when it learns an actor is gone; leases are the fallback).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sqlite3
@@ -101,6 +102,7 @@ def refresh_tasks(
             ).rowcount
         counts["stale"] = conn.execute(
             "UPDATE tasks SET status = 'pending', owner = NULL, lease_until = NULL,"
+            " suspect = 0, crashed_workers = NULL,"
             " length = (SELECT embstore_length(f.frames, f.sample_rate, i.start, i.end)"
             "           FROM items i JOIN files f ON f.id = i.file_id WHERE i.id = tasks.item_id)"
             " WHERE model_id = ? AND status = 'stale'",
@@ -110,7 +112,8 @@ def refresh_tasks(
         counts["retried"] = 0
         if retry_failed:
             counts["retried"] = conn.execute(
-                "UPDATE tasks SET status = 'pending', error = NULL, stage = NULL WHERE model_id = ? AND status = 'failed'",
+                "UPDATE tasks SET status = 'pending', error = NULL, stage = NULL, crashed_workers = NULL"
+                " WHERE model_id = ? AND status = 'failed'",
                 (model_id,),
             ).rowcount
     return counts
@@ -154,12 +157,33 @@ def _release(conn: sqlite3.Connection, where: str, params: Sequence[Any]) -> int
 
 
 def release_lost(conn: sqlite3.Connection, model_id: int, now: float) -> int:
-    """Back to pending: claims whose lease ran out, and those of dead processes on this host."""
+    """Back to pending: claims whose lease ran out, those of dead processes on this host,
+    and those of cluster actors whose run's driver is gone."""
     released = _release(conn, "model_id = ? AND lease_until < ?", (model_id, now))
     for owner in claim_owners(conn, model_id):
-        if owner and owner_is_dead(owner):
+        if owner and (owner_is_dead(owner) or cluster_run_is_gone(conn, owner)):
             released += _release(conn, "owner = ?", (owner,))
     return released
+
+
+def cluster_owner(node: str, actor: str, run_id: int) -> str:
+    """The owner of a cluster actor's claims: ray:<node>:<actor>:<run>."""
+    return f"ray:{node}:{actor}:{run_id}"
+
+
+def cluster_run_is_gone(conn: sqlite3.Connection, owner: str) -> bool:
+    """True for a cluster actor's owner whose run has ended, or whose driver process on
+    this host no longer runs (its actors died with it: Ray kills what a dead driver owned)."""
+    if not owner.startswith("ray:"):
+        return False
+    try:
+        run_id = int(owner.rsplit(":", 1)[1])
+    except ValueError:
+        return False
+    run = conn.execute("SELECT host, pid, status FROM runs WHERE id = ?", (run_id,)).fetchone()
+    if run is None or run[2] != "running":
+        return True
+    return run[0] == HOST and bool(run[1]) and owner_is_dead(f"{HOST}:{run[1]}")
 
 
 def claim_owners(conn: sqlite3.Connection, model_id: int) -> list[str]:
@@ -184,6 +208,7 @@ def claim_batch(
     order="length" takes the shortest pending lengths first, so equal lengths come
     together (exact batching); order="item" takes scan order, which keeps a speaker's
     rows together in the store. `only_item_ids` restricts the claim to those items.
+    Suspects (see `record_death`) are never part of a batch: `claim_suspect` takes them.
     """
     order_sql = "t.length, t.item_id" if order == "length" else "t.item_id"
     restrict, extra = "", ()
@@ -194,7 +219,8 @@ def claim_batch(
         _release(conn, "model_id = ? AND lease_until < ?", (model_id, now))
         candidates = conn.execute(
             "SELECT t.id, t.length FROM tasks t JOIN items i ON i.id = t.item_id"
-            f" WHERE t.model_id = ? AND t.status = 'pending' AND {LIVE_ITEM}{restrict} ORDER BY {order_sql} LIMIT ?",
+            f" WHERE t.model_id = ? AND t.status = 'pending' AND t.suspect = 0 AND {LIVE_ITEM}{restrict}"
+            f" ORDER BY {order_sql} LIMIT ?",
             (model_id, *extra, max_items),
         ).fetchall()
         chosen, frames = [], 0
@@ -217,6 +243,69 @@ def claim_batch(
         ).fetchall()
 
 
+def claim_suspect(conn: sqlite3.Connection, model_id: int, owner: str, lease_seconds: float) -> list[sqlite3.Row]:
+    """Take one suspect task alone (rows of CLAIM_COLUMNS; [] when there is none): if it
+    kills its worker again, the death is its own."""
+    now = time.time()
+    with immediate(conn):
+        row = conn.execute(
+            "SELECT t.id FROM tasks t JOIN items i ON i.id = t.item_id WHERE t.model_id = ? AND t.status = 'pending'"
+            # those that never killed a worker alone first: they are most likely innocent
+            f" AND t.suspect = 1 AND {LIVE_ITEM} ORDER BY t.crashed_workers IS NOT NULL, t.item_id LIMIT 1",
+            (model_id,),
+        ).fetchone()
+        if row is None:
+            return []
+        conn.execute(
+            "UPDATE tasks SET status = 'claimed', owner = ?, lease_until = ?, attempts = attempts + 1 WHERE id = ?",
+            (owner, now + lease_seconds, row[0]),
+        )
+        return conn.execute(
+            f"SELECT {CLAIM_COLUMNS} FROM tasks t JOIN items i ON i.id = t.item_id JOIN files f ON f.id = i.file_id"
+            " JOIN roots r ON r.id = f.root_id WHERE t.id = ?",
+            (row[0],),
+        ).fetchall()
+
+
+# solo deaths on this many different workers make an item a poison item
+CRASHES_TO_FAIL = 2
+
+
+def record_death(
+    conn: sqlite3.Connection, owner: str, worker: str, reason: str, run_id: int | None, prefix: bool = False
+) -> tuple[int, int]:
+    """A worker died holding claims (its process was killed, not the whole run): count
+    the death against what it held, then give those tasks back. `owner` is the exact
+    owner, or with `prefix` the start of it (a local process: host:pid:).
+
+    Held with others, each task becomes a suspect, claimed alone from then on. Held
+    alone, the death is the task's own: `worker` joins its crashed workers, and after
+    CRASHES_TO_FAIL different ones the task fails with stage 'crash'. Returns (new
+    suspects, tasks failed)."""
+    match = "substr(owner, 1, ?) = ?" if prefix else "? > 0 AND owner = ?"
+    with immediate(conn):
+        held = conn.execute(
+            f"SELECT id, crashed_workers FROM tasks WHERE status = 'claimed' AND {match}", (len(owner), owner)
+        ).fetchall()
+        if len(held) != 1:
+            conn.executemany("UPDATE tasks SET suspect = 1 WHERE id = ?", [(r[0],) for r in held])
+            _release(conn, match, (len(owner), owner))
+            return len(held), 0
+        task_id, crashed = held[0]
+        workers = list(dict.fromkeys((json.loads(crashed) if crashed else []) + [worker]))
+        if len(workers) >= CRASHES_TO_FAIL:
+            conn.execute(
+                "UPDATE tasks SET status = 'failed', owner = NULL, lease_until = NULL, stage = 'crash', error = ?,"
+                " crashed_workers = ?, run_id = ? WHERE id = ?",
+                (f"killed {len(workers)} different workers processing it alone (last: {reason})"[:2000],
+                 json.dumps(workers), run_id, task_id),
+            )
+            return 0, 1
+        conn.execute("UPDATE tasks SET suspect = 1, crashed_workers = ? WHERE id = ?", (json.dumps(workers), task_id))
+        _release(conn, "id = ?", (task_id,))
+        return 1, 0
+
+
 def renew_lease(conn: sqlite3.Connection, owner: str, lease_seconds: float) -> int:
     with immediate(conn):
         return conn.execute(
@@ -235,6 +324,17 @@ def release_owners_like(conn: sqlite3.Connection, pattern: str) -> int:
     """Give back the claims of every owner matching a LIKE pattern (e.g. one run's actors)."""
     with immediate(conn):
         return _release(conn, "owner LIKE ?", (pattern,))
+
+
+def roots_with_open_work(conn: sqlite3.Connection, model_id: int) -> list[str]:
+    """The scan roots that hold files this model still has to embed (what a cluster
+    node must be able to read)."""
+    return [r[0] for r in conn.execute(
+        "SELECT DISTINCT r.path FROM tasks t JOIN items i ON i.id = t.item_id JOIN files f ON f.id = i.file_id"
+        f" JOIN roots r ON r.id = f.root_id WHERE t.model_id = ? AND t.status IN ({marks(len(OPEN_STATES))})"
+        f" AND {LIVE_ITEM} ORDER BY r.path",
+        (model_id, *OPEN_STATES),
+    )]
 
 
 # -- progress -----------------------------------------------------------------------------
@@ -281,8 +381,10 @@ def rows_of_identical_audio(
     found: dict[tuple[str, float | None, float | None], tuple[int, int | None]] = {}
     for r in select_in(
         conn,
-        "SELECT f.content_hash, i.start, i.end, t.row, t.row_count FROM files f JOIN items i ON i.file_id = f.id"
-        " JOIN tasks t ON t.item_id = i.id WHERE f.content_hash IN ({marks})"
+        # CROSS JOIN keeps this order (hash index first): left to SQLite, it walks every
+        # done row of the model instead, a cost that grows with the store
+        "SELECT f.content_hash, i.start, i.end, t.row, t.row_count FROM files f CROSS JOIN items i ON i.file_id = f.id"
+        " CROSS JOIN tasks t ON t.item_id = i.id WHERE f.content_hash IN ({marks})"
         " AND t.model_id = ? AND t.status = 'done' AND t.row IS NOT NULL",
         list(by_hash), params_after=(model_id,),
     ):
@@ -341,5 +443,6 @@ def mark_failed(conn: sqlite3.Connection, failed: Sequence[tuple[int, str, str]]
 __all__ = [
     "HOST", "new_owner", "owner_is_dead", "refresh_tasks", "release_lost", "claim_batch", "renew_lease",
     "release_claims", "pending_summary", "failed_count", "has_open_work", "rows_of_identical_audio",
+    "claim_suspect", "record_death", "cluster_owner", "cluster_run_is_gone", "roots_with_open_work",
     "still_held", "committed_rows", "set_committed_rows", "mark_done", "mark_failed", "mark_items_stale",
 ]

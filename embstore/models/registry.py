@@ -9,6 +9,8 @@
                            $WESPEAKER_HOME (default ~/.wespeaker), then loaded as a DIR
     onnx:FILE              a WeSpeaker ONNX export run with onnxruntime; frontend settings
                            from a config.yaml next to it when present
+    null:DIM               no model: a fixed DIM-sized vector per item (benchmarks of the
+                           pipeline around the model; see `embstore.models.null`)
 
 `device`: "cpu", "cuda" or "cuda:N". `dtype`: "fp32" (exact; TF32 off on CUDA), "tf32"
 (CUDA's TF32 matrix mode; fp32 on CPU), "bf16" or "fp16" (torch autocast around the
@@ -29,6 +31,7 @@ from embstore.errors import ModelError
 from embstore.models.base import Encoder
 from embstore.models.common import DTYPES, check_device
 from embstore.models.hub import load_hub
+from embstore.models.null import NullEncoder
 from embstore.models.onnx import OnnxEncoder
 from embstore.models.resemblyzer import ResemblyzerEncoder
 from embstore.models.wespeaker import WeSpeakerEncoder
@@ -53,6 +56,7 @@ SOURCES: dict[str, ModelSource] = {
         ModelSource("wespeaker", WeSpeakerEncoder, takes_argument=True, form="wespeaker:DIR"),
         ModelSource("wespeaker-hub", load_hub, takes_argument=True, form="wespeaker-hub:NAME"),
         ModelSource("onnx", OnnxEncoder, takes_argument=True, form="onnx:FILE"),
+        ModelSource("null", NullEncoder, takes_argument=True, form="null:DIM"),
     )
 }
 SPEC_FORMS = ", ".join(s.form for s in SOURCES.values())
