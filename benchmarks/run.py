@@ -346,8 +346,22 @@ def system_embstore_torch_equal(args) -> dict:
     return system_embstore(args, ("--runtime", "torch", "--batching", "equal"))
 
 
+def system_feeder(args) -> dict:
+    """The whole pipeline with the null model (real decode, fbank, hash, claims, writer,
+    commits; no network): the ceiling the pipeline puts on any model."""
+    return system_embstore(args, ("--features", "cpu"))
+
+
+def system_feeder_device(args) -> dict:
+    """The feeder with fbank batched in the compute thread (`--features device`; on this
+    device's torch) instead of the loaders."""
+    return system_embstore(args, ("--features", "device"))
+
+
 # only for models with a masked adapter (WeSpeaker); skipped for the others
 WESPEAKER_ONLY = {"embstore_torch_masked", "embstore_torch_equal"}
+# the null model's systems: the pipeline without a network
+FEEDER = {"feeder", "feeder_device"}
 
 SYSTEMS = {
     "seed_original": system_seed_original,
@@ -357,6 +371,8 @@ SYSTEMS = {
     "embstore": system_embstore,
     "embstore_torch_masked": system_embstore_torch_masked,
     "embstore_torch_equal": system_embstore_torch_equal,
+    "feeder": system_feeder,
+    "feeder_device": system_feeder_device,
 }
 
 
@@ -420,7 +436,7 @@ def run_system(name: str, model: str, args, work: Path) -> dict:
         cmd += ["--batch-frames", str(args.batch_frames)]
     whole_machine = name.startswith("seed") or name == "model_only_b1"
     threads = args.threads * args.workers if whole_machine else args.threads
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore", EMBSTORE_CACHE=str(args.user_cache))
     proc = subprocess.Popen(cmd, env=env)
     rss = PeakRSS(proc.pid)
     rc = proc.wait()
@@ -445,7 +461,10 @@ def fidelity(embeddings: dict[str, np.ndarray], reference: dict[str, np.ndarray]
 
 
 def benchmark_model(label: str, model: str, args, corpus_info: dict) -> dict:
-    systems_here = [n for n in args.systems if n not in WESPEAKER_ONLY or model.startswith("wespeaker:")]
+    if model.startswith("null:"):
+        systems_here = [n for n in args.systems if n in FEEDER]
+    else:
+        systems_here = [n for n in args.systems if n not in FEEDER and (n not in WESPEAKER_ONLY or model.startswith("wespeaker:"))]
     runs: dict[str, list[dict]] = {name: [] for name in systems_here}
     for repeat in range(args.repeats):
         for name in systems_here:  # interleaved: drift in the machine hits every system alike
@@ -475,6 +494,24 @@ def benchmark_model(label: str, model: str, args, corpus_info: dict) -> dict:
     return {"model": model, "systems": systems}
 
 
+def warm_user_cache(spec: str, args) -> None:
+    """embstore runs with a model seen before, as a user's second run does: its card and
+    ONNX export are in the user cache (first-use costs are `benchmarks/startup.py`'s)."""
+    one = args.out / "warm-audio" / "ds" / "spk" / "one.flac"
+    if not one.exists():
+        one.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(corpus_files(Path(args.corpus_dir))[0], one)
+    store = args.out / "warm-store"
+    shutil.rmtree(store, ignore_errors=True)
+    env = dict(os.environ, EMBSTORE_CACHE=str(args.user_cache))
+    exe = [sys.executable, "-m", "embstore"]
+    subprocess.run(exe + ["scan", str(store), str(one.parents[2])], check=True, capture_output=True, env=env)
+    extract = exe + ["extract", str(store), "--model", spec, "--device", args.device]
+    if spec.startswith("null:"):
+        extract += ["--features", "cpu"]
+    subprocess.run(extract, check=True, capture_output=True, env=env)
+
+
 def describe_machine(device: str) -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -496,17 +533,20 @@ def describe_machine(device: str) -> str:
 
 
 def markdown(results: dict) -> str:
+    settings = results["settings"]
+    cores = max(1, settings["workers"] * settings["threads"])  # every system gets the same cores
     lines = [f"Device: {results['device']}", "",
              f"Corpus: {results['corpus']['files']} files, {results['corpus']['audio_seconds']} s of audio "
              f"(mean {results['corpus']['mean_seconds']} s; half LibriSpeech cuts, half VoxCeleb-like 4-20 s)", ""]
     for label, block in results["models"].items():
         lines += [f"### {label} (`{block['model']}`)", "",
-                  "| system | files/s | x realtime | speedup vs seed_original | fraction of model_only "
-                  "| peak RSS MB | fidelity min cos | mean cos |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| system | files/s | x realtime | x realtime per core | speedup vs seed_original "
+                  "| fraction of model_only | peak RSS MB | fidelity min cos | mean cos |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, e in block["systems"].items():
             lines.append(
-                f"| {name} | {e['files_per_s']} | {e['x_realtime']} | {e.get('speedup_vs_seed_original', '')} "
+                f"| {name} | {e['files_per_s']} | {e['x_realtime']} | {round(e['x_realtime'] / cores, 1)} "
+                f"| {e.get('speedup_vs_seed_original', '')} "
                 f"| {e.get('fraction_of_model_only', '')} | {e['peak_rss_mb']} | {e.get('fidelity_min_cos', '')} "
                 f"| {e.get('fidelity_mean_cos', '')} |"
             )
@@ -532,7 +572,8 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
-    ap.add_argument("--models", default="resnet34,resemblyzer", help="resnet34 (random WeSpeaker) and/or resemblyzer")
+    ap.add_argument("--models", default="resnet34,resemblyzer,feeder",
+                    help="resnet34 (random WeSpeaker), resemblyzer, feeder (the null model), or a spec")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--workers", type=int, default=None, help="embstore/model_only processes (CPU default: cores)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -570,13 +611,17 @@ def main() -> None:
             models[label] = f"wespeaker:{(model_dir / 'resnet34-0').absolute()}"
         elif label == "resemblyzer":
             models[label] = "resemblyzer"
+        elif label == "feeder":
+            models[label] = "null:256"
         else:
             models[label] = label
     results = {"device": describe_machine(args.device), "corpus": corpus_info,
                "settings": {"workers": args.workers, "threads": args.threads, "repeats": args.repeats,
                             "batch_frames": args.batch_frames, "command": " ".join(sys.argv)},
                "models": {}}
+    args.user_cache = (args.out / "user-cache").absolute()
     for label, spec in models.items():
+        warm_user_cache(spec, args)
         results["models"][label] = benchmark_model(label, spec, args, corpus_info)
     # the issue's shape: the first model's systems at the top level
     first = next(iter(results["models"].values()))

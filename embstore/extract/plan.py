@@ -214,6 +214,6 @@ def plan_extraction(manifest: Manifest, options: ExtractOptions) -> ExtractionPl
     return ExtractionPlan(
         spec=options.spec, worker_spec=worker_spec, model_id=row["id"], model_key=manifest.model_key(row),
         fingerprint=row["fingerprint"], devices=devices, batching="equal" if on_onnx else batching,
-        runtime="onnxruntime" if on_onnx else "torch", device_features=device_features, prepared=prepared,
+        runtime="onnxruntime" if on_onnx else caps.runtime, device_features=device_features, prepared=prepared,
         left=left, left_seconds=left_seconds, expected_fingerprint=None if on_onnx else model.card.fingerprint,
     )

@@ -55,10 +55,11 @@ def open_encoder(setup: WorkerSetup) -> Encoder:
     if setup.model_spec.startswith("onnx:"):
         encoder = load(setup.model_spec, device=setup.device, dtype=setup.dtype, threads=max(1, setup.threads))
     else:
+        encoder = load(setup.model_spec, device=setup.device, dtype=setup.dtype)
+    if encoder.capabilities.runtime == "torch" or setup.device_features:
         import torch
 
         torch.set_num_threads(max(1, setup.threads))
-        encoder = load(setup.model_spec, device=setup.device, dtype=setup.dtype)
     if setup.fingerprint is not None and encoder.fingerprint != untrimmed_fingerprint(setup.fingerprint):
         raise ExtractionError(
             f"{setup.model_spec} loads with fingerprint {encoder.fingerprint[:12]} here, but the run's rows are"

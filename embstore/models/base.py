@@ -31,7 +31,7 @@ from embstore.audio import load_for_model
 from embstore.models.lengths import LengthRule
 
 BATCHING_MODES = ("any", "masked", "equal")
-RUNTIMES = ("torch", "onnxruntime", "openvino")
+RUNTIMES = ("torch", "onnxruntime", "openvino", "none")  # none: no network (the null model)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
-"""`null:DIM`: an encoder whose model costs nothing, for benchmarks of everything else.
+"""`null:DIM`: an encoder whose model costs nothing, for measuring everything else.
 
-Audio is read and decoded for real (the feeder's work stays real), features are one
-energy value per 10 ms frame (cheap), and every item embeds to the same fixed unit
-vector of DIM values. Throughput measured with it is the pipeline's own: claims,
-loading, dedup, messages and commits, with the model's compute taken out.
+Audio is read, decoded and resampled for real, and its features are real Kaldi fbank
+(80 bins, 25/10 ms), on the CPU in the loaders or batched on the device
+(`--features device`), exactly as for a WeSpeaker model; only the network is gone:
+every item embeds to the same fixed unit vector of DIM values. Throughput measured with
+it is the pipeline's own (the `feeder` benchmark): scan, claims, decode, features, hash,
+dedup, messages, the writer and its commits.
 """
 
 from __future__ import annotations
@@ -13,17 +15,17 @@ from typing import Any, Sequence
 import numpy as np
 
 from embstore.errors import ModelError
-from embstore.models.base import Capabilities, Encoder, fingerprint_of
-from embstore.models.lengths import FbankLength
+from embstore.features import FbankConfig
+from embstore.models.base import Capabilities, fingerprint_of
+from embstore.models.common import DTYPES, check_device
+from embstore.models.fbank_encoder import FbankEncoder
 
-SAMPLE_RATE = 16000
-HOP = 160  # 10 ms frames at 16 kHz
 
-
-class NullEncoder(Encoder):
-    capabilities = Capabilities(batching="any", dtypes=("fp32", "bf16", "fp16"))
+class NullEncoder(FbankEncoder):
+    capabilities = Capabilities(batching="any", device_features=True, runtime="none", dtypes=DTYPES)
 
     def __init__(self, dim: str | int = 256, device: str = "cpu", dtype: str = "fp32"):
+        check_device(device)
         try:
             self.dim = int(dim)
         except (TypeError, ValueError):
@@ -33,24 +35,22 @@ class NullEncoder(Encoder):
         self.name = f"null-{self.dim}"
         self.spec = f"null:{self.dim}"
         self.device, self.dtype = device, dtype
-        self.sample_rate = SAMPLE_RATE
-        self.frontend: dict[str, Any] = {"null": True, "hop": HOP, "dtype": dtype}
+        self.fbank_config = FbankConfig()
+        self.sample_rate = self.fbank_config.sample_rate
+        self.max_frames = 0  # items whole: there is no network whose memory to bound
+        self.frontend: dict[str, Any] = {**self.fbank_config.as_dict(), "null": True, "dtype": dtype}
         self.fingerprint = fingerprint_of(None, self.frontend, f"null:{self.dim}".encode())
         vector = np.ones(self.dim, dtype=np.float32)
         self.vector = vector / np.linalg.norm(vector)
 
     @property
-    def length_rule(self) -> FbankLength:
-        # one frame per whole hop: n // HOP samples
-        return FbankLength(window_size=HOP, window_shift=HOP)
+    def _torch_device(self) -> Any:
+        import torch
 
-    def features(self, wav: np.ndarray) -> np.ndarray:
-        frames = len(wav) // HOP
-        return np.square(wav[: frames * HOP]).reshape(frames, HOP).mean(axis=1, keepdims=True).astype(np.float32)
+        return torch.device(self.device if self.device.startswith("cuda") and torch.cuda.is_available() else "cpu")
 
-    def embed_batch(self, feats: Sequence[np.ndarray]) -> np.ndarray:
-        return np.tile(self.vector, (len(feats), 1))
+    def _forward(self, batch: Any) -> np.ndarray:
+        return np.tile(self.vector, (len(batch), 1))
 
-    def embed_file(self, path: str, start: float | None = None, end: float | None = None) -> np.ndarray:
-        self.features(self.load(path, start, end))
-        return self.vector.copy()
+    def embed_batch(self, feats: Sequence[Any]) -> np.ndarray:
+        return self._forward(feats)  # any lengths together: nothing is computed from them
