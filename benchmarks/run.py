@@ -22,6 +22,10 @@ waits for them; model_only counts forward passes only):
                   buckets: mean batch size, padding and throughput of each
 Fidelity: each system's embedding of each file vs `embed_file` (the per-item reference;
 seed_original calls exactly that, so its outputs are the reference).
+For Resemblyzer the seed loops compute features with `--seed-frontend`: `librosa` (default)
+is embstore's frontend before the vectorised one (the package's VAD decisions and librosa's
+mel, as a loop calling resemblyzer runs them; the baseline of earlier BENCHMARKS.md runs),
+`embstore` the encoder's own `features`. Both give the same windows (cosine 1.0).
 """
 
 from __future__ import annotations
@@ -137,6 +141,15 @@ def pkl_path(out_dir: Path, root: Path, path: Path) -> Path:
 # -- systems (each runs inside its own process) ---------------------------------------------
 
 
+def librosa_seed(encoder, args):
+    """path -> Resemblyzer features with librosa's mel for the seed loops (--seed-frontend), else None."""
+    if encoder.spec != "resemblyzer" or args.seed_frontend != "librosa":
+        return None
+    from benchmarks.resemblyzer_frontend import librosa_features
+
+    return lambda path: librosa_features(encoder.load(path))
+
+
 def system_seed_original(args) -> dict:
     import torch
 
@@ -147,8 +160,9 @@ def system_seed_original(args) -> dict:
     root, out = Path(args.corpus), Path(args.work) / "pkl"
     started = PROCESS_START
     files = corpus_files(root)
+    librosa = librosa_seed(encoder, args)
     for path in files:
-        emb = encoder.embed_file(str(path))
+        emb = encoder.embed_batch([librosa(str(path))])[0] if librosa else encoder.embed_file(str(path))
         target = pkl_path(out, root, path)
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target, "wb") as f:
@@ -167,6 +181,7 @@ def system_seed_optimized(args) -> dict:
     started = PROCESS_START
     todo = [p for p in corpus_files(root) if not os.path.exists(pkl_path(out, root, p))]
     saver = ThreadPoolExecutor(max_workers=6)
+    librosa = librosa_seed(encoder, args)
 
     def save(embs: np.ndarray, paths: list[Path]) -> None:
         for emb, path in zip(embs, paths):
@@ -178,7 +193,7 @@ def system_seed_optimized(args) -> dict:
     pending = []
     for i in range(0, len(todo), 16):
         paths = todo[i : i + 16]
-        feats = [encoder.features(encoder.load(str(p))) for p in paths]
+        feats = [librosa(str(p)) if librosa else encoder.features(encoder.load(str(p))) for p in paths]
         embs = padded_batch(encoder, feats)
         pending.append(saver.submit(save, embs, paths))
     for fut in pending:
@@ -417,6 +432,7 @@ def run_system(name: str, model: str, args, work: Path) -> dict:
            "--threads", str(args.threads), "--workers", str(args.workers)]
     if args.batch_frames:
         cmd += ["--batch-frames", str(args.batch_frames)]
+    cmd += ["--seed-frontend", args.seed_frontend]
     whole_machine = name.startswith("seed") or name == "model_only_b1"
     threads = args.threads * args.workers if whole_machine else args.threads
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
@@ -536,6 +552,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="embstore/model_only processes (CPU default: cores)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--batch-frames", type=int, default=None)
+    ap.add_argument("--seed-frontend", choices=("librosa", "embstore"), default="librosa",
+                    help="Resemblyzer features in the seed loops: librosa's mel (as before) or the encoder's")
     ap.add_argument("--write", type=Path, default=None, help="also write this Markdown file (BENCHMARKS.md)")
     # internal: one system inside a child process
     ap.add_argument("--system", default=None, help=argparse.SUPPRESS)
@@ -573,7 +591,7 @@ def main() -> None:
             models[label] = label
     results = {"device": describe_machine(args.device), "corpus": corpus_info,
                "settings": {"workers": args.workers, "threads": args.threads, "repeats": args.repeats,
-                            "batch_frames": args.batch_frames, "command": " ".join(sys.argv)},
+                            "batch_frames": args.batch_frames, "seed_frontend": args.seed_frontend, "command": " ".join(sys.argv)},
                "models": {}}
     for label, spec in models.items():
         results["models"][label] = benchmark_model(label, spec, args, corpus_info)

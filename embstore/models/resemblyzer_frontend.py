@@ -44,9 +44,13 @@ N_FFT = SAMPLE_RATE * MEL_WINDOW_MS // 1000  # 400
 HOP = SAMPLE_RATE * MEL_STEP_MS // 1000  # 160
 VAD_WINDOW = VAD_WINDOW_MS * SAMPLE_RATE // 1000  # 480 samples
 _INT16_MAX = (2**15) - 1
-# frames per rfft call: 400 KB of float64 frames stay in L2 (measured ~1.5x faster than
-# 2048-frame blocks), and an hour of audio never makes a 1 GB copy
-_BLOCK_FRAMES = 128
+# Frames per block. Small enough that (a) the float64 frames (200 KB) stay in L2, measured
+# ~1.5x faster than 2048-frame blocks, and an hour of audio never makes a 1 GB copy; (b)
+# OpenBLAS runs the [64, 201] x [201, 40] matmul on the calling thread (measured: 128 rows
+# already wake its thread pool when OMP_NUM_THREADS is unset, whose threads then spin on
+# the cores the model runs on: 25x slower per row on a busy machine). Large enough that
+# the ~7 NumPy calls per block hold the GIL for a few % of the block's time.
+_BLOCK_FRAMES = 64
 
 
 # Slaney's mel scale (librosa's htk=False): linear below 1 kHz, logarithmic above
