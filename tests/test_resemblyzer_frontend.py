@@ -177,9 +177,16 @@ def test_embeddings_equal_the_package_on_all_shared_files(package, encoder, spee
 
 def test_process_pool_function(encoder, speech) -> None:
     """resemblyzer_features is what a loader process pool calls: picklable, no model, same windows."""
+    from embstore.models.resemblyzer import ResemblyzerEncoder
+
     path = speech[7][0]
     assert pickle.loads(pickle.dumps(rf.resemblyzer_features)) is rf.resemblyzer_features
+    other_rate = ResemblyzerEncoder(rate=2.0)
+    fns = [encoder.path_features(), pickle.loads(pickle.dumps(other_rate.path_features()))]
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-        whole, cut = pool.map(rf.resemblyzer_features, [path, path], [None, 0.5], [None, 3.0])
+        whole, cut = pool.map(fns[0], [path, path], [None, 0.5], [None, 3.0])
+        faster = pool.submit(fns[1], path).result()
     np.testing.assert_array_equal(whole, encoder.features(encoder.load(path)))
     np.testing.assert_array_equal(cut, encoder.features(encoder.load(path, 0.5, 3.0)))
+    np.testing.assert_array_equal(faster, other_rate.features(other_rate.load(path)))
+    assert len(faster) > len(whole)

@@ -24,7 +24,8 @@ a zero RMS and returns NaN) and audio in which webrtcvad finds no speech at all.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -87,6 +88,11 @@ class ResemblyzerEncoder(Encoder):
     def features(self, wav: np.ndarray) -> np.ndarray:
         """[n_partials, 160, 40] mel windows of one item, as embed_utterance cuts them."""
         return rf.features(wav, self.rate, self.min_coverage)
+
+    def path_features(self) -> Callable[..., np.ndarray]:
+        """`f(path, start, end)` -> features(load(path, start, end)), picklable (a partial of a
+        top-level function, no model, no torch): what a loader process pool can run."""
+        return functools.partial(rf.resemblyzer_features, rate=self.rate, min_coverage=self.min_coverage)
 
     def _partial_embeddings(self, mels: np.ndarray) -> np.ndarray:
         torch = self._torch

@@ -146,7 +146,7 @@ def vad_flags(wav: np.ndarray) -> np.ndarray:
     pcm = memoryview(np.round(wav * _INT16_MAX).astype(np.int16).tobytes())
     step = VAD_WINDOW * 2
     n = len(wav) // VAD_WINDOW
-    frames = [pcm[k : k + step] for k in range(0, n * step, step)]
+    frames = (pcm[k : k + step] for k in range(0, n * step, step))  # views, not copies; flat memory
     return np.fromiter(
         map(process, itertools.repeat(vad, n), itertools.repeat(SAMPLE_RATE, n), frames, itertools.repeat(VAD_WINDOW, n)),
         dtype=bool, count=n,
