@@ -41,6 +41,7 @@ import json
 import os
 import pickle
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -141,6 +142,13 @@ def pkl_path(out_dir: Path, root: Path, path: Path) -> Path:
 # -- systems (each runs inside its own process) ---------------------------------------------
 
 
+def cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
+    """User + system CPU seconds (RUSAGE_CHILDREN: of waited-for descendants). On a shared
+    machine they vary far less than wall time; reported next to it."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def librosa_seed(encoder, args):
     """path -> Resemblyzer features with librosa's mel for the seed loops (--seed-frontend), else None."""
     if encoder.spec != "resemblyzer" or args.seed_frontend != "librosa":
@@ -167,7 +175,8 @@ def system_seed_original(args) -> dict:
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target, "wb") as f:
             pickle.dump({"embedding": emb, "path": str(path)}, f)
-    return {"seconds": time.perf_counter() - started, "files": len(files), "embeddings": _collect_pkl(out, root, files)}
+    return {"seconds": time.perf_counter() - started, "cpu_seconds": cpu_seconds(), "files": len(files),
+            "embeddings": _collect_pkl(out, root, files)}
 
 
 def system_seed_optimized(args) -> dict:
@@ -200,7 +209,8 @@ def system_seed_optimized(args) -> dict:
         fut.result()
     saver.shutdown()
     files = corpus_files(root)
-    return {"seconds": time.perf_counter() - started, "files": len(todo), "embeddings": _collect_pkl(out, root, files)}
+    return {"seconds": time.perf_counter() - started, "cpu_seconds": cpu_seconds(), "files": len(todo),
+            "embeddings": _collect_pkl(out, root, files)}
 
 
 def padded_batch(encoder, feats: list[np.ndarray]) -> np.ndarray:
@@ -302,10 +312,11 @@ def system_embstore(args, extra_flags: tuple[str, ...] = ()) -> dict:
         extract += ["--device", args.device]
     if args.batch_frames:
         extract += ["--batch-frames", str(args.batch_frames)]
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), cpu_seconds(resource.RUSAGE_CHILDREN)
     subprocess.run(exe + ["scan", str(store), str(root), "--json"], check=True, capture_output=True)
     run = subprocess.run(extract, capture_output=True, text=True)
     seconds = time.perf_counter() - started
+    cpu = cpu_seconds(resource.RUSAGE_CHILDREN) - cpu_before
     if run.returncode != 0:
         raise SystemExit(f"embstore extract failed: {run.stderr[-2000:]}")
     summary = json.loads(run.stdout)
@@ -328,7 +339,7 @@ def system_embstore(args, extra_flags: tuple[str, ...] = ()) -> dict:
     with embstore.open(store) as st:
         ids, vectors = st.embeddings()
     return {
-        "seconds": seconds, "files": summary["done"], "embeddings": dict(zip(ids, vectors)),
+        "seconds": seconds, "cpu_seconds": cpu, "files": summary["done"], "embeddings": dict(zip(ids, vectors)),
         "extra": {
             "mean_batch_items": summary["mean_batch_items"], "padding_overhead": summary["padding_overhead"],
             "batching": summary["batching"], "runtime": summary.get("runtime"),
@@ -476,6 +487,7 @@ def benchmark_model(label: str, model: str, args, corpus_info: dict) -> dict:
             "seconds": round(seconds, 3), "files": files, "files_per_s": round(files / seconds, 2),
             "x_realtime": round(audio / seconds, 1), "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
             "repeats": len(results), "all_seconds": [round(r["seconds"], 3) for r in results],
+            "all_cpu_seconds": [round(r["cpu_seconds"], 2) for r in results if "cpu_seconds" in r],
         }
         if reference is not None:
             entry["fidelity_min_cos"], entry["fidelity_mean_cos"] = (round(x, 7) for x in
