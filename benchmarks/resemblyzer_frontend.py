@@ -15,7 +15,8 @@ Frontends, all giving the same windows:
 Measured for each, on the same files:
   first_call_s     a fresh process: imports plus the first item (librosa's lazy imports)
   frontend_1t      features of decoded audio, one thread: x realtime per core
-  load_1t          decode + features, one thread
+                   (_cpu: per CPU second of the process, what a loaded machine distorts least)
+  load_1t          decode + features, one thread (and _cpu)
   threads_2        decode + features, 2 loader threads in one process
   processes_2      decode + features, 2 loader processes (spawned, warm), results pickled back
 scaling = threads_2 / load_1t: 2.0 means the GIL is out of the way on 2 cores; compare it
@@ -108,9 +109,9 @@ def _warm(name: str, path: str) -> None:
 
 def first_call(name: str, path: str) -> float:
     """A fresh interpreter: seconds from start to the first item's features."""
-    code = ("import time; t=time.perf_counter(); import sys; sys.path.insert(0, %r); "
-            "import benchmarks.resemblyzer_frontend as b; b.load_and_features(%r, %r); "
-            "print(time.perf_counter()-t)") % (str(REPO), name, path)
+    code = (f"import time; t=time.perf_counter(); import sys; sys.path.insert(0, {str(REPO)!r}); "
+            f"import benchmarks.resemblyzer_frontend as b; b.load_and_features({name!r}, {path!r}); "
+            "print(time.perf_counter()-t)")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.split()[-1])
@@ -139,6 +140,32 @@ def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def cpu_timed(fn) -> float:
+    """CPU seconds of this process (one thread working): what a loaded machine distorts least."""
+    t0 = time.process_time()
+    fn()
+    return time.process_time() - t0
+
+
+def measure(name: str, paths: list[str], wavs: list[np.ndarray], pool: ProcessPoolExecutor) -> dict[str, float]:
+    """One repeat of every measurement for one frontend: seconds (first_call_s: its own unit)."""
+    fn = frontend(name)
+
+    def load_one(path: str) -> np.ndarray:
+        return load_and_features(name, path)
+
+    with ThreadPoolExecutor(2) as threads:
+        return {
+            "first_call_s": first_call(name, paths[0]),
+            "frontend_1t": timed(lambda: [fn(w) for w in wavs]),
+            "frontend_1t_cpu": cpu_timed(lambda: [fn(w) for w in wavs]),
+            "load_1t": timed(lambda: [load_one(p) for p in paths]),
+            "load_1t_cpu": cpu_timed(lambda: [load_one(p) for p in paths]),
+            "threads_2": timed(lambda: list(threads.map(load_one, paths))),
+            "processes_2": timed(lambda: list(pool.map(load_and_features, [name] * len(paths), paths, chunksize=4))),
+        }
 
 
 def equality(paths: list[str]) -> dict:
@@ -188,16 +215,9 @@ def main() -> None:
     scaling = []
     for _ in range(args.repeats):
         scaling.append(machine_scaling())
-        for name in FRONTENDS:  # interleaved: drift in a shared machine hits both alike
-            fn = frontend(name)
-            r = runs[name]
-            r.setdefault("first_call_s", []).append(first_call(name, paths[0]))
-            r.setdefault("frontend_1t", []).append(timed(lambda: [fn(w) for w in wavs]))
-            r.setdefault("load_1t", []).append(timed(lambda: [load_and_features(name, p) for p in paths]))
-            with ThreadPoolExecutor(2) as threads:
-                r.setdefault("threads_2", []).append(timed(lambda: list(threads.map(lambda p: load_and_features(name, p), paths))))
-            r.setdefault("processes_2", []).append(
-                timed(lambda: list(pools[name].map(load_and_features, [name] * len(paths), paths, chunksize=4))))
+        for name in FRONTENDS:  # interleaved: drift in a shared machine hits all alike
+            for key, value in measure(name, paths, wavs, pools[name]).items():
+                runs[name].setdefault(key, []).append(value)
     for pool in pools.values():
         pool.shutdown()
     results = {"files": len(paths), "audio_seconds": round(audio_s, 1), "cpu_count": os.cpu_count(),

@@ -25,7 +25,8 @@ a zero RMS and returns NaN) and audio in which webrtcvad finds no speech at all.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
