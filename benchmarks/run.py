@@ -22,6 +22,10 @@ waits for them; model_only counts forward passes only):
                   buckets: mean batch size, padding and throughput of each
 Fidelity: each system's embedding of each file vs `embed_file` (the per-item reference;
 seed_original calls exactly that, so its outputs are the reference).
+For Resemblyzer the seed loops compute features with `--seed-frontend`: `librosa` (default)
+is embstore's frontend before the vectorised one (the package's VAD decisions and librosa's
+mel, as a loop calling resemblyzer runs them; the baseline of earlier BENCHMARKS.md runs),
+`embstore` the encoder's own `features`. Both give the same windows (cosine 1.0).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import json
 import os
 import pickle
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -137,6 +142,22 @@ def pkl_path(out_dir: Path, root: Path, path: Path) -> Path:
 # -- systems (each runs inside its own process) ---------------------------------------------
 
 
+def cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
+    """User + system CPU seconds (RUSAGE_CHILDREN: of waited-for descendants). On a shared
+    machine they vary far less than wall time; reported next to it."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def librosa_seed(encoder, args):
+    """path -> Resemblyzer features with librosa's mel for the seed loops (--seed-frontend), else None."""
+    if encoder.spec != "resemblyzer" or args.seed_frontend != "librosa":
+        return None
+    from benchmarks.resemblyzer_frontend import librosa_features
+
+    return lambda path: librosa_features(encoder.load(path))
+
+
 def system_seed_original(args) -> dict:
     import torch
 
@@ -147,13 +168,15 @@ def system_seed_original(args) -> dict:
     root, out = Path(args.corpus), Path(args.work) / "pkl"
     started = PROCESS_START
     files = corpus_files(root)
+    librosa = librosa_seed(encoder, args)
     for path in files:
-        emb = encoder.embed_file(str(path))
+        emb = encoder.embed_batch([librosa(str(path))])[0] if librosa else encoder.embed_file(str(path))
         target = pkl_path(out, root, path)
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target, "wb") as f:
             pickle.dump({"embedding": emb, "path": str(path)}, f)
-    return {"seconds": time.perf_counter() - started, "files": len(files), "embeddings": _collect_pkl(out, root, files)}
+    return {"seconds": time.perf_counter() - started, "cpu_seconds": cpu_seconds(), "files": len(files),
+            "embeddings": _collect_pkl(out, root, files)}
 
 
 def system_seed_optimized(args) -> dict:
@@ -167,6 +190,7 @@ def system_seed_optimized(args) -> dict:
     started = PROCESS_START
     todo = [p for p in corpus_files(root) if not os.path.exists(pkl_path(out, root, p))]
     saver = ThreadPoolExecutor(max_workers=6)
+    librosa = librosa_seed(encoder, args)
 
     def save(embs: np.ndarray, paths: list[Path]) -> None:
         for emb, path in zip(embs, paths):
@@ -178,14 +202,15 @@ def system_seed_optimized(args) -> dict:
     pending = []
     for i in range(0, len(todo), 16):
         paths = todo[i : i + 16]
-        feats = [encoder.features(encoder.load(str(p))) for p in paths]
+        feats = [librosa(str(p)) if librosa else encoder.features(encoder.load(str(p))) for p in paths]
         embs = padded_batch(encoder, feats)
         pending.append(saver.submit(save, embs, paths))
     for fut in pending:
         fut.result()
     saver.shutdown()
     files = corpus_files(root)
-    return {"seconds": time.perf_counter() - started, "files": len(todo), "embeddings": _collect_pkl(out, root, files)}
+    return {"seconds": time.perf_counter() - started, "cpu_seconds": cpu_seconds(), "files": len(todo),
+            "embeddings": _collect_pkl(out, root, files)}
 
 
 def padded_batch(encoder, feats: list[np.ndarray]) -> np.ndarray:
@@ -288,10 +313,11 @@ def system_embstore(args, extra_flags: tuple[str, ...] = ()) -> dict:
         extract += ["--device", args.device]
     if args.batch_frames:
         extract += ["--batch-frames", str(args.batch_frames)]
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), cpu_seconds(resource.RUSAGE_CHILDREN)
     subprocess.run(exe + ["scan", str(store), str(root), "--json"], check=True, capture_output=True)
     run = subprocess.run(extract, capture_output=True, text=True)
     seconds = time.perf_counter() - started
+    cpu = cpu_seconds(resource.RUSAGE_CHILDREN) - cpu_before
     if run.returncode != 0:
         raise SystemExit(f"embstore extract failed: {run.stderr[-2000:]}")
     summary = json.loads(run.stdout)
@@ -314,7 +340,7 @@ def system_embstore(args, extra_flags: tuple[str, ...] = ()) -> dict:
     with embstore.open(store) as st:
         ids, vectors = st.embeddings()
     return {
-        "seconds": seconds, "files": summary["done"], "embeddings": dict(zip(ids, vectors)),
+        "seconds": seconds, "cpu_seconds": cpu, "files": summary["done"], "embeddings": dict(zip(ids, vectors)),
         "extra": {
             "mean_batch_items": summary["mean_batch_items"], "padding_overhead": summary["padding_overhead"],
             "batching": summary["batching"], "runtime": summary.get("runtime"),
@@ -434,6 +460,7 @@ def run_system(name: str, model: str, args, work: Path) -> dict:
            "--threads", str(args.threads), "--workers", str(args.workers)]
     if args.batch_frames:
         cmd += ["--batch-frames", str(args.batch_frames)]
+    cmd += ["--seed-frontend", args.seed_frontend]
     whole_machine = name.startswith("seed") or name == "model_only_b1"
     threads = args.threads * args.workers if whole_machine else args.threads
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore", EMBSTORE_CACHE=str(args.user_cache))
@@ -480,6 +507,7 @@ def benchmark_model(label: str, model: str, args, corpus_info: dict) -> dict:
             "seconds": round(seconds, 3), "files": files, "files_per_s": round(files / seconds, 2),
             "x_realtime": round(audio / seconds, 1), "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
             "repeats": len(results), "all_seconds": [round(r["seconds"], 3) for r in results],
+            "all_cpu_seconds": [round(r["cpu_seconds"], 2) for r in results if "cpu_seconds" in r],
         }
         if reference is not None:
             entry["fidelity_min_cos"], entry["fidelity_mean_cos"] = (round(x, 7) for x in
@@ -578,6 +606,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="embstore/model_only processes (CPU default: cores)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--batch-frames", type=int, default=None)
+    ap.add_argument("--seed-frontend", choices=("librosa", "embstore"), default="librosa",
+                    help="Resemblyzer features in the seed loops: librosa's mel (as before) or the encoder's")
     ap.add_argument("--write", type=Path, default=None, help="also write this Markdown file (BENCHMARKS.md)")
     # internal: one system inside a child process
     ap.add_argument("--system", default=None, help=argparse.SUPPRESS)
@@ -617,7 +647,7 @@ def main() -> None:
             models[label] = label
     results = {"device": describe_machine(args.device), "corpus": corpus_info,
                "settings": {"workers": args.workers, "threads": args.threads, "repeats": args.repeats,
-                            "batch_frames": args.batch_frames, "command": " ".join(sys.argv)},
+                            "batch_frames": args.batch_frames, "seed_frontend": args.seed_frontend, "command": " ".join(sys.argv)},
                "models": {}}
     args.user_cache = (args.out / "user-cache").absolute()
     for label, spec in models.items():
