@@ -9,6 +9,10 @@
                            $WESPEAKER_HOME (default ~/.wespeaker), then loaded as a DIR
     onnx:FILE              a WeSpeaker ONNX export run with onnxruntime; frontend settings
                            from a config.yaml next to it when present
+    openvino:FILE.onnx     the same with OpenVINO on CPU (fp32, or bf16 on AMX/AVX512-BF16)
+    openvino:DIR           a WeSpeaker model directory, exported once to ONNX into the user
+                           cache, run with OpenVINO; openvino:resemblyzer the default model's
+                           LSTM likewise (embstore.models.openvino)
 
 `device`: "cpu", "cuda" or "cuda:N". `dtype`: "fp32" (exact; TF32 off on CUDA), "tf32"
 (CUDA's TF32 matrix mode; fp32 on CPU), "bf16" or "fp16" (torch autocast around the
@@ -30,6 +34,7 @@ from embstore.models.base import Encoder
 from embstore.models.common import DTYPES, check_device
 from embstore.models.hub import load_hub
 from embstore.models.onnx import OnnxEncoder
+from embstore.models.openvino import load_openvino
 from embstore.models.resemblyzer import ResemblyzerEncoder
 from embstore.models.wespeaker import WeSpeakerEncoder
 
@@ -53,6 +58,7 @@ SOURCES: dict[str, ModelSource] = {
         ModelSource("wespeaker", WeSpeakerEncoder, takes_argument=True, form="wespeaker:DIR"),
         ModelSource("wespeaker-hub", load_hub, takes_argument=True, form="wespeaker-hub:NAME"),
         ModelSource("onnx", OnnxEncoder, takes_argument=True, form="onnx:FILE"),
+        ModelSource("openvino", load_openvino, takes_argument=True, form="openvino:FILE.onnx|DIR|resemblyzer"),
     )
 }
 SPEC_FORMS = ", ".join(s.form for s in SOURCES.values())
