@@ -59,6 +59,7 @@ Wiring note for extraction (`embstore/extract/run.py`, not wired here):
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import threading
@@ -374,26 +375,92 @@ def _runtime(dtype: str, source_fingerprint: str | None) -> dict[str, Any]:
 
 def _compile(core: Any, model: Any, config: dict[str, Any], cache_key: str | None, where: str) -> Any:
     """The compiled model (a file path or an ov.Model), through OpenVINO's blob cache in
-    the user cache when it can be used. From a path, a cache hit skips reading the graph."""
-    folder: Path | None = None
-    if cache_key:
-        from embstore.cache import entry_dir
+    the user cache when it can be used. From a path, a cache hit skips reading the graph.
 
-        folder = entry_dir("openvino", cache_key)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            folder = None  # a read-only home: compile every time, still correct
+    An imported blob is checked before use: the process that compiled it from the graph
+    stored one probe input and its output beside it (`NAME/probe.npz`); an import that
+    does not reproduce it (OpenVINO 2026.4's import of Resemblyzer's LSTM blob is right
+    at batch 1 and wrong for larger batches: cosine 0.4-0.6) removes the blob, marks the
+    entry `NAME/no-blob` and compiles from the graph, as later loads of it do. Blobs
+    without a probe (of unknown origin) are removed before compiling."""
     try:
+        folder = _blob_folder(cache_key)
         if folder is None:
             return core.compile_model(model, "CPU", config)
         from embstore.cache import locked
 
-        core.set_property({"CACHE_DIR": str(folder)})
+        name = os.path.splitext(os.path.basename(model))[0] if isinstance(model, str) else model.get_friendly_name()
+        stage = folder / name  # one folder per graph: a stage's blobs are removed alone
+        probe, refused = stage / "probe.npz", stage / "no-blob"
         with locked(folder):  # one process compiles and writes the blob; the others import it
+            if refused.exists():
+                return core.compile_model(model, "CPU", config)
+            stage.mkdir(exist_ok=True)
+            trusted = probe.is_file()
+            if not trusted:
+                _remove_blobs(stage)  # so the compile below is from the graph
+            compiled = core.compile_model(model, "CPU", {**config, "CACHE_DIR": str(stage)})
+            if not trusted:
+                _write_probe(compiled, probe)
+                return compiled
+            if _probe_matches(compiled, probe):
+                return compiled
+            _remove_blobs(stage)
+            refused.write_text("an imported blob did not reproduce the probe: compile from the graph\n")
             return core.compile_model(model, "CPU", config)
+    except ModelError:
+        raise
     except Exception as exc:  # OpenVINO raises plain RuntimeErrors for every graph problem
         raise ModelError(f"{where}: OpenVINO cannot compile it ({short_error(exc)})") from None
+
+
+def _remove_blobs(folder: Path) -> None:
+    for blob in folder.glob("*.blob"):
+        blob.unlink()
+
+
+def _blob_folder(cache_key: str | None) -> Path | None:
+    if not cache_key:
+        return None
+    from embstore.cache import entry_dir
+
+    folder = entry_dir("openvino", cache_key)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None  # a read-only home: compile every time, still correct
+    return folder
+
+
+def _probe_input(compiled: Any) -> np.ndarray:
+    """A fixed random input the compiled model takes: dynamic axes 3 items of 160 steps
+    (more than one item: the broken LSTM import is right at batch 1, wrong above)."""
+    shape = [d.get_length() if d.is_static else (3 if i == 0 else max(160, d.get_min_length()))
+             for i, d in enumerate(compiled.inputs[0].get_partial_shape())]
+    return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+
+def _run_probe(compiled: Any, x: np.ndarray) -> np.ndarray:
+    return np.array(compiled.create_infer_request().infer({0: x})[compiled.outputs[-1]], dtype=np.float32)
+
+
+def _write_probe(compiled: Any, path: Path) -> None:
+    x = _probe_input(compiled)
+    buffer = io.BytesIO()
+    np.savez(buffer, x=x, y=_run_probe(compiled, x))
+    from embstore.paths import write_atomic
+
+    write_atomic(path, buffer.getvalue())
+
+
+def _probe_matches(compiled: Any, path: Path) -> bool:
+    try:
+        with np.load(path) as saved:
+            x, want = saved["x"], saved["y"]
+    except (OSError, ValueError, KeyError):
+        return False
+    got = _run_probe(compiled, x)
+    return got.shape == want.shape and bool(np.allclose(got, want, rtol=1e-3, atol=1e-3 * float(np.abs(want).max())))
 
 
 # -- specs: `openvino:FILE.onnx`, `openvino:DIR` ----------------------------------------------
