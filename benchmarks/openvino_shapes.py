@@ -3,19 +3,22 @@
     python benchmarks/openvino_shapes.py --out shapes-out            # ~4 min on 2 cores
     python benchmarks/openvino_shapes.py --out shapes-out --precisions bf16,f32
 
-Model: embstore's ONNX export of a random WeSpeaker ResNet34 (tests/wespeaker_dirs.py);
-features: the real fbank of the 100 shared LibriSpeech files (98 distinct lengths).
+Model: embstore's ONNX export of a random WeSpeaker ResNet34 (tests/wespeaker_dirs.py),
+bf16 in every layer (`f32_stem=False`, the graph the static cases compile) except in
+`dynamic_f32_stem` (embstore's default bf16); features: the real fbank of the 100 shared
+LibriSpeech files (98 distinct lengths).
 Every case runs in its own process (fresh OpenVINO caches, its own peak RSS), one thread.
 
 Cases:
   dynamic        one dynamic-shape model, items one by one: pass 1 (every length new)
-                 and pass 2 (every length seen)
+                 and pass 2 (every length seen), at several runtime cache sizes
   static         a model reshaped and compiled per length (LRU of compiled models), with
                  and without OpenVINO's CACHE_DIR, pass 1 and 2
   batch          batch size B of equal-length items, a seen shape: x realtime per B
-  stream         1,500 items, lengths drawn from the shared files' (as a large corpus
-                 has them: repeats): arriving in random vs ascending order, with the
-                 runtime cache bounded (embstore's default) or OpenVINO's default size
+  stream         1,500 items, lengths drawn around the shared files' (866 distinct,
+                 as a large corpus has them: repeats), arriving in random vs ascending
+                 order, with the runtime cache at embstore's default, 200, or OpenVINO's
+                 default 5000; peak RSS growth
   trim           `--max-trim-frames`-style rounding of lengths down to a multiple of q
                  (user opt-in, not exact): speed and cosine to untrimmed
   warm_up        `warm_up(all lengths)` before the pass vs none: where the time goes
@@ -39,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data" / "librispeech-test-other"
 OV_DEFAULT_SHAPE_CACHE = 5000  # CPU_RUNTIME_CACHE_CAPACITY when nobody sets it
+from embstore.models.openvino import DEFAULT_SHAPE_CACHE  # noqa: E402
 
 
 def prepare(work: Path) -> tuple[str, str]:
@@ -70,8 +74,11 @@ def _rss_mb() -> float:
 
 
 def _encoder(model_dir: str, precision: str, **options):
+    """bf16 in every layer unless asked (`f32_stem`): the static cases compile that graph."""
     from embstore.models import load
 
+    if precision == "bf16":
+        options.setdefault("f32_stem", False)
     return load(f"openvino:{model_dir}", dtype="bf16" if precision == "bf16" else "fp32", threads=1, **options)
 
 
@@ -79,9 +86,13 @@ def _xrt(frames: int, seconds: float) -> float:
     return round(frames / 100 / seconds, 1)
 
 
-def case_dynamic(model_dir: str, feats_path: str, precision: str) -> dict:
+def case_dynamic(model_dir: str, feats_path: str, precision: str, f32_stem: bool = False,
+                 shape_cache: int | None = None) -> dict:
     items = _items(feats_path)
-    encoder = _encoder(model_dir, precision)
+    options: dict = {"f32_stem": True} if f32_stem else {}
+    if shape_cache is not None:
+        options["shape_cache"] = shape_cache
+    encoder = _encoder(model_dir, precision, **options)
     frames = sum(len(x) for x in items)
     out = {}
     for name in ("pass1_new_lengths", "pass2_seen_lengths"):
@@ -235,6 +246,10 @@ def main() -> None:
         plan: list[tuple[str, str, tuple]] = []
         if "dynamic" in wanted:
             plan.append(("dynamic", "case_dynamic", ()))
+            for size in (200, OV_DEFAULT_SHAPE_CACHE):
+                plan.append((f"dynamic_shape_cache_{size}", "case_dynamic", (False, size)))
+            if precision == "bf16":
+                plan.append(("dynamic_f32_stem", "case_dynamic", (True,)))
         if "static" in wanted:
             plan.append(("static_no_blob_cache", "case_static", (None,)))
             blobs = str((args.out / "static-blobs").absolute())
@@ -244,7 +259,8 @@ def main() -> None:
             plan.append(("batch", "case_batch", ()))
         if "stream" in wanted:
             for order in ("random", "ascending"):
-                for cache_size, label in ((None, "ov_default_5000"), (200, "bounded_200"), (20, "bounded_20")):
+                for cache_size, label in ((None, "ov_default_5000"), (DEFAULT_SHAPE_CACHE, "embstore_default"),
+                                          (200, "bounded_200")):
                     plan.append((f"stream_{order}_{label}", "case_stream", (order, cache_size)))
         if "trim" in wanted:
             for q in (8, 32):

@@ -71,6 +71,7 @@ def prepare(work: Path, models: list[str], files: int) -> dict[str, dict]:
     from embstore.models import load
     from tests.wespeaker_dirs import make_wespeaker_dir
 
+    work.mkdir(parents=True, exist_ok=True)
     paths = sorted(SHARED.glob("*/*.flac"))[:files]
     if not paths:
         raise SystemExit(f"no shared data at {SHARED}")

@@ -141,6 +141,15 @@ def test_batches_are_cut_into_few_shapes_exactly(ov_small):
         ov_small.embed_batch([feats[0], feats[1][:200]])
 
 
+def test_openvino_spec_names_the_worker_spec(tmp_path):
+    assert ovm.openvino_spec(None) == ovm.openvino_spec("resemblyzer") == "openvino:resemblyzer"
+    assert ovm.openvino_spec(f"wespeaker:{tmp_path}") == f"openvino:{tmp_path}"
+    assert ovm.openvino_spec("onnx:x.onnx") == f"openvino:{Path('x.onnx').absolute()}"
+    assert ovm.openvino_spec("openvino:resemblyzer") == "openvino:resemblyzer"
+    with pytest.raises(ModelError, match="hub model"):
+        ovm.openvino_spec("wespeaker-hub:english")
+
+
 @pytest.mark.parametrize("n, max_batch, sizes", [(7, 4, [4, 2, 1]), (5, 1, [1] * 5), (64, 64, [64]), (0, 4, []),
                                                  (70, 64, [64, 4, 2]), (3, 6, [2, 1])])
 def test_chunk_sizes(n, max_batch, sizes):

@@ -1,59 +1,70 @@
-"""`openvino:FILE.onnx` or `openvino:DIR`: WeSpeaker models run with OpenVINO on CPU, fp32 or bf16.
+"""`openvino:FILE.onnx`, `openvino:DIR`, `openvino:resemblyzer`: models run with OpenVINO
+on the CPU, fp32 or bf16 (`pip install embstore[openvino]`).
 
 FILE.onnx is an ONNX export as `onnx:FILE` takes it (one [B, T, F] input, config.yaml
 beside it for the frontend). DIR is a WeSpeaker model directory (or `DIR/x.pt`, or the
-same with a `wespeaker:` prefix): it is exported once with `embstore.models.onnx.export_onnx`
-into the user cache (`embstore.cache`) and found there again without importing torch.
-Needs `pip install embstore[openvino]`.
+same with a `wespeaker:` prefix): exported once with `embstore.models.onnx.export_onnx`
+into the user cache, and found there again by the checkpoint's bytes without importing
+torch (`index/`). `resemblyzer` is the default model with its LSTM exported likewise;
+its features and pooling are the torch encoder's.
 
-Precision: `dtype="fp32"` runs with INFERENCE_PRECISION_HINT f32 (equal to ONNX Runtime
-to ~1e-6); `dtype="bf16"` with bf16, offered only where the CPU computes bf16 natively
-(AMX or AVX512-BF16, see `cpu_bf16_support`); elsewhere a one-line ModelError says why.
-Runtime and precision are in `frontend`, hence in the fingerprint: bf16 rows are their
-own model key. For a DIR the fingerprint is built on the torch encoder's fingerprint
-(weights + frontend + long-item policy), not on the export's bytes, so re-exporting with
-another torch version keeps the key.
+Precision: `dtype="fp32"` runs with INFERENCE_PRECISION_HINT f32 (ONNX Runtime's numbers
+to ~1e-6); `dtype="bf16"` only where the CPU computes bf16 natively (AMX or AVX512-BF16,
+`cpu_bf16_support()`), elsewhere a one-line ModelError says why. For a graph with a
+strided convolution (the ResNets) bf16 keeps the full-resolution stem, everything before
+the first strided convolution, in f32 (`f32_stem`, see `_split_stem`): bf16 everywhere
+left 8 of the 100 shared files of a random ResNet34 below cosine 0.9999 to fp32 (worst
+0.99981, EER 0.13 points off); with the stem in f32 the worst is 0.99993 and the EER 0.02
+points off, at ~0.85x the speed of bf16 everywhere. Runtime, precision and that policy
+are in `frontend`, hence in the fingerprint: bf16 rows are their own model key. For DIR
+and resemblyzer the fingerprint builds on the torch encoder's (weights, frontend,
+long-item policy), not on the export's bytes, so another torch version keeps the key.
 
-Frontend, long items and batching ("equal") are those of `onnx:FILE`.
+Shapes (benchmarks/openvino_shapes.py, random ResNet34, bf16, 1 thread, the shared
+files' real fbank). The CPU plugin prepares kernels and buffers per input shape at its
+first inference and keeps them in a per-model cache (CPU_RUNTIME_CACHE_CAPACITY):
+  - a new length costs 10-40 ms, about one more forward: the 100 files (98 lengths, all
+    new) run at 0.5-0.55 of the speed of a second pass over them;
+  - a static model per length (reshape + compile) costs 110-180 ms per length, even
+    importing OpenVINO's blobs, and loses 2-4x: one dynamic model it is;
+  - batch size barely matters on the CPU (B=2 +0-5 %, B>=4 up to -10 %), so batches
+    are cut into chunks of at most `max_batch` items (default 1; full chunks, then powers
+    of two): at most log2(max_batch) + 1 shapes per length, exact, no padding;
+  - the plugin's cache keeps ~10 KB per frame of every shape it holds (1.8 GB for 866
+    lengths), so `shape_cache` bounds it (default 200); with lengths in ascending order
+    (the extraction worker sorts a claim; ordered claims would do the rest) a small
+    cache loses nothing, in random order it thrashes (see the benchmark);
+  - `warm_up(lengths)` prepares shapes ahead of their items (the time moves, it does
+    not go away: worth it only where the CPU would otherwise wait);
+  - merging lengths is `--max-trim-frames` (extraction, user opt-in, not exact); never
+    padding without a mask.
+`shapes_seen` counts the (B, T) shapes an encoder has run.
 
-Shapes. The compiled model keeps both axes dynamic. OpenVINO's CPU plugin prepares its
-kernels and buffers per input shape, on the first inference of that shape, and keeps
-them in a per-model cache (CPU_RUNTIME_CACHE_CAPACITY). Measured on a random ResNet34 at
-bf16, 1 thread (benchmarks/openvino_shapes.py): a new shape costs 10-40 ms (about one
-more forward); the 100 shared files, all lengths new, run at about half the speed of
-a second pass; a static model per shape (reshape + compile, even from OpenVINO's blob
-cache) costs 130-240 ms per shape and loses by 2.5-4x; the runtime cache holds ~10 KB
-per frame of every cached shape (a GB for ~500 shapes), so it must be bounded. So:
-  - one dynamic model; batches are split into chunks of at most `max_batch` items
-    (full chunks, then powers of two): at most log2(max_batch) + 1 shapes per length,
-    exact, no padding. Batch size barely matters on CPU (B=2 +5 %, B>=4 slower for
-    long items), so the default is 1: one shape per distinct length;
-  - `shape_cache` bounds the runtime cache; with lengths arriving in ascending order
-    (as the extraction worker sorts a claim) even a small cache hits on every repeat;
-  - `warm_up(lengths)` prepares shapes ahead (e.g. while the loaders decode the
-    first batch);
-  - `--max-trim-frames` (extraction, user opt-in, not exact) is the only way to merge
-    lengths; never padding without a mask.
-  `shapes_seen` counts the (B, T) shapes this encoder has run.
+Start-up (benchmarks/openvino_startup.py): process start to a ready model 0.30-0.35 s
+with the user cache (no torch import), 3.4 s cold (torch, export, compile), 2.0 s for the
+torch encoder. OpenVINO's blob cache (CACHE_DIR) lives in the user cache per fingerprint;
+the first compile holds a lock so concurrent workers compile once, and every imported
+blob is checked against a probe output stored by the process that compiled it
+(`_compile`: OpenVINO 2026.4 imports the LSTM's blob wrongly for batches > 1).
 
-Start-up: `core.compile_model(path)` with OpenVINO's CACHE_DIR set to the user cache
-entry of this model, so a second process imports the compiled blob instead of compiling;
-the first compile holds a lock so concurrent workers compile once.
-
-Wiring note for extraction (`embstore/extract/run.py`, not wired here):
-  - `--runtime openvino`: for `wespeaker:DIR` and `onnx:FILE` on CPU, the worker spec is
-    `openvino:DIR` / `openvino:FILE` (`openvino_spec(spec)`); the parent registers the
-    model with `describe(spec, dtype, max_frames)` (no compile, no torch once the export
-    is cached) and loads nothing else; workers pass `threads=`.
-    Other models or a CUDA device: ExtractionError (one line).
-  - `--dtype bf16` on CPU for those models: `cpu_bf16_support()`; True -> openvino at
-    bf16; False -> ExtractionError with its reason (torch autocast bf16 stays available
-    as `--runtime torch --dtype bf16`). For resemblyzer, bf16 stays torch autocast.
-  - `--runtime auto` on CPU: fp32 -> ONNX Runtime as today (OpenVINO f32 is no faster,
-    ~1x, and ORT's rows keep the torch fp32 key); bf16 -> OpenVINO (2-4x ORT fp32 at
-    cosine >= 0.9999). On CUDA: torch.
-  - Order claims by feature length and give each worker its own range of lengths (e.g.
-    length modulo workers): each distinct length is then prepared in one process only.
+Wiring note for extraction (`embstore/extract/plan.py`; not wired here):
+  - `--runtime openvino` (CPU only; other devices: ExtractionError): the workers' spec is
+    `openvino_spec(options.spec)` (resemblyzer, wespeaker:DIR, onnx:FILE; a hub model by
+    its downloaded DIR). The run's model is that spec's: `cards.lookup(worker_spec,
+    dtype)`, or on a miss load it once in the parent (0.3 s warm) and `cards.remember`;
+    its description (runtime, precision in frontend) names the rows. Workers pass
+    `threads=`. `cards._files_of` needs two cases for this prefix: `openvino:resemblyzer`
+    (the resemblyzer files) and a `wespeaker:` prefix inside the argument.
+  - `--dtype bf16` on CPU: `cpu_bf16_support()`; True -> OpenVINO bf16 (torch autocast
+    bf16 misses the bar: cosine 0.99970 on ResNet34 and 0.99956 on Resemblyzer); False ->
+    ExtractionError with its reason. `--runtime torch --dtype bf16` stays torch autocast.
+  - `--runtime auto` on CPU: fp32 -> ONNX Runtime for WeSpeaker/ONNX models as today
+    (OpenVINO f32 is no faster, 0.97-1.0x, and ORT's rows keep the torch fp32 key),
+    torch for Resemblyzer (ORT 1.09x, OpenVINO f32 0.88x); bf16 -> OpenVINO (ResNet34
+    2.5x ORT fp32 with the f32 stem, Resemblyzer 2.9x torch fp32). On CUDA: torch.
+  - Order claims by feature length and give each worker its own lengths (e.g. by
+    length modulo workers): each distinct length is then prepared by one process only,
+    and a small `shape_cache` hits on every repeat.
 """
 
 from __future__ import annotations
@@ -91,8 +102,9 @@ __all__ = [
 ]
 
 DEFAULT_MAX_BATCH = 1
-# CPU_RUNTIME_CACHE_CAPACITY; bounds the per-shape memory (see the module doc)
-DEFAULT_SHAPE_CACHE = 200
+# CPU_RUNTIME_CACHE_CAPACITY (OpenVINO's default 5000): bounds the per-shape memory
+# (see the module doc); 200 already misses on the 98 lengths of the shared files
+DEFAULT_SHAPE_CACHE = 1000
 _PRECISION = {"fp32": "f32", "bf16": "bf16"}
 _INSTALL = "pip install embstore[openvino]"
 
@@ -502,11 +514,18 @@ def _load_resemblyzer(device: str, dtype: str, options: dict[str, Any]) -> Any:
     return ResemblyzerOpenVINO(device=device, dtype=dtype, **options)
 
 
+# the modules whose code decides a torch WeSpeaker encoder's fingerprint: a change to
+# them is a different index key, so the index never names a stale fingerprint
+_FINGERPRINT_CODE = [str(Path(__file__).resolve().parents[1] / name) for name in (
+    "features.py", "models/base.py", "models/fbank_encoder.py", "models/wespeaker.py")]
+
+
 def _source_key(model_dir: str, checkpoint: str, max_frames: int | None, overrides: dict[str, Any] | None) -> str:
-    """What the export depends on, from the files alone (no torch): config, checkpoint, options."""
+    """What the export and the torch fingerprint depend on, from files alone (no torch):
+    config, checkpoint, options, and embstore's code that builds the fingerprint."""
     digest = hashlib.sha256()  # SHA-NI: twice blake2b's speed here, and this is on the start-up path
     digest.update(json.dumps({"max_frames": max_frames, "overrides": overrides or {}}, sort_keys=True).encode())
-    for path in (os.path.join(model_dir, "config.yaml"), checkpoint):
+    for path in (os.path.join(model_dir, "config.yaml"), checkpoint, *_FINGERPRINT_CODE):
         with open(path, "rb") as f:
             while chunk := f.read(1 << 22):
                 digest.update(chunk)
@@ -561,11 +580,17 @@ def from_wespeaker(
     )
 
 
-def openvino_spec(spec: str) -> str:
-    """The worker spec that runs `wespeaker:DIR` or `onnx:FILE` with OpenVINO."""
+def openvino_spec(spec: str | None) -> str:
+    """The worker spec that runs `wespeaker:DIR`, `onnx:FILE` or `resemblyzer` (also the
+    default, None or "") with OpenVINO; ModelError for any other source."""
+    spec = (spec or "").strip() or "resemblyzer"
     kind, _, target = spec.partition(":")
-    if kind not in ("wespeaker", "onnx") or not target:
-        raise ModelError(f"{spec}: OpenVINO runs wespeaker:DIR and onnx:FILE models only")
+    if spec == "resemblyzer" or kind == "openvino":
+        return spec if kind == "openvino" else "openvino:resemblyzer"
+    if kind not in ("wespeaker", "onnx") or not target.strip():
+        raise ModelError(
+            f"{spec}: OpenVINO runs resemblyzer, wespeaker:DIR and onnx:FILE models "
+            "(for a hub model, use wespeaker:DIR on its downloaded directory)")
     return f"openvino:{abspath(target.strip())}"
 
 
