@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from embstore.errors import ModelError
+from embstore.features import FbankConfig
 from embstore.models.base import Capabilities, fingerprint_of
 from embstore.models.common import abspath, check_device, safe_name, short_error
 from embstore.models.fbank_encoder import (
@@ -37,15 +38,27 @@ from embstore.models.fbank_encoder import (
     fbank_config_from,
     read_config,
 )
-from embstore.paths import user_cache_dir, write_atomic_text
+from embstore.paths import user_cache_dir
 
 
-def _file_digest(path: str) -> bytes:
+def file_digest(path: str) -> bytes:
     digest = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.digest()
+
+
+def export_settings(path: str, feat_dim: Any, where: str, max_frames: int | None) -> tuple[FbankConfig, int]:
+    """(frontend, max_frames) of an ONNX file, from the config.yaml beside it (module doc);
+    `feat_dim` is the graph's feature axis (an int, or a symbolic name that is not checked)."""
+    config_path = os.path.join(os.path.dirname(path), "config.yaml")
+    config = read_config(config_path) if os.path.isfile(config_path) else {}
+    fbank_config = fbank_config_from(config, config.get("model"))
+    if isinstance(feat_dim, int) and feat_dim != fbank_config.num_mel_bins:
+        raise ModelError(f"{where}: the graph takes {feat_dim} features, frontend gives {fbank_config.num_mel_bins}")
+    configured = (config.get("embstore") or {}).get("max_frames", DEFAULT_MAX_FRAMES)
+    return fbank_config, int(configured if max_frames is None else max_frames)
 
 
 class OnnxEncoder(FbankEncoder):
@@ -86,14 +99,7 @@ class OnnxEncoder(FbankEncoder):
         self._input = inputs[0].name
         self._output = self.session.get_outputs()[-1].name
 
-        config_path = os.path.join(os.path.dirname(path), "config.yaml")
-        config = read_config(config_path) if os.path.isfile(config_path) else {}
-        self.fbank_config = fbank_config_from(config, config.get("model"))
-        feat_dim = inputs[0].shape[2]
-        if isinstance(feat_dim, int) and feat_dim != self.fbank_config.num_mel_bins:
-            raise ModelError(f"onnx:{target}: the graph takes {feat_dim} features, frontend gives {self.fbank_config.num_mel_bins}")
-        configured = (config.get("embstore") or {}).get("max_frames", DEFAULT_MAX_FRAMES)
-        self.max_frames = int(configured if max_frames is None else max_frames)
+        self.fbank_config, self.max_frames = export_settings(path, inputs[0].shape[2], f"onnx:{target}", max_frames)
         self.window_batch = max(1, int(window_batch))
         self.device = device
         self.dtype = dtype
@@ -101,7 +107,7 @@ class OnnxEncoder(FbankEncoder):
         self.spec = f"onnx:{path}"
         self.name = safe_name(f"onnx-{os.path.splitext(os.path.basename(path))[0]}")
         self.frontend = {**self.fbank_config.as_dict(), **self._policy(), "runtime": "onnxruntime"}
-        self.fingerprint = fingerprint_of(None, self.frontend, extra=_file_digest(path))
+        self.fingerprint = fingerprint_of(None, self.frontend, extra=file_digest(path))
         dim = self.session.get_outputs()[-1].shape[-1]
         if not isinstance(dim, int):  # symbolic: one short run tells
             dim = self._forward(np.zeros((1, 200, self.fbank_config.num_mel_bins), dtype=np.float32)).shape[-1]
@@ -128,19 +134,46 @@ def cached_export(fingerprint: str) -> str:
     return str(user_cache_dir() / "onnx" / fingerprint / "model.onnx")
 
 
-def export_onnx(encoder: Any, folder: str) -> str:
+def export_onnx(encoder: Any, folder: str | None = None) -> str:
     """Export a torch WeSpeaker encoder to `folder/model.onnx` (+ its config.yaml) and
     return the path; an existing export is reused. Time and batch axes are dynamic.
+
+    Without `folder`: the user cache's `cached_export(encoder.fingerprint)`. Concurrent
+    exports of one folder are safe and done once (`embstore.cache.fill_once`: one process
+    exports under a lock, the others wait and reuse it; config.yaml is in place before
+    model.onnx appears). The config.yaml records `embstore.source_fingerprint` (the torch
+    encoder's fingerprint) next to `max_frames`.
 
     ONNX Runtime runs ResNet-style models ~1.7x faster than eager torch on CPU with the
     same numbers (cosine 0.9999999), which is why extraction uses it on CPU by default.
     """
+    from pathlib import Path
+
+    from embstore.cache import fill_once
+
+    target = Path(folder) if folder else Path(cached_export(encoder.fingerprint)).parent
+    fill_once(target, "model.onnx", lambda tmp: _write_export(encoder, tmp))
+    return str(target / "model.onnx")
+
+
+def trace_to_onnx(module: Any, example: Any, path: str, dynamic_axes: dict[str, dict[int, str]]) -> None:
+    """torch.onnx.export of `module` (one input, one output, named by `dynamic_axes`'
+    keys in that order) with the TorchScript exporter, opset 17, on the CPU."""
+    import warnings
+
     import torch
 
-    path = os.path.join(folder, "model.onnx")
-    if os.path.isfile(path):
-        return path
-    os.makedirs(folder, exist_ok=True)
+    inputs, outputs = list(dynamic_axes)
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        # the TorchScript exporter's deprecation and tracer notes: expected, and noise for users
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval().to("cpu"), (example,), path, input_names=[inputs], output_names=[outputs],
+                          dynamic_axes=dynamic_axes, opset_version=17, dynamo=False)
+
+
+def _write_export(encoder: Any, folder: Any) -> None:
+    import torch
+    import yaml
 
     class LastOutput(torch.nn.Module):
         # WeSpeaker models return the embedding or a tuple ending with it
@@ -152,23 +185,13 @@ def export_onnx(encoder: Any, folder: str) -> str:
             out = self.model(feats)
             return out[-1] if isinstance(out, (tuple, list)) else out
 
-    partial = path + f".{os.getpid()}.partial"
-    model = LastOutput(encoder.model).eval().to("cpu")
-    import warnings
-
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        # the TorchScript exporter's deprecation and tracer notes: expected, and noise for users
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, (torch.zeros(1, 200, encoder.fbank_config.num_mel_bins),), partial,
-            input_names=["feats"], output_names=["embs"],
-            dynamic_axes={"feats": {0: "B", 1: "T"}, "embs": {0: "B"}}, opset_version=17, dynamo=False,
-        )
+    trace_to_onnx(LastOutput(encoder.model), torch.zeros(1, 200, encoder.fbank_config.num_mel_bins),
+                  os.path.join(folder, "model.onnx"), {"feats": {0: "B", 1: "T"}, "embs": {0: "B"}})
     config = dict(encoder.config)
-    config["embstore"] = {**(config.get("embstore") or {}), "max_frames": int(encoder.max_frames)}
-    import yaml
-
-    # config first: a concurrent run that sees model.onnx always finds its config beside it
-    write_atomic_text(os.path.join(folder, "config.yaml"), yaml.safe_dump(config, sort_keys=False))
-    os.replace(partial, path)  # atomic: a concurrent run sees all of it or none
-    return path
+    config["embstore"] = {
+        **(config.get("embstore") or {}),
+        "max_frames": int(encoder.max_frames),
+        "source_fingerprint": encoder.fingerprint,
+    }
+    with open(os.path.join(folder, "config.yaml"), "w", encoding="utf-8") as f:
+        yaml.safe_dump(config, f, sort_keys=False)

@@ -9,6 +9,10 @@
                            $WESPEAKER_HOME (default ~/.wespeaker), then loaded as a DIR
     onnx:FILE              a WeSpeaker ONNX export run with onnxruntime; frontend settings
                            from a config.yaml next to it when present
+    openvino:FILE.onnx     the same with OpenVINO on CPU (fp32, or bf16 on AMX/AVX512-BF16)
+    openvino:DIR           a WeSpeaker model directory, exported once to ONNX into the user
+                           cache, run with OpenVINO; openvino:resemblyzer the default model's
+                           LSTM likewise (embstore.models.openvino)
     null:DIM               no model: a fixed DIM-sized vector per item (benchmarks of the
                            pipeline around the model; see `embstore.models.null`)
 
@@ -33,6 +37,7 @@ from embstore.models.common import DTYPES, check_device
 from embstore.models.hub import load_hub
 from embstore.models.null import NullEncoder
 from embstore.models.onnx import OnnxEncoder
+from embstore.models.openvino import load_openvino
 from embstore.models.resemblyzer import ResemblyzerEncoder
 from embstore.models.wespeaker import WeSpeakerEncoder
 
@@ -56,6 +61,7 @@ SOURCES: dict[str, ModelSource] = {
         ModelSource("wespeaker", WeSpeakerEncoder, takes_argument=True, form="wespeaker:DIR"),
         ModelSource("wespeaker-hub", load_hub, takes_argument=True, form="wespeaker-hub:NAME"),
         ModelSource("onnx", OnnxEncoder, takes_argument=True, form="onnx:FILE"),
+        ModelSource("openvino", load_openvino, takes_argument=True, form="openvino:FILE.onnx|DIR|resemblyzer"),
         ModelSource("null", NullEncoder, takes_argument=True, form="null:DIM"),
     )
 }
