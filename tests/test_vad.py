@@ -96,6 +96,7 @@ def test_silero_backends_agree_and_blocks_carry_state(utterances):
 def test_regions_cover_speech_and_find_the_gap(utterances, method):
     wav, gap_start, gap_end = _two_with_gap(utterances)
     regions = vad.speech_regions(wav, 16000, method)
+    assert regions == vad.speech_regions(wav, 16000, vad.VadConfig(method=method))
     assert regions and regions == sorted(regions)
     assert all(a < b for a, b in regions)
     # nothing inside the silent gap (beyond the padding), and speech on both sides
@@ -137,6 +138,6 @@ def test_none_is_whole_item_and_batch_matches_single(utterances):
 def test_fingerprint_dict_names_method_and_settings():
     assert vad.VadConfig(method="none").as_dict() == {"method": "none"}
     web = vad.VadConfig(method="webrtc").as_dict()
-    assert web["webrtc_mode"] == 3 and web["threshold"] == 0.5
+    assert web["webrtc_mode"] == 2 and web["threshold"] == 0.2
     if _silero_present():
         assert vad.VadConfig().as_dict()["model"].startswith("silero-vad ")

@@ -188,13 +188,18 @@ def make_conversations(
     count: int,
     seed: int,
     speakers: tuple[int, int] = (2, 4),
+    durations: tuple[float, float] = (60.0, 60.0),
     **options: object,
 ) -> list[Conversation]:
-    """`count` conversations with 2..4 speakers each, from seeds derived from `seed`."""
+    """`count` conversations of 2..4 speakers and `durations` seconds (uniform) each,
+    from seeds derived from `seed`."""
     rng = np.random.default_rng(seed)
     sources = _Sources(corpus)
     out = []
     for k in range(count):
         n = int(rng.integers(speakers[0], speakers[1] + 1))
-        out.append(make_conversation(corpus, n, seed=seed * 1000 + k, _sources=sources, **options))  # type: ignore[arg-type]
+        duration = float(rng.uniform(*durations))
+        out.append(
+            make_conversation(corpus, n, seed=seed * 1000 + k, duration=duration, _sources=sources, **options)  # type: ignore[arg-type]
+        )
     return out
