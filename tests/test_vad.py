@@ -55,6 +55,7 @@ def test_frames_to_regions_hysteresis_and_padding():
 
 
 @needs_silero
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # silero's own loader's importlib and jit calls
 @pytest.mark.parametrize("backend", ["onnx", "jit"])
 def test_silero_regions_equal_get_speech_timestamps(utterances, backend):
     """Our batched probabilities + state machine == silero's own per-chunk loop."""
