@@ -14,7 +14,8 @@ Two paths:
   resemblyzer's -30 dBFS (increase only), as `preprocess_wav` does per utterance;
   "none" keeps the samples as they are. The mel is resemblyzer's own
   (`wav_to_mel_spectrogram`, librosa), computed for a whole batch of equal-length
-  windows in one call; the forward is `VoiceEncoder.forward` on equal-length windows.
+  windows in one call; the forward is `VoiceEncoder.forward`, with the short windows
+  packed into the same LSTM call (exact: each window runs over its own frames).
 - "features": any Encoder: `encoder.features(window samples)` then `embed_batch`,
   batched as the encoder's `batching` allows (equal-length groups for "equal").
   For WeSpeaker models this is WeSpeaker's own per-subsegment fbank + CMN; for
@@ -100,20 +101,49 @@ class WindowEmbedder:
     # ------------------------------------------------------------ mel (Resemblyzer)
 
     def _embed_mel(self, pieces: Sequence[np.ndarray]) -> np.ndarray:
+        enc: Any = self.encoder
+        out = np.full((len(pieces), self.dim), np.nan, dtype=np.float32)
+        mels: list[np.ndarray] = []
+        index: list[int] = []
+        for group in _groups_by_length([len(p) for p in pieces]):
+            if len(pieces[group[0]]) < enc._hp.mel_window_length * enc.sample_rate // 1000:
+                continue  # shorter than one mel frame: nothing to embed
+            group_mels = self._mels(np.stack([self._gain(pieces[i]) for i in group]))
+            mels.extend(group_mels)
+            index.extend(group)
+        if mels:
+            out[index] = self._forward_packed(mels)
+        return out
+
+    def _forward_packed(self, mels: Sequence[np.ndarray]) -> np.ndarray:
+        """`VoiceEncoder.forward` of windows of mixed lengths in one LSTM call.
+
+        A CPU LSTM costs per time step almost regardless of the batch, so a short window
+        alone costs as much as a whole batch; packed sequences run every window over its
+        own frames only, and the last hidden state of each is exactly what a forward of
+        that window alone gives.
+        """
         import torch
+        from torch.nn.utils.rnn import pack_padded_sequence
 
         from embstore.models import autocast
 
         enc: Any = self.encoder
-        out = np.full((len(pieces), self.dim), np.nan, dtype=np.float32)
-        for group in _groups_by_length([len(p) for p in pieces]):
-            if len(pieces[group[0]]) < enc._hp.mel_window_length * enc.sample_rate // 1000:
-                continue  # shorter than one mel frame: nothing to embed
-            mels = self._mels(np.stack([self._gain(pieces[i]) for i in group]))
-            with torch.inference_mode(), autocast(enc.device, enc.dtype):
-                rows = enc.model(torch.from_numpy(mels).to(enc.model.device))
-            out[group] = rows.float().cpu().numpy()
-        return out
+        model = enc.model
+        lengths = torch.tensor([len(m) for m in mels])
+        padded = np.zeros((len(mels), int(lengths.max()), mels[0].shape[1]), dtype=np.float32)
+        for k, m in enumerate(mels):
+            padded[k, : len(m)] = m
+        with torch.inference_mode(), autocast(enc.device, enc.dtype):
+            batch = torch.from_numpy(padded).to(model.device)
+            if int(lengths.min()) == int(lengths.max()):
+                rows = model(batch)
+            else:
+                packed = pack_padded_sequence(batch, lengths, batch_first=True, enforce_sorted=False)
+                _, (hidden, _) = model.lstm(packed)
+                raw = model.relu(model.linear(hidden[-1]))
+                rows = raw / torch.norm(raw, dim=1, keepdim=True)
+        return rows.float().cpu().numpy()
 
     def _mels(self, audio: np.ndarray) -> np.ndarray:
         """[B, frames, 40]: resemblyzer's `wav_to_mel_spectrogram` of each row, in one

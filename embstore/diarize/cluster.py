@@ -119,32 +119,53 @@ def spectral_cluster(
     if n <= 2:
         # WeSpeaker's trivial case: too few windows for an affinity graph
         return np.zeros(n, dtype=np.int32) if num_speakers is None else first_appearance(np.arange(n) % num_speakers)
-    affinity = 0.5 * (1.0 + x @ x.T)  # cosine mapped to [0, 1]
     # WeSpeaker keeps at most n - 2 per row, so that tiny items still form a sparse graph
     keep = min(n - 2, max(int(math.ceil(p * n)), min_neighbors))
-    # per row, the `keep` largest entries survive (the row's own 1.0 among them)
-    order = np.argsort(affinity, axis=1, kind="stable")
-    pruned = np.zeros_like(affinity)
-    rows = np.arange(n)[:, None]
-    top = order[:, n - keep :]
-    pruned[rows, top] = 1.0 if binarize else affinity[rows, top]
-    pruned = 0.5 * (pruned + pruned.T)
-    np.fill_diagonal(pruned, 0.0)
-    laplacian = np.diag(pruned.sum(axis=1)) - pruned
+    laplacian = _pruned_laplacian(x.astype(np.float32), keep, binarize)
     from scipy.linalg import eigh
 
     cap = max_speakers or DEFAULT_MAX_SPEAKERS
+    upper = min(max(cap, num_speakers or 1), n - 1)
+    # one partial decomposition gives both the eigengap and the spectral embedding;
+    # overwrite_a: the Laplacian is the only n x n matrix held (memory O(n^2) once)
+    values, vectors = eigh(laplacian, subset_by_index=[0, upper], overwrite_a=True, check_finite=False)
     if num_speakers is not None:
         k = min(num_speakers, n)
     else:
-        upper = min(cap, n - 1)
-        values = eigh(laplacian, eigvals_only=True, subset_by_index=[0, upper])
         gaps = np.diff(values[min_speakers - 1 :])
         k = int(np.argmax(gaps)) + min_speakers if len(gaps) else 1
     if k <= 1:
         return np.zeros(n, dtype=np.int32)
-    _, vectors = eigh(laplacian, subset_by_index=[0, k - 1])
+    vectors = vectors[:, :k]
     return first_appearance(kmeans(vectors, k, seed=seed))
+
+
+def _pruned_laplacian(x: np.ndarray, keep: int, binarize: bool, block: int = 1024) -> np.ndarray:
+    """Dense unnormalised Laplacian of the p-pruned, symmetrised cosine affinity.
+
+    Rows of the affinity are computed `block` at a time and only their `keep` largest
+    entries (the row's own 1.0 among them) survive, as a sparse matrix: the only dense
+    n x n array is the returned Laplacian (a one-hour item: ~4800 windows, 180 MB).
+    """
+    from scipy import sparse
+
+    n = len(x)
+    rows, cols, vals = [], [], []
+    for a in range(0, n, block):
+        sims = x[a : a + block] @ x.T
+        top = np.argpartition(-sims, keep - 1, axis=1)[:, :keep]
+        rows.append(np.repeat(np.arange(a, a + len(sims)), keep))
+        cols.append(top.reshape(-1))
+        kept = np.take_along_axis(sims, top, axis=1).reshape(-1)
+        vals.append(np.ones_like(kept) if binarize else 0.5 * (1.0 + kept))  # cosine mapped to [0, 1]
+    pruned = sparse.csr_matrix(
+        (np.concatenate(vals).astype(np.float64), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n)
+    )
+    pruned = (0.5 * (pruned + pruned.T)).tocsr()
+    pruned.setdiag(0.0)
+    laplacian = -pruned.toarray()
+    laplacian[np.diag_indices(n)] = np.asarray(pruned.sum(axis=1)).reshape(-1)
+    return laplacian
 
 
 def ahc_cluster(
