@@ -48,6 +48,10 @@ class VadError(ValueError):
     """A VAD that cannot run (unknown method, missing package); one line."""
 
 
+class NoSpeech(ValueError):
+    """An item in which the VAD (or the encoder) finds nothing to embed; says why."""
+
+
 @dataclass(frozen=True)
 class VadConfig:
     """Every setting that changes the regions; `as_dict()` goes into fingerprints."""
@@ -127,6 +131,19 @@ def speech_regions_batch(
     return [
         frames_to_regions(p, len(w), SILERO_RATE, SILERO_FRAME, config) for p, w in zip(probs, resampled)
     ]
+
+
+def speech_only(wav: np.ndarray, sample_rate: int, regions: Sequence[Region], method: str = "vad") -> np.ndarray:
+    """The samples inside `regions`, concatenated: a whole-item embedding of speech only.
+
+    `NoSpeech` when there are no regions (an item that must fail with that reason).
+    """
+    wav = _mono(wav)
+    spans = [(int(round(a * sample_rate)), int(round(b * sample_rate))) for a, b in regions]
+    spans = [(max(a, 0), min(b, len(wav))) for a, b in spans if min(b, len(wav)) > max(a, 0)]
+    if not spans:
+        raise NoSpeech(f"no speech found by the {method} VAD")
+    return np.concatenate([wav[a:b] for a, b in spans])
 
 
 def _mono(wav: np.ndarray) -> np.ndarray:

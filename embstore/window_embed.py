@@ -21,6 +21,10 @@ Two paths:
   For WeSpeaker models this is WeSpeaker's own per-subsegment fbank + CMN; for
   Resemblyzer it is its full utterance pipeline on each window (VAD trim + partials).
 
+The two halves follow the Encoder split, for the extraction pipeline's loader and
+compute sides: `window_features(pieces)` (CPU, any thread) and `embed_features(feats)`
+(one forward per block); `iter_embed`/`embed` chain them for one waveform.
+
 A window the encoder cannot embed (its `features` raise ValueError, e.g. Resemblyzer's
 own VAD found nothing in it) or that embeds to NaN/inf gets a NaN row: callers drop
 those with `embstore.models.base.check_finite`.
@@ -84,35 +88,61 @@ class WindowEmbedder:
             out[first : first + len(rows)] = rows
         return out
 
+    def spans(self, plan: WindowPlan, num_samples: int) -> np.ndarray:
+        """[len(plan), 2] sample ranges of the windows at the encoder's rate."""
+        rate = self.encoder.sample_rate
+        bounds = np.stack([np.round(plan.starts * rate), np.round(plan.ends * rate)], axis=1).astype(np.int64)
+        return np.clip(bounds, 0, num_samples)
+
     def iter_embed(self, wav: np.ndarray, plan: WindowPlan) -> Iterator[tuple[int, np.ndarray]]:
         """(index of the block's first window, [block, dim] rows), block by block."""
         wav = np.asarray(wav, dtype=np.float32)
-        rate = self.encoder.sample_rate
-        bounds = np.stack([np.round(plan.starts * rate), np.round(plan.ends * rate)], axis=1).astype(np.int64)
-        bounds = np.clip(bounds, 0, len(wav))
+        bounds = self.spans(plan, len(wav))
         for first in range(0, len(plan), self.batch):
-            spans = bounds[first : first + self.batch]
-            pieces = [wav[a:b] for a, b in spans]
-            rows = self._embed_mel(pieces) if self.mode == "mel" else self._embed_features(pieces)
-            bad = ~check_finite(rows)
-            rows[bad] = np.nan
-            yield first, rows
+            pieces = [wav[a:b] for a, b in bounds[first : first + self.batch]]
+            yield first, self.embed_features(self.window_features(pieces))
+
+    def window_features(self, pieces: Sequence[np.ndarray]) -> list[np.ndarray | None]:
+        """Loader side (CPU, any thread): each window's model input, None where there is
+        none (the encoder's `features` refused it, or it is shorter than one frame)."""
+        if self.mode == "mel":
+            return self._mel_features(pieces)
+        out: list[np.ndarray | None] = []
+        for piece in pieces:
+            try:
+                out.append(self.encoder.features(piece))
+            except ValueError:
+                out.append(None)  # e.g. no speech for the encoder's own VAD: a NaN row
+        return out
+
+    def embed_features(self, feats: Sequence[np.ndarray | None]) -> np.ndarray:
+        """Compute side: [len(feats), dim] rows in as few forwards as the encoder allows;
+        NaN rows for None and for non-finite embeddings."""
+        out = np.full((len(feats), self.dim), np.nan, dtype=np.float32)
+        index = [i for i, f in enumerate(feats) if f is not None]
+        if not index:
+            return out
+        present = [feats[i] for i in index]
+        if self.mode == "mel":
+            out[index] = self._forward_packed(present)  # type: ignore[arg-type]
+        elif self.encoder.batching in ("any", "masked"):
+            out[index] = self.encoder.embed_batch(present)
+        else:
+            for group in _groups_by_length([len(f) for f in present]):  # type: ignore[arg-type]
+                out[[index[k] for k in group]] = self.encoder.embed_batch([present[k] for k in group])
+        out[~check_finite(out)] = np.nan
+        return out
 
     # ------------------------------------------------------------ mel (Resemblyzer)
 
-    def _embed_mel(self, pieces: Sequence[np.ndarray]) -> np.ndarray:
+    def _mel_features(self, pieces: Sequence[np.ndarray]) -> list[np.ndarray | None]:
         enc: Any = self.encoder
-        out = np.full((len(pieces), self.dim), np.nan, dtype=np.float32)
-        mels: list[np.ndarray] = []
-        index: list[int] = []
+        out: list[np.ndarray | None] = [None] * len(pieces)
         for group in _groups_by_length([len(p) for p in pieces]):
             if len(pieces[group[0]]) < enc._hp.mel_window_length * enc.sample_rate // 1000:
                 continue  # shorter than one mel frame: nothing to embed
-            group_mels = self._mels(np.stack([self._gain(pieces[i]) for i in group]))
-            mels.extend(group_mels)
-            index.extend(group)
-        if mels:
-            out[index] = self._forward_packed(mels)
+            for i, mel in zip(group, self._mels(np.stack([self._gain(pieces[i]) for i in group]))):
+                out[i] = mel
         return out
 
     def _forward_packed(self, mels: Sequence[np.ndarray]) -> np.ndarray:
@@ -167,26 +197,3 @@ class WindowEmbedder:
 
         enc: Any = self.encoder
         return normalize_volume(piece, enc._hp.audio_norm_target_dBFS, increase_only=True).astype(np.float32)
-
-    # ------------------------------------------------------------ features (any encoder)
-
-    def _embed_features(self, pieces: Sequence[np.ndarray]) -> np.ndarray:
-        enc = self.encoder
-        out = np.full((len(pieces), self.dim), np.nan, dtype=np.float32)
-        feats: list[Any] = []
-        index: list[int] = []
-        for i, piece in enumerate(pieces):
-            try:
-                feats.append(enc.features(piece))
-            except ValueError:
-                continue  # e.g. no speech for the encoder's own VAD: a NaN row
-            index.append(i)
-        if not feats:
-            return out
-        groups = [list(range(len(feats)))] if enc.batching in ("any", "masked") else _groups_by_length(
-            [len(f) for f in feats]
-        )
-        for group in groups:
-            rows = enc.embed_batch([feats[k] for k in group])
-            out[[index[k] for k in group]] = rows
-        return out

@@ -142,3 +142,13 @@ def test_fingerprint_dict_names_method_and_settings():
     assert web["webrtc_mode"] == 2 and web["threshold"] == 0.2
     if _silero_present():
         assert vad.VadConfig().as_dict()["model"].startswith("silero-vad ")
+
+
+def test_speech_only_keeps_the_regions(utterances):
+    wav, gap_start, gap_end = _two_with_gap(utterances)
+    regions = vad.speech_regions(wav, 16000, "webrtc")
+    kept = vad.speech_only(wav, 16000, regions, "webrtc")
+    assert len(kept) == sum(int(round(b * 16000)) - int(round(a * 16000)) for a, b in regions)
+    assert len(kept) < len(wav) - 1.5 * 16000  # the 2 s gap is gone (padding aside)
+    with pytest.raises(vad.NoSpeech, match="no speech found by the silero VAD"):
+        vad.speech_only(wav, 16000, [], "silero")

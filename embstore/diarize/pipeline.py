@@ -21,13 +21,12 @@ import numpy as np
 from embstore.diarize.cluster import check_speaker_counts, cluster_windows
 from embstore.diarize.rttm import Segment, windows_to_segments
 from embstore.models.base import Encoder, check_finite
-from embstore.vad import Region, VadConfig, speech_regions, vad_config
+from embstore.vad import NoSpeech, Region, VadConfig, speech_regions, vad_config
 from embstore.window_embed import WindowEmbedder
 from embstore.windows import WindowPlan, WindowSpec, parse_window_spec, windows_in_regions
 
 
-class NoSpeech(ValueError):
-    """An item in which nothing can be diarized; the message says why."""
+__all__ = ["Diarization", "NoSpeech", "diarize_audio", "diarize_windows"]
 
 
 @dataclass
