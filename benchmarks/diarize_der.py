@@ -29,8 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from embstore import models  # noqa: E402
@@ -133,24 +131,25 @@ def run(args: argparse.Namespace) -> dict:
 
 def markdown(result: dict) -> str:
     stage = result["x_realtime_stage"]
-    return "\n".join([
+    lines = [
         "### Diarization on synthetic conversations (`benchmarks/diarize_der.py`)",
         "",
-        f"{result['conversations']} conversations (seed {result['seed']}, {result['audio_seconds'] / 60:.1f} min, "
-        f"2-4 speakers), model `{result['model']}`, VAD {result['vad']['method']}, windows {result['windows']}, "
-        f"{result['method']} clustering; DER with a 0.25 s collar, overlap scored.",
+        (f"{result['conversations']} conversations (seed {result['seed']}, {result['audio_seconds'] / 60:.1f} min, "
+         f"2-4 speakers), model `{result['model']}`, VAD {result['vad']['method']}, windows {result['windows']}, "
+         f"{result['method']} clustering; DER with a 0.25 s collar, overlap scored."),
         "",
         "| DER | missed | false alarm | confusion | DER, count given | speaker count right | x realtime |",
         "|---|---|---|---|---|---|---|",
-        f"| {result['der']:.1%} | {result['missed']:.1%} | {result['false_alarm']:.1%} | {result['confusion']:.1%} "
-        f"| {result['der_oracle_count']:.1%} | {result['speaker_count_accuracy']:.0%} | {result['x_realtime']} |",
+        (f"| {result['der']:.1%} | {result['missed']:.1%} | {result['false_alarm']:.1%} | {result['confusion']:.1%} "
+         f"| {result['der_oracle_count']:.1%} | {result['speaker_count_accuracy']:.0%} | {result['x_realtime']} |"),
         "",
-        f"pyannote.metrics DER: {result['der_pyannote'] if result['der_pyannote'] is not None else 'not installed'}. "
-        f"Stages (x realtime): VAD {stage.get('vad')}, window embeddings {stage.get('embed')}, clustering "
-        f"{stage.get('cluster')}; the whole pipeline takes {result['time_vs_whole_item_embedding']}x the time of "
-        f"one whole-item embedding of the same audio ({stage.get('baseline_whole_item')} x realtime).",
+        (f"pyannote.metrics DER: {result['der_pyannote'] if result['der_pyannote'] is not None else 'not installed'}. "
+         f"Stages (x realtime): VAD {stage.get('vad')}, window embeddings {stage.get('embed')}, clustering "
+         f"{stage.get('cluster')}; the whole pipeline takes {result['time_vs_whole_item_embedding']}x the time of "
+         f"one whole-item embedding of the same audio ({stage.get('baseline_whole_item')} x realtime)."),
         "",
-    ])
+    ]
+    return "\n".join(lines)
 
 
 def main() -> None:

@@ -100,7 +100,7 @@ class VadConfig:
         return data
 
 
-def vad_config(vad: "str | VadConfig | None", **settings: Any) -> VadConfig:
+def vad_config(vad: str | VadConfig | None, **settings: Any) -> VadConfig:
     """A VadConfig from a method name (None means "none") or a config, with overrides."""
     if isinstance(vad, VadConfig):
         return replace(vad, **settings) if settings else vad
@@ -108,14 +108,14 @@ def vad_config(vad: "str | VadConfig | None", **settings: Any) -> VadConfig:
 
 
 def speech_regions(
-    wav: np.ndarray, sample_rate: int, method: "str | VadConfig" = "silero", **settings: Any
+    wav: np.ndarray, sample_rate: int, method: str | VadConfig = "silero", **settings: Any
 ) -> list[Region]:
     """Speech regions [(start_s, end_s), ...] of one mono waveform, sorted, disjoint."""
     return speech_regions_batch([wav], sample_rate, method, **settings)[0]
 
 
 def speech_regions_batch(
-    wavs: Sequence[np.ndarray], sample_rate: int, method: "str | VadConfig" = "silero", **settings: Any
+    wavs: Sequence[np.ndarray], sample_rate: int, method: str | VadConfig = "silero", **settings: Any
 ) -> list[list[Region]]:
     """`speech_regions` of several waveforms of one rate (batched where the model allows)."""
     config = vad_config(method, **settings)
@@ -212,7 +212,7 @@ def _silero_dir() -> str:
     spec = importlib.util.find_spec("silero_vad")
     if spec is None or not spec.submodule_search_locations:
         raise VadError("--vad silero needs the silero-vad package: pip install --no-deps silero-vad")
-    return os.path.join(list(spec.submodule_search_locations)[0], "data")
+    return os.path.join(next(iter(spec.submodule_search_locations)), "data")
 
 
 @functools.lru_cache(maxsize=1)

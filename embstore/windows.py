@@ -60,7 +60,7 @@ class WindowSpec:
         return {"window": self.window, "shift": self.shift, "last": "kept if longer than window - shift"}
 
 
-def parse_window_spec(spec: "str | WindowSpec") -> WindowSpec:
+def parse_window_spec(spec: str | WindowSpec) -> WindowSpec:
     """`"1.5:0.75"` (window:shift, seconds) or `"1.5"` (shift = half the window)."""
     if isinstance(spec, WindowSpec):
         return spec

@@ -16,7 +16,14 @@ from embstore.diarize.cluster import (
     spectral_cluster,
 )
 from embstore.diarize.der import DerResult, corpus_der, diarization_error
-from embstore.diarize.rttm import RttmError, Segment, parse_rttm, read_rttm, windows_to_segments, write_rttm
+from embstore.diarize.rttm import (
+    RttmError,
+    Segment,
+    parse_rttm,
+    read_rttm,
+    windows_to_segments,
+    write_rttm,
+)
 
 
 def _speakers(k: int, per: int, dim: int = 64, spread: float = 0.25, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -212,7 +219,7 @@ def test_der_equals_pyannote_metrics_on_random_cases():
             t += d * rng.uniform(0.5, 1.0)
         return out
 
-    def annotation(segs: list[Segment]) -> "Annotation":
+    def annotation(segs: list[Segment]) -> Annotation:
         ann = Annotation()
         for k, s in enumerate(segs):
             ann[PSegment(s.start, s.end), k] = s.speaker

@@ -8,7 +8,12 @@ import pytest
 from embstore import models
 from embstore.audio import load_for_model
 from embstore.diarize.der import diarization_error, speaker_count
-from embstore.diarize.pipeline import Diarization, NoSpeech, diarize_audio, diarize_windows
+from embstore.diarize.pipeline import (
+    Diarization,
+    NoSpeech,
+    diarize_audio,
+    diarize_windows,
+)
 from embstore.diarize.synthetic import corpus_by_speaker, make_conversation
 from embstore.window_embed import WindowEmbedder
 from embstore.windows import windows_in_regions

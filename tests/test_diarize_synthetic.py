@@ -5,7 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embstore.diarize.synthetic import corpus_by_speaker, make_conversation, make_conversations
+from embstore.diarize.synthetic import (
+    corpus_by_speaker,
+    make_conversation,
+    make_conversations,
+)
 
 
 @pytest.fixture(scope="module")

@@ -145,7 +145,7 @@ def test_fingerprint_dict_names_method_and_settings():
 
 
 def test_speech_only_keeps_the_regions(utterances):
-    wav, gap_start, gap_end = _two_with_gap(utterances)
+    wav, _, _ = _two_with_gap(utterances)
     regions = vad.speech_regions(wav, 16000, "webrtc")
     kept = vad.speech_only(wav, 16000, regions, "webrtc")
     assert len(kept) == sum(int(round(b * 16000)) - int(round(a * 16000)) for a, b in regions)

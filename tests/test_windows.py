@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embstore.windows import WindowSpec, WindowSpecError, parse_window_spec, windows_in_regions
+from embstore.windows import (
+    WindowSpec,
+    WindowSpecError,
+    parse_window_spec,
+    windows_in_regions,
+)
 
 
 def test_parse_window_spec():

@@ -43,7 +43,7 @@ class DerResult:
             return self.error / self.total
         return 0.0 if self.error <= 0 else float("inf")
 
-    def __add__(self, other: "DerResult") -> "DerResult":
+    def __add__(self, other: DerResult) -> DerResult:
         """Corpus-level accumulation: components add, the rate is their ratio."""
         return DerResult(
             self.total + other.total,

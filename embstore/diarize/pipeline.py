@@ -23,8 +23,12 @@ from embstore.diarize.rttm import Segment, windows_to_segments
 from embstore.models.base import Encoder, check_finite
 from embstore.vad import NoSpeech, Region, VadConfig, speech_regions, vad_config
 from embstore.window_embed import WindowEmbedder
-from embstore.windows import WindowPlan, WindowSpec, parse_window_spec, windows_in_regions
-
+from embstore.windows import (
+    WindowPlan,
+    WindowSpec,
+    parse_window_spec,
+    windows_in_regions,
+)
 
 __all__ = ["Diarization", "NoSpeech", "diarize_audio", "diarize_windows"]
 
@@ -71,15 +75,15 @@ def diarize_audio(
     wav: np.ndarray,
     sample_rate: int,
     encoder: Encoder,
-    vad: "str | VadConfig" = "silero",
-    window: "str | WindowSpec" = "1.5:0.75",
+    vad: str | VadConfig = "silero",
+    window: str | WindowSpec = "1.5:0.75",
     num_speakers: int | None = None,
     max_speakers: int | None = None,
     method: str = "spectral",
     embedder: WindowEmbedder | None = None,
     detailed: bool = False,
     **cluster_options: Any,
-) -> "list[Segment] | Diarization":
+) -> list[Segment] | Diarization:
     """Speaker segments of one mono waveform (a `Diarization` with `detailed=True`).
 
     `NoSpeech` when the VAD finds no speech or no window can be embedded.

@@ -83,7 +83,7 @@ def rttm_lines(item: str, segments: Iterable[Segment], channel: int = 1) -> list
     ]
 
 
-def write_rttm(target: "str | os.PathLike[str] | IO[str]", items: Mapping[str, Iterable[Segment]]) -> None:
+def write_rttm(target: str | os.PathLike[str] | IO[str], items: Mapping[str, Iterable[Segment]]) -> None:
     """One RTTM file (or open text stream) for all items, in the mapping's order."""
     lines = [line for item, segs in items.items() for line in rttm_lines(item, segs)]
     text = "".join(line + "\n" for line in lines)
@@ -94,7 +94,7 @@ def write_rttm(target: "str | os.PathLike[str] | IO[str]", items: Mapping[str, I
         target.write(text)
 
 
-def read_rttm(source: "str | os.PathLike[str] | IO[str]") -> dict[str, list[Segment]]:
+def read_rttm(source: str | os.PathLike[str] | IO[str]) -> dict[str, list[Segment]]:
     """{item: [Segment, ...] sorted by start} from an RTTM file (or text stream)."""
     if isinstance(source, (str, os.PathLike)):
         with open(source, encoding="utf-8") as f:

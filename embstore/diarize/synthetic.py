@@ -49,7 +49,7 @@ class Conversation:
         return len(self.wav) / self.sample_rate
 
 
-def corpus_by_speaker(root: "str | os.PathLike[str]") -> dict[str, list[str]]:
+def corpus_by_speaker(root: str | os.PathLike[str]) -> dict[str, list[str]]:
     """{speaker: [audio paths]} of a dataset/speaker/file tree (LibriSpeech layout)."""
     from embstore.audio import is_audio_name
 
