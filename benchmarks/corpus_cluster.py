@@ -74,9 +74,9 @@ def real(args: argparse.Namespace) -> dict:
         "held_out_speakers_5_9": {"default": report(held_out, DEFAULT_THRESHOLD), "tuned": report(held_out, best)},
         "all_10_speakers": {"default": report(everything, DEFAULT_THRESHOLD), "tuned": report(everything, best)},
         "num_speakers_10": purity_coverage(cluster_corpus(x, num_speakers=10).labels, truth),
-        # the 1 M-item path on these 100 items: 25 k-means centroids, then AHC on them
+        # the 1 M-item path on these 100 items: 10 cells, local AHC, merging
         "two_stage_forced_all_10": purity_coverage(
-            cluster_corpus(x, max_direct=10, items_per_centroid=4).labels, truth
+            cluster_corpus(x, max_direct=10, cell_size=10).labels, truth
         ),
     }
 
@@ -143,7 +143,8 @@ def scale_child(rows: int, dim: int, speakers: int, threshold: float, workdir: s
     return {
         "rows": rows, "dim": dim, "speakers": speakers, "threshold": threshold,
         "seconds": round(seconds, 1), "stage_seconds": {k: round(v, 1) for k, v in result.timings.items()},
-        "stage1_centroids": result.stage1_centroids, "passes": result.passes, "clusters": result.num_clusters,
+        "cells": result.cells, "local_clusters": result.local_clusters, "passes": result.passes,
+        "clusters": result.num_clusters,
         "purity": round(purity, 4), "coverage": round(coverage, 4),
         "peak_rss_anon_growth_mb": round(peak["value"] - base, 1),
         "tracemalloc_peak_mb": round(traced / 2**20, 1),

@@ -1,24 +1,36 @@
 """Pseudo-speaker labels for the whole items of an unlabelled corpus (`embstore cluster`).
 
-Two stages, so that 1 M items cluster on 2 cores in bounded memory:
+The clustering is average-linkage AHC on cosine similarity, cut at `threshold` (two
+clusters merge while the mean similarity of their items' pairs exceeds it) or into
+`num_speakers` clusters. A corpus of at most `max_direct` items gets exactly that
+(scipy, O(n^2) memory). A larger one, up to millions of items on 2 cores in bounded
+memory, goes through three stages that keep average linkage's criterion:
 
-1. spherical k-means to K centroids (K = n / `items_per_centroid`, at most
-   `max_centroids`), streamed: every pass reads the [n, dim] matrix in blocks (a NumPy
-   array, a `np.memmap`/`np.load(mmap_mode="r")` file or a Zarr array all work) and
-   accumulates per-centroid sums, so memory is O(K * dim + block * K), never O(n * dim).
-   Seeding is k-means++ (in 16 batched rounds) on a random sample of 8K rows; Lloyd
-   passes until fewer than 0.1 % of the rows change centroid or `iters` passes.
-2. average-linkage agglomerative clustering (cosine) of the K centroids, cut at the
-   cosine-similarity `threshold` or into `num_speakers` clusters. Memory O(K^2).
+1. cells: streamed spherical k-means into K = n / `cell_size` cells. Every pass reads
+   the [n, dim] matrix in blocks (a NumPy array, a `np.load(mmap_mode="r")` file or a
+   Zarr array) and accumulates per-centroid sums: memory O(K * dim + block * K), never
+   O(n * dim). Seeds: k-means++ in 16 batched rounds on a sample of 8K rows. A cell
+   that still holds more than `max_direct` items is split again in memory.
+2. local clusters: exact average-linkage AHC of each cell's items, cut at the
+   threshold. Cells are gathered a batch of ~64k rows at a time (sorted row reads).
+3. merging: for unit vectors the mean pairwise similarity of clusters A and B is
+   mA . mB, the dot product of their (unnormalised) mean vectors, and a merge updates
+   it by the size-weighted average (Lance-Williams), so average linkage can continue
+   from the local clusters with their sizes. Clusters whose mean vectors are never
+   more similar than the threshold can never merge, so the work splits exactly into
+   the connected components of the graph "mA . mB > threshold" (found block by block),
+   and each component runs a weighted average-linkage (NN-chain) of its own.
 
-An item's label is its centroid's cluster. With K well above the number of speakers,
-stage 1 only splits speakers (each centroid holds one speaker's items) and stage 2
-joins the pieces, so the result approaches AHC on the items themselves, which is
-what a corpus at most `max_direct` items long gets directly (O(n^2) memory, exact).
+The result equals AHC on the items except where a cell boundary cut a pair that
+global AHC would have merged first (such pieces still merge in stage 3 when their
+clusters are similar enough). `num_speakers` (large corpora): local clusters and
+components at the default threshold, then the remaining clusters, at most
+`MAX_DENSE`, are merged down to `num_speakers`.
 
-Why not a kNN graph (connected components / Leiden on item neighbours): exact kNN of
-1 M items is 1e12 dot products (hours on 2 cores) and approximate indexes bring a
-dependency; a k-means partition is itself the coarse index such a graph would need.
+Why not a kNN graph over items (connected components / Leiden): exact kNN of 1 M
+items is 1e12 dot products (hours on 2 cores), approximate indexes bring a
+dependency, and the k-means cells are the coarse index such a graph would need; the
+components of stage 3 are a kNN-style graph, over clusters instead of items.
 Rows that are not finite or all zero get label -1.
 """
 
@@ -37,8 +49,13 @@ import numpy as np
 # models need their own threshold.
 DEFAULT_THRESHOLD = 0.725
 MAX_DIRECT = 4096
-MAX_CENTROIDS = 4096
-ITEMS_PER_CENTROID = 32
+CELL_SIZE = 1024
+# the largest set of clusters merged with a dense similarity matrix (8192^2 float64: 512 MB)
+MAX_DENSE = 8192
+# rows gathered per stage-2 batch
+GATHER_ROWS = 65536
+# stage-3 edges kept in memory at once (int32 pairs): ~160 MB
+MAX_EDGES = 20_000_000
 # bytes for one block's [block, K] similarity matrix
 _BLOCK_BYTES = 1 << 26
 
@@ -51,7 +68,8 @@ class ClusteringError(ValueError):
 class CorpusClusters:
     labels: np.ndarray  # [n] int32, -1 for unusable rows
     num_clusters: int
-    stage1_centroids: int  # 0: AHC on the items directly
+    cells: int = 0  # 0: AHC on the items directly
+    local_clusters: int = 0
     passes: int = 0
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -59,9 +77,9 @@ class CorpusClusters:
         return np.bincount(self.labels[self.labels >= 0], minlength=self.num_clusters)
 
 
-def _normalized_block(matrix: Any, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows a:b as unit float32 vectors, and which of them are usable."""
-    block = np.asarray(matrix[a:b], dtype=np.float32)
+def _normalized(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows as unit float32 vectors, and which of them are usable."""
+    block = np.asarray(block, dtype=np.float32)
     norms = np.linalg.norm(block, axis=1)
     valid = np.isfinite(norms) & (norms > 0)
     block = np.where(valid[:, None], block, 0.0).astype(np.float32, copy=False)
@@ -69,8 +87,19 @@ def _normalized_block(matrix: Any, a: int, b: int) -> tuple[np.ndarray, np.ndarr
     return block, valid
 
 
+def _normalized_block(matrix: Any, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+    return _normalized(matrix[a:b])
+
+
+def _rows(matrix: Any, index: np.ndarray) -> np.ndarray:
+    """matrix[index] for sorted row numbers: NumPy/memmap fancy indexing, Zarr's oindex."""
+    if hasattr(matrix, "oindex"):
+        return np.asarray(matrix.oindex[index, :])
+    return np.asarray(matrix[index])
+
+
 def _ahc(vectors: np.ndarray, threshold: float | None, num_speakers: int | None) -> np.ndarray:
-    """Average-linkage cosine AHC labels 0.. of unit vectors."""
+    """Average-linkage cosine AHC labels 0.. of unit vectors (scipy; singletons)."""
     from scipy.cluster.hierarchy import fcluster, linkage
     from scipy.spatial.distance import pdist
 
@@ -84,14 +113,77 @@ def _ahc(vectors: np.ndarray, threshold: float | None, num_speakers: int | None)
     return (labels - 1).astype(np.int32)
 
 
+def weighted_average_linkage(
+    means: np.ndarray, sizes: np.ndarray, threshold: float | None = None, num_clusters: int | None = None
+) -> np.ndarray:
+    """Average-linkage AHC continued from clusters given by their mean unit-vector sums.
+
+    `means[i]` is the (unnormalised) mean of cluster i's unit vectors and `sizes[i]` its
+    item count, so means[i] . means[j] is the mean item-pair similarity. NN-chain
+    (exact for average linkage, O(m^2) time and memory); the dendrogram is cut at
+    `threshold` or into `num_clusters`. Labels 0.. per cluster.
+    """
+    m = len(means)
+    if m <= 1:
+        return np.zeros(m, dtype=np.int32)
+    if m > MAX_DENSE:
+        raise ClusteringError(
+            f"{m} clusters to merge at once (at most {MAX_DENSE}): raise --threshold or use --threshold "
+            "instead of --num-speakers"
+        )
+    sim = means.astype(np.float64) @ means.astype(np.float64).T
+    weight = sizes.astype(np.float64).copy()
+    np.fill_diagonal(sim, -np.inf)
+    active = np.ones(m, dtype=bool)
+    merges: list[tuple[float, int, int]] = []
+    chain: list[int] = []
+    for _ in range(m - 1):
+        while True:
+            if not chain:
+                chain.append(int(np.flatnonzero(active)[0]))
+            a = chain[-1]
+            b = int(np.argmax(sim[a]))
+            if len(chain) > 1 and sim[a, chain[-2]] >= sim[a, b]:
+                b = chain[-2]  # ties go back down the chain, which keeps NN-chain finite
+            if len(chain) > 1 and b == chain[-2]:
+                break
+            chain.append(b)
+        chain.pop()
+        chain.pop()
+        merges.append((float(sim[a, b]), a, b))
+        row = (weight[a] * sim[a] + weight[b] * sim[b]) / (weight[a] + weight[b])  # Lance-Williams
+        weight[a] += weight[b]
+        active[b] = False
+        sim[b, :] = -np.inf
+        sim[:, b] = -np.inf
+        row[~active] = -np.inf
+        row[a] = -np.inf
+        sim[a, :] = row
+        sim[:, a] = row
+    # average linkage is monotone: cutting the sorted merges gives the dendrogram's clusters
+    merges.sort(key=lambda item: -item[0])
+    keep = m - num_clusters if num_clusters is not None else sum(1 for s, _, _ in merges if s > threshold)  # type: ignore[operator]
+    parent = np.arange(m)
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for _, a, b in merges[: max(keep, 0)]:
+        parent[root(b)] = root(a)
+    roots = np.array([root(i) for i in range(m)])
+    return np.unique(roots, return_inverse=True)[1].astype(np.int32)
+
+
 def cluster_corpus(
     matrix: Any,
     threshold: float | None = None,
     num_speakers: int | None = None,
     max_direct: int = MAX_DIRECT,
-    max_centroids: int = MAX_CENTROIDS,
-    items_per_centroid: int = ITEMS_PER_CENTROID,
-    iters: int = 6,
+    cell_size: int = CELL_SIZE,
+    iters: int = 4,
     seed: int = 0,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> CorpusClusters:
@@ -100,8 +192,6 @@ def cluster_corpus(
         raise ClusteringError("give --threshold or --num-speakers, not both")
     if num_speakers is not None and num_speakers < 1:
         raise ClusteringError(f"--num-speakers must be >= 1, got {num_speakers}")
-    if threshold is None and num_speakers is None:
-        threshold = DEFAULT_THRESHOLD
     if threshold is not None and not -1.0 <= threshold <= 1.0:
         raise ClusteringError(f"--threshold is a cosine similarity in [-1, 1], got {threshold}")
     if len(getattr(matrix, "shape", ())) != 2:
@@ -110,33 +200,141 @@ def cluster_corpus(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if n == 0:
-        return CorpusClusters(np.zeros(0, dtype=np.int32), 0, 0)
+        return CorpusClusters(np.zeros(0, dtype=np.int32), 0)
     if n <= max_direct:
         vectors, valid = _normalized_block(matrix, 0, n)
         labels = np.full(n, -1, dtype=np.int32)
         if valid.any():
-            labels[valid] = _ahc(vectors[valid], threshold, num_speakers)
+            cut = threshold if threshold is not None or num_speakers is not None else DEFAULT_THRESHOLD
+            labels[valid] = _ahc(vectors[valid], cut, num_speakers)
         timings["ahc"] = time.perf_counter() - t0
-        return CorpusClusters(labels, int(labels.max()) + 1, 0, timings=timings)
-    k = int(min(max_centroids, max(2, math.ceil(n / items_per_centroid)), n))
+        return CorpusClusters(labels, int(labels.max()) + 1, timings=timings)
+    local_threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    # stage 1: cells
+    k = int(min(n, max(2, math.ceil(n / cell_size))))
     centroids = _seed_centroids(matrix, n, k, np.random.default_rng(seed))
     timings["seed"] = time.perf_counter() - t0
-    assign = np.full(n, -1, dtype=np.int32)
+    cell = np.full(n, -1, dtype=np.int32)
     passes = 0
     for passes in range(1, iters + 1):
         t = time.perf_counter()
-        centroids, changed = _lloyd_pass(matrix, n, centroids, assign, progress, passes)
+        centroids, changed = _lloyd_pass(matrix, n, centroids, cell, progress, passes)
         timings[f"pass{passes}"] = time.perf_counter() - t
         if changed < 1e-3 * n:
             break
+    # stage 2: local clusters of each cell
     t = time.perf_counter()
-    used = np.unique(assign[assign >= 0])
-    merged = np.full(k, -1, dtype=np.int32)
-    if len(used):
-        merged[used] = _ahc(centroids[used], threshold, num_speakers)
-    labels = np.where(assign >= 0, merged[np.maximum(assign, 0)], -1).astype(np.int32)
-    timings["ahc"] = time.perf_counter() - t
-    return CorpusClusters(labels, int(labels.max()) + 1, k, passes, timings)
+    local = np.full(n, -1, dtype=np.int64)
+    means, sizes = _local_clusters(matrix, cell, local, local_threshold, max_direct, cell_size, seed, progress)
+    timings["local"] = time.perf_counter() - t
+    # stage 3: merge local clusters, component by component
+    t = time.perf_counter()
+    merged = _merge(means, sizes, local_threshold, num_speakers)
+    timings["merge"] = time.perf_counter() - t
+    labels = np.where(local >= 0, merged[np.maximum(local, 0)], -1).astype(np.int32)
+    return CorpusClusters(labels, int(labels.max()) + 1, k, len(sizes), passes, timings)
+
+
+def _local_clusters(
+    matrix: Any,
+    cell: np.ndarray,
+    local: np.ndarray,
+    threshold: float,
+    max_direct: int,
+    cell_size: int,
+    seed: int,
+    progress: Callable[[str, int, int], None] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """AHC inside every cell; fills `local` with global local-cluster ids and returns
+    their mean unit vectors [L, dim] and sizes [L]."""
+    from embstore.diarize.cluster import kmeans
+
+    order = np.argsort(cell, kind="stable")
+    order = order[cell[order] >= 0]
+    bounds = np.flatnonzero(np.diff(cell[order])) + 1
+    groups = np.split(order, bounds) if len(order) else []
+    means: list[np.ndarray] = []
+    sizes: list[int] = []
+    done = 0
+    batch: list[np.ndarray] = []
+
+    def flush() -> None:
+        rows = np.sort(np.concatenate(batch))
+        vectors, _ = _normalized(_rows(matrix, rows))
+        for members in batch:
+            x = vectors[np.searchsorted(rows, members)]
+            parts = [np.arange(len(members))]
+            if len(members) > max_direct:
+                # an oversized cell: split it again in memory before the O(m^2) AHC
+                split = kmeans(x, math.ceil(len(members) / cell_size), seed=seed, n_init=1, iters=20)
+                parts = [np.flatnonzero(split == c) for c in np.unique(split)]
+            for part in parts:
+                labels = _ahc(x[part], threshold, None)
+                for c in range(int(labels.max()) + 1):
+                    chosen = part[labels == c]
+                    local[members[chosen]] = len(sizes)
+                    means.append(x[chosen].mean(axis=0, dtype=np.float64))
+                    sizes.append(len(chosen))
+        batch.clear()
+
+    pending = 0
+    for members in groups:
+        batch.append(members)
+        pending += len(members)
+        if pending >= GATHER_ROWS:
+            flush()
+            done += pending
+            pending = 0
+            if progress is not None:
+                progress("local clusters", done, len(order))
+    if batch:
+        flush()
+    return np.array(means, dtype=np.float64).reshape(len(sizes), -1), np.array(sizes, dtype=np.int64)
+
+
+def _merge(means: np.ndarray, sizes: np.ndarray, threshold: float, num_speakers: int | None) -> np.ndarray:
+    """Labels of the local clusters after average linkage at `threshold` (components of
+    the mean-similarity graph) and, for `num_speakers`, down to that count."""
+    from scipy import sparse
+    from scipy.sparse.csgraph import connected_components
+
+    count = len(sizes)
+    step = max(256, min(8192, _BLOCK_BYTES // (8 * max(count, 1))))
+    heads, tails = [], []
+    edges = 0
+    for a in range(0, count, step):
+        sims = means[a : a + step] @ means.T
+        i, j = np.nonzero(sims > threshold)
+        keep = j > i + a  # each pair once, no self-pairs
+        heads.append((i[keep] + a).astype(np.int32))
+        tails.append(j[keep].astype(np.int32))
+        edges += int(keep.sum())
+        if edges > MAX_EDGES:
+            raise ClusteringError(
+                f"--threshold {threshold:g} links more than {MAX_EDGES} pairs of clusters: it is too low for this model"
+            )
+    graph = sparse.coo_matrix(
+        (np.ones(edges, dtype=np.int8), (np.concatenate(heads), np.concatenate(tails))), shape=(count, count)
+    )
+    _, component = connected_components(graph, directed=False)
+    labels = np.zeros(count, dtype=np.int64)
+    next_label = 0
+    order = np.argsort(component, kind="stable")
+    for members in np.split(order, np.flatnonzero(np.diff(component[order])) + 1):
+        if len(members) == 1:
+            sub = np.zeros(1, dtype=np.int32)
+        else:
+            sub = weighted_average_linkage(means[members], sizes[members], threshold=threshold)
+        labels[members] = sub + next_label
+        next_label += int(sub.max()) + 1
+    if num_speakers is None or next_label <= num_speakers:
+        return labels.astype(np.int32)
+    # --num-speakers: merge the threshold's clusters further, all together
+    counts = np.bincount(labels, weights=sizes, minlength=next_label)
+    joined = np.zeros((next_label, means.shape[1]))
+    np.add.at(joined, labels, means * sizes[:, None])
+    joined /= counts[:, None]
+    return weighted_average_linkage(joined, counts, num_clusters=num_speakers)[labels]
 
 
 def _block_size(k: int) -> int:
