@@ -18,12 +18,15 @@ memory, goes through three stages that keep average linkage's criterion:
    it by the size-weighted average (Lance-Williams), so average linkage can continue
    from the local clusters with their sizes. Clusters whose mean vectors are never
    more similar than the threshold can never merge, so the work splits exactly into
-   the connected components of the graph "mA . mB > threshold" (found block by block),
-   and each component runs a weighted average-linkage (NN-chain) of its own.
+   the connected components of the graph "mA . mB > threshold", and each component
+   runs a weighted average-linkage (NN-chain) of its own. Pairs are looked for among
+   the clusters of each cell and its `probe` (16) most similar cells: a speaker's
+   items lie in neighbouring cells, and all pairs would cost O(L^2).
 
 The result equals AHC on the items except where a cell boundary cut a pair that
 global AHC would have merged first (such pieces still merge in stage 3 when their
-clusters are similar enough). `num_speakers` (large corpora): local clusters and
+clusters are similar enough), or where two similar clusters sit in cells that are not
+among each other's `probe` nearest. `num_speakers` (large corpora): local clusters and
 components at the default threshold, then the remaining clusters, at most
 `MAX_DENSE`, are merged down to `num_speakers`.
 
@@ -52,6 +55,8 @@ MAX_DIRECT = 4096
 CELL_SIZE = 1024
 # the largest set of clusters merged with a dense similarity matrix (8192^2 float64: 512 MB)
 MAX_DENSE = 8192
+# stage 3 compares a cell's clusters with those of its `PROBE` most similar cells only
+PROBE = 16
 # rows gathered per stage-2 batch
 GATHER_ROWS = 65536
 # stage-3 edges kept in memory at once (int32 pairs): ~160 MB
@@ -184,6 +189,7 @@ def cluster_corpus(
     max_direct: int = MAX_DIRECT,
     cell_size: int = CELL_SIZE,
     iters: int = 4,
+    probe: int = PROBE,
     seed: int = 0,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> CorpusClusters:
@@ -225,11 +231,11 @@ def cluster_corpus(
     # stage 2: local clusters of each cell
     t = time.perf_counter()
     local = np.full(n, -1, dtype=np.int64)
-    means, sizes = _local_clusters(matrix, cell, local, local_threshold, max_direct, cell_size, seed, progress)
+    means, sizes, owner = _local_clusters(matrix, cell, local, local_threshold, max_direct, cell_size, seed, progress)
     timings["local"] = time.perf_counter() - t
     # stage 3: merge local clusters, component by component
     t = time.perf_counter()
-    merged = _merge(means, sizes, local_threshold, num_speakers)
+    merged = _merge(means, sizes, owner, centroids, local_threshold, num_speakers, probe)
     timings["merge"] = time.perf_counter() - t
     labels = np.where(local >= 0, merged[np.maximum(local, 0)], -1).astype(np.int32)
     return CorpusClusters(labels, int(labels.max()) + 1, k, len(sizes), passes, timings)
@@ -244,9 +250,9 @@ def _local_clusters(
     cell_size: int,
     seed: int,
     progress: Callable[[str, int, int], None] | None,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """AHC inside every cell; fills `local` with global local-cluster ids and returns
-    their mean unit vectors [L, dim] and sizes [L]."""
+    their mean unit vectors [L, dim], sizes [L] and cells [L]."""
     from embstore.diarize.cluster import kmeans
 
     order = np.argsort(cell, kind="stable")
@@ -255,6 +261,7 @@ def _local_clusters(
     groups = np.split(order, bounds) if len(order) else []
     means: list[np.ndarray] = []
     sizes: list[int] = []
+    cells: list[int] = []
     done = 0
     batch: list[np.ndarray] = []
 
@@ -275,6 +282,7 @@ def _local_clusters(
                     local[members[chosen]] = len(sizes)
                     means.append(x[chosen].mean(axis=0, dtype=np.float64))
                     sizes.append(len(chosen))
+                    cells.append(int(cell[members[0]]))
         batch.clear()
 
     pending = 0
@@ -289,25 +297,51 @@ def _local_clusters(
                 progress("local clusters", done, len(order))
     if batch:
         flush()
-    return np.array(means, dtype=np.float64).reshape(len(sizes), -1), np.array(sizes, dtype=np.int64)
+    return (
+        np.array(means, dtype=np.float64).reshape(len(sizes), -1),
+        np.array(sizes, dtype=np.int64),
+        np.array(cells, dtype=np.int64),
+    )
 
 
-def _merge(means: np.ndarray, sizes: np.ndarray, threshold: float, num_speakers: int | None) -> np.ndarray:
+def _merge(
+    means: np.ndarray,
+    sizes: np.ndarray,
+    owner: np.ndarray,
+    centroids: np.ndarray,
+    threshold: float,
+    num_speakers: int | None,
+    probe: int,
+) -> np.ndarray:
     """Labels of the local clusters after average linkage at `threshold` (components of
-    the mean-similarity graph) and, for `num_speakers`, down to that count."""
+    the mean-similarity graph) and, for `num_speakers`, down to that count.
+
+    Pairs are only looked for between the clusters of a cell and those of its `probe`
+    most similar cells (by k-means centroid): all pairs would be O(L^2), and a
+    speaker's items lie in neighbouring cells.
+    """
     from scipy import sparse
     from scipy.sparse.csgraph import connected_components
 
     count = len(sizes)
-    step = max(256, min(8192, _BLOCK_BYTES // (8 * max(count, 1))))
+    vectors = means.astype(np.float32)
+    by_cell = np.argsort(owner, kind="stable")
+    starts = np.searchsorted(owner[by_cell], np.arange(len(centroids) + 1))
+    cell_sims = centroids @ centroids.T
+    near = np.argsort(-cell_sims, axis=1)[:, : min(probe, len(centroids))]
     heads, tails = [], []
     edges = 0
-    for a in range(0, count, step):
-        sims = means[a : a + step] @ means.T
-        i, j = np.nonzero(sims > threshold)
-        keep = j > i + a  # each pair once, no self-pairs
-        heads.append((i[keep] + a).astype(np.int32))
-        tails.append(j[keep].astype(np.int32))
+    for c in range(len(centroids)):
+        mine = by_cell[starts[c] : starts[c + 1]]
+        if not len(mine):
+            continue
+        probed = near[c] if c in near[c] else np.append(near[c], c)  # equal centroids could crowd c out
+        others = np.concatenate([by_cell[starts[d] : starts[d + 1]] for d in probed])
+        i, j = np.nonzero(vectors[mine] @ vectors[others].T > threshold)
+        a, b = mine[i], others[j]
+        keep = a < b  # each pair once (it may be seen from both cells), no self-pairs
+        heads.append(a[keep].astype(np.int32))
+        tails.append(b[keep].astype(np.int32))
         edges += int(keep.sum())
         if edges > MAX_EDGES:
             raise ClusteringError(
