@@ -19,14 +19,14 @@ memory, goes through three stages that keep average linkage's criterion:
    from the local clusters with their sizes. Clusters whose mean vectors are never
    more similar than the threshold can never merge, so the work splits exactly into
    the connected components of the graph "mA . mB > threshold", and each component
-   runs a weighted average-linkage (NN-chain) of its own. Pairs are looked for among
-   the clusters of each cell and its `probe` (16) most similar cells: a speaker's
-   items lie in neighbouring cells, and all pairs would cost O(L^2).
+   runs a weighted average-linkage (NN-chain) of its own. Each cluster looks for
+   partners in the `probe` (16) cells whose centroids are nearest to its mean: a
+   speaker's items lie in neighbouring cells, and all pairs would cost O(L^2).
 
 The result equals AHC on the items except where a cell boundary cut a pair that
 global AHC would have merged first (such pieces still merge in stage 3 when their
-clusters are similar enough), or where two similar clusters sit in cells that are not
-among each other's `probe` nearest. `num_speakers` (large corpora): local clusters and
+clusters are similar enough), or where neither of two similar clusters has the
+other's cell among its `probe` nearest. `num_speakers` (large corpora): local clusters and
 components at the default threshold, then the remaining clusters, at most
 `MAX_DENSE`, are merged down to `num_speakers`.
 
@@ -316,9 +316,9 @@ def _merge(
     """Labels of the local clusters after average linkage at `threshold` (components of
     the mean-similarity graph) and, for `num_speakers`, down to that count.
 
-    Pairs are only looked for between the clusters of a cell and those of its `probe`
-    most similar cells (by k-means centroid): all pairs would be O(L^2), and a
-    speaker's items lie in neighbouring cells.
+    Each cluster is compared with the clusters of the `probe` cells whose k-means
+    centroids are nearest to its mean (and of its own cell): all pairs would be
+    O(L^2), and a speaker's items lie in neighbouring cells.
     """
     from scipy import sparse
     from scipy.sparse.csgraph import connected_components
@@ -327,19 +327,29 @@ def _merge(
     vectors = means.astype(np.float32)
     by_cell = np.argsort(owner, kind="stable")
     starts = np.searchsorted(owner[by_cell], np.arange(len(centroids) + 1))
-    cell_sims = centroids @ centroids.T
-    near = np.argsort(-cell_sims, axis=1)[:, : min(probe, len(centroids))]
+    # every cluster probes the cells whose centroids are nearest to its own mean (its
+    # own cell among them), not just its cell's neighbours: a small fragment of a
+    # speaker lands next to that speaker's main cell even when its own cell is elsewhere
+    width = min(probe, len(centroids))
+    probes = np.empty((count, width), dtype=np.int64)
+    for a in range(0, count, 8192):
+        sims = vectors[a : a + 8192] @ centroids.T
+        probes[a : a + 8192] = np.argpartition(-sims, width - 1, axis=1)[:, :width]
+    askers = np.concatenate([np.repeat(np.arange(count), width), np.arange(count)])
+    targets = np.concatenate([probes.reshape(-1), owner])
+    order = np.argsort(targets, kind="stable")
+    askers, targets = askers[order], targets[order]
+    bounds = np.searchsorted(targets, np.arange(len(centroids) + 1))
     heads, tails = [], []
     edges = 0
-    for c in range(len(centroids)):
-        mine = by_cell[starts[c] : starts[c + 1]]
-        if not len(mine):
+    for d in range(len(centroids)):
+        members = by_cell[starts[d] : starts[d + 1]]
+        queries = np.unique(askers[bounds[d] : bounds[d + 1]])
+        if not len(members) or not len(queries):
             continue
-        probed = near[c] if c in near[c] else np.append(near[c], c)  # equal centroids could crowd c out
-        others = np.concatenate([by_cell[starts[d] : starts[d + 1]] for d in probed])
-        i, j = np.nonzero(vectors[mine] @ vectors[others].T > threshold)
-        a, b = mine[i], others[j]
-        keep = a < b  # each pair once (it may be seen from both cells), no self-pairs
+        i, j = np.nonzero(vectors[queries] @ vectors[members].T > threshold)
+        a, b = np.minimum(queries[i], members[j]), np.maximum(queries[i], members[j])
+        keep = a < b  # no self-pairs; a pair seen twice is one edge to the components
         heads.append(a[keep].astype(np.int32))
         tails.append(b[keep].astype(np.int32))
         edges += int(keep.sum())
