@@ -18,45 +18,15 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _memory import Peak, status_mb  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "librispeech-test-other"
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-class Peak:
-    """Highest VmRSS seen by a sampling thread since the last `reset`."""
-
-    def __init__(self) -> None:
-        self.value = rss_mb()
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop:
-            self.value = max(self.value, rss_mb())
-            time.sleep(0.02)
-
-    def reset(self) -> float:
-        start = rss_mb()
-        self.value = start
-        return start
-
-    def stop(self) -> None:
-        self._stop = True
-        self._thread.join()
 
 
 def one(minutes: float, data: str) -> dict:
@@ -74,7 +44,7 @@ def one(minutes: float, data: str) -> dict:
     conv = make_conversation(corpus_by_speaker(data), 4, seed=42, duration=minutes * 60)
     embedder.embed(conv.wav, windows_in_regions([(0.0, 3.0)]))  # warm-up
     peak = Peak()
-    out: dict = {"minutes": round(conv.duration / 60, 1), "rss_before_mb": round(rss_mb(), 1)}
+    out: dict = {"minutes": round(conv.duration / 60, 1), "rss_before_mb": round(status_mb(), 1)}
 
     def stage(name: str, fn):
         start = peak.reset()
