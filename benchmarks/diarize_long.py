@@ -1,0 +1,93 @@
+"""Memory and speed of diarizing long items: is the window-embedding stage flat?
+
+    python benchmarks/diarize_long.py --minutes 10 60 --out bench-out/diarize_long.json
+
+For each length, in a fresh subprocess (so peak RSS is its own): a synthetic 4-speaker
+conversation of that length (embstore.diarize.synthetic), the default model, then the
+pipeline stage by stage while a thread samples VmRSS every 20 ms. Reported per stage:
+peak RSS above the RSS before the stage (the waveform and the model already loaded),
+and x realtime. Window embeddings stream in blocks of 128 windows, so their growth
+should not depend on the length; spectral clustering holds one dense
+[windows x windows] float64 Laplacian (~180 MB for an hour), which does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _memory import Peak, status_mb  # noqa: E402
+
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "librispeech-test-other"
+
+
+def one(minutes: float, data: str) -> dict:
+    import numpy as np
+
+    from embstore import models
+    from embstore.diarize.pipeline import diarize_windows
+    from embstore.diarize.synthetic import corpus_by_speaker, make_conversation
+    from embstore.vad import speech_regions
+    from embstore.window_embed import WindowEmbedder
+    from embstore.windows import windows_in_regions
+
+    encoder = models.load("resemblyzer")
+    embedder = WindowEmbedder(encoder)
+    conv = make_conversation(corpus_by_speaker(data), 4, seed=42, duration=minutes * 60)
+    embedder.embed(conv.wav, windows_in_regions([(0.0, 3.0)]))  # warm-up
+    peak = Peak()
+    out: dict = {"minutes": round(conv.duration / 60, 1), "rss_before_mb": round(status_mb(), 1)}
+
+    def stage(name: str, fn):
+        start = peak.reset()
+        t = time.perf_counter()
+        value = fn()
+        seconds = time.perf_counter() - t
+        time.sleep(0.05)
+        out[name] = {"peak_growth_mb": round(peak.value - start, 1), "x_realtime": round(conv.duration / seconds, 1)}
+        return value
+
+    regions = stage("vad", lambda: speech_regions(conv.wav, conv.sample_rate, "silero"))
+    plan = windows_in_regions(regions, 1.5, 0.75, conv.duration)
+    matrix = stage("embed", lambda: embedder.embed(conv.wav, plan))
+    _, segments = stage("cluster", lambda: diarize_windows(plan.starts, plan.ends, matrix))
+    peak.stop()
+    out["windows"] = len(plan)
+    out["speakers_found"] = len({s.speaker for s in segments})
+    out["finite_rows"] = int(np.isfinite(matrix).all(axis=1).sum())
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--minutes", type=float, nargs="+", default=[10.0, 60.0])
+    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--child", type=float, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(one(args.child, args.data)))
+        return
+    results = []
+    for minutes in args.minutes:
+        done = subprocess.run(
+            [sys.executable, __file__, "--child", str(minutes), "--data", args.data],
+            capture_output=True, text=True, check=True,
+        )
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), flush=True)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Embeddings of the windows of one waveform (see `embstore.windows`), in flat memory.
+
+Every window is embedded from its own samples only, so a window's embedding does not
+depend on how the item was chunked, on its neighbours or on the batch it ran in:
+rerunning or resuming gives the same rows. Windows are processed `batch` at a time
+(a one-hour item is ~4800 windows at 1.5:0.75, whose activations never coexist).
+
+Two paths:
+
+- "mel" (Resemblyzer only, its default): the GE2E network on the window's own mel
+  frames (151 frames for 1.5 s, no VAD trimming and no 1.6 s partial slicing, which
+  are utterance-level steps: VAD is done before windowing, and a partial longer than
+  the window would pad it with silence). `gain`: "window" scales each window to
+  resemblyzer's -30 dBFS (increase only), as `preprocess_wav` does per utterance;
+  "none" keeps the samples as they are. The mel is resemblyzer's
+  (`embstore.models.resemblyzer_frontend`, equal to its `wav_to_mel_spectrogram`); the forward is `VoiceEncoder.forward`, with the short windows
+  packed into the same LSTM call (exact: each window runs over its own frames).
+- "features": any Encoder: `encoder.features(window samples)` then `embed_batch`,
+  batched as the encoder's `batching` allows (equal-length groups for "equal").
+  For WeSpeaker models this is WeSpeaker's own per-subsegment fbank + CMN; for
+  Resemblyzer it is its full utterance pipeline on each window (VAD trim + partials).
+
+The two halves follow the Encoder split, for the extraction pipeline's loader and
+compute sides: `window_features(pieces)` (CPU, any thread) and `embed_features(feats)`
+(one forward per block); `iter_embed`/`embed` chain them for one waveform.
+
+A window the encoder cannot embed (its `features` raise ValueError, e.g. Resemblyzer's
+own VAD found nothing in it) or that embeds to NaN/inf gets a NaN row: callers drop
+those with `embstore.vectors.finite_nonzero`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from embstore.models import resemblyzer_frontend as rf
+from embstore.models.base import Encoder
+from embstore.models.common import autocast
+from embstore.vectors import finite_nonzero
+from embstore.windows import WindowPlan
+
+MODES = ("auto", "mel", "features")
+GAINS = ("window", "none")
+DEFAULT_BATCH = 128
+
+
+def _groups_by_length(lengths: Sequence[int]) -> list[list[int]]:
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(int(n), []).append(i)
+    return list(groups.values())
+
+
+class WindowEmbedder:
+    """`embed(wav, plan) -> [len(plan), dim]` for one encoder (see the module docstring)."""
+
+    def __init__(self, encoder: Encoder, mode: str = "auto", gain: str = "window", batch: int = DEFAULT_BATCH) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown window embedding mode {mode!r}: use one of {', '.join(MODES)}")
+        if gain not in GAINS:
+            raise ValueError(f"unknown gain {gain!r}: use one of {', '.join(GAINS)}")
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        is_resemblyzer = getattr(encoder, "frontend", {}).get("kind") == "resemblyzer"
+        if mode == "auto":
+            mode = "mel" if is_resemblyzer else "features"
+        if mode == "mel" and not is_resemblyzer:
+            raise ValueError(f"window mode 'mel' is Resemblyzer's; {encoder.name} takes 'features'")
+        self.encoder = encoder
+        self.mode = mode
+        self.gain = gain
+        self.batch = int(batch)
+
+    def describe(self) -> dict[str, Any]:
+        """What changes the numbers (for a window model's fingerprint)."""
+        out: dict[str, Any] = {"mode": self.mode}
+        if self.mode == "mel":
+            out["gain"] = self.gain
+        return out
+
+    @property
+    def dim(self) -> int:
+        return int(self.encoder.dim)
+
+    def embed(self, wav: np.ndarray, plan: WindowPlan) -> np.ndarray:
+        out = np.full((len(plan), self.dim), np.nan, dtype=np.float32)
+        for first, rows in self.iter_embed(wav, plan):
+            out[first : first + len(rows)] = rows
+        return out
+
+    def spans(self, plan: WindowPlan, num_samples: int) -> np.ndarray:
+        """[len(plan), 2] sample ranges of the windows at the encoder's rate."""
+        rate = self.encoder.sample_rate
+        bounds = np.stack([np.round(plan.starts * rate), np.round(plan.ends * rate)], axis=1).astype(np.int64)
+        return np.clip(bounds, 0, num_samples)
+
+    def iter_embed(self, wav: np.ndarray, plan: WindowPlan) -> Iterator[tuple[int, np.ndarray]]:
+        """(index of the block's first window, [block, dim] rows), block by block."""
+        wav = np.asarray(wav, dtype=np.float32)
+        bounds = self.spans(plan, len(wav))
+        for first in range(0, len(plan), self.batch):
+            pieces = [wav[a:b] for a, b in bounds[first : first + self.batch]]
+            yield first, self.embed_features(self.window_features(pieces))
+
+    def window_features(self, pieces: Sequence[np.ndarray]) -> list[np.ndarray | None]:
+        """Loader side (CPU, any thread): each window's model input, None where there is
+        none (the encoder's `features` refused it, or it is shorter than one frame)."""
+        if self.mode == "mel":
+            return self._mel_features(pieces)
+        out: list[np.ndarray | None] = []
+        for piece in pieces:
+            try:
+                out.append(self.encoder.features(piece))
+            except ValueError:
+                out.append(None)  # e.g. no speech for the encoder's own VAD: a NaN row
+        return out
+
+    def embed_features(self, feats: Sequence[np.ndarray | None]) -> np.ndarray:
+        """Compute side: [len(feats), dim] rows in as few forwards as the encoder allows;
+        NaN rows for None and for non-finite embeddings."""
+        out = np.full((len(feats), self.dim), np.nan, dtype=np.float32)
+        index = [i for i, f in enumerate(feats) if f is not None]
+        if not index:
+            return out
+        present = [feats[i] for i in index]
+        if self.mode == "mel":
+            out[index] = self._forward_packed(present)  # type: ignore[arg-type]
+        elif self.encoder.batching in ("any", "masked"):
+            out[index] = self.encoder.embed_batch(present)
+        else:
+            for group in _groups_by_length([len(f) for f in present]):  # type: ignore[arg-type]
+                out[[index[k] for k in group]] = self.encoder.embed_batch([present[k] for k in group])
+        out[~finite_nonzero(out)] = np.nan
+        return out
+
+    # ------------------------------------------------------------ mel (Resemblyzer)
+
+    def _mel_features(self, pieces: Sequence[np.ndarray]) -> list[np.ndarray | None]:
+        out: list[np.ndarray | None] = [None] * len(pieces)
+        for group in _groups_by_length([len(p) for p in pieces]):
+            if len(pieces[group[0]]) < rf.N_FFT:
+                continue  # shorter than one mel frame: nothing to embed
+            for i, mel in zip(group, self._mels(np.stack([self._gain(pieces[i]) for i in group]))):
+                out[i] = mel
+        return out
+
+    def _forward_packed(self, mels: Sequence[np.ndarray]) -> np.ndarray:
+        """`VoiceEncoder.forward` of windows of mixed lengths in one LSTM call.
+
+        A CPU LSTM costs per time step almost regardless of the batch, so a short window
+        alone costs as much as a whole batch; packed sequences run every window over its
+        own frames only, and the last hidden state of each is exactly what a forward of
+        that window alone gives.
+        """
+        import torch
+        from torch.nn.utils.rnn import pack_padded_sequence
+
+        enc: Any = self.encoder
+        model = enc.model
+        lengths = torch.tensor([len(m) for m in mels])
+        padded = np.zeros((len(mels), int(lengths.max()), mels[0].shape[1]), dtype=np.float32)
+        for k, m in enumerate(mels):
+            padded[k, : len(m)] = m
+        with torch.inference_mode(), autocast(enc.device, enc.dtype):
+            batch = torch.from_numpy(padded).to(model.device)
+            if int(lengths.min()) == int(lengths.max()):
+                rows = model(batch)
+            else:
+                packed = pack_padded_sequence(batch, lengths, batch_first=True, enforce_sorted=False)
+                _, (hidden, _) = model.lstm(packed)
+                raw = model.relu(model.linear(hidden[-1]))
+                rows = raw / torch.norm(raw, dim=1, keepdim=True)
+        return rows.float().cpu().numpy()
+
+    def _mels(self, audio: np.ndarray) -> np.ndarray:
+        """[B, frames, 40]: resemblyzer's mel spectrogram of each row (`resemblyzer_frontend`,
+        equal to its `wav_to_mel_spectrogram`)."""
+        return np.stack([rf.mel_spectrogram(row) for row in audio])
+
+    def _gain(self, piece: np.ndarray) -> np.ndarray:
+        if self.gain == "none" or not np.any(piece):
+            return piece
+        return rf.normalize_volume(piece).astype(np.float32)
