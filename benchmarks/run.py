@@ -20,6 +20,13 @@ waits for them; model_only counts forward passes only):
   embstore_torch_masked / embstore_torch_equal
                   WeSpeaker models on torch with masked padded batches vs equal-length
                   buckets: mean batch size, padding and throughput of each
+  model_only_bf16 / embstore_bf16
+                  the same at `--dtype bf16` (OpenVINO bf16 on an AMX/AVX512-BF16 CPU);
+                  embstore_bf16's fraction is of model_only_bf16
+  feeder / feeder_device
+                  embstore with the null model (`null:256`: real decode, fbank, hash,
+                  claims, writer; no network), fbank in the loaders / batched in the
+                  compute thread: the pipeline's own ceiling
 Fidelity: each system's embedding of each file vs `embed_file` (the per-item reference;
 seed_original calls exactly that, so its outputs are the reference).
 For Resemblyzer the seed loops compute features with `--seed-frontend`: `librosa` (default)
@@ -226,7 +233,7 @@ def padded_batch(encoder, feats: list[np.ndarray]) -> np.ndarray:
 
 def _shard_forward(payload) -> tuple[float, list[tuple[str, np.ndarray]]]:
     """model_only inside one process: forward passes over precomputed features."""
-    spec, device, threads, batch_frames, items, barrier = payload
+    spec, device, threads, batch_frames, items, barrier, dtype = payload
     import torch
 
     from embstore.extract.batching import default_batch_frames
@@ -234,8 +241,8 @@ def _shard_forward(payload) -> tuple[float, list[tuple[str, np.ndarray]]]:
     from embstore.models import load
 
     torch.set_num_threads(threads)
-    extra = {"threads": threads} if spec.startswith("onnx:") else {}
-    encoder = load(spec, device=device, **extra)
+    extra = {"threads": threads} if spec.startswith(("onnx:", "openvino:")) else {}
+    encoder = load(spec, device=device, dtype=dtype, **extra)
     batch_frames = batch_frames or default_batch_frames(device, encoder.batching)
     loaded = [Loaded(task=uid, feats=feats) for uid, feats in items]
     batches, _, _ = plan_batches(loaded, encoder.batching, batch_frames)
@@ -250,7 +257,7 @@ def _shard_forward(payload) -> tuple[float, list[tuple[str, np.ndarray]]]:
     return time.perf_counter() - started, out
 
 
-def system_model_only(args) -> dict:
+def system_model_only(args, dtype: str = "fp32") -> dict:
     import multiprocessing
 
     from embstore.models import load
@@ -260,7 +267,7 @@ def system_model_only(args) -> dict:
     files = corpus_files(root)
     items = [(rel_id(root, p), encoder.features(encoder.load(str(p)))) for p in files]
     workers = args.workers
-    spec = runtime_spec(encoder, args)
+    spec = runtime_spec(encoder, args, dtype)
     shards = [items[i::workers] for i in range(workers)]
     ctx = multiprocessing.get_context("spawn")
     manager = ctx.Manager()
@@ -268,21 +275,25 @@ def system_model_only(args) -> dict:
     with ctx.Pool(workers) as pool:
         results = pool.map(
             _shard_forward,
-            [(spec, args.device, args.threads, args.batch_frames, shard, barrier) for shard in shards],
+            [(spec, args.device, args.threads, args.batch_frames, shard, barrier, dtype) for shard in shards],
         )
     seconds = max(r[0] for r in results)
     embeddings = {uid: v for _, out in results for uid, v in out}
     return {"seconds": seconds, "files": len(files), "embeddings": embeddings}
 
 
-def runtime_spec(encoder, args) -> str:
-    """What embstore's workers run for this model and device: its ONNX export on CPU for
-    WeSpeaker models (`--runtime auto`), else the model itself."""
+def runtime_spec(encoder, args, dtype: str = "fp32") -> str:
+    """What embstore's workers run for this model, device and dtype (`--runtime auto`):
+    OpenVINO for bf16 on CPU, the ONNX export on CPU for WeSpeaker models at fp32, else
+    the model itself."""
     from embstore.extract.options import ExtractOptions
-    from embstore.extract.plan import wants_onnx
+    from embstore.extract.plan import run_spec, wants_onnx
     from embstore.models.onnx import export_onnx
 
-    if wants_onnx(encoder.capabilities, ExtractOptions(), [args.device], device_features=False):
+    options = ExtractOptions(model=args.model, dtype=dtype, device=args.device)
+    if dtype != "fp32":
+        return run_spec(options, [args.device])
+    if wants_onnx(encoder.capabilities, options, [args.device], device_features=False):
         return "onnx:" + export_onnx(encoder, str(Path(args.work) / "onnx"))
     return args.model
 
@@ -372,6 +383,16 @@ def system_embstore_torch_equal(args) -> dict:
     return system_embstore(args, ("--runtime", "torch", "--batching", "equal"))
 
 
+def system_model_only_bf16(args) -> dict:
+    """model_only at bf16 on what embstore runs bf16 with (OpenVINO on an AMX CPU)."""
+    return system_model_only(args, dtype="bf16")
+
+
+def system_embstore_bf16(args) -> dict:
+    """embstore `--dtype bf16` (OpenVINO on CPU where the CPU computes bf16)."""
+    return system_embstore(args, ("--dtype", "bf16"))
+
+
 def system_feeder(args) -> dict:
     """The whole pipeline with the null model (real decode, fbank, hash, claims, writer,
     commits; no network): the ceiling the pipeline puts on any model."""
@@ -394,7 +415,9 @@ SYSTEMS = {
     "seed_optimized": system_seed_optimized,
     "model_only": system_model_only,
     "model_only_b1": system_model_only_b1,
+    "model_only_bf16": system_model_only_bf16,
     "embstore": system_embstore,
+    "embstore_bf16": system_embstore_bf16,
     "embstore_torch_masked": system_embstore_torch_masked,
     "embstore_torch_equal": system_embstore_torch_equal,
     "feeder": system_feeder,
@@ -517,8 +540,10 @@ def benchmark_model(label: str, model: str, args, corpus_info: dict) -> dict:
     for name, entry in systems.items():
         if "seed_original" in systems:
             entry["speedup_vs_seed_original"] = round(systems["seed_original"]["seconds"] / entry["seconds"], 2)
-        if "model_only" in systems:
-            entry["fraction_of_model_only"] = round(systems["model_only"]["seconds"] / entry["seconds"], 3)
+        # each system against the ceiling of its own precision: bf16 against model_only_bf16
+        ceiling = "model_only_bf16" if name.endswith("_bf16") and "model_only_bf16" in systems else "model_only"
+        if ceiling in systems:
+            entry["fraction_of_model_only"] = round(systems[ceiling]["seconds"] / entry["seconds"], 3)
     return {"model": model, "systems": systems}
 
 

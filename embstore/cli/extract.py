@@ -35,8 +35,9 @@ EXIT_RUN_ERROR = 4
 @click.option("--retry-failed", is_flag=True, help="Try failed items again.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Embed at most N items in this run.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Torch threads per worker.")
-@click.option("--runtime", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
-              help="auto: ONNX Runtime for WeSpeaker models on CPU (same numbers, faster), torch elsewhere.")
+@click.option("--runtime", type=click.Choice(["auto", "torch", "onnx", "openvino"]), default="auto", show_default=True,
+              help="auto: ONNX Runtime for WeSpeaker models on CPU at fp32 (same numbers, faster), OpenVINO for "
+                   "bf16 on CPU (AMX/AVX512-BF16), torch elsewhere. openvino: CPU, fp32 or bf16.")
 @click.option("--batching", type=click.Choice(["auto", "equal"]), default="auto", show_default=True,
               help="auto: the model's exact mode (masked padded batches where supported); "
                    "equal: only equal-length buckets.")

@@ -9,7 +9,7 @@ from embstore.errors import ExtractionError
 from embstore.models.common import DTYPES
 from embstore.models.registry import DEFAULT_SPEC
 
-RUNTIME_CHOICES = ("auto", "torch", "onnx")
+RUNTIME_CHOICES = ("auto", "torch", "onnx", "openvino")
 FEATURE_CHOICES = ("auto", "cpu", "device")
 BATCHING_CHOICES = ("auto", "equal")
 

@@ -9,7 +9,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 
-from embstore.errors import ExtractionError
+from embstore.errors import ExtractionError, ModelError
 from embstore.extract.batching import default_batch_frames
 from embstore.extract.messages import WorkerSetup
 from embstore.extract.options import ExtractOptions
@@ -19,6 +19,7 @@ from embstore.manifest.database import Manifest
 from embstore.models import cards
 from embstore.models.base import Capabilities, Encoder, trimmed_fingerprint
 from embstore.models.onnx import cached_export, export_onnx
+from embstore.models.openvino import cpu_bf16_support, openvino_spec
 from embstore.models.registry import load
 
 
@@ -106,7 +107,7 @@ def quick_nothing_to_do(manifest: Manifest, options: ExtractOptions) -> ExtractS
     Only for a spec seen before whose weight files are older than its models row:
     then the fingerprint cannot have changed.
     """
-    spec = options.spec
+    spec = run_spec(options, devices_of(options))
     rows = manifest.query("SELECT * FROM models WHERE spec = ? ORDER BY id DESC", (spec,))
     if len(rows) != 1:
         return None
@@ -149,21 +150,52 @@ def wants_onnx(caps: Capabilities, options: ExtractOptions, devices: list[str], 
     return importlib.util.find_spec("onnxruntime") is not None
 
 
+def wants_openvino(options: ExtractOptions, devices: list[str]) -> bool:
+    """OpenVINO runs a CPU run when asked (`--runtime openvino`), and bf16 on CPU with
+    `--runtime auto`: on AMX/AVX512-BF16 it keeps cosine >= 0.9999 to fp32 at 2.5-3x ONNX
+    Runtime fp32, where torch's bf16 autocast does not reach 0.9999. fp32 stays on ONNX
+    Runtime (OpenVINO f32 is no faster there, and ORT's rows keep the torch model's key)."""
+    if options.runtime not in ("openvino", "auto") or (options.runtime == "auto" and options.dtype != "bf16"):
+        return False
+    if devices[0] != "cpu" or options.ray:
+        if options.runtime == "openvino":
+            raise ExtractionError("--runtime openvino runs on the local CPU only (use --device cpu)")
+        return False  # bf16 on a GPU: torch autocast
+    if options.dtype not in ("fp32", "bf16"):
+        raise ExtractionError(f"--runtime openvino computes fp32 or bf16, not {options.dtype}")
+    if options.dtype == "bf16":
+        supported, why = cpu_bf16_support()
+        if not supported:
+            raise ExtractionError(f"bf16 is not offered on this CPU: {why}; use fp32, or --runtime torch for"
+                                  " torch's slower and less exact bf16 autocast")
+    return True
+
+
+def run_spec(options: ExtractOptions, devices: list[str]) -> str:
+    """The spec of the model whose rows this run makes: the user's, or its OpenVINO form
+    (a model of its own: runtime and precision are in its fingerprint)."""
+    try:
+        return openvino_spec(options.spec) if wants_openvino(options, devices) else options.spec
+    except ModelError as exc:
+        raise ExtractionError(str(exc)) from None
+
+
 class ModelAtHand:
-    """The user's model as the plan needs it: its card (cached per user, see
+    """The run's model as the plan needs it: its card (cached per user, see
     `models.cards`) and, only when something needs the network itself, the encoder."""
 
-    def __init__(self, options: ExtractOptions):
+    def __init__(self, spec: str, options: ExtractOptions):
+        self.spec = spec
         self.options = options
         self._encoder: Encoder | None = None
-        card = cards.lookup(options.spec, options.dtype)
-        self.card = card if card is not None else cards.remember(options.spec, options.dtype, self.encoder)
+        card = cards.lookup(spec, options.dtype)
+        self.card = card if card is not None else cards.remember(spec, options.dtype, self.encoder)
 
     @property
     def encoder(self) -> Encoder:
         if self._encoder is None:
             # on CPU, once, in the parent: the workers load their own on their devices
-            self._encoder = load(self.options.spec, device="cpu", dtype=self.options.dtype)
+            self._encoder = load(self.spec, device="cpu", dtype=self.options.dtype)
         return self._encoder
 
 
@@ -178,7 +210,7 @@ def _onnx_spec(model: ModelAtHand) -> str:
     except Exception as exc:
         if model.options.runtime == "onnx":
             raise ExtractionError(f"cannot run {model.options.spec} with ONNX Runtime: {type(exc).__name__}: {exc}") from None
-        return model.options.spec
+        return model.spec
 
 
 def plan_extraction(manifest: Manifest, options: ExtractOptions) -> ExtractionPlan | ExtractSummary:
@@ -190,7 +222,8 @@ def plan_extraction(manifest: Manifest, options: ExtractOptions) -> ExtractionPl
     if quick is not None:
         quick.devices = devices
         return quick
-    model = ModelAtHand(options)
+    spec = run_spec(options, devices)
+    model = ModelAtHand(spec, options)
     caps = model.card.capabilities
     if options.features == "device" and not caps.device_features:
         raise ExtractionError(f"{model.card.description['name']} cannot compute its features on the device; use --features cpu")
@@ -209,10 +242,10 @@ def plan_extraction(manifest: Manifest, options: ExtractOptions) -> ExtractionPl
     prepared = tasks.refresh_tasks(manifest.conn, row["id"], model.card.length_rule, model.card.sample_rate,
                                    options.retry_failed)
     left, left_seconds = tasks.pending_summary(manifest.conn, row["id"])
-    worker_spec = _onnx_spec(model) if left and use_onnx else options.spec
+    worker_spec = _onnx_spec(model) if left and use_onnx else spec
     on_onnx = worker_spec.startswith("onnx:")
     return ExtractionPlan(
-        spec=options.spec, worker_spec=worker_spec, model_id=row["id"], model_key=manifest.model_key(row),
+        spec=spec, worker_spec=worker_spec, model_id=row["id"], model_key=manifest.model_key(row),
         fingerprint=row["fingerprint"], devices=devices, batching="equal" if on_onnx else batching,
         runtime="onnxruntime" if on_onnx else caps.runtime, device_features=device_features, prepared=prepared,
         left=left, left_seconds=left_seconds, expected_fingerprint=None if on_onnx else model.card.fingerprint,

@@ -52,7 +52,7 @@ def one_line(exc: BaseException) -> str:
 def open_encoder(setup: WorkerSetup) -> Encoder:
     """The worker's model on its device, with its share of the CPU threads; an ONNX
     worker never imports torch (a second of start-up)."""
-    if setup.model_spec.startswith("onnx:"):
+    if setup.model_spec.startswith(("onnx:", "openvino:")):
         encoder = load(setup.model_spec, device=setup.device, dtype=setup.dtype, threads=max(1, setup.threads))
     else:
         encoder = load(setup.model_spec, device=setup.device, dtype=setup.dtype)

@@ -53,6 +53,9 @@ class ModelCard:
 def _files_of(spec: str) -> list[str] | None:
     """Every file the spec's model is read from; None when that cannot be told (then no card)."""
     source, arg = parse_spec(spec)
+    if source.prefix == "openvino":  # openvino:resemblyzer | openvino:[wespeaker:]DIR | openvino:FILE.onnx
+        inner = str(arg).removeprefix("wespeaker:")
+        return _files_of(inner if inner == "resemblyzer" else f"onnx:{inner}")
     if source.prefix == "resemblyzer":
         found = importlib.util.find_spec("resemblyzer")
         if found is None or not found.submodule_search_locations:
