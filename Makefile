@@ -10,13 +10,14 @@ STORE ?= demo-store
 setup: $(VENV)/.installed
 
 # torch is pinned first so pip takes the CPU wheel instead of a multi-GB CUDA build;
-# WeSpeaker is installed without its declared deps (s3prl, whisper, peft... never used)
+# WeSpeaker is installed without its declared deps (s3prl, whisper, peft... never used);
+# silero-vad too (its weights ship in the wheel; its deps would pull torchaudio)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[dev,plot,ray,openvino]" "torch==2.13.0"
-	$(BIN)/pip install -q --no-deps "wespeaker-unofficial==0.0.2"
+	$(BIN)/pip install -q --no-deps "wespeaker-unofficial==0.0.2" "silero-vad>=5.1"
 	touch $@
 
 demo: setup

@@ -53,6 +53,15 @@ def _groups_by_length(lengths: Sequence[int]) -> list[list[int]]:
     return list(groups.values())
 
 
+def window_mode(frontend: dict[str, Any], runtime: str = "torch", gain: str = "window") -> dict[str, Any]:
+    """How `WindowEmbedder(mode="auto")` embeds windows for an encoder of this frontend
+    and runtime (its `describe()`), known before the encoder is loaded: "mel" for
+    Resemblyzer on torch (its own LSTM call packs windows), else "features"."""
+    if frontend.get("kind") == "resemblyzer" and runtime == "torch":
+        return {"mode": "mel", "gain": gain}
+    return {"mode": "features"}
+
+
 class WindowEmbedder:
     """`embed(wav, plan) -> [len(plan), dim]` for one encoder (see the module docstring)."""
 
@@ -63,11 +72,12 @@ class WindowEmbedder:
             raise ValueError(f"unknown gain {gain!r}: use one of {', '.join(GAINS)}")
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
-        is_resemblyzer = getattr(encoder, "frontend", {}).get("kind") == "resemblyzer"
+        frontend = getattr(encoder, "frontend", {})
+        runtime = encoder.capabilities.runtime
         if mode == "auto":
-            mode = "mel" if is_resemblyzer else "features"
-        if mode == "mel" and not is_resemblyzer:
-            raise ValueError(f"window mode 'mel' is Resemblyzer's; {encoder.name} takes 'features'")
+            mode = window_mode(frontend, runtime, gain)["mode"]
+        if mode == "mel" and window_mode(frontend, runtime)["mode"] != "mel":
+            raise ValueError(f"window mode 'mel' is Resemblyzer's on torch; {encoder.name} takes 'features'")
         self.encoder = encoder
         self.mode = mode
         self.gain = gain

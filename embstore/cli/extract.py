@@ -49,10 +49,17 @@ EXIT_RUN_ERROR = 4
                    "one worker per GPU of the cluster, or --workers N CPU workers. See docs/cluster.md.")
 @click.option("--path-map", "path_map", multiple=True, metavar="OLD=NEW",
               help="With --ray: nodes that lack a scan root under OLD read it under NEW (repeatable).")
+@click.option("--windows", default=None, metavar="WINDOW:SHIFT",
+              help="One embedding per window of WINDOW s every SHIFT s inside speech (e.g. 1.5:0.75), "
+                   "stored as a model of its own; see `embstore windows` and `embstore diarize`.")
+@click.option("--vad", type=click.Choice(["silero", "webrtc", "none"]), default=None,
+              help="Voice activity detection: where windows fall (default silero with --windows), or "
+                   "whole items of speech only (default none).")
 @json_option
 @library_errors
 def extract(store, model, gpus, device, workers, batch_frames, loader_workers, dtype, max_trim_frames,
-            retry_failed, limit, threads, features, runtime, batching, ray_address, path_map, as_json):
+            retry_failed, limit, threads, features, runtime, batching, ray_address, path_map, windows, vad,
+            as_json):
     """Embed every pending item of STORE, exactly once; resumes where a run stopped.
 
     \b
@@ -68,13 +75,16 @@ def extract(store, model, gpus, device, workers, batch_frames, loader_workers, d
         embstore extract store/ --retry-failed
         embstore extract store/ --ray auto               # on the Ray cluster of this head
         embstore extract store/ --ray auto --path-map /data=/mnt/data
+        embstore extract store/ --windows 1.5:0.75       # windows in silero's speech
+        embstore extract store/ --vad silero             # whole items, speech only
     """
     with open_store(store) as st:
         summary = st.extract(
             model=model, device=device, gpus=gpus, workers=workers, batch_frames=batch_frames,
             loader_workers=loader_workers, dtype=dtype, retry_failed=retry_failed, limit=limit,
             max_trim_frames=max_trim_frames, progress=not as_json, threads=threads, features=features,
-            runtime=runtime, batching=batching, ray=ray_address, path_map=tuple(path_map),
+            runtime=runtime, batching=batching, ray=ray_address, path_map=tuple(path_map), windows=windows,
+            vad=vad,
         )
     if as_json:
         echo_json(summary.as_dict())

@@ -31,7 +31,10 @@ class Loaded:
     content_hash: str | None = None
     dup_row: tuple[int, int | None] | None = None  # (row, row count) of identical audio done before
     error: tuple[str, str] | None = None  # (stage, message)
-    wav: np.ndarray | None = None  # kept only when features are computed on the device
+    wav: np.ndarray | None = None  # kept only when features are computed on the device (or windowed later)
+    plan: Any = None  # a window model's WindowPlan; feats is then one entry per window
+    rows: np.ndarray | None = None  # a window model's rows, filled block by block
+    speech: tuple[str, list[tuple[float, float]]] | None = None  # (VAD key, regions) the VAD found here
 
 
 def plan_batches(items: list[Loaded], batching: str, batch_frames: int, max_trim: int = 0) -> tuple[list[list[Loaded]], int, int]:

@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable, Sequence
 
 from embstore.extract.messages import ClaimedTask
-from embstore.manifest import tasks
+from embstore.manifest import speech, tasks
 from embstore.manifest.connection import connect
 from embstore.paths import StorePaths
 
@@ -52,6 +52,11 @@ class ManifestClient(ABC):
     @abstractmethod
     def dedup_rows(self, keys: Sequence[DedupKey]) -> dict[DedupKey, DedupRows]:
         """(row, row count) of done tasks of identical audio and span, for the keys that have one."""
+
+    def speech_regions(self, item_ids: Sequence[int], vad_key: str) -> dict[int, list[tuple[float, float]]]:
+        """Stored speech regions of these items under this VAD; the default knows none
+        (the loader runs the VAD)."""
+        return {}
 
     def close(self) -> None:
         """Free connections; the default holds none."""
@@ -144,6 +149,9 @@ class SqliteManifestClient(ManifestClient):
 
     def dedup_rows(self, keys: Sequence[DedupKey]) -> dict[DedupKey, DedupRows]:
         return tasks.rows_of_identical_audio(self.conn, self.model_id, keys)
+
+    def speech_regions(self, item_ids: Sequence[int], vad_key: str) -> dict[int, list[tuple[float, float]]]:
+        return speech.regions_of(self.conn, item_ids, vad_key)
 
     def close(self) -> None:
         with self._lock:

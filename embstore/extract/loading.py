@@ -16,9 +16,12 @@ from embstore.audio import content_hash
 from embstore.errors import AudioError
 from embstore.extract.batching import Loaded
 from embstore.extract.client import ManifestClient
+from embstore.extract.cutting import EAGER_WINDOWS, Cutting, ItemCutFailed
 from embstore.extract.faults import crash_if_poison
 from embstore.extract.messages import ClaimedTask
 from embstore.models.base import Encoder
+from embstore.vad import Region
+from embstore.windows import WindowPlan
 
 
 def hash_item(task: ClaimedTask) -> Loaded:
@@ -32,8 +35,10 @@ def hash_item(task: ClaimedTask) -> Loaded:
         return Loaded(task, error=("read", f"cannot read: {exc.strerror or exc}"))
 
 
-def decode_item(encoder: Encoder, item: Loaded, device_features: bool = False) -> Loaded:
-    """Samples (and, unless features run on the device, features) of a hashed item."""
+def decode_item(encoder: Encoder, item: Loaded, device_features: bool = False, cutting: Cutting | None = None,
+                known: list[Region] | None = None) -> Loaded:
+    """Samples (and, unless features run on the device, features) of a hashed item, cut
+    (speech only, or windows) when the run cuts; `known`: its stored speech regions."""
     task = item.task
     crash_if_poison(task.path)
     try:
@@ -47,6 +52,16 @@ def decode_item(encoder: Encoder, item: Loaded, device_features: bool = False) -
     if not wav.any():
         # no speaker to embed: any model would return NaN or a meaningless constant vector
         return _failed(item, "decode", "silent audio (all samples are zero)")
+    if cutting is not None:
+        try:
+            cut = cutting.cut(encoder, wav, known)
+        except ItemCutFailed as exc:
+            return _failed(item, exc.stage, exc.reason)
+        except Exception as exc:
+            return _failed(item, "vad", f"{type(exc).__name__}: {exc}")
+        item.speech, wav = cut.speech, cut.wav
+        if cut.plan is not None:
+            return _window_features(encoder, cutting, item, wav, cut.plan)
     if device_features:
         if encoder.feature_length(len(wav)) <= 0:
             return _failed(item, "features", "too short for this model (no feature frames)")
@@ -64,13 +79,28 @@ def decode_item(encoder: Encoder, item: Loaded, device_features: bool = False) -
     return item
 
 
+def _window_features(encoder: Encoder, cutting: Cutting, item: Loaded, wav: np.ndarray, plan: WindowPlan) -> Loaded:
+    """A window model's item: its windows' features now, or (a long item) its samples,
+    featurised block by block on the compute side."""
+    item.plan = plan
+    if len(plan) > EAGER_WINDOWS:
+        item.wav = wav
+        return item
+    try:
+        item.feats = cutting.embedder(encoder).window_features(cutting.window_pieces(encoder, wav, plan))
+    except Exception as exc:
+        return _failed(item, "features", f"{type(exc).__name__}: {exc}")
+    return item
+
+
 def _failed(item: Loaded, stage: str, message: str) -> Loaded:
     item.error = (stage, message)
     return item
 
 
 def load_claim(
-    pool: Executor, encoder: Encoder, client: ManifestClient, claimed: list[ClaimedTask], device_features: bool
+    pool: Executor, encoder: Encoder, client: ManifestClient, claimed: list[ClaimedTask], device_features: bool,
+    cutting: Cutting | None = None,
 ) -> list[Loaded]:
     """Every claimed item loaded, reused from a done twin (dedup), or failed."""
     hashed = list(pool.map(hash_item, claimed))
@@ -82,5 +112,8 @@ def load_claim(
             x.dup_row = rows.get((x.content_hash, x.task.start, x.task.end))
         if x.error is None and x.dup_row is None:
             todo.append(x)
-    list(pool.map(lambda x: decode_item(encoder, x, device_features), todo))
+    known: dict[int, list[Region]] = {}
+    if cutting is not None and cutting.vad.method != "none" and todo:
+        known = client.speech_regions([x.task.item_id for x in todo], cutting.vad_key)
+    list(pool.map(lambda x: decode_item(encoder, x, device_features, cutting, known.get(x.task.item_id)), todo))
     return hashed

@@ -48,6 +48,9 @@ class WorkerSetup:
     device_features: bool = False  # fbank on the model's device, batched (GPU); loaders only decode
     fingerprint: str | None = None  # what the loaded model must fingerprint as (None: not checked)
     workers_per_device: int = 1  # workers sharing this device (its memory)
+    vad: str = "none"  # silero | webrtc | none: speech only (whole items) or where windows fall
+    windows: str | None = None  # "WINDOW:SHIFT": a window model (one row per window)
+    window_mode: str = "auto"  # how windows are embedded (WindowEmbedder's mode)
 
     @property
     def claim_order(self) -> str:

@@ -8,6 +8,8 @@ from typing import Any
 from embstore.errors import ExtractionError
 from embstore.models.common import DTYPES
 from embstore.models.registry import DEFAULT_SPEC
+from embstore.vad import VadError, vad_config
+from embstore.windows import WindowSpecError, parse_window_spec
 
 RUNTIME_CHOICES = ("auto", "torch", "onnx", "openvino")
 FEATURE_CHOICES = ("auto", "cpu", "device")
@@ -37,6 +39,8 @@ class ExtractOptions:
     batching: str = "auto"  # auto (the model's exact mode) or equal
     ray: str | None = None  # a Ray cluster's address, or "auto": extract on the cluster
     path_map: tuple[str, ...] = ()  # "OLD=NEW": where nodes that lack a root OLD find it
+    windows: str | None = None  # "WINDOW:SHIFT" seconds: one embedding per window (a window model)
+    vad: str | None = None  # silero | webrtc | none; None: silero with windows, none without
 
     def __post_init__(self) -> None:
         self._choice("dtype", DTYPES)
@@ -52,6 +56,24 @@ class ExtractOptions:
         if not self.lease_seconds > 0:
             raise ExtractionError(f"the lease must be positive (got {self.lease_seconds})")
         self._check_cluster()
+        self._check_windows()
+
+    def _check_windows(self) -> None:
+        try:
+            if self.windows is not None:
+                object.__setattr__(self, "windows", str(parse_window_spec(self.windows)))
+            if self.vad is not None:
+                object.__setattr__(self, "vad", vad_config(self.vad).method)
+        except (WindowSpecError, VadError) as exc:
+            raise ExtractionError(str(exc)) from None
+        if self.windows is not None and (self.batching == "equal" or self.max_trim_frames):
+            raise ExtractionError("--batching equal and --max-trim-frames are for whole items: full windows"
+                                  " already have equal lengths")
+
+    @property
+    def vad_method(self) -> str:
+        """The VAD this run uses: silero for windows unless told, none for whole items."""
+        return self.vad or ("silero" if self.windows else "none")
 
     def _check_cluster(self) -> None:
         if self.ray is not None and not str(self.ray).strip():

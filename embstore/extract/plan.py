@@ -4,6 +4,7 @@ the model's fingerprint (its rows), the task list, or "nothing to do"."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sqlite3
 import time
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 
 from embstore.errors import ExtractionError, ModelError
 from embstore.extract.batching import default_batch_frames
+from embstore.extract.cutting import Cutting, cutting_of
 from embstore.extract.messages import WorkerSetup
 from embstore.extract.options import ExtractOptions
 from embstore.extract.summary import ExtractSummary
@@ -35,10 +37,13 @@ class ExtractionPlan:
     runtime: str  # torch | onnxruntime
     device_features: bool
     prepared: dict[str, int] = field(default_factory=dict)
+    cutting: Cutting | None = None  # speech only or windows (None: whole items)
     # what the workers' model must fingerprint as (None: an export named by it)
     expected_fingerprint: str | None = None
     left: int = 0
     left_seconds: float = 0.0
+    # how workers embed windows: the mode the model's fingerprint was made with
+    window_mode: str = "auto"
 
     def summary(self) -> ExtractSummary:
         return ExtractSummary(
@@ -96,6 +101,9 @@ def worker_setups(plan: ExtractionPlan, options: ExtractOptions) -> list[WorkerS
             loader_workers=loaders,
             threads=threads, lease_seconds=options.lease_seconds, max_trim_frames=options.max_trim_frames,
             index=index, device_features=plan.device_features, fingerprint=plan.expected_fingerprint,
+            vad=plan.cutting.vad.method if plan.cutting else "none",
+            windows=str(plan.cutting.spec) if plan.cutting and plan.cutting.spec else None,
+            window_mode=plan.window_mode,
         )
         for index, device in enumerate(plan.devices)
     ]
@@ -108,7 +116,9 @@ def quick_nothing_to_do(manifest: Manifest, options: ExtractOptions) -> ExtractS
     then the fingerprint cannot have changed.
     """
     spec = run_spec(options, devices_of(options))
-    rows = manifest.query("SELECT * FROM models WHERE spec = ? ORDER BY id DESC", (spec,))
+    cutting = cutting_of(options.vad_method, options.windows)
+    rows = [r for r in manifest.query("SELECT * FROM models WHERE spec = ? ORDER BY id DESC", (spec,))
+            if _same_cutting(r, cutting)]
     if len(rows) != 1:
         return None
     row = rows[0]
@@ -121,6 +131,15 @@ def quick_nothing_to_do(manifest: Manifest, options: ExtractOptions) -> ExtractS
         model=manifest.model_key(row), fingerprint=row["fingerprint"], batching=row["batching"],
         failed=tasks.failed_count(manifest.conn, row["id"]), nothing_to_do=True,
     )
+
+
+def _same_cutting(row: sqlite3.Row, cutting: Cutting | None) -> bool:
+    """Whether a model row was cut the way this run cuts (VAD and windows settings)."""
+    cut = json.loads(row["frontend"] or "{}").get("cutting")
+    if cutting is None or cut is None:
+        return cutting is None and cut is None
+    return cut.get("vad") == cutting.vad.as_dict() and cut.get("windows") == (
+        cutting.spec.as_dict() if cutting.spec else None)
 
 
 def _created(row: sqlite3.Row) -> float:
@@ -227,8 +246,10 @@ def plan_extraction(manifest: Manifest, options: ExtractOptions) -> ExtractionPl
     caps = model.card.capabilities
     if options.features == "device" and not caps.device_features:
         raise ExtractionError(f"{model.card.description['name']} cannot compute its features on the device; use --features cpu")
+    if options.features == "device" and options.windows:
+        raise ExtractionError("--features device is for whole items: windows are featurised on the CPU loaders")
     device_features = options.features == "device" or (
-        options.features == "auto" and caps.device_features and devices[0] != "cpu"
+        options.features == "auto" and caps.device_features and devices[0] != "cpu" and not options.windows
     )
     use_onnx = wants_onnx(caps, options, devices, device_features)
     # ONNX graphs take equal lengths only
@@ -238,6 +259,9 @@ def plan_extraction(manifest: Manifest, options: ExtractOptions) -> ExtractionPl
     if options.max_trim_frames and batching == "equal":  # only equal-length batching trims
         description["frontend"] = dict(description["frontend"], max_trim_frames=options.max_trim_frames)
         description["fingerprint"] = trimmed_fingerprint(description["fingerprint"], options.max_trim_frames)
+    cutting = cutting_of(options.vad_method, options.windows)
+    if cutting is not None:
+        description = cutting.model_description(description, caps.runtime)
     row = manifest.register_model(description)
     prepared = tasks.refresh_tasks(manifest.conn, row["id"], model.card.length_rule, model.card.sample_rate,
                                    options.retry_failed)
@@ -249,4 +273,6 @@ def plan_extraction(manifest: Manifest, options: ExtractOptions) -> ExtractionPl
         fingerprint=row["fingerprint"], devices=devices, batching="equal" if on_onnx else batching,
         runtime="onnxruntime" if on_onnx else caps.runtime, device_features=device_features, prepared=prepared,
         left=left, left_seconds=left_seconds, expected_fingerprint=None if on_onnx else model.card.fingerprint,
+        cutting=cutting,
+        window_mode=description["frontend"].get("cutting", {}).get("window_embedding", {}).get("mode", "auto"),
     )

@@ -27,6 +27,7 @@ import numpy as np
 
 from embstore.extract.batching import Loaded, default_batch_frames, plan_batches
 from embstore.extract.client import ClaimBudget, ManifestClient, SqliteManifestClient
+from embstore.extract.cutting import cutting_of
 from embstore.extract.loading import load_claim
 from embstore.extract.messages import ItemFailure, ItemOutcome, ItemResult, WorkerFailed, WorkerSetup, WorkerStats
 from embstore.extract.outbox import Outbox, QueueOutbox
@@ -35,10 +36,13 @@ from embstore.errors import ExtractionError
 from embstore.models.base import Encoder, untrimmed_fingerprint
 from embstore.models.registry import load
 from embstore.vectors import finite_nonzero
+from embstore.window_embed import DEFAULT_BATCH, WindowEmbedder
 
 
 # vectors of recently computed audio kept per worker for dedup (~1 KB each at dim 256)
 RECENT_VECTORS = 4096
+# windows per forward on a GPU (on CPU the embedder's default: larger blocks do not pay there)
+WINDOW_BATCH_GPU = 1024
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -84,7 +88,12 @@ class Worker:
         self.batch_frames = setup.batch_frames or default_batch_frames(setup.device, setup.batching,
                                                                      setup.workers_per_device)
         self.batches = self.batch_items = self.real_frames = self.padded_frames = 0
-        self.recent: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self.recent: OrderedDict[tuple, Any] = OrderedDict()  # vector, or (rows, spans) of a window model
+        self.cutting = cutting_of(setup.vad, setup.windows)
+        if self.cutting is not None and self.cutting.windowed:
+            # made once here, as the fingerprint says; the loader threads share it
+            self.cutting.embedder(encoder, setup.window_mode,
+                                  WINDOW_BATCH_GPU if setup.device.startswith("cuda") else DEFAULT_BATCH)
 
     def run(self) -> None:
         lease_thread = threading.Thread(target=self._renew_leases, daemon=True)
@@ -135,7 +144,7 @@ class Worker:
                     refreshed = True
                     continue
                 refreshed = False
-                self._hand_over(load_claim(pool, self.encoder, self.client, claimed, self.setup.device_features))
+                self._hand_over(load_claim(pool, self.encoder, self.client, claimed, self.setup.device_features, self.cutting))
         except BaseException as exc:
             self.feeder_error = exc
             self.outbox.report(WorkerFailed(self.owner, one_line(exc)))
@@ -152,7 +161,7 @@ class Worker:
             claimed = self.client.claim_suspect(self.batch_frames * 2)
             if not claimed:
                 return
-            self._hand_over(load_claim(pool, self.encoder, self.client, claimed, self.setup.device_features))
+            self._hand_over(load_claim(pool, self.encoder, self.client, claimed, self.setup.device_features, self.cutting))
 
     def _hand_over(self, loaded: list[Loaded]) -> None:
         with self.outstanding_lock:
@@ -193,35 +202,121 @@ class Worker:
                         good.append(x)
                 if outcomes:
                     self.outbox.results(outcomes)
-                self._embed_all(good)
+                if self.cutting is not None and self.cutting.windowed:
+                    self._embed_windows(good)
+                else:
+                    self._embed_all(good)
             finally:
                 with self.outstanding_lock:
                     self.outstanding -= 1
 
-    def _result(self, x: Loaded, vector: np.ndarray | None, row: int | None = None, row_count: int | None = None) -> ItemResult:
+    def _result(self, x: Loaded, vector: np.ndarray | None, row: int | None = None, row_count: int | None = None,
+                spans: np.ndarray | None = None) -> ItemResult:
         return ItemResult(x.task.task_id, x.task.item_id, self.owner, x.content_hash, x.task.duration, vector, row,
-                          row_count)
+                          row_count, spans, x.speech)
 
-    def _embed_all(self, good: list[Loaded]) -> None:
-        """Embed one claim's loaded items, sending each batch's outcomes as it is done
-        (the writer commits while the rest computes; the first rows land early)."""
-        # identical audio is computed once: inside one claim, and across this worker's
-        # recent claims whose rows may not be committed yet (no dedup row to point at)
+    def _split_twins(self, good: list[Loaded]) -> tuple[list[Loaded], list[tuple[Loaded, Loaded]], list[tuple[Loaded, Any]]]:
+        """Identical audio is computed once: inside one claim, and across this worker's
+        recent claims whose rows may not be committed yet (no dedup row to point at).
+        Returns (items to compute, (twin, its first) pairs, (item, recent result) pairs)."""
         first_of: dict[tuple, Loaded] = {}
         twins: list[tuple[Loaded, Loaded]] = []
         unique = []
-        known: list[ItemOutcome] = []
+        known: list[tuple[Loaded, Any]] = []
         for x in good:
             key = (x.content_hash, x.task.start, x.task.end)
             if x.content_hash and key in self.recent:
-                known.append(self._result(x, self.recent[key]))
+                known.append((x, self.recent[key]))
             elif x.content_hash and key in first_of:
                 twins.append((x, first_of[key]))
             else:
                 first_of[key] = x
                 unique.append(x)
-        if known:
-            self.outbox.results(known)
+        return unique, twins, known
+
+    def _embed_windows(self, good: list[Loaded]) -> None:
+        """A window model's claim: every window of its items embedded in blocks of the
+        embedder's batch (windows of several items share a forward: each window is
+        computed from its own samples only, so its row does not depend on its block);
+        an item's rows are sent once all its windows are done, without the windows that
+        could not be embedded."""
+        embedder = self.cutting.embedder(self.encoder)  # type: ignore[union-attr]
+        unique, twins, known = self._split_twins(good)
+        outcomes: list[ItemOutcome] = [self._result(x, rows, spans=spans) for x, (rows, spans) in known]
+        results: dict[int, tuple[np.ndarray, np.ndarray] | None] = {}
+        eager = [x for x in unique if x.feats is not None]
+        for x in eager:
+            x.rows = np.full((len(x.plan), embedder.dim), np.nan, dtype=np.float32)
+        pending = [(x, j) for x in eager for j in range(len(x.plan))]
+        for first in range(0, len(pending), embedder.batch):
+            block = pending[first : first + embedder.batch]
+            try:
+                out = embedder.embed_features([x.feats[j] for x, j in block])
+            except Exception as exc:
+                out = None
+                if _is_oom(exc):
+                    self._after_oom()
+                for x in {id(x): x for x, _ in block}.values():
+                    x.error = ("model", "out of memory" if _is_oom(exc) else f"{type(exc).__name__}: {exc}")
+            if out is not None:
+                for (x, j), row in zip(block, out):
+                    x.rows[j] = row
+            self.batches += 1
+            self.batch_items += len(block)
+            # items whose last window is in this block are complete
+            outcomes += [self._window_outcome(x, results) for x, j in block if j == len(x.plan) - 1]
+            self.outbox.results(outcomes)
+            outcomes = []
+        for x in unique:
+            if x.feats is None:  # a long item: features block by block, here
+                x.rows = self._embed_long(embedder, x)
+                self.outbox.results([self._window_outcome(x, results)])
+        twin_outcomes: list[ItemOutcome] = []
+        for x, first in twins:
+            done = results.get(first.task.task_id)
+            if done is None:
+                twin_outcomes.append(ItemFailure(x.task.task_id, self.owner, "model", "identical audio failed to embed"))
+            else:
+                twin_outcomes.append(self._result(x, done[0], spans=done[1]))
+        if outcomes or twin_outcomes:
+            self.outbox.results(outcomes + twin_outcomes)
+
+    def _embed_long(self, embedder: WindowEmbedder, x: Loaded) -> np.ndarray | None:
+        rows = np.full((len(x.plan), embedder.dim), np.nan, dtype=np.float32)
+        try:
+            for first, block in embedder.iter_embed(x.wav, x.plan):
+                rows[first : first + len(block)] = block
+                self.batches += 1
+                self.batch_items += len(block)
+        except Exception as exc:
+            x.error = ("model", "out of memory" if _is_oom(exc) else f"{type(exc).__name__}: {exc}")
+        x.wav = None
+        return rows
+
+    def _window_outcome(self, x: Loaded, results: dict) -> ItemOutcome:
+        """One window item's result (its usable windows) or failure."""
+        rows, x.rows = x.rows, None
+        x.feats = None
+        if x.error is not None:
+            results[x.task.task_id] = None
+            return ItemFailure(x.task.task_id, self.owner, *x.error)
+        keep = finite_nonzero(rows)
+        if not keep.any():
+            results[x.task.task_id] = None
+            return ItemFailure(x.task.task_id, self.owner, "model", f"none of its {len(rows)} windows could be embedded")
+        spans = np.stack([x.plan.starts, x.plan.ends], axis=1)[keep]
+        rows = np.ascontiguousarray(rows[keep])
+        results[x.task.task_id] = (rows, spans)
+        if x.content_hash:
+            self._remember(x, (rows, spans))
+        return self._result(x, rows, spans=spans)
+
+    def _embed_all(self, good: list[Loaded]) -> None:
+        """Embed one claim's loaded items, sending each batch's outcomes as it is done
+        (the writer commits while the rest computes; the first rows land early)."""
+        unique, twins, recent = self._split_twins(good)
+        if recent:
+            self.outbox.results([self._result(x, vector) for x, vector in recent])
         if self.setup.device_features and unique:
             feats = self.encoder.device_features([x.wav for x in unique], self.batch_frames)
             for x, f in zip(unique, feats):
@@ -269,7 +364,7 @@ class Worker:
         if twin_outcomes:
             self.outbox.results(twin_outcomes)
 
-    def _remember(self, x: Loaded, vector: np.ndarray) -> None:
+    def _remember(self, x: Loaded, vector: Any) -> None:
         if x.content_hash:
             self.recent[(x.content_hash, x.task.start, x.task.end)] = vector
             if len(self.recent) > RECENT_VECTORS:

@@ -132,14 +132,22 @@ def fingerprint_of(weights: dict[str, Any] | None, frontend: dict[str, Any], ext
     return digest.hexdigest()
 
 
-TRIM_SUFFIX = "-trim"
+# a model row's fingerprint is the encoder's own, or the encoder's plus "-" and what the
+# run changes about its rows (trimming, VAD, windows): the encoder's is a hex digest
+VARIANT_SEP = "-"
+
+
+def variant_fingerprint(fingerprint: str, variant: str) -> str:
+    """Rows computed from one encoder in another way (trimmed, speech only, per window)
+    are their own model: the way is in the key."""
+    return f"{fingerprint}{VARIANT_SEP}{variant}"
 
 
 def trimmed_fingerprint(fingerprint: str, max_trim_frames: int) -> str:
     """The rows of trimmed equal batching are their own model: the policy is in the key."""
-    return f"{fingerprint}{TRIM_SUFFIX}{max_trim_frames}"
+    return variant_fingerprint(fingerprint, f"trim{max_trim_frames}")
 
 
 def untrimmed_fingerprint(fingerprint: str) -> str:
-    """The encoder's own fingerprint behind a model row's (see `trimmed_fingerprint`)."""
-    return fingerprint.split(TRIM_SUFFIX, 1)[0]
+    """The encoder's own fingerprint behind a model row's (see `variant_fingerprint`)."""
+    return fingerprint.split(VARIANT_SEP, 1)[0]
