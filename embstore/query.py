@@ -10,6 +10,7 @@ read the rows through the normalised-row cache (`embstore.arrays.unit_cache`).
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import sqlite3
 from typing import Any, Iterable, Sequence
@@ -23,6 +24,8 @@ from embstore.errors import StoreError
 from embstore.manifest.connection import LIVE_ITEM, select_in
 from embstore.manifest.database import Manifest
 from embstore.manifest.tasks import committed_rows
+from embstore.cutting import ItemCutFailed, cutting_of_model
+from embstore.models.base import untrimmed_fingerprint
 from embstore.models.registry import load
 from embstore.vectors import l2_normalise
 
@@ -141,7 +144,7 @@ def speakers(store: Manifest, model: str | None = None) -> list[dict[str, Any]]:
     models = store.models()
     if not models:
         return list(out.values())
-    chosen = [store.resolve_model(model)] if (model or len(models) == 1) else models
+    chosen = [store.resolve_model(model, kind=None)] if (model or len(models) == 1) else models
     for m in chosen:
         counts = dict.fromkeys(out, 0)
         for speaker, n in store.conn.execute(
@@ -164,7 +167,7 @@ def speaker_items(
     """A speaker's live items: id, dataset, path (+ start/end), done; with `vectors`, the
     embedding as a float32 array (None for items not done)."""
     models = store.models()
-    m = store.resolve_model(model) if (vectors or model or len(models) == 1) else None
+    m = store.resolve_model(model, kind="item" if vectors else None) if (vectors or model or len(models) == 1) else None
     rows = store.query(
         "SELECT i.id, i.uid, i.dataset, i.start, i.end, i.duration, r.path AS root, f.path,"
         " t.status, t.row FROM items i CROSS JOIN files f ON f.id = i.file_id JOIN roots r ON r.id = f.root_id"
@@ -218,7 +221,8 @@ def similar(
         raise StoreError("give exactly one of an item id, an audio file or a vector")
     if k < 1:
         raise StoreError(f"k must be at least 1 (got {k})")
-    m = store.resolve_model(model)
+    # by audio or vector, a window model answers with windows ("where else does this voice speak?")
+    m = store.resolve_model(model, kind="item" if model is None or item_id is not None else None)
     source = unit_rows(store, m, use_cache)
     exclude: set[int] = set()
     if item_id is not None:
@@ -243,9 +247,10 @@ def similar(
         raise StoreError("the query embedding is zero or not finite")
     wanted = k + len(exclude)
     fetch = max(4 * wanted, wanted + 32)
+    at_rows = _windows_at_rows if m["kind"] == "windows" else _items_at_rows
     while True:
         rows, scores = _top_rows(source, query, fetch)
-        found = _items_at_rows(store, m, rows, scores, exclude)
+        found = at_rows(store, m, rows, scores, exclude)
         if len(found) >= k or fetch >= source.rows:
             return found[:k]
         # many candidate rows belonged to no live item (stale or removed): look further
@@ -253,16 +258,27 @@ def similar(
 
 
 def embed_audio(store: Manifest, model: sqlite3.Row, path: str | os.PathLike) -> np.ndarray:
-    """Embed one file with the model the store recorded (same spec, same fingerprint)."""
+    """Embed one file with the model the store recorded (same spec, same fingerprint, cut
+    the same way). For a window model: the mean of its windows' unit rows."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such audio file")
-    encoder = load(model["spec"])
-    if encoder.fingerprint != model["fingerprint"]:
+    frontend = json.loads(model["frontend"] or "{}")
+    encoder = load(model["spec"], dtype=frontend.get("compute_dtype", "fp32"))
+    if encoder.fingerprint != untrimmed_fingerprint(model["fingerprint"]):
         raise StoreError(
             f"model {model['spec']!r} now loads weights with fingerprint {encoder.fingerprint[:12]}, but the store's"
             f" rows were made with {model['fingerprint'][:12]}; its embeddings are not comparable"
         )
-    return np.asarray(encoder.embed_file(str(path)), dtype=np.float32).ravel()
+    cutting = cutting_of_model(frontend)
+    if cutting is None:
+        return np.asarray(encoder.embed_file(str(path)), dtype=np.float32).ravel()
+    try:
+        rows, _ = cutting.embed(encoder, encoder.load(str(path)))
+    except ItemCutFailed as exc:
+        raise StoreError(f"{path}: {exc.reason}") from None
+    if not len(rows):
+        raise StoreError(f"{path}: none of its windows could be embedded")
+    return l2_normalise(rows).mean(axis=0)
 
 
 def _top_rows(source: UnitRows, query: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -313,6 +329,57 @@ def _items_at_rows(
     for d in out:
         del d["_item"]
     return out
+
+
+def _windows_at_rows(
+    store: Manifest, model: sqlite3.Row, rows: np.ndarray, scores: np.ndarray, exclude: set[int]
+) -> list[dict[str, Any]]:
+    """Windows of live items at the given rows of a window model: id, speaker, dataset,
+    path, start, end, score (one entry per item sharing the row through dedup)."""
+    spans = store.model_arrays(model)
+    out = []
+    for row, score in zip(rows.tolist(), scores.tolist()):
+        owners = store.conn.execute(
+            "SELECT i.id, i.uid, i.speaker, i.dataset, r.path AS root, f.path, t.row FROM tasks t"
+            " JOIN items i ON i.id = t.item_id JOIN files f ON f.id = i.file_id JOIN roots r ON r.id = f.root_id"
+            " WHERE t.model_id = ? AND t.status = 'done' AND t.row = (SELECT max(row) FROM tasks"
+            "  WHERE model_id = ? AND status = 'done' AND row <= ?)"
+            f" AND t.row + coalesce(t.row_count, 1) > ? AND {LIVE_ITEM}",
+            (model["id"], model["id"], row, row),
+        ).fetchall()
+        if not owners:
+            continue
+        start, end = (float(x) for x in spans.read_spans(row, row + 1)[0])
+        out += [
+            {"id": o["uid"], "speaker": o["speaker"], "dataset": o["dataset"], "path": os.path.join(o["root"], o["path"]),
+             "start": round(start, 3), "end": round(end, 3), "window": row - o["row"], "score": score}
+            for o in owners if o["id"] not in exclude
+        ]
+    out.sort(key=lambda d: (-d["score"], d["id"], d["start"]))
+    return out
+
+
+# -- windows ------------------------------------------------------------------------------
+
+
+def windows(store: Manifest, item_id: str, model: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, ends, matrix) of one item's windows under a window model, in time order:
+    seconds from the item's start (float64) and the [n, dim] float32 rows."""
+    m = store.resolve_model(model, kind="windows")
+    internal = resolve_ids(store, [item_id])[item_id]
+    if internal is None:
+        raise StoreError(f"no item {item_id!r} in the store")
+    task = store.conn.execute(
+        "SELECT row, coalesce(row_count, 1), status, error FROM tasks WHERE item_id = ? AND model_id = ?",
+        (internal, m["id"]),
+    ).fetchone()
+    if task is None or task[2] != "done":
+        why = f" (it failed: {task[3]})" if task is not None and task[2] == "failed" else "; run `embstore extract`"
+        raise StoreError(f"item {item_id!r} has no {store.model_key(m)} windows yet{why}")
+    row, count = int(task[0]), int(task[1])
+    arrays = store.model_arrays(m)
+    spans = arrays.read_spans(row, row + count).astype(np.float64).round(3)
+    return spans[:, 0], spans[:, 1], arrays.read_rows(np.arange(row, row + count, dtype=np.int64))
 
 
 # -- centroids ----------------------------------------------------------------------------

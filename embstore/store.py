@@ -51,7 +51,7 @@ class Store(Manifest):
 
     def errors(self, model: str | None = None) -> list[dict[str, Any]]:
         """Failed items (per model) and files whose header could not be read."""
-        models = [self.resolve_model(model)] if model or len(self.models()) == 1 else self.models()
+        models = [self.resolve_model(model, kind=None)] if model or len(self.models()) == 1 else self.models()
         return reports.errors(self.conn, models)
 
     def verify(self, model: str | None = None, deep: int = 0, seed: int | None = None) -> VerifyReport:
@@ -87,8 +87,14 @@ class Store(Manifest):
         model: str | None = None,
         vector: np.ndarray | None = None,
     ) -> list[dict[str, Any]]:
-        """Cosine nearest neighbours [{id, speaker, dataset, path, score}]."""
+        """Cosine nearest neighbours [{id, speaker, dataset, path, score}]; of a window
+        model (by audio or vector), windows, with their `start`, `end` and index."""
         return query.similar(self, item_id=item_id, audio=audio, k=k, model=model, vector=vector)
+
+    def windows(self, item_id: str, model: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(starts, ends, float32 [n, dim] rows) of one item's windows, from a window model
+        (`extract(windows="1.5:0.75")`), in time order; seconds from the item's start."""
+        return query.windows(self, item_id, model)
 
     def centroids(self, model: str | None = None) -> tuple[list[str], np.ndarray]:
         """(speakers, float32 [n, dim] mean L2-normalised embedding per speaker)."""

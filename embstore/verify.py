@@ -35,6 +35,7 @@ from embstore.audio import content_hash
 from embstore.manifest.connection import LIVE_ITEM, select_in
 from embstore.manifest.database import Manifest
 from embstore.manifest.tasks import claim_owners, owner_is_dead
+from embstore.cutting import cutting_of_model
 from embstore.models.base import untrimmed_fingerprint
 from embstore.models.registry import load
 from embstore.paths import ARRAYS_NAME
@@ -88,11 +89,32 @@ def verify_store(store: Manifest, model: str | None = None, deep: int = 0, seed:
     if not report.ok:
         report.seconds = time.monotonic() - started
         return report
-    rows = [store.resolve_model(model)] if model else store.models()
+    rows = [store.resolve_model(model, kind=None)] if model else store.models()
     for row in rows:
         _ModelCheck(store, row, report).run(deep, seed)
     report.seconds = time.monotonic() - started
     return report
+
+
+def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """The lowest cosine of matching rows (nan where a row is zero or not finite)."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.einsum("ij,ij->i", a, b) / norms
+    cos[~(norms > 0) | ~np.isfinite(norms)] = np.nan
+    return float(np.nan) if np.isnan(cos).any() else float(cos.min())
+
+
+def _one_pair_per_row(block: np.ndarray) -> np.ndarray:
+    """(item, row, row count) triples as (item, row) pairs, one per row: a window model's
+    task owns `row count` rows, and every check below holds row by row."""
+    counts = block[:, 2]
+    if (counts == 1).all():
+        return block[:, :2]
+    items = np.repeat(block[:, 0], counts)
+    offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.stack([items, np.repeat(block[:, 1], counts) + offsets], axis=1)
 
 
 def _check_sqlite(store: Manifest, report: VerifyReport) -> None:
@@ -142,15 +164,18 @@ class _ModelCheck:
                 (model_id,),
             )]
             cur = conn.execute(
-                "SELECT t.item_id, t.row FROM tasks t JOIN items i ON i.id = t.item_id"
+                "SELECT t.item_id, t.row, coalesce(t.row_count, 1) FROM tasks t JOIN items i ON i.id = t.item_id"
                 f" WHERE t.model_id = ? AND t.status = 'done' AND {LIVE_ITEM} AND t.row IS NOT NULL"
                 " ORDER BY t.row, t.item_id",
                 (model_id,),
             )
             # numpy blocks, not Python lists: 10 M done items stay ~160 MB
             blocks = [np.zeros((0, 2), dtype=np.int64)]
+            self.tasks_done = 0
             while batch := cur.fetchmany(100_000):
-                blocks.append(np.array(batch, dtype=np.int64))
+                block = np.array(batch, dtype=np.int64)
+                self.tasks_done += len(block)
+                blocks.append(_one_pair_per_row(block))
             pairs = np.concatenate(blocks)
             twice = conn.execute(
                 "SELECT item_id, count(*) FROM tasks WHERE model_id = ? GROUP BY item_id HAVING count(*) > 1",
@@ -172,7 +197,7 @@ class _ModelCheck:
 
     def run(self, deep: int, seed: int | None) -> None:
         committed, items, rows, no_row = self._snapshot()
-        self.info.update(rows=committed, done=int(len(items) + len(no_row)))
+        self.info.update(rows=committed, done=int(self.tasks_done + len(no_row)))
         if no_row:
             self.problem("done-without-row", f"{len(no_row)} done items have no row", [{"item_id": i} for i in no_row])
         outside = rows >= committed
@@ -370,7 +395,8 @@ class _ModelCheck:
     def _deep(self, n: int, seed: int | None) -> None:
         conn = self.store.conn
         candidates = conn.execute(
-            "SELECT t.item_id, t.row, i.uid, i.start, i.end, f.content_hash, r.path AS root, f.path FROM tasks t"
+            "SELECT t.item_id, t.row, coalesce(t.row_count, 1) AS row_count, i.uid, i.start, i.end, f.content_hash,"
+            " r.path AS root, f.path FROM tasks t"
             " JOIN items i ON i.id = t.item_id JOIN files f ON f.id = i.file_id JOIN roots r ON r.id = f.root_id"
             f" WHERE t.model_id = ? AND t.status = 'done' AND {LIVE_ITEM} AND t.row < ?",
             (self.model["id"], self.model["rows"]),
@@ -394,21 +420,30 @@ class _ModelCheck:
             self.problem("deep", f"{self.model['spec']} now loads weights with fingerprint {encoder.fingerprint},"
                          f" not {expected} which made these rows; cannot recompute")
             return
-        stored = self.store.model_arrays(self.model).read_rows(np.array([p["row"] for p in picked], dtype=np.int64))
+        arrays = self.store.model_arrays(self.model)
+        cutting = cutting_of_model(frontend)
         low = []
         cosines = []
-        for p, vector in zip(picked, stored):
+        for p in picked:
             path = os.path.join(p["root"], p["path"])
+            stored = arrays.read_rows(np.arange(p["row"], p["row"] + p["row_count"], dtype=np.int64))
             try:
                 if p["content_hash"] and content_hash(path) != p["content_hash"]:
                     deep["skipped"].append({"item": p["uid"], "why": "file changed since extraction (rescan)"})
                     continue
-                fresh = np.asarray(encoder.embed_file(path, p["start"], p["end"]), dtype=np.float64)
+                if cutting is None:
+                    fresh = np.asarray(encoder.embed_file(path, p["start"], p["end"]), dtype=np.float32)[None, :]
+                else:
+                    fresh, _ = cutting.embed(encoder, encoder.load(path, p["start"], p["end"]))
             except Exception as exc:
                 deep["skipped"].append({"item": p["uid"], "why": f"cannot recompute: {type(exc).__name__}: {exc}"})
                 continue
-            norm = np.linalg.norm(fresh) * np.linalg.norm(vector)
-            cos = float(fresh @ vector.astype(np.float64) / norm) if norm > 0 and np.isfinite(norm) else float("nan")
+            if fresh.shape != stored.shape:
+                cosines.append(float("nan"))
+                low.append({"item": p["uid"], "row": int(p["row"]), "cosine": None,
+                            "why": f"{len(fresh)} rows recomputed, {len(stored)} stored"})
+                continue
+            cos = _min_cosine(fresh, stored)
             cosines.append(cos)
             if not cos >= threshold:
                 low.append({"item": p["uid"], "row": int(p["row"]), "cosine": round(cos, 6)})

@@ -288,6 +288,7 @@ def _cluster_sockets() -> list[tuple[str, str, str]]:
     return out
 
 
+@pytest.mark.exhaustive
 def test_node_lost_mid_run_every_item_done_exactly_once(cluster, tmp_path, model_dir):
     spec = f"wespeaker:{model_dir}"
     st, files = scanned(tmp_path, speakers=4, per_speaker=5, seconds=1.0)

@@ -87,6 +87,7 @@ class Reader(threading.Thread):
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive
 def test_readers_and_scan_while_extract_runs(tmp_path):
     root = tmp_path / "root"
     make_tree(root, speakers=2, per_speaker=5, seconds=1.3)

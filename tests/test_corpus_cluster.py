@@ -129,6 +129,7 @@ def test_edge_and_dense_limits_give_one_line(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive
 def test_real_speakers_with_the_default_model(shared_data):
     """Default threshold on Resemblyzer embeddings of the 10 LibriSpeech speakers."""
     from embstore import models

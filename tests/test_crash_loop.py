@@ -26,6 +26,7 @@ def _crash_loop_module():
     return module
 
 
+@pytest.mark.exhaustive
 def test_crash_loop_three_kills(tmp_path):
     crash_loop = _crash_loop_module()
     # the kill window comes from an undisturbed calibration run (first batch), so the kill

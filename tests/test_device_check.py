@@ -23,6 +23,7 @@ def load_module(name: str):
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive
 def test_gpu_check_runs_on_cpu_and_records_every_phase(tmp_path) -> None:
     out, work = tmp_path / "out", tmp_path / "work"
     run = subprocess.run(

@@ -115,6 +115,7 @@ def _umount(path: Path) -> None:
     subprocess.run(["umount", str(path)], capture_output=True)
 
 
+@pytest.mark.exhaustive
 def test_real_full_filesystem_under_the_arrays(tmp_path, corpus):
     store = scanned(tmp_path / "s", corpus)
     zarr_dir = store / "embeddings.zarr"

@@ -12,6 +12,7 @@ from embstore.cli import cli
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.exhaustive
 def test_real_corpus_norms_report_and_label_noise(shared_data, tmp_path):
     # one test, so pytest-xdist never extracts the corpus twice
     st = embstore.open(tmp_path / "store")

@@ -291,6 +291,7 @@ def _check_bf16_fidelity(bf16, reference, shared_data: Path) -> None:
 
 @pytest.mark.slow
 @needs_bf16
+@pytest.mark.exhaustive
 def test_bf16_every_item_random_resnet34(shared_data, resnet34_dir):
     _check_bf16_fidelity(load(f"openvino:{resnet34_dir}", dtype="bf16", threads=1),
                          load(f"wespeaker:{resnet34_dir}"), shared_data)
@@ -298,11 +299,13 @@ def test_bf16_every_item_random_resnet34(shared_data, resnet34_dir):
 
 @pytest.mark.slow
 @needs_bf16
+@pytest.mark.exhaustive
 def test_bf16_every_item_default_model(shared_data, user_cache):
     _check_bf16_fidelity(load("openvino:resemblyzer", dtype="bf16", threads=1), load("resemblyzer"), shared_data)
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive
 def test_three_processes_fill_an_empty_cache_at_once(tmp_path, resnet34_dir, shared_data):
     code = (
         "import sys, json; from embstore.models import load; "

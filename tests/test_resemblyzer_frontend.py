@@ -167,6 +167,7 @@ def test_embeddings_equal_the_package_on_a_few_files(package, encoder, speech) -
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive
 def test_embeddings_equal_the_package_on_all_shared_files(package, encoder, speech) -> None:
     reference, single, batch = _embed_three_ways(package, encoder, [p for p, _ in speech])
     assert len(reference) == 100

@@ -83,15 +83,19 @@ def export_kaldi(store, out, model, as_json):
     Keys are the store's item ids (whitespace replaced by _), sorted; the
     vectors are float32. Read them with kaldiio.load_scp('OUT/xvector.scp') or
     any Kaldi tool (e.g. ivector-mean ark:OUT/spk2utt scp:OUT/xvector.scp ...).
+    A window model writes one vector per window, keyed by Kaldi subsegment
+    ids <item>-<start_ms:07d>-<end_ms:07d>, and a segments file.
 
     \b
     Examples:
         embstore export-kaldi store/ exp/xvectors
         embstore export-kaldi store/ exp/xvectors --model resemblyzer-ge2e
+        embstore export-kaldi store/ exp/subsegments --model resemblyzer-ge2e+w1.5:0.75+silero
     """
     info = _export(store, as_json, lambda st: st.export_kaldi(out, model=model))
     if info:
-        click.echo(f"{info['items']} items of {info['speakers']} speakers -> {info['out']} ({', '.join(info['files'])})")
+        what = f"{info['windows']} windows of {info['items']} items" if "windows" in info else f"{info['items']} items"
+        click.echo(f"{what} of {info['speakers']} speakers -> {info['out']} ({', '.join(info['files'])})")
 
 
 @click.command("export-npy")
@@ -118,7 +122,8 @@ def export_npy(store, out, model, as_json):
     """
     info = _export(store, as_json, lambda st: st.export_npy(out, model=model))
     if info:
-        click.echo(f"{info['items']} x {info['dim']} float32 -> {info['out']}/embeddings.npy (+ ids, speakers, datasets)")
+        what = f"{info['windows']} windows of {info['items']} items" if "windows" in info else f"{info['items']}"
+        click.echo(f"{what} x {info['dim']} float32 -> {info['out']}/embeddings.npy (+ {', '.join(info['files'][1:])})")
 
 
 def _export(store: str, as_json: bool, run: Callable[[Any], dict[str, Any]]) -> dict[str, Any] | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
 from embstore.cli.common import echo_json, echo_table, json_option, library_errors, model_option, open_store, store_argument
@@ -88,12 +90,15 @@ def similar(store, item_id, audio, k, model, as_json):
     ITEM_ID is an item id or its unique ending (a file stem, with or without
     extension). The item itself is left out; items with identical audio are
     not. The first search builds STORE/cache (normalised rows, safe to delete).
+    With --audio and a window model (--model NAME+w1.5:0.75+silero), the best
+    windows with their times: where else this voice speaks.
 
     \b
     Examples:
         embstore similar store/ vox1/id10001/1zcIwhmdeo4/00001
         embstore similar store/ 1688-142285-0000 -k 5 --json
         embstore similar store/ --audio query.wav
+        embstore similar store/ --audio query.wav --model resemblyzer-ge2e+w1.5:0.75+silero
     """
     if (item_id is None) == (audio is None):
         raise click.UsageError("give either ITEM_ID or --audio FILE")
@@ -102,9 +107,51 @@ def similar(store, item_id, audio, k, model, as_json):
     if as_json:
         echo_json(found)
         return
+    timed = bool(found) and "start" in found[0]
     echo_table(
-        [{"rank": n + 1, "score": f"{r['score']:.4f}", "speaker": r["speaker"], "id": r["id"]} for n, r in enumerate(found)],
-        ["rank", "score", "speaker", "id"],
+        [{"rank": n + 1, "score": f"{r['score']:.4f}", "speaker": r["speaker"], "id": r["id"],
+          "time": f"{r['start']:.2f}-{r['end']:.2f}" if timed else ""} for n, r in enumerate(found)],
+        ["rank", "score", "speaker", "id"] + (["time"] if timed else []),
+    )
+
+
+@click.command()
+@store_argument
+@click.argument("item_id", metavar="ITEM_ID")
+@model_option
+@click.option("--vectors", is_flag=True, help="With --json: include each window's embedding.")
+@json_option
+@library_errors
+def windows(store, item_id, model, vectors, as_json):
+    """One item's windows from a window model: start, end (seconds), and embedding.
+
+    A window model comes from `embstore extract STORE --windows 1.5:0.75`; a
+    window shorter than the spec's (the end of a speech region) is marked short.
+
+    \b
+    Examples:
+        embstore windows store/ 1688-142285-0000
+        embstore windows store/ 1688-142285-0000 --json --vectors > windows.json
+    """
+    import numpy as np
+
+    with open_store(store) as st:
+        starts, ends, matrix = st.windows(item_id, model=model)
+        m = st.resolve_model(model, kind="windows")
+        spec = json.loads(m["frontend"])["cutting"]["windows"]["window"]
+    short = (ends - starts) < spec - 5e-4
+    if as_json:
+        out = [{"start": float(a), "end": float(b), "short": bool(c)} for a, b, c in zip(starts, ends, short)]
+        if vectors:
+            for entry, row in zip(out, matrix):
+                entry["embedding"] = [float(x) for x in row]
+        echo_json(out)
+        return
+    norms = np.linalg.norm(matrix, axis=1)
+    echo_table(
+        [{"window": n, "start": f"{a:.3f}", "end": f"{b:.3f}", "short": "short" if c else "", "norm": f"{x:.3f}"}
+         for n, (a, b, c, x) in enumerate(zip(starts, ends, short, norms))],
+        ["window", "start", "end", "short", "norm"],
     )
 
 
@@ -154,5 +201,5 @@ def centroids(store, model, as_json, out_file):
 
 
 def register(cli: click.Group) -> None:
-    for command in (speakers, speaker, similar, centroids):
+    for command in (speakers, speaker, similar, windows, centroids):
         cli.add_command(command)

@@ -307,7 +307,7 @@ def build_report(
         read_trials(t)  # a bad list fails now, not after minutes of charts
     if outliers < 1:
         raise StoreError(f"--outliers must be at least 1 (got {outliers})")
-    models = [store.resolve_model(model)] if model else store.models()
+    models = [store.resolve_model(model)] if model else [m for m in store.models() if m["kind"] == "item"]
     keys = [store.model_key(m) for m in models]
     status = reports.status(store.conn, str(store.path))
 

@@ -6,7 +6,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sqlite3
+from dataclasses import dataclass
 
+import numpy as np
+
+from embstore.arrays.zarr_arrays import ModelArrays
 from embstore.errors import StoreError
 
 MAX_NAME_BYTES = 200
@@ -32,3 +37,42 @@ def inside(out_real: str, rel_dir: str) -> str:
     if target != out_real and not target.startswith(out_real + os.sep):
         raise StoreError(f"refusing to write into {rel_dir!r}: it resolves to {target}, outside {out_real}")
     return target
+
+
+@dataclass
+class ExportRows:
+    """What a matrix export writes, one entry per row, in item (then time) order:
+    `rows` into the model's arrays, `owners` into the selected items; for a window
+    model also each row's start and end (seconds from its item's start)."""
+
+    rows: np.ndarray
+    owners: np.ndarray
+    starts: np.ndarray | None = None
+    ends: np.ndarray | None = None
+
+    @property
+    def windowed(self) -> bool:
+        return self.starts is not None
+
+    def key(self, k: int, uid: str) -> str:
+        """Row k's id: the item's, or for a window Kaldi's subsegment id
+        `<item>-<start_ms:07d>-<end_ms:07d>`."""
+        if self.starts is None or self.ends is None:
+            return uid
+        return f"{uid}-{int(round(self.starts[k] * 1000)):07d}-{int(round(self.ends[k] * 1000)):07d}"
+
+
+def export_rows(arrays: ModelArrays, items: list[sqlite3.Row], windowed: bool) -> ExportRows:
+    """The rows of the selected done items (`selection.COLUMNS`): one each, or every
+    window of each."""
+    firsts = np.array([r["row"] for r in items], dtype=np.int64)
+    if not windowed:
+        return ExportRows(firsts, np.arange(len(items)))
+    counts = np.array([r["row_count"] or 1 for r in items], dtype=np.int64)
+    owners = np.repeat(np.arange(len(items)), counts)
+    rows = np.repeat(firsts, counts) + (np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts))
+    spans = np.zeros((0, 2), dtype=np.float32)
+    if len(rows):
+        low, high = int(rows.min()), int(rows.max()) + 1
+        spans = arrays.read_spans(low, high)[rows - low].astype(np.float64)
+    return ExportRows(rows, owners, spans[:, 0].round(3), spans[:, 1].round(3))

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-import sqlite3
 import time
 from collections import defaultdict
 from typing import Any, Iterator
 
-import numpy as np
 
 from embstore.errors import StoreError
+from embstore.export.files import export_rows
 from embstore.paths import write_atomic
 from embstore.manifest.database import Manifest
 
@@ -28,28 +27,32 @@ def _batches(rows: list, size: int = 65536) -> Iterator[list]:
 
 def export_kaldi(store: Manifest, out: str | os.PathLike, model: str | None = None) -> dict[str, Any]:
     """OUT/xvector.ark + xvector.scp (kaldiio), utt2spk, spk2utt; keys are item ids
-    (whitespace turned into `_`), sorted, so Kaldi tools and kaldiio read them as tables."""
+    (whitespace turned into `_`), sorted, so Kaldi tools and kaldiio read them as tables.
+    A window model's keys are subsegment ids `<item>-<start_ms:07d>-<end_ms:07d>`, with
+    a `segments` file (`<subsegment> <item> <start> <end>`)."""
     from kaldiio import WriteHelper
 
     started = time.monotonic()
-    m, rows = store.done_rows(model)
+    m, items = store.done_rows(model, kind=None)
     out_path = os.path.abspath(os.fspath(out))
     if "," in out_path or re.search(r"\s", out_path):
         raise StoreError(f"{out_path}: Kaldi write specifiers cannot hold commas or spaces; pick another folder")
     os.makedirs(out_path, exist_ok=True)
-    keyed: dict[str, sqlite3.Row] = {}
-    for r in rows:
-        key = _kaldi_token(r["uid"])
+    arrays = store.model_arrays(m)
+    entries = export_rows(arrays, items, m["kind"] == "windows")
+    keyed: dict[str, int] = {}  # key -> entry
+    for k, owner in enumerate(entries.owners.tolist()):
+        key = _kaldi_token(entries.key(k, items[owner]["uid"]))
         if key in keyed:
-            raise StoreError(f"items {keyed[key]['uid']!r} and {r['uid']!r} both become Kaldi key {key!r}")
-        keyed[key] = r
+            first = items[entries.owners[keyed[key]]]["uid"]
+            raise StoreError(f"items {first!r} and {items[owner]['uid']!r} both become Kaldi key {key!r}")
+        keyed[key] = k
     keys = sorted(keyed)
     ark, scp = os.path.join(out_path, "xvector.ark"), os.path.join(out_path, "xvector.scp")
     tmp_ark, tmp_scp = ark + ".tmp", scp + ".tmp"
-    arrays = store.model_arrays(m)
     with WriteHelper(f"ark,scp:{tmp_ark},{tmp_scp}") as writer:
         for batch in _batches(keys):
-            vectors = arrays.read_rows(np.array([keyed[k]["row"] for k in batch], dtype=np.int64))
+            vectors = arrays.read_rows(entries.rows[[keyed[k] for k in batch]])
             for key, vector in zip(batch, vectors):
                 writer(key, vector)
     # the scp names the ark it was written to: point it at the final name
@@ -58,7 +61,8 @@ def export_kaldi(store: Manifest, out: str | os.PathLike, model: str | None = No
     write_atomic(tmp_scp, "".join(lines).encode("utf-8"))
     os.replace(tmp_ark, ark)
     os.replace(tmp_scp, scp)
-    spk_of = {k: _kaldi_token(keyed[k]["speaker"]) for k in keys}
+    owner_of = {k: items[entries.owners[keyed[k]]] for k in keys}
+    spk_of = {k: _kaldi_token(owner_of[k]["speaker"]) for k in keys}
     write_atomic(os.path.join(out_path, "utt2spk"), "".join(f"{k} {spk_of[k]}\n" for k in keys).encode("utf-8"))
     by_speaker: dict[str, list[str]] = defaultdict(list)
     for k in keys:
@@ -67,8 +71,17 @@ def export_kaldi(store: Manifest, out: str | os.PathLike, model: str | None = No
         os.path.join(out_path, "spk2utt"),
         "".join(f"{s} {' '.join(by_speaker[s])}\n" for s in sorted(by_speaker)).encode("utf-8"),
     )
-    return {
-        "out": out_path, "model": store.model_key(m), "fingerprint": m["fingerprint"], "items": len(keys),
-        "speakers": len(by_speaker), "files": ["xvector.ark", "xvector.scp", "utt2spk", "spk2utt"],
-        "seconds": round(time.monotonic() - started, 3),
+    files = ["xvector.ark", "xvector.scp", "utt2spk", "spk2utt"]
+    if entries.starts is not None and entries.ends is not None:
+        starts, ends = entries.starts, entries.ends
+        write_atomic(os.path.join(out_path, "segments"), "".join(
+            f"{k} {_kaldi_token(owner_of[k]['uid'])} {starts[keyed[k]]:.3f} {ends[keyed[k]]:.3f}\n"
+            for k in keys).encode("utf-8"))
+        files.append("segments")
+    report = {
+        "out": out_path, "model": store.model_key(m), "fingerprint": m["fingerprint"], "items": len(items),
+        "speakers": len(by_speaker), "files": files, "seconds": round(time.monotonic() - started, 3),
     }
+    if entries.windowed:
+        report["windows"] = len(keys)
+    return report

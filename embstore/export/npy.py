@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from embstore.export.files import export_rows
 from embstore.paths import write_atomic
 from embstore.manifest.database import Manifest
 
@@ -20,27 +21,47 @@ def _line(text: str | None) -> str:
 
 def export_npy(store: Manifest, out: str | os.PathLike, model: str | None = None) -> dict[str, Any]:
     """OUT/embeddings.npy (float32 [n, dim]) with ids.txt, speakers.txt and datasets.txt
-    (line i describes row i; backslash and newline escaped as \\\\, \\n), plus export.json."""
+    (line i describes row i; backslash and newline escaped as \\\\, \\n), plus export.json.
+    A window model: one row per window, ids are Kaldi subsegment ids
+    (`<item>-<start_ms:07d>-<end_ms:07d>`), and items.txt, starts.npy, ends.npy say
+    whose window each row is and when."""
     started = time.monotonic()
-    m, rows = store.done_rows(model)
+    m, items = store.done_rows(model, kind=None)
     out_path = os.path.abspath(os.fspath(out))
     os.makedirs(out_path, exist_ok=True)
+    arrays = store.model_arrays(m)
+    entries = export_rows(arrays, items, m["kind"] == "windows")
+    n = len(entries.rows)
     target = os.path.join(out_path, "embeddings.npy")
     tmp = os.path.join(out_path, ".embeddings.npy.tmp")
-    matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(rows), int(m["dim"])))
-    arrays = store.model_arrays(m)
-    for start in range(0, len(rows), 65536):
-        batch = rows[start : start + 65536]
-        matrix[start : start + len(batch)] = arrays.read_rows(np.array([r["row"] for r in batch], dtype=np.int64))
+    matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, int(m["dim"])))
+    for start in range(0, n, 65536):
+        matrix[start : start + 65536] = arrays.read_rows(entries.rows[start : start + 65536])
     matrix.flush()
     del matrix
     os.replace(tmp, target)
-    for name, column in (("ids.txt", "uid"), ("speakers.txt", "speaker"), ("datasets.txt", "dataset")):
-        write_atomic(os.path.join(out_path, name), "".join(_line(r[column]) + "\n" for r in rows).encode("utf-8"))
+    owners = [items[k] for k in entries.owners.tolist()]
+    columns = {
+        "ids.txt": [entries.key(k, r["uid"]) for k, r in enumerate(owners)],
+        "speakers.txt": [r["speaker"] for r in owners],
+        "datasets.txt": [r["dataset"] for r in owners],
+    }
+    if entries.windowed:
+        columns["items.txt"] = [r["uid"] for r in owners]
+    for name, values in columns.items():
+        write_atomic(os.path.join(out_path, name), "".join(_line(v) + "\n" for v in values).encode("utf-8"))
+    files = ["embeddings.npy", *columns]
+    if entries.windowed:
+        for name, values in (("starts.npy", entries.starts), ("ends.npy", entries.ends)):
+            with open(os.path.join(out_path, name), "wb") as f:
+                np.save(f, np.asarray(values, dtype=np.float64))
+            files.append(name)
     info = {
         "model": store.model_key(m), "spec": m["spec"], "fingerprint": m["fingerprint"], "dim": int(m["dim"]),
-        "items": len(rows), "files": ["embeddings.npy", "ids.txt", "speakers.txt", "datasets.txt"],
+        "items": len(items), "files": files,
     }
+    if entries.windowed:
+        info["windows"] = n
     write_atomic(os.path.join(out_path, "export.json"), (json.dumps(info, indent=2) + "\n").encode("utf-8"))
     info.update(out=out_path, seconds=round(time.monotonic() - started, 3))
     return info

@@ -16,7 +16,7 @@ from embstore.audio import content_hash
 from embstore.errors import AudioError
 from embstore.extract.batching import Loaded
 from embstore.extract.client import ManifestClient
-from embstore.extract.cutting import EAGER_WINDOWS, Cutting, ItemCutFailed
+from embstore.cutting import EAGER_WINDOWS, Cutting, ItemCutFailed
 from embstore.extract.faults import crash_if_poison
 from embstore.extract.messages import ClaimedTask
 from embstore.models.base import Encoder

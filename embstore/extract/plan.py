@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from embstore.errors import ExtractionError, ModelError
 from embstore.extract.batching import default_batch_frames
-from embstore.extract.cutting import Cutting, cutting_of
+from embstore.cutting import Cutting, cutting_of
 from embstore.extract.messages import WorkerSetup
 from embstore.extract.options import ExtractOptions
 from embstore.extract.summary import ExtractSummary

@@ -27,7 +27,7 @@ import numpy as np
 
 from embstore.extract.batching import Loaded, default_batch_frames, plan_batches
 from embstore.extract.client import ClaimBudget, ManifestClient, SqliteManifestClient
-from embstore.extract.cutting import cutting_of
+from embstore.cutting import cutting_of
 from embstore.extract.loading import load_claim
 from embstore.extract.messages import ItemFailure, ItemOutcome, ItemResult, WorkerFailed, WorkerSetup, WorkerStats
 from embstore.extract.outbox import Outbox, QueueOutbox
@@ -245,6 +245,7 @@ class Worker:
         outcomes: list[ItemOutcome] = [self._result(x, rows, spans=spans) for x, (rows, spans) in known]
         results: dict[int, tuple[np.ndarray, np.ndarray] | None] = {}
         eager = [x for x in unique if x.feats is not None]
+        long_items = [x for x in unique if x.feats is None]  # featurised here, block by block
         for x in eager:
             x.rows = np.full((len(x.plan), embedder.dim), np.nan, dtype=np.float32)
         pending = [(x, j) for x in eager for j in range(len(x.plan))]
@@ -267,10 +268,9 @@ class Worker:
             outcomes += [self._window_outcome(x, results) for x, j in block if j == len(x.plan) - 1]
             self.outbox.results(outcomes)
             outcomes = []
-        for x in unique:
-            if x.feats is None:  # a long item: features block by block, here
-                x.rows = self._embed_long(embedder, x)
-                self.outbox.results([self._window_outcome(x, results)])
+        for x in long_items:
+            x.rows = self._embed_long(embedder, x)
+            self.outbox.results([self._window_outcome(x, results)])
         twin_outcomes: list[ItemOutcome] = []
         for x, first in twins:
             done = results.get(first.task.task_id)

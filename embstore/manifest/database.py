@@ -75,8 +75,9 @@ class Manifest:
     def model_key(self, row: sqlite3.Row) -> str:
         return registry.model_key(self.conn, row)
 
-    def resolve_model(self, model: str | None = None) -> sqlite3.Row:
-        return registry.resolve_model(self.conn, str(self.path), model)
+    def resolve_model(self, model: str | None = None, kind: str | None = "item") -> sqlite3.Row:
+        """A model by name (see `registry.resolve_model`); `kind` "item", "windows" or None (any)."""
+        return registry.resolve_model(self.conn, str(self.path), model, kind)
 
     @property
     def zarr_path(self) -> Path:
@@ -93,7 +94,8 @@ class Manifest:
         speaker: str | None = None,
         dataset: str | None = None,
         ids: Sequence[str] | None = None,
+        kind: str | None = "item",
     ) -> tuple[sqlite3.Row, list[sqlite3.Row]]:
         """(model row, rows of `selection.COLUMNS`) of finished, live items, in item order."""
-        m = self.resolve_model(model)
+        m = self.resolve_model(model, kind)
         return m, select_items(self.conn, m["id"], Selection(speaker, dataset, ids))

@@ -52,22 +52,42 @@ def model_key(conn: sqlite3.Connection, row: sqlite3.Row) -> str:
     return row["name"] if same == 1 else f"{row['name']}@{row['fingerprint'][:8]}"
 
 
-def resolve_model(conn: sqlite3.Connection, where: str, model: str | None = None) -> sqlite3.Row:
-    """A model row by name, spec, `name@fp` or fingerprint prefix; None = the only one."""
+def resolve_model(conn: sqlite3.Connection, where: str, model: str | None = None, kind: str | None = "item") -> sqlite3.Row:
+    """A model row by name, spec, `name@fp` or fingerprint prefix; None = the only one
+    (of `kind`: "item" for whole-item questions, "windows" for window ones, None: any)."""
     rows = model_rows(conn)
     if not rows:
         raise StoreError(f"{where} holds no embeddings yet; run `embstore extract` first")
     if model is None:
-        if len(rows) == 1:
-            return rows[0]
-        names = ", ".join(model_key(conn, r) for r in rows)
+        of_kind = [r for r in rows if kind is None or r["kind"] == kind]
+        if len(of_kind) == 1:
+            return of_kind[0]
+        if not of_kind:
+            other = ", ".join(model_key(conn, r) for r in rows)
+            if kind == "windows":
+                raise StoreError(f"{where} holds no window embeddings (it has: {other}); run `embstore extract"
+                                 " --windows 1.5:0.75` first")
+            raise StoreError(f"{where} holds only window embeddings ({other}); this needs whole-item embeddings:"
+                             " run `embstore extract` first")
+        names = ", ".join(model_key(conn, r) for r in of_kind)
         raise StoreError(f"the store holds several models ({names}); pick one with --model")
     matches = [
         r for r in rows
         if model in (r["name"], r["spec"], model_key(conn, r)) or r["fingerprint"].startswith(model)
     ]
+    if len(matches) > 1 and kind is not None:
+        # a spec names whole-item and window models of one network alike
+        matches = [r for r in matches if r["kind"] == kind] or matches
     if len(matches) == 1:
-        return matches[0]
+        found = matches[0]
+        if kind is not None and found["kind"] != kind:
+            key = model_key(conn, found)
+            if found["kind"] == "windows":
+                raise StoreError(f"{key} holds window embeddings; this needs a whole-item model (see `embstore"
+                                 " windows` and `embstore diarize` for windows)")
+            raise StoreError(f"{key} holds whole-item embeddings; this needs a window model (`embstore extract"
+                             " --windows`)")
+        return found
     if not matches:
         names = ", ".join(model_key(conn, r) for r in rows)
         raise StoreError(f"no model {model!r} in the store (it has: {names})")

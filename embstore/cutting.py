@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from embstore.models.base import Encoder, variant_fingerprint
+from embstore.vectors import finite_nonzero
 from embstore.vad import NoSpeech, Region, VadConfig, speech_only, speech_regions, vad_config
 from embstore.window_embed import DEFAULT_BATCH, WindowEmbedder, window_mode
 from embstore.windows import WindowPlan, WindowSpec, parse_window_spec, windows_in_regions
@@ -65,6 +66,7 @@ class Cutting:
         self.vad: VadConfig = vad_config(vad)
         self.spec: WindowSpec | None = parse_window_spec(windows) if windows is not None else None
         self._embedder: WindowEmbedder | None = None
+        self.mode = "auto"  # how windows are embedded (a model's record says which)
 
     @property
     def active(self) -> bool:
@@ -116,11 +118,24 @@ class Cutting:
 
     # -- the workers' side ------------------------------------------------------------
 
-    def embedder(self, encoder: Encoder, mode: str = "auto", batch: int = DEFAULT_BATCH) -> WindowEmbedder:
+    def embedder(self, encoder: Encoder, mode: str | None = None, batch: int = DEFAULT_BATCH) -> WindowEmbedder:
         """The windows' embedder for this encoder, made on first use (later calls get it)."""
         if self._embedder is None or self._embedder.encoder is not encoder:
-            self._embedder = WindowEmbedder(encoder, mode=mode, batch=batch)
+            self._embedder = WindowEmbedder(encoder, mode=mode or self.mode, batch=batch)
         return self._embedder
+
+    def embed(self, encoder: Encoder, wav: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """One item as a worker embeds it, all at once: (rows [n, dim], spans [n, 2] or
+        None for a whole item); for `verify --deep` and queries by audio. ItemCutFailed
+        when the item has nothing to embed."""
+        cut = self.cut(encoder, wav)
+        if cut.plan is None:
+            feats = encoder.features(cut.wav)
+            return np.asarray(encoder.embed_batch([feats]), dtype=np.float32).reshape(1, -1), None
+        rows = self.embedder(encoder).embed(cut.wav, cut.plan)
+        keep = finite_nonzero(rows)
+        spans = np.stack([cut.plan.starts, cut.plan.ends], axis=1)
+        return rows[keep], spans[keep]
 
     def cut(self, encoder: Encoder, wav: np.ndarray, known: list[Region] | None = None) -> CutItem:
         """One decoded, non-silent waveform cut for the model; ItemCutFailed says why not."""
@@ -159,6 +174,22 @@ class Cutting:
         bounds = self.embedder(encoder).spans(plan, len(wav))
         stop = len(plan) if count is None else min(len(plan), first + count)
         return [wav[a:b] for a, b in bounds[first:stop]]
+
+
+def cutting_of_model(frontend: dict[str, Any] | str | None) -> Cutting | None:
+    """The cutting a model row's rows were made with (its frontend record), or None."""
+    if isinstance(frontend, str) or frontend is None:
+        frontend = json.loads(frontend or "{}")
+    cut = frontend.get("cutting")  # type: ignore[union-attr]
+    if not cut:
+        return None
+    settings = {k: v for k, v in cut["vad"].items() if k != "model"}
+    cutting = Cutting()
+    cutting.vad = VadConfig(**settings)
+    if cut.get("windows"):
+        cutting.spec = WindowSpec(float(cut["windows"]["window"]), float(cut["windows"]["shift"]))
+        cutting.mode = cut.get("window_embedding", {}).get("mode", "auto")
+    return cutting
 
 
 def cutting_of(vad: str, windows: str | None) -> Cutting | None:
