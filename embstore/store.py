@@ -7,17 +7,20 @@ scoring, exports, verification. Nothing in the library imports this module.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Sequence
 
 import numpy as np
 
-from embstore import query
+from embstore import diarization, query
+from embstore.cutting import cutting_of_model
 from embstore.eval import outliers, report, scoring
 from embstore.export import kaldi, npy, pkl
 from embstore.extract.options import ExtractOptions
 from embstore.extract.summary import ExtractSummary
 from embstore.extract.supervisor import run_extraction
+from embstore.errors import StoreError
 from embstore.manifest import reports
 from embstore.manifest.database import Manifest
 from embstore.scan.sync import ScanReport, scan_into
@@ -95,6 +98,29 @@ class Store(Manifest):
         """(starts, ends, float32 [n, dim] rows) of one item's windows, from a window model
         (`extract(windows="1.5:0.75")`), in time order; seconds from the item's start."""
         return query.windows(self, item_id, model)
+
+    def diarize(self, model: str | None = None, num_speakers: int | None = None, max_speakers: int | None = None,
+                method: str = "spectral", windows: str = "1.5:0.75", vad: str | None = None,
+                extract: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Who spoke when in every item: window embeddings are extracted first where they
+        are missing (resumable, like `extract`; `extract` takes its other options), then
+        each item's windows are clustered. Returns the report with `segments` per item
+        and `extraction` (the extract summary)."""
+        diarization.check_options(method, num_speakers, max_speakers)
+        if model is not None:
+            m = self.resolve_model(model, kind="windows")
+            cutting = cutting_of_model(m["frontend"])
+            if cutting is None or cutting.spec is None:
+                raise StoreError(f"{self.model_key(m)} records no window settings; extract it again")
+            frontend = json.loads(m["frontend"])
+            run = dict(model=m["spec"], windows=str(cutting.spec), vad=cutting.vad.method,
+                       dtype=frontend.get("compute_dtype", "fp32"))
+        else:
+            run = dict(windows=windows, vad=vad)
+        summary = self.extract(**{**(extract or {}), **run})
+        report = diarization.diarize_store(self, summary.model, num_speakers, max_speakers, method)
+        report["extraction"] = summary.as_dict()
+        return report
 
     def centroids(self, model: str | None = None) -> tuple[list[str], np.ndarray]:
         """(speakers, float32 [n, dim] mean L2-normalised embedding per speaker)."""

@@ -35,6 +35,7 @@ def status(store, as_json):
         click.echo(
             f"model      {name} [{counts['batching']} batching, dim {counts['dim']}]: "
             + ", ".join(f"{counts[k]} {k}" for k in ("done", "pending", "claimed", "stale", "failed"))
+            + (f"; {counts['diarized']} diarized" if "diarized" in counts else "")
         )
         run = counts.get("last_run")
         if run:

@@ -8,6 +8,7 @@ import re
 import sqlite3
 from typing import Any, Iterable
 
+from embstore.manifest.diarization import diarized_count
 from embstore.manifest import registry
 from embstore.manifest.connection import LIVE_ITEM, scalar
 from embstore.manifest.runs import last_run
@@ -55,7 +56,10 @@ def model_progress(conn: sqlite3.Connection, row: sqlite3.Row) -> dict[str, Any]
         " (SELECT 1 FROM tasks t WHERE t.item_id = i.id AND t.model_id = ?)",
         (row["id"],),
     )
-    counts.update({"batching": row["batching"], "dim": row["dim"], "fingerprint": row["fingerprint"], "rows": row["rows"]})
+    counts.update({"batching": row["batching"], "dim": row["dim"], "fingerprint": row["fingerprint"], "rows": row["rows"],
+                   "kind": row["kind"]})
+    if row["kind"] == "windows":
+        counts["diarized"] = diarized_count(conn, row["id"])
     counts["failures_by_reason"] = group_reasons(conn.execute(
         # live items only, like the counts above: the reasons add up to "failed"
         "SELECT coalesce(t.stage, '?') || ': ' || coalesce(t.error, '?'), count(*) FROM tasks t"
