@@ -9,6 +9,14 @@ import click
 from embstore.cli.common import echo_json, echo_table, json_option, library_errors, model_option, open_store, store_argument
 
 
+
+def model_vectors_json(fn):
+    """--model, --vectors, --json: the options of commands that list embeddings."""
+    fn = json_option(fn)
+    fn = click.option("--vectors", is_flag=True, help="Include the embeddings (lists of floats in --json).")(fn)
+    return model_option(fn)
+
+
 @click.command()
 @store_argument
 @model_option
@@ -42,9 +50,7 @@ def speakers(store, model, as_json):
 @click.command()
 @store_argument
 @click.argument("speaker_id", metavar="ID")
-@model_option
-@click.option("--vectors", is_flag=True, help="Include each item's embedding (a list of floats in --json).")
-@json_option
+@model_vectors_json
 @library_errors
 def speaker(store, speaker_id, model, vectors, as_json):
     """One speaker's items: id, dataset, audio path, whether embedded.
@@ -118,9 +124,7 @@ def similar(store, item_id, audio, k, model, as_json):
 @click.command()
 @store_argument
 @click.argument("item_id", metavar="ITEM_ID")
-@model_option
-@click.option("--vectors", is_flag=True, help="With --json: include each window's embedding.")
-@json_option
+@model_vectors_json
 @library_errors
 def windows(store, item_id, model, vectors, as_json):
     """One item's windows from a window model: start, end (seconds), and embedding.

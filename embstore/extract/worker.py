@@ -271,15 +271,9 @@ class Worker:
         for x in long_items:
             x.rows = self._embed_long(embedder, x)
             self.outbox.results([self._window_outcome(x, results)])
-        twin_outcomes: list[ItemOutcome] = []
-        for x, first in twins:
-            done = results.get(first.task.task_id)
-            if done is None:
-                twin_outcomes.append(ItemFailure(x.task.task_id, self.owner, "model", "identical audio failed to embed"))
-            else:
-                twin_outcomes.append(self._result(x, done[0], spans=done[1]))
-        if outcomes or twin_outcomes:
-            self.outbox.results(outcomes + twin_outcomes)
+        if outcomes:
+            self.outbox.results(outcomes)
+        self._send_twins(twins, results)
 
     def _embed_long(self, embedder: WindowEmbedder, x: Loaded) -> np.ndarray | None:
         rows = np.full((len(x.plan), embedder.dim), np.nan, dtype=np.float32)
@@ -354,15 +348,22 @@ class Worker:
                 else:
                     outcomes.append(ItemFailure(x.task.task_id, self.owner, "model", "non-finite or zero embedding"))
             self.outbox.results(outcomes)
-        twin_outcomes: list[ItemOutcome] = []
+        self._send_twins(twins, vectors)
+
+    def _send_twins(self, twins: list[tuple[Loaded, Loaded]], computed: dict[int, Any]) -> None:
+        """Each twin gets what its first computed: a vector, or a window item's (rows,
+        spans); it fails where its first did."""
+        outcomes: list[ItemOutcome] = []
         for x, first in twins:
-            vec = vectors.get(first.task.task_id)
-            if vec is None:
-                twin_outcomes.append(ItemFailure(x.task.task_id, self.owner, "model", "identical audio failed to embed"))
+            done = computed.get(first.task.task_id)
+            if done is None:
+                outcomes.append(ItemFailure(x.task.task_id, self.owner, "model", "identical audio failed to embed"))
+            elif isinstance(done, tuple):
+                outcomes.append(self._result(x, done[0], spans=done[1]))
             else:
-                twin_outcomes.append(self._result(x, vec))
-        if twin_outcomes:
-            self.outbox.results(twin_outcomes)
+                outcomes.append(self._result(x, done))
+        if outcomes:
+            self.outbox.results(outcomes)
 
     def _remember(self, x: Loaded, vector: Any) -> None:
         if x.content_hash:
