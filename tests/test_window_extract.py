@@ -19,6 +19,8 @@ from embstore.window_embed import WindowEmbedder
 from embstore.windows import windows_in_regions
 
 WIN = "resemblyzer-ge2e+w1.5:0.75+silero"
+# one xdist worker for the module: its store fixture is built once
+pytestmark = pytest.mark.xdist_group("window-store")
 
 
 @pytest.fixture(scope="module")
