@@ -47,6 +47,7 @@ from typing import Any, Callable
 import numpy as np
 
 from embstore.diarize.cluster import kmeans
+from embstore.errors import ClusteringError
 
 # Resemblyzer (the default model), whole utterances: the middle of the plateau of best
 # purity + coverage on 5 of the 10 shared LibriSpeech speakers (0.675-0.775); the other 5
@@ -65,10 +66,6 @@ GATHER_ROWS = 65536
 MAX_EDGES = 20_000_000
 # bytes for one block's [block, K] similarity matrix
 _BLOCK_BYTES = 1 << 26
-
-
-class ClusteringError(ValueError):
-    """Bad corpus clustering arguments; one line."""
 
 
 @dataclass

@@ -23,6 +23,11 @@ class ExtractionError(StoreError):
     """Extraction options or an environment that cannot run (no CUDA, bad device...)."""
 
 
+class ClusteringError(StoreError, ValueError):
+    """Corpus clustering that cannot run (bad threshold or speaker count, no embedded
+    items, a window model...); one line. A ValueError too, for callers of the engine."""
+
+
 class AudioError(Exception):
     """A file that cannot be read as audio; the message says why."""
 

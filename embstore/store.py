@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from embstore import diarization, query
+from embstore import clustering, diarization, query
 from embstore.cutting import cutting_of_model
 from embstore.eval import outliers, report, scoring
 from embstore.export import kaldi, npy, pkl
@@ -121,6 +121,12 @@ class Store(Manifest):
         report = diarization.diarize_store(self, summary.model, num_speakers, max_speakers, method)
         report["extraction"] = summary.as_dict()
         return report
+
+    def cluster(self, dataset: str, model: str | None = None, threshold: float | None = None,
+                num_speakers: int | None = None) -> dict[str, Any]:
+        """Pseudo-speaker labels (`items.cluster`) for the embedded items of an unlabelled
+        dataset: average-linkage clustering (staged, in bounded memory, for large ones)."""
+        return clustering.cluster_dataset(self, dataset, model, threshold, num_speakers)
 
     def centroids(self, model: str | None = None) -> tuple[list[str], np.ndarray]:
         """(speakers, float32 [n, dim] mean L2-normalised embedding per speaker)."""

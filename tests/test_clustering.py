@@ -1,0 +1,51 @@
+"""`embstore cluster`: pseudo-speaker labels stored beside the real ones."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+import embstore
+from embstore.cli import cli
+
+
+@pytest.fixture(scope="module")
+def store(shared_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("clu") / "root"
+    for speaker in sorted(p.name for p in shared_data.iterdir() if p.is_dir())[:3]:
+        (root / "ds" / speaker).mkdir(parents=True)
+        for f in sorted((shared_data / speaker).glob("*.flac"))[:4]:
+            shutil.copy(f, root / "ds" / speaker / f.name)
+    path = tmp_path_factory.mktemp("clus") / "s"
+    st = embstore.open(path)
+    st.scan([root])
+    st.extract()
+    st.close()
+    return path
+
+
+def test_cluster_labels_stored_and_replaced(store):
+    runner = CliRunner()
+    out = runner.invoke(cli, ["cluster", str(store), "--dataset", "ds", "--num-speakers", "3", "--json"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.output)
+    assert report["clusters"] == 3 and report["clustered"] == 12 and report["algorithm"] == "ahc"
+    assert report["purity"] >= 0.9, report
+    st = embstore.open(store)
+    labels = st.query("SELECT cluster, count(*) FROM items GROUP BY cluster")
+    assert sorted(r[1] for r in labels) == [4, 4, 4] and all(r[0].startswith("c") for r in labels)
+    again = st.cluster("ds", num_speakers=2)
+    assert again["clusters"] == 2
+    assert len(st.query("SELECT DISTINCT cluster FROM items")) == 2
+    st.close()
+
+
+def test_cluster_errors_are_one_line(store):
+    runner = CliRunner()
+    for args in (["--dataset", "nope"], ["--dataset", "ds", "--threshold", "0.7", "--num-speakers", "2"],
+                 ["--dataset", "ds", "--num-speakers", "99"]):
+        out = runner.invoke(cli, ["cluster", str(store), *args])
+        assert out.exit_code == 1 and out.output.startswith("Error:") and out.output.count("\n") == 1, out.output
