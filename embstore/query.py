@@ -21,6 +21,7 @@ from scipy.sparse import csr_matrix
 from embstore.arrays.unit_cache import UnitRows
 from embstore.arrays.unit_cache import unit_rows as cached_unit_rows
 from embstore.errors import StoreError
+from embstore.manifest.clusters import check_by, group_name
 from embstore.manifest.connection import LIVE_ITEM, select_in
 from embstore.manifest.database import Manifest
 from embstore.manifest.tasks import committed_rows
@@ -129,13 +130,19 @@ def unit_rows(store: Manifest, model: sqlite3.Row, use_cache: bool = True) -> Un
 # -- speakers -----------------------------------------------------------------------------
 
 
-def speakers(store: Manifest, model: str | None = None) -> list[dict[str, Any]]:
+def speakers(store: Manifest, model: str | None = None, by: str = "speaker") -> list[dict[str, Any]]:
     """One dict per speaker: speaker, datasets, items (live), done (finished for the
-    chosen or only model; a {model: n} dict when the store holds several and none is chosen)."""
+    chosen or only model; a {model: n} dict when the store holds several and none is chosen).
+
+    by="cluster": one dict per pseudo-speaker of `embstore cluster` instead, named
+    `<dataset>/<label>`; items without a cluster label are left out."""
+    name_sql = group_name(by)
+    labelled = "" if by == "speaker" else f" AND {name_sql} IS NOT NULL"
+    # speaker groups come straight off the items_speaker index, in order
+    groups = "i.speaker, i.dataset" if by == "speaker" else f"{name_sql}, i.dataset ORDER BY 1"
     out: dict[str, dict[str, Any]] = {}
-    # (speaker, dataset) groups come straight off the items_speaker index, in order
     for speaker, dataset, n in store.conn.execute(
-        f"SELECT i.speaker, i.dataset, count(*) FROM items i WHERE {LIVE_ITEM} GROUP BY i.speaker, i.dataset"
+        f"SELECT {name_sql}, i.dataset, count(*) FROM items i WHERE {LIVE_ITEM}{labelled} GROUP BY {groups}"
     ):
         name = speaker if speaker is not None else ""
         entry = out.setdefault(name, {"speaker": name, "datasets": [], "items": 0})
@@ -148,8 +155,8 @@ def speakers(store: Manifest, model: str | None = None) -> list[dict[str, Any]]:
     for m in chosen:
         counts = dict.fromkeys(out, 0)
         for speaker, n in store.conn.execute(
-            "SELECT i.speaker, count(*) FROM tasks t JOIN items i ON i.id = t.item_id"
-            f" WHERE t.model_id = ? AND t.status = 'done' AND {LIVE_ITEM} GROUP BY i.speaker",
+            f"SELECT {name_sql}, count(*) FROM tasks t JOIN items i ON i.id = t.item_id"
+            f" WHERE t.model_id = ? AND t.status = 'done' AND {LIVE_ITEM}{labelled} GROUP BY 1",
             (m["id"],),
         ):
             counts[speaker if speaker is not None else ""] = n
@@ -385,14 +392,19 @@ def windows(store: Manifest, item_id: str, model: str | None = None) -> tuple[np
 # -- centroids ----------------------------------------------------------------------------
 
 
-def speaker_rows(store: Manifest, model: sqlite3.Row) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(speakers sorted, speaker index per done live item, its row), one entry per item."""
+def speaker_rows(
+    store: Manifest, model: sqlite3.Row, by: str = "speaker"
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(speakers sorted, speaker index per done live item, its row), one entry per item;
+    by="cluster": pseudo-speakers (`<dataset>/<label>`), unlabelled items left out."""
     names: list[str] = []
     index_parts: list[np.ndarray] = []
     row_parts: list[np.ndarray] = []
+    name_sql = group_name(by)
+    labelled = "" if by == "speaker" else f" AND {name_sql} IS NOT NULL"
     for speaker, rows in store.conn.execute(
-        "SELECT i.speaker, group_concat(t.row) FROM tasks t JOIN items i ON i.id = t.item_id"
-        f" WHERE t.model_id = ? AND t.status = 'done' AND {LIVE_ITEM} GROUP BY i.speaker ORDER BY i.speaker",
+        f"SELECT {name_sql}, group_concat(t.row) FROM tasks t JOIN items i ON i.id = t.item_id"
+        f" WHERE t.model_id = ? AND t.status = 'done' AND {LIVE_ITEM}{labelled} GROUP BY 1 ORDER BY 1",
         (model["id"],),
     ):
         parsed = np.array(rows.split(","), dtype=np.int64)
@@ -405,11 +417,13 @@ def speaker_rows(store: Manifest, model: sqlite3.Row) -> tuple[list[str], np.nda
 
 
 def centroid_table(
-    store: Manifest, model: str | None = None, use_cache: bool = True
+    store: Manifest, model: str | None = None, use_cache: bool = True, by: str = "speaker"
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(speakers, float32 [n, dim] means of L2-normalised embeddings, items per speaker)."""
+    """(speakers, float32 [n, dim] means of L2-normalised embeddings, items per speaker);
+    by="cluster": per pseudo-speaker of `embstore cluster` (unlabelled items left out)."""
+    check_by(by)
     m = store.resolve_model(model)
-    names, speaker_index, rows = speaker_rows(store, m)
+    names, speaker_index, rows = speaker_rows(store, m, by)
     dim = int(m["dim"])
     sums = np.zeros((len(names), dim), dtype=np.float64)
     counts = np.bincount(speaker_index, minlength=len(names)).astype(np.int64)
@@ -434,10 +448,11 @@ def centroid_table(
     return names, means, counts
 
 
-def centroids(store: Manifest, model: str | None = None) -> tuple[list[str], np.ndarray]:
+def centroids(store: Manifest, model: str | None = None, by: str = "speaker") -> tuple[list[str], np.ndarray]:
     """(speakers, float32 [n_speakers, dim]): each speaker's mean L2-normalised embedding
-    (not re-normalised: its norm says how tight the speaker's embeddings are)."""
-    names, means, _ = centroid_table(store, model)
+    (not re-normalised: its norm says how tight the speaker's embeddings are); by="cluster":
+    each pseudo-speaker's."""
+    names, means, _ = centroid_table(store, model, by=by)
     return names, means
 
 

@@ -74,9 +74,10 @@ class Store(Manifest):
         vectors = self.model_arrays(m).read_rows(np.array([r["row"] for r in rows], dtype=np.int64))
         return [r["uid"] for r in rows], vectors
 
-    def speakers(self, model: str | None = None) -> list[dict[str, Any]]:
-        """Speakers with their datasets, live items and done items."""
-        return query.speakers(self, model)
+    def speakers(self, model: str | None = None, by: str = "speaker") -> list[dict[str, Any]]:
+        """Speakers with their datasets, live items and done items; by="cluster": the
+        pseudo-speakers of `cluster` (`<dataset>/<label>`)."""
+        return query.speakers(self, model, by)
 
     def speaker_items(self, speaker: str, model: str | None = None, vectors: bool = False) -> list[dict[str, Any]]:
         """One speaker's items (with embeddings when `vectors`)."""
@@ -128,9 +129,10 @@ class Store(Manifest):
         dataset: average-linkage clustering (staged, in bounded memory, for large ones)."""
         return clustering.cluster_dataset(self, dataset, model, threshold, num_speakers)
 
-    def centroids(self, model: str | None = None) -> tuple[list[str], np.ndarray]:
-        """(speakers, float32 [n, dim] mean L2-normalised embedding per speaker)."""
-        return query.centroids(self, model)
+    def centroids(self, model: str | None = None, by: str = "speaker") -> tuple[list[str], np.ndarray]:
+        """(speakers, float32 [n, dim] mean L2-normalised embedding per speaker); by="cluster":
+        per pseudo-speaker."""
+        return query.centroids(self, model, by)
 
     def score(self, trials: str | os.PathLike | Sequence[str | os.PathLike], model: str | None = None,
               **options: Any) -> dict[str, Any]:

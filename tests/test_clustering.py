@@ -43,6 +43,20 @@ def test_cluster_labels_stored_and_replaced(store):
     st.close()
 
 
+def test_by_cluster_in_speakers_and_centroids(store):
+    st = embstore.open(store)
+    st.cluster("ds", num_speakers=3)
+    st.close()
+    runner = CliRunner()
+    out = runner.invoke(cli, ["speakers", str(store), "--by", "cluster", "--json"])
+    assert out.exit_code == 0, out.output
+    groups = json.loads(out.output)
+    assert len(groups) == 3 and all(g["speaker"].startswith("ds/c") and g["items"] == 4 for g in groups), groups
+    out = runner.invoke(cli, ["centroids", str(store), "--by", "cluster", "--json"])
+    assert out.exit_code == 0, out.output
+    assert sorted(c["speaker"] for c in json.loads(out.output)) == sorted(g["speaker"] for g in groups)
+
+
 def test_cluster_errors_are_one_line(store):
     runner = CliRunner()
     for args in (["--dataset", "nope"], ["--dataset", "ds", "--threshold", "0.7", "--num-speakers", "2"],

@@ -10,6 +10,10 @@ from embstore.cli.common import echo_json, echo_table, json_option, library_erro
 
 
 
+by_option = click.option("--by", type=click.Choice(["speaker", "cluster"]), default="speaker", show_default=True,
+                         help="Group by the real speaker label or by the pseudo-speakers of `embstore cluster`.")
+
+
 def model_vectors_json(fn):
     """--model, --vectors, --json: the options of commands that list embeddings."""
     fn = json_option(fn)
@@ -20,9 +24,10 @@ def model_vectors_json(fn):
 @click.command()
 @store_argument
 @model_option
+@by_option
 @json_option
 @library_errors
-def speakers(store, model, as_json):
+def speakers(store, model, by, as_json):
     """Speakers in STORE with their item counts and how many items are embedded.
 
     The done count is for the chosen model, or the only one; with several
@@ -32,9 +37,10 @@ def speakers(store, model, as_json):
     Examples:
         embstore speakers store/
         embstore speakers store/ --json | jq '.[] | select(.done < .items)'
+        embstore speakers store/ --by cluster    # after `embstore cluster`
     """
     with open_store(store) as st:
-        rows = st.speakers(model=model)
+        rows = st.speakers(model=model, by=by)
     if as_json:
         echo_json(rows)
         return
@@ -162,11 +168,12 @@ def windows(store, item_id, model, vectors, as_json):
 @click.command()
 @store_argument
 @model_option
+@by_option
 @json_option
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None,
               help="Write speakers, centroids, counts to this .npz file.")
 @library_errors
-def centroids(store, model, as_json, out_file):
+def centroids(store, model, by, as_json, out_file):
     """Per-speaker centroid: the mean of the speaker's L2-normalised embeddings.
 
     Not re-normalised: a centroid's norm (<= 1) says how consistent the
@@ -179,13 +186,14 @@ def centroids(store, model, as_json, out_file):
         embstore centroids store/ --out centroids.npz
         embstore centroids store/ --json > centroids.json
         embstore centroids store/               # speakers, item counts, norms
+        embstore centroids store/ --by cluster --out clusters.npz
     """
     import numpy as np
 
     from embstore.query import centroid_table
 
     with open_store(store) as st:
-        names, matrix, counts = centroid_table(st, model)
+        names, matrix, counts = centroid_table(st, model, by=by)
     if out_file:
         with open(out_file, "wb") as f:  # an open file: np.savez would otherwise append .npz
             np.savez(f, speakers=np.array(names, dtype=str), centroids=matrix, counts=counts)
