@@ -154,11 +154,11 @@ class Store(Manifest):
         """One pickle per item under OUT; see `embstore.export.pkl.export_pkl`."""
         return pkl.export_pkl(self, out, **options)
 
-    def export_kaldi(self, out: str | os.PathLike, model: str | None = None) -> dict[str, Any]:
-        return kaldi.export_kaldi(self, out, model)
+    def export_kaldi(self, out: str | os.PathLike, model: str | None = None, by: str = "speaker") -> dict[str, Any]:
+        return kaldi.export_kaldi(self, out, model, by)
 
-    def export_npy(self, out: str | os.PathLike, model: str | None = None) -> dict[str, Any]:
-        return npy.export_npy(self, out, model)
+    def export_npy(self, out: str | os.PathLike, model: str | None = None, by: str = "speaker") -> dict[str, Any]:
+        return npy.export_npy(self, out, model, by)
 
     def __enter__(self) -> "Store":
         return self

@@ -57,6 +57,20 @@ def test_by_cluster_in_speakers_and_centroids(store):
     assert sorted(c["speaker"] for c in json.loads(out.output)) == sorted(g["speaker"] for g in groups)
 
 
+def test_exports_by_cluster(store, tmp_path):
+    st = embstore.open(store)
+    st.cluster("ds", num_speakers=3)
+    st.close()
+    runner = CliRunner()
+    out = runner.invoke(cli, ["export-kaldi", str(store), str(tmp_path / "k"), "--by", "cluster", "--json"])
+    assert out.exit_code == 0, out.output
+    spk = {line.split()[1] for line in (tmp_path / "k" / "utt2spk").read_text().splitlines()}
+    assert len(spk) == 3 and all(s.startswith("ds/c") for s in spk)
+    out = runner.invoke(cli, ["export-npy", str(store), str(tmp_path / "n"), "--by", "cluster", "--json"])
+    assert out.exit_code == 0, out.output
+    assert set((tmp_path / "n" / "speakers.txt").read_text().split()) == spk
+
+
 def test_cluster_errors_are_one_line(store):
     runner = CliRunner()
     for args in (["--dataset", "nope"], ["--dataset", "ds", "--threshold", "0.7", "--num-speakers", "2"],

@@ -18,6 +18,9 @@ model_option = click.option(
     help="Model in the store (name, spec or fingerprint prefix); may be omitted when it holds one.",
 )
 
+by_option = click.option("--by", type=click.Choice(["speaker", "cluster"]), default="speaker", show_default=True,
+                         help="Group by the real speaker label or by the pseudo-speakers of `embstore cluster`.")
+
 
 # the exit status of a command stopped by its environment (disk full...); `extract` documents it
 EXIT_ENVIRONMENT = 4

@@ -7,6 +7,7 @@ from typing import Any, Callable
 import click
 
 from embstore.cli.common import (
+    by_option,
     echo_json, json_option, library_errors, model_option, open_store, stderr_is_tty, store_argument,
 )
 
@@ -75,9 +76,10 @@ def export_pkl(store, out, model, dataset, speaker, fmt, workers, force, as_json
 @store_argument
 @out_argument
 @model_option
+@by_option
 @json_option
 @library_errors
-def export_kaldi(store, out, model, as_json):
+def export_kaldi(store, out, model, by, as_json):
     """Write Kaldi tables: xvector.ark + xvector.scp, utt2spk, spk2utt in OUT.
 
     Keys are the store's item ids (whitespace replaced by _), sorted; the
@@ -92,7 +94,7 @@ def export_kaldi(store, out, model, as_json):
         embstore export-kaldi store/ exp/xvectors --model resemblyzer-ge2e
         embstore export-kaldi store/ exp/subsegments --model resemblyzer-ge2e+w1.5:0.75+silero
     """
-    info = _export(store, as_json, lambda st: st.export_kaldi(out, model=model))
+    info = _export(store, as_json, lambda st: st.export_kaldi(out, model=model, by=by))
     if info:
         what = f"{info['windows']} windows of {info['items']} items" if "windows" in info else f"{info['items']} items"
         click.echo(f"{what} of {info['speakers']} speakers -> {info['out']} ({', '.join(info['files'])})")
@@ -102,9 +104,10 @@ def export_kaldi(store, out, model, as_json):
 @store_argument
 @out_argument
 @model_option
+@by_option
 @json_option
 @library_errors
-def export_npy(store, out, model, as_json):
+def export_npy(store, out, model, by, as_json):
     """Write one matrix: OUT/embeddings.npy (float32 [items, dim]) + row labels.
 
     \b
@@ -120,7 +123,7 @@ def export_npy(store, out, model, as_json):
         embstore export-npy store/ matrix/
         python -c "import numpy as np; print(np.load('matrix/embeddings.npy', mmap_mode='r').shape)"
     """
-    info = _export(store, as_json, lambda st: st.export_npy(out, model=model))
+    info = _export(store, as_json, lambda st: st.export_npy(out, model=model, by=by))
     if info:
         what = f"{info['windows']} windows of {info['items']} items" if "windows" in info else f"{info['items']}"
         click.echo(f"{what} x {info['dim']} float32 -> {info['out']}/embeddings.npy (+ {', '.join(info['files'][1:])})")

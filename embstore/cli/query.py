@@ -6,12 +6,8 @@ import json
 
 import click
 
-from embstore.cli.common import echo_json, echo_table, json_option, library_errors, model_option, open_store, store_argument
+from embstore.cli.common import by_option, echo_json, echo_table, json_option, library_errors, model_option, open_store, store_argument
 
-
-
-by_option = click.option("--by", type=click.Choice(["speaker", "cluster"]), default="speaker", show_default=True,
-                         help="Group by the real speaker label or by the pseudo-speakers of `embstore cluster`.")
 
 
 def model_vectors_json(fn):

@@ -13,6 +13,7 @@ import numpy as np
 
 from embstore.arrays.zarr_arrays import ModelArrays
 from embstore.errors import StoreError
+from embstore.manifest.clusters import check_by
 
 MAX_NAME_BYTES = 200
 
@@ -76,3 +77,18 @@ def export_rows(arrays: ModelArrays, items: list[sqlite3.Row], windowed: bool) -
         low, high = int(rows.min()), int(rows.max()) + 1
         spans = arrays.read_spans(low, high)[rows - low].astype(np.float64)
     return ExportRows(rows, owners, spans[:, 0].round(3), spans[:, 1].round(3))
+
+
+def group_of(item: sqlite3.Row, by: str) -> str | None:
+    """What an export writes as the item's speaker: its label, or with by="cluster" its
+    pseudo-speaker `<dataset>/<cluster>` (None: not clustered, left out)."""
+    check_by(by)
+    if by == "speaker":
+        return item["speaker"]
+    return None if item["cluster"] is None else f"{item['dataset'] or ''}/{item['cluster']}"
+
+
+def grouped(items: list[sqlite3.Row], by: str) -> tuple[list[sqlite3.Row], int]:
+    """(the items an export grouped `by` writes, how many it leaves out: unclustered)."""
+    kept = [r for r in items if group_of(r, by) is not None]
+    return kept, len(items) - len(kept)

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 
 from embstore.errors import StoreError
-from embstore.export.files import export_rows
+from embstore.export.files import export_rows, group_of, grouped
 from embstore.paths import write_atomic
 from embstore.manifest.database import Manifest
 
@@ -25,15 +25,17 @@ def _batches(rows: list, size: int = 65536) -> Iterator[list]:
         yield rows[start : start + size]
 
 
-def export_kaldi(store: Manifest, out: str | os.PathLike, model: str | None = None) -> dict[str, Any]:
+def export_kaldi(store: Manifest, out: str | os.PathLike, model: str | None = None, by: str = "speaker") -> dict[str, Any]:
     """OUT/xvector.ark + xvector.scp (kaldiio), utt2spk, spk2utt; keys are item ids
     (whitespace turned into `_`), sorted, so Kaldi tools and kaldiio read them as tables.
     A window model's keys are subsegment ids `<item>-<start_ms:07d>-<end_ms:07d>`, with
-    a `segments` file (`<subsegment> <item> <start> <end>`)."""
+    a `segments` file (`<subsegment> <item> <start> <end>`). by="cluster": utt2spk names
+    the pseudo-speakers of `embstore cluster`, and unclustered items are left out."""
     from kaldiio import WriteHelper
 
     started = time.monotonic()
     m, items = store.done_rows(model, kind=None)
+    items, left_out = grouped(items, by)
     out_path = os.path.abspath(os.fspath(out))
     if "," in out_path or re.search(r"\s", out_path):
         raise StoreError(f"{out_path}: Kaldi write specifiers cannot hold commas or spaces; pick another folder")
@@ -62,7 +64,7 @@ def export_kaldi(store: Manifest, out: str | os.PathLike, model: str | None = No
     os.replace(tmp_ark, ark)
     os.replace(tmp_scp, scp)
     owner_of = {k: items[entries.owners[keyed[k]]] for k in keys}
-    spk_of = {k: _kaldi_token(owner_of[k]["speaker"]) for k in keys}
+    spk_of = {k: _kaldi_token(group_of(owner_of[k], by)) for k in keys}
     write_atomic(os.path.join(out_path, "utt2spk"), "".join(f"{k} {spk_of[k]}\n" for k in keys).encode("utf-8"))
     by_speaker: dict[str, list[str]] = defaultdict(list)
     for k in keys:
@@ -84,4 +86,6 @@ def export_kaldi(store: Manifest, out: str | os.PathLike, model: str | None = No
     }
     if entries.windowed:
         report["windows"] = len(keys)
+    if by != "speaker":
+        report.update(by=by, left_out=left_out)
     return report

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from embstore.export.files import export_rows
+from embstore.export.files import export_rows, group_of, grouped
 from embstore.paths import write_atomic
 from embstore.manifest.database import Manifest
 
@@ -19,14 +19,16 @@ def _line(text: str | None) -> str:
     return (text or "").replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
 
 
-def export_npy(store: Manifest, out: str | os.PathLike, model: str | None = None) -> dict[str, Any]:
+def export_npy(store: Manifest, out: str | os.PathLike, model: str | None = None, by: str = "speaker") -> dict[str, Any]:
     """OUT/embeddings.npy (float32 [n, dim]) with ids.txt, speakers.txt and datasets.txt
     (line i describes row i; backslash and newline escaped as \\\\, \\n), plus export.json.
     A window model: one row per window, ids are Kaldi subsegment ids
     (`<item>-<start_ms:07d>-<end_ms:07d>`), and items.txt, starts.npy, ends.npy say
-    whose window each row is and when."""
+    whose window each row is and when. by="cluster": speakers.txt holds the
+    pseudo-speakers of `embstore cluster`, and unclustered items are left out."""
     started = time.monotonic()
     m, items = store.done_rows(model, kind=None)
+    items, left_out = grouped(items, by)
     out_path = os.path.abspath(os.fspath(out))
     os.makedirs(out_path, exist_ok=True)
     arrays = store.model_arrays(m)
@@ -43,7 +45,7 @@ def export_npy(store: Manifest, out: str | os.PathLike, model: str | None = None
     owners = [items[k] for k in entries.owners.tolist()]
     columns = {
         "ids.txt": [entries.key(k, r["uid"]) for k, r in enumerate(owners)],
-        "speakers.txt": [r["speaker"] for r in owners],
+        "speakers.txt": [group_of(r, by) for r in owners],
         "datasets.txt": [r["dataset"] for r in owners],
     }
     if entries.windowed:
@@ -62,6 +64,8 @@ def export_npy(store: Manifest, out: str | os.PathLike, model: str | None = None
     }
     if entries.windowed:
         info["windows"] = n
+    if by != "speaker":
+        info.update(by=by, left_out=left_out)
     write_atomic(os.path.join(out_path, "export.json"), (json.dumps(info, indent=2) + "\n").encode("utf-8"))
     info.update(out=out_path, seconds=round(time.monotonic() - started, 3))
     return info

@@ -11,7 +11,7 @@ from embstore.manifest.connection import LIVE_ITEM, select_in
 # every selected row has these columns
 COLUMNS = (
     "i.id AS item_id, i.uid, i.speaker, i.dataset, i.start, i.end, i.duration, f.path, r.path AS root,"
-    " r.kind AS root_kind, t.status, t.row, t.row_count"
+    " r.kind AS root_kind, t.status, t.row, t.row_count, i.cluster"
 )
 
 
