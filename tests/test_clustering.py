@@ -71,6 +71,39 @@ def test_exports_by_cluster(store, tmp_path):
     assert set((tmp_path / "n" / "speakers.txt").read_text().split()) == spk
 
 
+def test_export_pkl_by_cluster_moves_files_and_leaves_unclustered_out(store, tmp_path):
+    import pickle
+
+    st = embstore.open(store)
+    st.cluster("ds", num_speakers=3)
+    out = tmp_path / "p"
+    first = st.export_pkl(out)
+    assert first.written == 12 and first.left_out == 0
+    speakers = {p.parent.name for p in out.rglob("*.pkl")}
+    report = st.export_pkl(out, by="cluster")
+    # the same folder regrouped: every file moves, the speaker folders are gone
+    assert report.items == 12 and report.written == 12 and report.moved == 12, report
+    files = sorted(out.rglob("*.pkl"))
+    assert {p.parent.name for p in files} == {r[0] for r in st.query("SELECT DISTINCT cluster FROM items")}
+    assert not speakers & {p.name for p in (out / "ds").iterdir()}
+    for f in files:
+        payload = pickle.loads(f.read_bytes())
+        assert payload["cluster"] == f.parent.name and payload["speaker"] in speakers
+    assert st.export_pkl(out, by="cluster").unchanged == 12
+    with st.conn:
+        uid = st.conn.execute("UPDATE items SET cluster = NULL WHERE id = (SELECT min(id) FROM items) RETURNING uid")\
+            .fetchone()[0]
+    report = st.export_pkl(out, by="cluster")
+    assert report.left_out == 1 and report.removed == 1 and report.items == 11, report
+    assert uid not in {pickle.loads(f.read_bytes())["id"] for f in out.rglob("*.pkl")}
+    st.close()
+    runner = CliRunner()
+    res = runner.invoke(cli, ["export-pkl", str(store), str(out), "--by", "cluster"])
+    assert res.exit_code == 0 and "1 unclustered left out" in res.output, res.output
+    res = runner.invoke(cli, ["export-pkl", str(store), str(out), "--by", "cluster", "--speaker", "x"])
+    assert res.exit_code == 1 and res.output.startswith("Error:") and res.output.count("\n") == 1, res.output
+
+
 def test_cluster_errors_are_one_line(store):
     runner = CliRunner()
     for args in (["--dataset", "nope"], ["--dataset", "ds", "--threshold", "0.7", "--num-speakers", "2"],

@@ -26,9 +26,10 @@ out_argument = click.argument("out", type=click.Path(file_okay=False))
 )
 @click.option("--workers", type=int, default=None, help="Threads writing files (default: 2 per CPU, at most 16).")
 @click.option("--force", is_flag=True, help="Rewrite every file, even those already up to date.")
+@by_option
 @json_option
 @library_errors
-def export_pkl(store, out, model, dataset, speaker, fmt, workers, force, as_json):
+def export_pkl(store, out, model, dataset, speaker, fmt, workers, force, by, as_json):
     """Write one pickle per embedded item: OUT/<dataset>/<speaker>/<stem>.pkl.
 
     The layout of the usual extraction scripts, so code reading their output
@@ -43,6 +44,7 @@ def export_pkl(store, out, model, dataset, speaker, fmt, workers, force, as_json
         embedding    float32 numpy array [dim]
         id           item id in the store
         speaker, dataset
+        cluster      pseudo-speaker label of `embstore cluster` (or None)
         path         source audio file; start, end: seconds (None = whole file)
         model, fingerprint
     --format array pickles the bare float32 array.
@@ -51,15 +53,19 @@ def export_pkl(store, out, model, dataset, speaker, fmt, workers, force, as_json
     second export writes only new or changed items and deletes the files of
     items that left the store.
 
+    --by cluster names the folders by pseudo-speaker instead
+    (OUT/<dataset>/<cluster>/<stem>.pkl) and leaves unclustered items out.
+
     \b
     Examples:
         embstore export-pkl store/ embeddings/
+        embstore export-pkl store/ by-cluster/ --dataset podcasts --by cluster
         embstore export-pkl store/ embeddings/ --speaker id10001 --format array
         python -c "import pickle; print(pickle.load(open('embeddings/libri/1688/1688-142285-0000.pkl','rb'))['embedding'].shape)"
     """
     with open_store(store) as st:
         report = st.export_pkl(
-            out, model=model, dataset=dataset, speaker=speaker, fmt=fmt, workers=workers, force=force,
+            out, model=model, dataset=dataset, speaker=speaker, fmt=fmt, workers=workers, force=force, by=by,
             progress=stderr_is_tty() and not as_json,
         )
     if as_json:
@@ -68,7 +74,8 @@ def export_pkl(store, out, model, dataset, speaker, fmt, workers, force, as_json
     click.echo(
         f"{report.items} items: wrote {report.written} files ({report.files_per_second:.0f} files/s),"
         f" {report.unchanged} unchanged, {report.moved} moved, {report.removed} removed"
-        f" -> {report.out} ({report.model}, {report.seconds:.1f}s)"
+        + (f", {report.left_out} unclustered left out" if report.left_out else "")
+        + f" -> {report.out} ({report.model}, {report.seconds:.1f}s)"
     )
 
 

@@ -1,7 +1,9 @@
 """Embeddings out of the store: one pickle per item, Kaldi ark/scp, or one NumPy matrix.
 
 `export_pkl` keeps the layout older scripts wrote, `OUT/<dataset>/<speaker>/<stem>.pkl`,
-so code that globs those files keeps working, without their collisions:
+so code that globs those files keeps working, without their collisions (with
+by="cluster" the folder is the pseudo-speaker of `embstore cluster` instead,
+`OUT/<dataset>/<cluster>/<stem>.pkl`, and unclustered items are left out):
 
 - an item's name is its file's stem; a Kaldi item (segment or recording) is named by its
   utterance id, since it has no file of its own;
@@ -35,7 +37,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from embstore.errors import StoreError
-from embstore.export.files import inside, safe_component
+from embstore.export.files import grouped, inside, safe_component
+from embstore.manifest.clusters import check_by
 from embstore.paths import write_atomic
 from embstore.manifest.connection import immediate
 from embstore.manifest.database import Manifest
@@ -72,15 +75,18 @@ def _below_speaker(item: sqlite3.Row) -> list[str]:
     return parts or [uid]
 
 
-def pkl_paths(items: Sequence[sqlite3.Row], taken: dict[str, str] | None = None) -> dict[str, str]:
+def pkl_paths(
+    items: Sequence[sqlite3.Row], taken: dict[str, str] | None = None, by: str = "speaker"
+) -> dict[str, str]:
     """{item id: path relative to OUT} under the rules in this module's docstring.
 
     `items` must hold every live item of each (dataset, speaker) it touches, done or not,
     so a name a pending item will need is never handed to another. `taken` maps paths
-    (case-folded) already used by other item ids, which then are not reused."""
+    (case-folded) already used by other item ids, which then are not reused. by="cluster"
+    names the folder below the dataset by the item's cluster label (never None here)."""
     groups: dict[tuple, list[sqlite3.Row]] = defaultdict(list)
     for item in items:
-        groups[(item["dataset"], item["speaker"])].append(item)
+        groups[(item["dataset"], item[check_by(by)])].append(item)
     paths: dict[str, str] = {}
     for (dataset, speaker), members in groups.items():
         folder = [safe_component(dataset), safe_component(speaker)]
@@ -193,6 +199,8 @@ class ExportReport:
     unchanged: int = 0      # already there, same row, model and path
     moved: int = 0          # rewritten at a new path (a later item made their name collide)
     removed: int = 0        # files of items gone from the store, deleted
+    by: str = "speaker"     # folders named by the speaker label or the cluster label
+    left_out: int = 0       # done items with by="cluster" but no cluster label: not written
     seconds: float = 0.0
 
     @property
@@ -213,14 +221,19 @@ def export_pkl(
     workers: int | None = None,
     force: bool = False,
     progress: bool = False,
+    by: str = "speaker",
 ) -> ExportReport:
     """Write one pickle per done item under OUT (see the module docstring for paths).
 
-    fmt="dict": {"embedding": float32 array, "id", "speaker", "dataset", "path" (source
-    audio), "start", "end" (seconds, None for whole files), "model", "fingerprint"};
-    fmt="array": the bare float32 array. `force` rewrites every file."""
+    fmt="dict": {"embedding": float32 array, "id", "speaker", "dataset", "cluster"
+    (pseudo-speaker label or None), "path" (source audio), "start", "end" (seconds, None
+    for whole files), "model", "fingerprint"}; fmt="array": the bare float32 array.
+    `force` rewrites every file."""
     if fmt not in FORMATS:
         raise StoreError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if check_by(by) == "cluster" and speaker is not None:
+        # a speaker filter would cut pseudo-speaker folders apart, and names could collide unseen
+        raise StoreError("--speaker selects a real speaker; with --by cluster select a --dataset instead")
     started = time.monotonic()
     m = store.resolve_model(model)
     out_path = os.path.abspath(os.fspath(out))
@@ -228,7 +241,7 @@ def export_pkl(
         raise StoreError(f"{out_path} exists and is not a folder")
     os.makedirs(out_path, exist_ok=True)
     out_real = os.path.realpath(out_path)
-    report = ExportReport(out_path, store.model_key(m), m["fingerprint"], fmt)
+    report = ExportReport(out_path, store.model_key(m), m["fingerprint"], fmt, by=by)
     manifest = _Manifest(out_real)
     try:
         meta = manifest.meta()
@@ -239,15 +252,18 @@ def export_pkl(
             )
         manifest.set_meta({"fingerprint": m["fingerprint"], "model": report.model, "format": fmt})
         known = manifest.entries()
-        items = select_items(store.conn, m["id"], Selection(speaker=speaker, dataset=dataset), done_only=False)
+        selected = select_items(store.conn, m["id"], Selection(speaker=speaker, dataset=dataset), done_only=False)
+        # an unclustered item is out of this export's scope: its old file (if any) is removed
+        items, _ = grouped(selected, by)
+        report.left_out = sum(_is_done(it) for it in selected) - sum(_is_done(it) for it in items)
 
         def in_scope(entry: tuple) -> bool:
             return (dataset is None or entry[3] == dataset) and (speaker is None or entry[4] == speaker)
 
         # the selection is every live item in scope: an entry in scope but not selected is gone
         taken = {entry[2].casefold(): uid for uid, entry in known.items() if not in_scope(entry)}
-        paths = pkl_paths(items, taken)
-        done = [it for it in items if it["status"] == "done" and it["row"] is not None]
+        paths = pkl_paths(items, taken, by)
+        done = [it for it in items if _is_done(it)]
         report.items = len(done)
         todo = []
         for it in done:
@@ -280,11 +296,15 @@ def export_pkl(
     return report
 
 
+def _is_done(item: sqlite3.Row) -> bool:
+    return item["status"] == "done" and item["row"] is not None
+
+
 def _digest(item: sqlite3.Row, fmt: str, model_name: str) -> str:
     """What else a pickle holds; when it changes (speaker, source path...) it is rewritten."""
     text = "\0".join(
-        str(x) for x in (fmt, model_name, item["dataset"], item["speaker"], item["root"], item["path"],
-                         item["start"], item["end"])
+        str(x) for x in (fmt, model_name, item["dataset"], item["speaker"], item["cluster"], item["root"],
+                         item["path"], item["start"], item["end"])
     )
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
@@ -320,7 +340,8 @@ def _write_files(store, m, out_real, todo, fmt, report, manifest, workers, progr
             return dumps(vector)
         return dumps({
             "embedding": vector, "id": item["uid"], "speaker": item["speaker"], "dataset": item["dataset"],
-            "path": os.path.join(item["root"], item["path"]), "start": item["start"], "end": item["end"],
+            "cluster": item["cluster"], "path": os.path.join(item["root"], item["path"]),
+            "start": item["start"], "end": item["end"],
             "model": model_name, "fingerprint": fingerprint,
         })
 
