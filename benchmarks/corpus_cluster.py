@@ -2,6 +2,7 @@
 
     python benchmarks/corpus_cluster.py real  --out bench-out/cluster_real.json
     python benchmarks/corpus_cluster.py scale --rows 100000 1000000 --out bench-out/cluster_scale.json
+    python benchmarks/corpus_cluster.py store --rows 1000000 --store /tmp/cluster-store --out bench-out/cluster_store.json
 
 real: Resemblyzer (default model) embeddings of the 100 utterances of ../shared/data
 (10 speakers), labels hidden from the clustering. The threshold is swept on speakers
@@ -15,6 +16,13 @@ peak anonymous RSS growth (RssAnon: the memmap's file pages are excluded, they a
 the page cache's) sampled every 20 ms, tracemalloc's peak of NumPy allocations,
 purity/coverage against the synthetic truth, and time per 100k rows across sizes
 (the ratio to the smallest run shows how it scales).
+
+store: the whole `Store.cluster` path (what `embstore cluster` runs) on a store of
+`--rows` done items built the fast way (benchmarks/query_scale.py's synthetic store,
+500 items per speaker): reading the item rows, streaming the Zarr array, clustering,
+writing every label into items.cluster. Run in a fresh subprocess; reported: wall
+time, the report's stages, peak RSS and RssAnon growth, purity/coverage against the
+store's (hidden) speaker labels.
 """
 
 from __future__ import annotations
@@ -154,6 +162,7 @@ def scale_child(rows: int, dim: int, speakers: int, threshold: float, workdir: s
 
 def scale(args: argparse.Namespace) -> list[dict]:
     workdir = args.workdir or tempfile.mkdtemp(prefix="embstore-cluster-")
+    os.makedirs(workdir, exist_ok=True)
     results = []
     for rows in args.rows:
         speakers = args.speakers or max(10, rows // 500)
@@ -168,9 +177,50 @@ def scale(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def store_child(path: str) -> dict:
+    import embstore
+    from _memory import Peak
+
+    st = embstore.open(path)
+    rss, anon = Peak("VmRSS"), Peak("RssAnon")
+    base_rss, base_anon = rss.reset(), anon.reset()
+    t = time.perf_counter()
+    report = st.cluster("vox")
+    seconds = time.perf_counter() - t
+    rss.stop()
+    anon.stop()
+    labelled = st.query("SELECT count(*) FROM items WHERE cluster IS NOT NULL")[0][0]
+    st.close()
+    return {
+        "items": report["items"], "clustered": report["clustered"], "labelled_in_store": labelled,
+        "clusters": report["clusters"], "speakers": report.get("speakers"), "algorithm": report["algorithm"],
+        "cells": report.get("cells"), "threshold": report["threshold"],
+        "purity": report.get("purity"), "coverage": report.get("coverage"),
+        "seconds": round(seconds, 1), "stage_seconds": report["stage_seconds"],
+        "peak_rss_mb": round(rss.value, 1), "rss_growth_mb": round(rss.value - base_rss, 1),
+        "rss_anon_growth_mb": round(anon.value - base_anon, 1),
+    }
+
+
+def store(args: argparse.Namespace) -> list[dict]:
+    from query_scale import build
+
+    results = []
+    for rows in args.rows:
+        path = Path(args.store or tempfile.mkdtemp(prefix="embstore-cluster-store-")) / f"rows-{rows}"
+        t = time.perf_counter()
+        build(path, rows, args.dim, per_speaker=500).close()
+        built = time.perf_counter() - t
+        done = subprocess.run([sys.executable, __file__, "store-child", "--store", str(path)],
+                              capture_output=True, text=True, check=True)
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]) | {"build_seconds": round(built, 1)})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("mode", choices=["real", "scale", "child"])
+    parser.add_argument("mode", choices=["real", "scale", "child", "store", "store-child"])
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--dim", type=int, default=256)
@@ -178,14 +228,18 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.65)
     parser.add_argument("--workdir", default=None, help="where the synthetic .npy files go (reused)")
     parser.add_argument("--child-rows", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--store", default=None, help="store mode: where the synthetic stores go (reused)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.mode == "store-child":
+        print(json.dumps(store_child(args.store)))
+        return
     if args.mode == "child":
         print(json.dumps(scale_child(args.child_rows, args.dim, args.speakers, args.threshold, args.workdir)))
         return
     if args.mode == "real" and not Path(args.data).is_dir():
         raise SystemExit(f"{args.data}: the shared speech data is absent")
-    result = real(args) if args.mode == "real" else scale(args)
+    result = {"real": real, "scale": scale, "store": store}[args.mode](args)
     print(json.dumps(result, indent=2))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
