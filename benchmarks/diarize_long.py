@@ -1,6 +1,7 @@
 """Memory and speed of diarizing long items: is the window-embedding stage flat?
 
     python benchmarks/diarize_long.py --minutes 10 60 --out bench-out/diarize_long.json
+    python benchmarks/diarize_long.py --minutes 10 60 --store --out bench-out/extract_long.json
 
 For each length, in a fresh subprocess (so peak RSS is its own): a synthetic 4-speaker
 conversation of that length (embstore.diarize.synthetic), the default model, then the
@@ -9,6 +10,12 @@ peak RSS above the RSS before the stage (the waveform and the model already load
 and x realtime. Window embeddings stream in blocks of 128 windows, so their growth
 should not depend on the length; spectral clustering holds one dense
 [windows x windows] float64 Laplacian (~180 MB for an hour), which does.
+
+--store: the store path instead. The conversation is written as one WAV, scanned into a
+fresh store, and `embstore extract STORE --windows 1.5:0.75 --workers 1` runs as a
+subprocess; reported: wall time, x realtime, windows stored, and the peak RSS of the
+largest process of that run (the worker: getrusage of the waited-for descendants,
+so each length runs under its own intermediate process).
 """
 
 from __future__ import annotations
@@ -66,20 +73,55 @@ def one(minutes: float, data: str) -> dict:
     return out
 
 
+def one_store(minutes: float, data: str) -> dict:
+    import resource
+    import tempfile
+
+    import soundfile as sf
+
+    import embstore
+    from embstore.diarize.synthetic import corpus_by_speaker, make_conversation
+
+    conv = make_conversation(corpus_by_speaker(data), 4, seed=42, duration=minutes * 60)
+    work = Path(tempfile.mkdtemp(prefix="embstore-long-"))
+    (work / "root" / "talks" / "mixed").mkdir(parents=True)
+    sf.write(work / "root" / "talks" / "mixed" / "conversation.wav", conv.wav, conv.sample_rate, subtype="PCM_16")
+    st = embstore.open(work / "store")
+    st.scan([work / "root"])
+    st.close()
+    t = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "embstore", "extract", str(work / "store"), "--windows", "1.5:0.75",
+         "--workers", "1", "--device", "cpu", "--json"], capture_output=True, text=True, check=True,
+    )
+    seconds = time.perf_counter() - t
+    summary = json.loads(done.stdout)
+    st = embstore.open(work / "store")
+    starts, _, _ = st.windows("talks/mixed/conversation")
+    st.close()
+    return {
+        "minutes": round(conv.duration / 60, 1), "seconds": round(seconds, 1),
+        "x_realtime": round(conv.duration / seconds, 1), "windows": len(starts), "done": summary.get("done"),
+        "peak_rss_largest_process_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        "store": str(work / "store"),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, nargs="+", default=[10.0, 60.0])
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--out", default=None)
+    parser.add_argument("--store", action="store_true", help="measure `embstore extract --windows` instead")
     parser.add_argument("--child", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(one(args.child, args.data)))
+        print(json.dumps((one_store if args.store else one)(args.child, args.data)))
         return
     results = []
     for minutes in args.minutes:
         done = subprocess.run(
-            [sys.executable, __file__, "--child", str(minutes), "--data", args.data],
+            [sys.executable, __file__, "--child", str(minutes), "--data", args.data] + ["--store"] * args.store,
             capture_output=True, text=True, check=True,
         )
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
