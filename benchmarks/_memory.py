@@ -38,3 +38,33 @@ class Peak:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        return out
+    for child in children:
+        out += [child] + _descendants(child)
+    return out
+
+
+def tree_peak_mb(proc, interval: float = 0.05) -> float:
+    """Wait for `proc` (a Popen) while polling VmHWM (each process's own peak RSS) of it
+    and all its descendants; returns the largest seen, in MiB. getrusage(RUSAGE_CHILDREN)
+    would fold in every earlier child of this process too."""
+    peak = 0.0
+    while proc.poll() is None:
+        for pid in [proc.pid] + _descendants(proc.pid):
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    hwm = next((line for line in f if line.startswith("VmHWM:")), None)
+            except OSError:
+                continue
+            if hwm is not None:
+                peak = max(peak, int(hwm.split()[1]) / 1024)
+        time.sleep(interval)
+    return peak

@@ -14,8 +14,9 @@ should not depend on the length; spectral clustering holds one dense
 --store: the store path instead. The conversation is written as one WAV, scanned into a
 fresh store, and `embstore extract STORE --windows 1.5:0.75 --workers 1` runs as a
 subprocess; reported: wall time, x realtime, windows stored, and the peak RSS of the
-largest process of that run (the worker: getrusage of the waited-for descendants,
-so each length runs under its own intermediate process).
+largest process of that run (the worker; VmHWM of every process of the run, polled).
+A 5 s item is extracted first in a store of its own, so every length finds the same
+warm model cache.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _memory import Peak, status_mb  # noqa: E402
+from _memory import Peak, status_mb, tree_peak_mb  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "librispeech-test-other"
 
@@ -74,7 +75,6 @@ def one(minutes: float, data: str) -> dict:
 
 
 def one_store(minutes: float, data: str) -> dict:
-    import resource
     import tempfile
 
     import soundfile as sf
@@ -82,28 +82,39 @@ def one_store(minutes: float, data: str) -> dict:
     import embstore
     from embstore.diarize.synthetic import corpus_by_speaker, make_conversation
 
-    conv = make_conversation(corpus_by_speaker(data), 4, seed=42, duration=minutes * 60)
+    speakers = corpus_by_speaker(data)
     work = Path(tempfile.mkdtemp(prefix="embstore-long-"))
-    (work / "root" / "talks" / "mixed").mkdir(parents=True)
-    sf.write(work / "root" / "talks" / "mixed" / "conversation.wav", conv.wav, conv.sample_rate, subtype="PCM_16")
-    st = embstore.open(work / "store")
-    st.scan([work / "root"])
-    st.close()
-    t = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "embstore", "extract", str(work / "store"), "--windows", "1.5:0.75",
-         "--workers", "1", "--device", "cpu", "--json"], capture_output=True, text=True, check=True,
-    )
-    seconds = time.perf_counter() - t
-    summary = json.loads(done.stdout)
-    st = embstore.open(work / "store")
+
+    def extract(name: str, conv) -> tuple[dict, float, float]:
+        (work / name / "root" / "talks" / "mixed").mkdir(parents=True)
+        sf.write(work / name / "root" / "talks" / "mixed" / "conversation.wav", conv.wav, conv.sample_rate,
+                 subtype="PCM_16")
+        st = embstore.open(work / name / "store")
+        st.scan([work / name / "root"])
+        st.close()
+        t = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "embstore", "extract", str(work / name / "store"), "--windows", "1.5:0.75",
+             "--workers", "1", "--device", "cpu", "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        peak = tree_peak_mb(proc)
+        seconds = time.perf_counter() - t
+        if proc.returncode != 0:
+            raise SystemExit(f"extract failed ({proc.returncode})")
+        return json.loads(proc.stdout.read()), seconds, peak
+
+    extract("warm-up", make_conversation(speakers, 2, seed=1, duration=5.0))
+    conv = make_conversation(speakers, 4, seed=42, duration=minutes * 60)
+    summary, seconds, peak = extract("timed", conv)
+    st = embstore.open(work / "timed" / "store")
     starts, _, _ = st.windows("talks/mixed/conversation")
     st.close()
     return {
         "minutes": round(conv.duration / 60, 1), "seconds": round(seconds, 1),
         "x_realtime": round(conv.duration / seconds, 1), "windows": len(starts), "done": summary.get("done"),
-        "peak_rss_largest_process_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
-        "store": str(work / "store"),
+        "peak_rss_largest_process_mb": round(peak, 1),
+        "samples_mb": round(len(conv.wav) * 4 / 2**20, 1), "store": str(work / "timed" / "store"),
     }
 
 

@@ -288,6 +288,33 @@ def _cluster_sockets() -> list[tuple[str, str, str]]:
     return out
 
 
+def test_window_model_on_the_cluster_equals_a_local_run(cluster, tmp_path, shared_data):
+    """`extract --windows --ray`: every item's windows committed once, equal to a local run's."""
+    root = tmp_path / "root"
+    for speaker in sorted(p.name for p in shared_data.iterdir() if p.is_dir())[:2]:
+        (root / "ds" / speaker).mkdir(parents=True)
+        for f in sorted((shared_data / speaker).glob("*.flac"))[:2]:
+            shutil.copy(f, root / "ds" / speaker / f.name)
+    local = embstore.open(tmp_path / "local")
+    local.scan([root])
+    assert local.extract(windows="1.5:0.75").done == 4
+    st = embstore.open(tmp_path / "store")
+    st.scan([root])
+    summary = st.extract(windows="1.5:0.75", ray="auto")
+    assert not summary.error and summary.done == 4 and summary.failed == 0, summary
+    for (uid,) in st.query("SELECT uid FROM items"):
+        starts, ends, rows = st.windows(uid)
+        want = local.windows(uid)
+        assert len(starts) > 1 and np.array_equal(starts, want[0]) and np.array_equal(ends, want[1])
+        assert cosine_rows(rows, want[2]).min() >= 0.99999
+    spans = sorted(tuple(r) for r in st.query("SELECT row, row + row_count FROM tasks"))
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    assert st.verify().ok
+    assert st.extract(windows="1.5:0.75", ray="auto").nothing_to_do
+    st.close()
+    local.close()
+
+
 @pytest.mark.exhaustive
 def test_node_lost_mid_run_every_item_done_exactly_once(cluster, tmp_path, model_dir):
     spec = f"wespeaker:{model_dir}"
