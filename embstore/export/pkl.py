@@ -37,7 +37,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from embstore.errors import StoreError
-from embstore.export.files import grouped, inside, safe_component
+from embstore.export.files import group_of, grouped, inside, safe_component
 from embstore.manifest.clusters import check_by
 from embstore.paths import write_atomic
 from embstore.manifest.connection import immediate
@@ -84,9 +84,10 @@ def pkl_paths(
     so a name a pending item will need is never handed to another. `taken` maps paths
     (case-folded) already used by other item ids, which then are not reused. by="cluster"
     names the folder below the dataset by the item's cluster label (never None here)."""
+    folder_of = check_by(by)
     groups: dict[tuple, list[sqlite3.Row]] = defaultdict(list)
     for item in items:
-        groups[(item["dataset"], item[check_by(by)])].append(item)
+        groups[(item["dataset"], item[folder_of])].append(item)
     paths: dict[str, str] = {}
     for (dataset, speaker), members in groups.items():
         folder = [safe_component(dataset), safe_component(speaker)]
@@ -255,7 +256,7 @@ def export_pkl(
         selected = select_items(store.conn, m["id"], Selection(speaker=speaker, dataset=dataset), done_only=False)
         # an unclustered item is out of this export's scope: its old file (if any) is removed
         items, _ = grouped(selected, by)
-        report.left_out = sum(_is_done(it) for it in selected) - sum(_is_done(it) for it in items)
+        report.left_out = sum(1 for it in selected if _is_done(it) and group_of(it, by) is None)
 
         def in_scope(entry: tuple) -> bool:
             return (dataset is None or entry[3] == dataset) and (speaker is None or entry[4] == speaker)
