@@ -5,25 +5,38 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STORE ?= demo-store
 
-.PHONY: setup demo test test-fast test-exhaustive bench clean
+.PHONY: setup wheels demo test test-fast test-exhaustive bench clean
 
 setup: $(VENV)/.installed
 
-# torch is pinned first so pip takes the CPU wheel instead of a multi-GB CUDA build;
-# WeSpeaker is installed without its declared deps (s3prl, whisper, peft... never used);
-# silero-vad too (its weights ship in the wheel; its deps would pull torchaudio)
+# Exactly what the package declares, plus its extras for development. torch is pinned
+# first so pip takes the CPU wheel instead of a multi-GB CUDA build. The one package
+# installed by hand: WeSpeaker's code (wespeaker:DIR models), with --no-deps because its
+# declared requirements are unusable here (s3prl, openai-whisper, peft, torchaudio...:
+# gigabytes, a torchaudio that does not load beside this torch, and none of it used).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[dev,plot,ray,openvino]" "torch==2.13.0"
-	$(BIN)/pip install -q --no-deps "wespeaker-unofficial==0.0.2" "silero-vad>=5.1"
+	$(BIN)/pip install -q --no-deps "wespeaker-unofficial==0.0.2"
 	touch $@
+
+# Wheels of everything a plain `pip install .` needs (torch included), for the test that
+# installs the checkout into a clean venv with no network (tests/test_pip_install.py)
+WHEELS ?= .wheels
+$(WHEELS)/.complete: pyproject.toml
+	mkdir -p $(WHEELS)
+	$(BIN)/pip wheel -q --wheel-dir $(WHEELS) "torch==2.13.0" . "setuptools>=64,<81" wheel
+	rm -f $(WHEELS)/embstore-*.whl
+	touch $@
+
+wheels: $(WHEELS)/.complete
 
 demo: setup
 	$(BIN)/python -m embstore.demo $(STORE)
 
-test: setup
+test: setup wheels
 	@$(BIN)/python -m pytest -q -n 2 --dist loadgroup -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
@@ -41,4 +54,4 @@ bench: setup
 	$(BIN)/python benchmarks/run.py --quick --out bench-out
 
 clean:
-	rm -rf $(VENV) $(STORE) bench-out
+	rm -rf $(VENV) $(STORE) bench-out $(WHEELS)

@@ -22,7 +22,9 @@ import numpy as np
 from embstore.corpus_cluster import DEFAULT_THRESHOLD, cluster_corpus, purity_coverage
 from embstore.errors import ClusteringError
 from embstore.manifest import clusters as cluster_sql
+from embstore.manifest import reports
 from embstore.manifest.database import Manifest
+from embstore.manifest.selection import Selection
 from embstore.query import UnitRows, unit_rows
 
 # distinct rows gathered into one in-memory matrix (256 MB at dim 256); above it the
@@ -102,8 +104,10 @@ def cluster_dataset(
     """Cluster the dataset's embedded items and store their labels; returns the report:
     dataset, model, items (live), embedded, rows (distinct vectors), clustered,
     unlabelled, clusters, algorithm ("ahc": AHC on the items; "cells": the staged path),
-    threshold, num_speakers, seconds, and purity/coverage against the speaker labels when
-    the dataset has more than one (the clustering never reads them)."""
+    threshold, num_speakers, seconds, purity/coverage against the speaker labels when
+    the dataset has more than one (the clustering never reads them), and `outcome`
+    (an `embstore.outcome.Outcome`: items left unlabelled because they failed or are
+    not extracted yet)."""
     started = time.perf_counter()
     if threshold is not None and num_speakers is not None:
         raise ClusteringError("give --threshold or --num-speakers, not both")
@@ -156,6 +160,8 @@ def cluster_dataset(
         report.update(speakers=len(done.speakers), purity=round(purity, 4), coverage=round(coverage, 4))
     report["seconds"] = round(time.perf_counter() - started, 3)
     report["stage_seconds"] = {k: round(v, 3) for k, v in result.timings.items()}
+    # the dataset's items not embedded (failed, or not extracted yet) have no label
+    report["outcome"] = reports.coverage(store.conn, m["id"], Selection(dataset=dataset), key)
     return report
 
 

@@ -45,7 +45,8 @@ def diarize_store(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Diarize every done item of a window model; returns a report with `segments`
-    {item uid: [Segment, ...]} in item order."""
+    {item uid: [Segment, ...]} in item order, and `failed` {item uid: reason} for items
+    whose windows could not be clustered (each fails alone)."""
     check_options(method, num_speakers, max_speakers)
     started = time.monotonic()
     m = store.resolve_model(model, kind="windows")
@@ -54,6 +55,7 @@ def diarize_store(
     known = stored.results_of(store.conn, m["id"], params, [r["item_id"] for r in items])
     fresh: list[tuple[int, int, stored.Segments]] = []
     out: dict[str, list[Segment]] = {}
+    failed: dict[str, str] = {}  # item uid -> why its windows could not be clustered
     for n, r in enumerate(items):
         segs = known.get(r["item_id"])
         if segs is None:
@@ -62,7 +64,8 @@ def diarize_store(
                 _, segments = diarize_windows(starts, ends, matrix, method=method, num_speakers=num_speakers,
                                               max_speakers=max_speakers)
             except ClusterError as exc:
-                raise StoreError(f"{r['uid']}: {exc}") from None
+                failed[r["uid"]] = str(exc)  # this item alone: the others go on
+                continue
             segs = [(s.start, s.end, s.speaker) for s in segments]
             fresh.append((r["item_id"], len({s for _, _, s in segs}), segs))
             if len(fresh) >= 256:
@@ -75,7 +78,8 @@ def diarize_store(
         stored.save_results(store.conn, m["id"], params, fresh)
     speech = sum(s.end - s.start for segs in out.values() for s in segs)
     return {
-        "model": store.model_key(m), "items": len(out), "computed": len(items) - len(known),
+        "model": store.model_key(m), "items": len(out), "computed": len(items) - len(known) - len(failed),
+        "failed": failed,
         "reused": len(known), "speakers": {uid: len({s.speaker for s in segs}) for uid, segs in out.items()},
         "speech_seconds": round(speech, 3), "seconds": round(time.monotonic() - started, 3), "segments": out,
     }

@@ -23,6 +23,13 @@ class ExtractionError(StoreError):
     """Extraction options or an environment that cannot run (no CUDA, bad device...)."""
 
 
+class EnvironmentProblem(ExtractionError):
+    """Something the run needs from its machine is missing or unusable: an optional
+    package, a model file, a writable cache. Never an item's fault: a run stops on it
+    before claiming anything, with one line naming what is missing and the command that
+    fixes it, and records no item as failed."""
+
+
 class ClusteringError(StoreError, ValueError):
     """Corpus clustering that cannot run (bad threshold or speaker count, no embedded
     items, a window model...); one line. A ValueError too, for callers of the engine."""

@@ -105,8 +105,9 @@ class Store(Manifest):
                 extract: dict[str, Any] | None = None) -> dict[str, Any]:
         """Who spoke when in every item: window embeddings are extracted first where they
         are missing (resumable, like `extract`; `extract` takes its other options), then
-        each item's windows are clustered. Returns the report with `segments` per item
-        and `extraction` (the extract summary)."""
+        each item's windows are clustered. Returns the report with `segments` per item,
+        `failed` (items whose windows could not be clustered), `extraction` (the extract
+        summary) and `outcome` (done, failed and left over every item: the exit status)."""
         diarization.check_options(method, num_speakers, max_speakers)
         if model is not None:
             m = self.resolve_model(model, kind="windows")
@@ -121,6 +122,14 @@ class Store(Manifest):
         summary = self.extract(**{**(extract or {}), **run})
         report = diarization.diarize_store(self, summary.model, num_speakers, max_speakers, method)
         report["extraction"] = summary.as_dict()
+        # items whose windows could not be clustered failed too, though their windows are done
+        outcome = summary.outcome
+        failed = len(report["failed"])
+        outcome.done -= failed
+        outcome.failed += failed
+        if failed and outcome.reason is None:
+            outcome.reason = "clustering: " + next(iter(report["failed"].values()))
+        report["outcome"] = outcome
         return report
 
     def cluster(self, dataset: str, model: str | None = None, threshold: float | None = None,

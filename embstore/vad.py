@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from embstore.audio import resample
+from embstore.errors import EnvironmentProblem
 
 VAD_METHODS = ("silero", "webrtc", "none")
 SILERO_RATE = 16000
@@ -48,6 +49,10 @@ SILERO_DEFAULTS = {"threshold": 0.5, "min_speech_ms": 250.0, "min_silence_ms": 1
 
 class VadError(ValueError):
     """A VAD that cannot run (unknown method, missing package); one line."""
+
+
+class VadUnavailable(VadError, EnvironmentProblem):
+    """The VAD's package is not installed: the machine's problem, not any item's."""
 
 
 class NoSpeech(ValueError):
@@ -100,6 +105,17 @@ class VadConfig:
             data.pop("webrtc_frame_ms")
             data["model"] = "silero-vad " + _silero_version()
         return data
+
+
+def check_available(vad: str | VadConfig) -> None:
+    """Raise VadUnavailable, naming the package to install, when the VAD cannot run on
+    this machine; a run asks before it claims any item."""
+    config = vad_config(vad)
+    if config.method == "silero":
+        _silero_dir()
+    elif config.method == "webrtc" and importlib.util.find_spec("webrtcvad") is None:
+        raise VadUnavailable("the webrtc VAD needs the webrtcvad package, which is not installed:"
+                             " pip install webrtcvad (or reinstall embstore), then run the command again")
 
 
 def vad_config(vad: str | VadConfig | None, **settings: Any) -> VadConfig:
@@ -211,7 +227,8 @@ def _silero_dir() -> str:
     """The installed silero_vad package's data folder, without importing the package."""
     spec = importlib.util.find_spec("silero_vad")
     if spec is None or not spec.submodule_search_locations:
-        raise VadError("--vad silero needs the silero-vad package: pip install --no-deps silero-vad")
+        raise VadUnavailable("the silero VAD needs the silero-vad package, which is not installed:"
+                             " pip install 'silero-vad>=6' (or reinstall embstore), then run the command again")
     return os.path.join(next(iter(spec.submodule_search_locations)), "data")
 
 

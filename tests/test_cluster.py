@@ -227,6 +227,7 @@ def kill_worker_of(owner: str) -> None:
     raise AssertionError(f"no live worker actor for {owner}")
 
 
+@pytest.mark.exhaustive  # ~40 s; a killed actor is replaced also in the poison-item test
 def test_worker_killed_mid_run_is_replaced(cluster, tmp_path, model_dir):
     spec = f"wespeaker:{model_dir}"
     st, files = scanned(tmp_path, speakers=4, per_speaker=5, seconds=1.0)
@@ -253,7 +254,8 @@ def test_driver_killed_then_next_run_frees_its_claims_at_once(cluster, tmp_path)
     store = tmp_path / "store"
     wait_for(lambda: claim_owners(store) or proc.poll() is not None)
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # the driver stays a zombie (nobody reaps it yet) while the next run starts: dead all the same
+    wait_for(lambda: open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z")
     # Ray kills what the dead driver created; its claims stay, their leases far ahead
     wait_for(lambda: not [a for a in ray.util.list_named_actors(all_namespaces=True) if "-coordinator" in a["name"]])
     held = peek(store, "SELECT count(*), min(lease_until) FROM tasks WHERE status = 'claimed'")[0]
@@ -263,6 +265,7 @@ def test_driver_killed_then_next_run_frees_its_claims_at_once(cluster, tmp_path)
     assert summary.prepared["released"] == held[0]
     assert not summary.error and summary.left == 0
     assert st.query("SELECT status FROM runs ORDER BY id")[0][0] == "crashed"
+    proc.wait()
     check_exactly_once(st, files, tmp_path / "root", "resemblyzer")
     st.close()
 

@@ -99,7 +99,9 @@ def test_export_pkl_by_cluster_moves_files_and_leaves_unclustered_out(store, tmp
     st.close()
     runner = CliRunner()
     res = runner.invoke(cli, ["export-pkl", str(store), str(out), "--by", "cluster"])
-    assert res.exit_code == 0 and "1 unclustered left out" in res.output, res.output
+    # an item left out is work left (exit 5), and the line says what finishes it
+    assert res.exit_code == 5 and "1 unclustered left out" in res.output, res.output
+    assert "1 item left: 1 embedded but not clustered yet (run `embstore cluster`" in res.output, res.output
     res = runner.invoke(cli, ["export-pkl", str(store), str(out), "--by", "cluster", "--speaker", "x"])
     assert res.exit_code == 1 and res.output.startswith("Error:") and res.output.count("\n") == 1, res.output
 

@@ -84,7 +84,7 @@ def test_extract_help_documents_exit_4():
     from embstore.cli import cli
 
     out = CliRunner().invoke(cli, ["extract", "--help"]).output
-    assert "4 the run stopped on an error (disk full" in " ".join(out.split())
+    assert "4 stopped on an error of the machine (disk full" in " ".join(out.split())
 
 
 def test_injected_enospc_stops_cleanly_then_resumes(tmp_path, corpus):

@@ -133,8 +133,9 @@ def test_report_without_trials(report_store, tmp_path):
     st, _ = report_store
     out = tmp_path / "report.html"
     result = CliRunner().invoke(cli, ["report", str(st.path), "-o", str(out)])
-    assert result.exit_code == 0, result.output
-    assert f"wrote {out}" in result.output
+    # the store has a failed item: the report is written, and the exit status says one is missing
+    assert result.exit_code == 3, result.output
+    assert f"wrote {out}" in result.output and "1 item failed: see `embstore errors" in result.output
     page = check_page(out)
     assert page.sections == ["summary", "durations", "speakers", "runs", "failures", "outliers"]
     # durations, items per speaker, runs over time, failures: one picture each

@@ -124,7 +124,9 @@ def test_missing_ids_are_counted_and_listed(store_and_lists, tmp_path):
     assert row["missing"] == 2 and row["trials"] == 105
     assert row["missing_ids"] == ["nobody", "ds/spk9/utt1"] and row["missing_ids_total"] == 2
     result = CliRunner().invoke(cli, ["score", str(st.path), str(trials), "--model", "noisy"])
-    assert result.exit_code == 0
+    # ids the store does not hold leave the job undone: exit 5 and one line saying so
+    assert result.exit_code == 5, result.output
+    assert "2 trial ids left: 2 not in the store (scan their audio first)" in result.output
     assert "warning: t.txt: 2 of 107 trials skipped; 2 ids have no embedding in the store (nobody, ds/spk9/utt1)" \
         in result.output
 

@@ -94,8 +94,8 @@ def test_score_store_vox_style_ids_missing_and_scores_out(vox_store, tmp_path):
     result = CliRunner().invoke(
         cli, ["score", str(vox_store.path), str(trials), "--json", "--scores-out", str(scores)]
     )
-    assert result.exit_code == 0, result.output
-    out = json.loads(result.output[result.output.index("["):])
+    assert result.exit_code == 5 and "1 trial id left: 1 not in the store" in result.output, result.output
+    out = json.loads(result.output[result.output.index("["): result.output.rindex("]") + 1])
     assert len(out) == 1
     out = out[0]
     assert {"eer", "min_dcf", "act_dcf", "trials", "missing", "missing_ids", "list", "norm", "model"} <= set(out)
@@ -109,7 +109,7 @@ def test_score_store_vox_style_ids_missing_and_scores_out(vox_store, tmp_path):
     api = vox_store.score(trials)["results"][0]
     assert api["eer"] == out["eer"] and api["targets"] + api["nontargets"] == out["trials"]
     result = CliRunner().invoke(cli, ["score", str(vox_store.path), str(trials), "--p-target", "0.05"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 5, result.output
     row = next(line.split() for line in result.output.splitlines() if line.startswith("trials.txt"))
     assert row == ["trials.txt", "none", str(len(lines) - 1), "1", "0.000", "0.0000", "0.0000"]
     assert "1 of 67 trials skipped" in result.output

@@ -60,6 +60,7 @@ def _same_windows(got: tuple, want: tuple) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive  # tests/test_resume.py kills window runs, each resumed once
 def test_window_run_killed_then_resumed(corpus, tmp_path):
     root, clean = corpus
     store = tmp_path / "s"

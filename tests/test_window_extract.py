@@ -110,13 +110,18 @@ def test_cli_windows_exports_and_search(store, corpus, tmp_path):
     assert rows and all(r["end"] > r["start"] for r in rows)
     kaldi = tmp_path / "k"
     out = runner.invoke(cli, ["export-kaldi", str(path), str(kaldi), "--model", WIN])
-    assert out.exit_code == 0, out.output
+    # two items of the corpus have no speech to window: failed, so not in the export (exit 3)
+    failed = embstore.open(path).query("SELECT count(*) FROM tasks t JOIN models m ON m.id = t.model_id"
+                                       " WHERE t.status = 'failed' AND m.kind = 'windows'")[0][0]
+    assert failed and out.exit_code == 3, out.output
+    assert f"{failed} items failed: see `embstore errors" in out.output
     segments = (kaldi / "segments").read_text().splitlines()
     first = segments[0].split()
     assert first[0] == f"{first[1]}-{round(float(first[2]) * 1000):07d}-{round(float(first[3]) * 1000):07d}"
     npy = tmp_path / "n"
     out = runner.invoke(cli, ["export-npy", str(path), str(npy), "--model", WIN, "--json"])
-    assert out.exit_code == 0, out.output
+    assert out.exit_code == 3, out.output
+    assert json.loads(out.stdout)["outcome"]["failed"] == failed
     matrix = np.load(npy / "embeddings.npy")
     assert len(matrix) == len(segments) == len(np.load(npy / "starts.npy"))
     query = corpus / "ds" / "1688" / "1688-142285-0002.flac"

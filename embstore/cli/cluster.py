@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from embstore.cli.common import echo_json, json_option, library_errors, model_option, open_store, store_argument
+from embstore.cli.common import conclude, echo_json, exit_status_documented, json_option, library_errors, model_option, open_store, store_argument
 
 
 @click.command()
@@ -16,6 +16,7 @@ from embstore.cli.common import echo_json, json_option, library_errors, model_op
 @click.option("--num-speakers", type=click.IntRange(1), default=None, help="Exactly this many clusters.")
 @json_option
 @library_errors
+@exit_status_documented
 def cluster(store, dataset, model, threshold, num_speakers, as_json):
     """Give the embedded items of an unlabelled DATASET pseudo-speaker labels.
 
@@ -33,12 +34,14 @@ def cluster(store, dataset, model, threshold, num_speakers, as_json):
     """
     with open_store(store) as st:
         report = st.cluster(dataset, model=model, threshold=threshold, num_speakers=num_speakers)
+    outcome = report.pop("outcome")
     if as_json:
-        echo_json(report)
-        return
-    extra = f", purity {report['purity']:.3f}, coverage {report['coverage']:.3f}" if "purity" in report else ""
-    click.echo(f"{report['dataset']}: {report['clustered']} items in {report['clusters']} clusters "
-               f"({report['unlabelled']} unlabelled; {report['algorithm']}, {report['seconds']:.1f}s){extra}")
+        echo_json(report | {"outcome": outcome.as_dict()})
+    else:
+        extra = f", purity {report['purity']:.3f}, coverage {report['coverage']:.3f}" if "purity" in report else ""
+        click.echo(f"{report['dataset']}: {report['clustered']} items in {report['clusters']} clusters "
+                   f"({report['unlabelled']} unlabelled; {report['algorithm']}, {report['seconds']:.1f}s){extra}")
+    conclude(outcome, store)
 
 
 def register(cli: click.Group) -> None:

@@ -9,7 +9,8 @@ from typing import Any, Callable
 
 import click
 
-from embstore.errors import USER_ERRORS
+from embstore.errors import USER_ERRORS, EnvironmentProblem
+from embstore.outcome import EXIT_STOPPED, Outcome
 
 store_argument = click.argument("store", type=click.Path(file_okay=False))
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -22,8 +23,23 @@ by_option = click.option("--by", type=click.Choice(["speaker", "cluster"]), defa
                          help="Group by the real speaker label or by the pseudo-speakers of `embstore cluster`.")
 
 
-# the exit status of a command stopped by its environment (disk full...); `extract` documents it
-EXIT_ENVIRONMENT = 4
+# the exit status of a command stopped by its environment (disk full, a missing package...)
+EXIT_ENVIRONMENT = EXIT_STOPPED
+
+EXIT_STATUS_HELP = """
+    \b
+    Exit status: 0 every selected item done; 3 some items failed (see
+    `embstore errors`); 4 stopped on an error of the machine (disk full, a
+    missing package); 5 work left (items not extracted yet, or held by another
+    run still running); 130 interrupted. Anything but 0 comes with one line
+    on stderr saying how many items and why.
+"""
+
+
+def exit_status_documented(fn: Callable) -> Callable:
+    """Append the exit statuses to a command's help (put it nearest the function)."""
+    fn.__doc__ = (fn.__doc__ or "").rstrip() + "\n" + EXIT_STATUS_HELP
+    return fn
 
 
 class EnvironmentFailure(click.ClickException):
@@ -53,6 +69,8 @@ def library_errors(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except EnvironmentProblem as exc:
+            raise EnvironmentFailure(str(exc)) from None
         except USER_ERRORS as exc:
             raise click.ClickException(str(exc)) from None
         except Exception as exc:
@@ -69,6 +87,15 @@ def open_store(path: str, create: bool = False) -> Any:
     import embstore
 
     return embstore.open(path, create=create)
+
+
+def conclude(outcome: Outcome, store: str) -> None:
+    """End a command as its outcome says: a line on stderr for whatever is not done, and
+    the exit status (0 only when every selected item is done; see `embstore.outcome`)."""
+    for line in outcome.messages(store):
+        click.echo(line, err=True)
+    if outcome.exit_status:
+        sys.exit(outcome.exit_status)
 
 
 def echo_json(value: Any) -> None:

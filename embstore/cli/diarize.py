@@ -6,7 +6,10 @@ import sys
 
 import click
 
-from embstore.cli.common import echo_json, echo_table, json_option, library_errors, model_option, open_store, store_argument
+from embstore.cli.common import (
+    conclude, exit_status_documented, echo_json, echo_table, json_option, library_errors, model_option, open_store,
+    store_argument,
+)
 
 
 @click.command()
@@ -26,6 +29,7 @@ from embstore.cli.common import echo_json, echo_table, json_option, library_erro
               help="Write one RTTM file for all items ('-' for stdout).")
 @json_option
 @library_errors
+@exit_status_documented
 def diarize(store, model, num_speakers, max_speakers, method, windows, vad, workers, device, rttm_out, as_json):
     """Who spoke when in each item of STORE, as RTTM.
 
@@ -46,20 +50,22 @@ def diarize(store, model, num_speakers, max_speakers, method, windows, vad, work
                             windows=windows, vad=vad, extract={"workers": workers, "device": device,
                                                                "progress": not as_json and rttm_out != "-"})
     segments = report.pop("segments")
+    outcome = report.pop("outcome")
     if rttm_out == "-":
         write_rttm(sys.stdout, segments)
     elif rttm_out:
         write_rttm(rttm_out, segments)
     if as_json:
         report["segments"] = {k: [[s.start, s.end, s.speaker] for s in v] for k, v in segments.items()}
+        report["outcome"] = outcome.as_dict()
         echo_json(report)
-        return
-    if rttm_out == "-":
-        return
-    echo_table([{"id": k, "speakers": report["speakers"][k], "turns": len(v)} for k, v in segments.items()],
-               ["id", "speakers", "turns"])
-    click.echo(f"{report['items']} items ({report['computed']} diarized now, {report['reused']} stored) with "
-               f"{report['model']}" + (f" -> {rttm_out}" if rttm_out else ""), err=True)
+    elif rttm_out != "-" and segments:
+        echo_table([{"id": k, "speakers": report["speakers"][k], "turns": len(v)} for k, v in segments.items()],
+                   ["id", "speakers", "turns"])
+    if not as_json and rttm_out != "-" and segments:
+        click.echo(f"{report['items']} items ({report['computed']} diarized now, {report['reused']} stored) with "
+                   f"{report['model']}" + (f" -> {rttm_out}" if rttm_out else ""), err=True)
+    conclude(outcome, store)
 
 
 def register(cli: click.Group) -> None:

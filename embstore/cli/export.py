@@ -7,7 +7,7 @@ from typing import Any, Callable
 import click
 
 from embstore.cli.common import (
-    by_option,
+    by_option, conclude, exit_status_documented,
     echo_json, json_option, library_errors, model_option, open_store, stderr_is_tty, store_argument,
 )
 
@@ -29,6 +29,7 @@ out_argument = click.argument("out", type=click.Path(file_okay=False))
 @by_option
 @json_option
 @library_errors
+@exit_status_documented
 def export_pkl(store, out, model, dataset, speaker, fmt, workers, force, by, as_json):
     """Write one pickle per embedded item: OUT/<dataset>/<speaker>/<stem>.pkl.
 
@@ -70,13 +71,14 @@ def export_pkl(store, out, model, dataset, speaker, fmt, workers, force, by, as_
         )
     if as_json:
         echo_json(report.as_dict())
-        return
-    click.echo(
-        f"{report.items} items: wrote {report.written} files ({report.files_per_second:.0f} files/s),"
-        f" {report.unchanged} unchanged, {report.moved} moved, {report.removed} removed"
-        + (f", {report.left_out} unclustered left out" if report.left_out else "")
-        + f" -> {report.out} ({report.model}, {report.seconds:.1f}s)"
-    )
+    else:
+        click.echo(
+            f"{report.items} items: wrote {report.written} files ({report.files_per_second:.0f} files/s),"
+            f" {report.unchanged} unchanged, {report.moved} moved, {report.removed} removed"
+            + (f", {report.left_out} unclustered left out" if report.left_out else "")
+            + f" -> {report.out} ({report.model}, {report.seconds:.1f}s)"
+        )
+    conclude(report.outcome, store)
 
 
 @click.command("export-kaldi")
@@ -86,6 +88,7 @@ def export_pkl(store, out, model, dataset, speaker, fmt, workers, force, by, as_
 @by_option
 @json_option
 @library_errors
+@exit_status_documented
 def export_kaldi(store, out, model, by, as_json):
     """Write Kaldi tables: xvector.ark + xvector.scp, utt2spk, spk2utt in OUT.
 
@@ -101,10 +104,11 @@ def export_kaldi(store, out, model, by, as_json):
         embstore export-kaldi store/ exp/xvectors --model resemblyzer-ge2e
         embstore export-kaldi store/ exp/subsegments --model resemblyzer-ge2e+w1.5:0.75+silero
     """
-    info = _export(store, as_json, lambda st: st.export_kaldi(out, model=model, by=by))
-    if info:
+    def echo(info: dict[str, Any]) -> None:
         what = f"{info['windows']} windows of {info['items']} items" if "windows" in info else f"{info['items']} items"
         click.echo(f"{what} of {info['speakers']} speakers -> {info['out']} ({', '.join(info['files'])})")
+
+    _export(store, as_json, lambda st: st.export_kaldi(out, model=model, by=by), echo)
 
 
 @click.command("export-npy")
@@ -114,6 +118,7 @@ def export_kaldi(store, out, model, by, as_json):
 @by_option
 @json_option
 @library_errors
+@exit_status_documented
 def export_npy(store, out, model, by, as_json):
     """Write one matrix: OUT/embeddings.npy (float32 [items, dim]) + row labels.
 
@@ -130,20 +135,24 @@ def export_npy(store, out, model, by, as_json):
         embstore export-npy store/ matrix/
         python -c "import numpy as np; print(np.load('matrix/embeddings.npy', mmap_mode='r').shape)"
     """
-    info = _export(store, as_json, lambda st: st.export_npy(out, model=model, by=by))
-    if info:
+    def echo(info: dict[str, Any]) -> None:
         what = f"{info['windows']} windows of {info['items']} items" if "windows" in info else f"{info['items']}"
         click.echo(f"{what} x {info['dim']} float32 -> {info['out']}/embeddings.npy (+ {', '.join(info['files'][1:])})")
 
+    _export(store, as_json, lambda st: st.export_npy(out, model=model, by=by), echo)
 
-def _export(store: str, as_json: bool, run: Callable[[Any], dict[str, Any]]) -> dict[str, Any] | None:
-    """Run one export; with --json print its info and return None, else return it."""
+
+def _export(store: str, as_json: bool, run: Callable[[Any], dict[str, Any]],
+            echo: Callable[[dict[str, Any]], None]) -> None:
+    """Run one export, print its info (`echo`, or JSON) and end as its outcome says."""
     with open_store(store) as st:
         info = run(st)
+    outcome = info.pop("outcome")
     if as_json:
-        echo_json(info)
-        return None
-    return info
+        echo_json(info | {"outcome": outcome.as_dict()})
+    else:
+        echo(info)
+    conclude(outcome, store)
 
 
 def register(cli: click.Group) -> None:

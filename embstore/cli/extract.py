@@ -6,14 +6,11 @@ import sys
 
 import click
 
-from embstore.cli.common import echo_json, json_option, library_errors, open_store, store_argument
+from embstore.cli.common import conclude, echo_json, exit_status_documented, json_option, library_errors, open_store, store_argument
 
 # embstore.models.common.DTYPES, spelled out: importing embstore.models loads NumPy,
 # which `embstore --help` must not (tests/test_tf32.py keeps the two equal)
 DTYPE_CHOICES = ["fp32", "tf32", "bf16", "fp16"]
-EXIT_SOME_FAILED = 3
-EXIT_INTERRUPTED = 130
-EXIT_RUN_ERROR = 4
 
 
 @click.command()
@@ -57,14 +54,15 @@ EXIT_RUN_ERROR = 4
                    "whole items of speech only (default none).")
 @json_option
 @library_errors
+@exit_status_documented
 def extract(store, model, gpus, device, workers, batch_frames, loader_workers, dtype, max_trim_frames,
             retry_failed, limit, threads, features, runtime, batching, ray_address, path_map, windows, vad,
             as_json):
     """Embed every pending item of STORE, exactly once; resumes where a run stopped.
 
     \b
-    Exit status: 0 all done; 3 some items failed (see `embstore errors`);
-    4 the run stopped on an error (disk full...); 130 interrupted (Ctrl-C).
+    With --limit N the run is asked for N items: those it leaves unclaimed do
+    not count as work left.
 
     \b
     Examples:
@@ -88,9 +86,11 @@ def extract(store, model, gpus, device, workers, batch_frames, loader_workers, d
         )
     if as_json:
         echo_json(summary.as_dict())
+    elif summary.nothing_to_do and summary.failed:
+        click.echo(f"nothing to do: {summary.model} has every item it can embed ({summary.failed} failed;"
+                   " --retry-failed to try again)")
     elif summary.nothing_to_do:
-        extra = f" ({summary.failed} failed; --retry-failed to try again)" if summary.failed else ""
-        click.echo(f"nothing to do: every item has an embedding from {summary.model}{extra}")
+        click.echo(f"nothing to do: every item has an embedding from {summary.model}")
     else:
         click.echo(
             f"{summary.model}: {summary.done} done, {summary.failed} failed, {summary.left} left in "
@@ -98,15 +98,7 @@ def extract(store, model, gpus, device, workers, batch_frames, loader_workers, d
             f"{summary.batching} batching, mean batch {summary.mean_batch_items}, "
             f"padding {summary.padding_overhead:.1%}) on {', '.join(sorted(set(summary.devices)))}"
         )
-    if summary.error:
-        click.echo(f"error: {summary.error}", err=True)
-        sys.exit(EXIT_RUN_ERROR)
-    if summary.interrupted:
-        click.echo("interrupted: claims released; run the same command to continue", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    if summary.failed:
-        click.echo(f"{summary.failed} items failed: see `embstore errors {store}`", err=True)
-        sys.exit(EXIT_SOME_FAILED)
+    conclude(summary.outcome, store)
 
 
 def register(cli: click.Group) -> None:

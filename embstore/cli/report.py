@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from embstore.cli.common import library_errors, model_option, open_store, store_argument
+from embstore.cli.common import conclude, exit_status_documented, library_errors, model_option, open_store, store_argument
 from embstore.cli.score import echo_warnings, norm_options
 
 
@@ -18,6 +18,7 @@ from embstore.cli.score import echo_warnings, norm_options
 @click.option("--outliers", "outliers", type=int, default=20, show_default=True,
               help="Speaker outliers listed per model.")
 @library_errors
+@exit_status_documented
 def report(store, out, trials, model, norm, mean_from, cohort, top_n, p_target, outliers):
     """Write one self-contained HTML report about STORE: summary, item durations per
     dataset, items per speaker, extraction runs over time, failures by reason, speaker
@@ -40,6 +41,7 @@ def report(store, out, trials, model, norm, mean_from, cohort, top_n, p_target, 
         )
     echo_warnings(result.get("warnings", []))
     click.echo(f"wrote {result['path']} ({result['bytes'] / 1e6:.2f} MB; {', '.join(result['sections'])})")
+    conclude(result["outcome"], store)
 
 
 def register(cli: click.Group) -> None:

@@ -7,7 +7,7 @@ from typing import Callable
 
 import click
 
-from embstore.cli.common import echo_json, echo_table, json_option, library_errors
+from embstore.cli.common import conclude, echo_json, echo_table, exit_status_documented, json_option, library_errors
 from embstore.cli.common import model_option, open_store, store_argument
 
 SEL = "SEL"
@@ -52,6 +52,7 @@ def echo_warnings(warnings: list[str]) -> None:
 @click.option("--c-fa", type=float, default=1.0, show_default=True, help="Cost of a false alarm (DCF).")
 @json_option
 @library_errors
+@exit_status_documented
 def score(store, trials, model, norm, mean_from, cohort, top_n, p_target, scores, scores_out, plot, c_miss, c_fa,
           as_json):
     """Score the trial lists TRIALS with the store's embeddings: EER, minDCF at each
@@ -92,7 +93,12 @@ def score(store, trials, model, norm, mean_from, cohort, top_n, p_target, scores
     echo_warnings(out["warnings"])
     if as_json:
         echo_json([dict(r, model=out["model"]) for r in out["results"]])
-        return
+    else:
+        _echo_results(out, plot)
+    conclude(out["outcome"], store)
+
+
+def _echo_results(out: dict, plot: str | None) -> None:
     from embstore.eval.scoring import result_table
 
     headers, rows = result_table(out["results"], out["options"]["p_targets"])

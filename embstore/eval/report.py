@@ -35,6 +35,7 @@ from embstore.eval.plots import (
 from embstore.eval.scoring import ScoreOptions, result_table, run_scoring
 from embstore.manifest import reports
 from embstore.manifest.database import Manifest
+from embstore.outcome import Outcome
 
 MAX_PANELS = 12        # datasets drawn one panel each; the rest are counted in the table
 RUN_ROWS = 40          # most recent runs listed
@@ -341,7 +342,12 @@ def build_report(
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(page)
     os.replace(tmp, out)
-    return {"path": out, "bytes": len(page.encode("utf-8")), "sections": [sid for sid, _, _ in sections]}
+    # the report describes every item of each model: those failed or not extracted yet are missing from it
+    outcome = Outcome(noun="items" if len(models) < 2 else "item embeddings")
+    for m, key in zip(models, keys):
+        outcome = outcome.add(reports.coverage(store.conn, m["id"], model_key=key))
+    return {"path": out, "bytes": len(page.encode("utf-8")), "sections": [sid for sid, _, _ in sections],
+            "outcome": outcome}
 
 
 __all__ = ["build_report", "table"]

@@ -28,6 +28,7 @@ from embstore.eval.norm import (
 from embstore.eval.selection import in_chunks, select_items
 from embstore.eval.trials import TrialList, read_trials
 from embstore.manifest.database import Manifest
+from embstore.outcome import Outcome
 from embstore.query import resolve_ids
 
 MISSING_LISTED = 20  # missing ids named per list; the count is always complete
@@ -71,6 +72,8 @@ class Scoring:
     p_targets: list[float]
     warnings: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
+    # the trial ids with an embedding, failed, or left (the exit status)
+    outcome: Outcome = field(default_factory=Outcome)
 
 
 def _as_list(value: Any) -> list:
@@ -141,6 +144,27 @@ def _done_rows_of(store: Manifest, model_id: int, items: list[int]) -> dict[int,
         sql = f"SELECT item_id, row FROM tasks WHERE model_id = ? AND status = 'done' AND item_id IN ({marks})"
         out.update(store.conn.execute(sql, (model_id, *chunk)).fetchall())
     return out
+
+
+def _ids_outcome(store: Manifest, m: Any, ids: list[str], item_of: dict[str, int | None],
+                 row_of_item: dict[int, int]) -> Outcome:
+    """What the trial ids have: an embedding (done), a failed task (failed), or neither:
+    not extracted yet, or not in the store at all (left, with why)."""
+    waiting = [item_of[i] for i in ids if item_of[i] is not None and item_of[i] not in row_of_item]
+    failed = 0
+    for chunk, marks in in_chunks(waiting):
+        failed += store.conn.execute(
+            f"SELECT count(*) FROM tasks WHERE model_id = ? AND status = 'failed' AND item_id IN ({marks})",
+            (m["id"], *chunk),
+        ).fetchone()[0]
+    unknown = sum(1 for i in ids if item_of[i] is None)
+    why = []
+    if len(waiting) > failed:
+        why.append(f"{len(waiting) - failed} not extracted yet with {store.model_key(m)} (run `embstore extract`)")
+    if unknown:
+        why.append(f"{unknown} not in the store (scan their audio first)")
+    return Outcome(done=len(ids) - len(waiting) - unknown, failed=failed, left=len(waiting) - failed + unknown,
+                   why_left="; ".join(why), noun="trial ids")
 
 
 def _norm_labels(norms: list[str], has_mean: bool, top_n: int) -> list[tuple[str, str]]:
@@ -259,7 +283,8 @@ def run_scoring(
                 f"{t.name}: {int((~kept).sum())} of {len(t)} trials skipped; {len(missing_ids)} ids have no"
                 f" embedding in the store ({', '.join(missing_ids[:5])}{', ...' if len(missing_ids) > 5 else ''})"
             )
-    return Scoring(store.model_key(m), results, p_targets, warnings, options)
+    return Scoring(store.model_key(m), results, p_targets, warnings, options,
+                   _ids_outcome(store, m, ids, item_of, row_of_item))
 
 
 # -- writing scores ------------------------------------------------------------------------
@@ -317,11 +342,13 @@ def score(
 
     Returns {"model", "results": [one dict per list and norm: list, norm, trials,
     targets, nontargets, missing, missing_ids, eer, eer_threshold, min_dcf {p: v},
-    act_dcf {p: v}, ...], "warnings", "options", "score_files", "plots"}."""
+    act_dcf {p: v}, ...], "warnings", "options", "score_files", "plots", "outcome"} (outcome: an
+    `embstore.outcome.Outcome` over the trial ids: with an embedding, failed, or left)."""
     scoring = run_scoring(store, trials, model, ScoreOptions(**options))
     out: dict[str, Any] = {
         "model": scoring.model, "results": [r.row() for r in scoring.results], "warnings": scoring.warnings,
         "options": scoring.options | {"p_targets": scoring.p_targets}, "score_files": [], "plots": [],
+        "outcome": scoring.outcome,
     }
     if scores is not None:
         for path, result in zip(score_file_paths(scores, scoring.results), scoring.results):

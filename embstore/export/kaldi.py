@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 
 from embstore.errors import StoreError
-from embstore.export.files import export_rows, group_of, grouped
+from embstore.export.files import export_outcome, export_rows, group_of, grouped
 from embstore.paths import write_atomic
 from embstore.manifest.database import Manifest
 
@@ -88,4 +88,5 @@ def export_kaldi(store: Manifest, out: str | os.PathLike, model: str | None = No
         report["windows"] = len(keys)
     if by != "speaker":
         report.update(by=by, left_out=left_out)
+    report["outcome"] = export_outcome(store, m, left_out=left_out)
     return report

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from embstore.export.files import export_rows, group_of, grouped
+from embstore.export.files import export_outcome, export_rows, group_of, grouped
 from embstore.paths import write_atomic
 from embstore.manifest.database import Manifest
 
@@ -67,5 +67,5 @@ def export_npy(store: Manifest, out: str | os.PathLike, model: str | None = None
     if by != "speaker":
         info.update(by=by, left_out=left_out)
     write_atomic(os.path.join(out_path, "export.json"), (json.dumps(info, indent=2) + "\n").encode("utf-8"))
-    info.update(out=out_path, seconds=round(time.monotonic() - started, 3))
+    info.update(out=out_path, seconds=round(time.monotonic() - started, 3), outcome=export_outcome(store, m, left_out=left_out))
     return info

@@ -31,18 +31,19 @@ import sqlite3
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from embstore.errors import StoreError
-from embstore.export.files import group_of, grouped, inside, safe_component
+from embstore.export.files import export_outcome, group_of, grouped, inside, safe_component
 from embstore.manifest.clusters import check_by
 from embstore.paths import write_atomic
 from embstore.manifest.connection import immediate
 from embstore.manifest.database import Manifest
 from embstore.manifest.selection import Selection, select_items
+from embstore.outcome import Outcome
 from embstore.progress import progress_bar, rate
 
 MANIFEST_NAME = ".embstore-export.db"
@@ -203,13 +204,15 @@ class ExportReport:
     by: str = "speaker"     # folders named by the speaker label or the cluster label
     left_out: int = 0       # done items with by="cluster" but no cluster label: not written
     seconds: float = 0.0
+    # done / failed / left over the selected items (the exit status)
+    outcome: Outcome = field(default_factory=Outcome)
 
     @property
     def files_per_second(self) -> float:
         return rate(self.written, self.seconds)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"files_per_second": round(self.files_per_second, 1)}
+        return asdict(self) | {"files_per_second": round(self.files_per_second, 1), "outcome": self.outcome.as_dict()}
 
 
 def export_pkl(
@@ -293,6 +296,7 @@ def export_pkl(
         manifest.forget([uid for uid, _ in gone])
     finally:
         manifest.close()
+    report.outcome = export_outcome(store, m, Selection(speaker=speaker, dataset=dataset), report.left_out)
     report.seconds = round(time.monotonic() - started, 3)
     return report
 

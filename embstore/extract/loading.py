@@ -3,7 +3,8 @@
 One claim is loaded in two passes over the loader pool: first every item's bytes are
 hashed, then one dedup lookup asks the manifest which of those audio spans already have
 a row; only the rest are decoded and turned into features. Every failure is the item's
-own, with the stage it happened in.
+own, with the stage it happened in, except a problem of the machine (`EnvironmentProblem`):
+that stops the worker instead.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from concurrent.futures import Executor
 import numpy as np
 
 from embstore.audio import content_hash
-from embstore.errors import AudioError
+from embstore.errors import AudioError, EnvironmentProblem
 from embstore.extract.batching import Loaded
 from embstore.extract.client import ManifestClient
 from embstore.cutting import EAGER_WINDOWS, Cutting, ItemCutFailed
@@ -57,6 +58,8 @@ def decode_item(encoder: Encoder, item: Loaded, device_features: bool = False, c
             cut = cutting.cut(encoder, wav, known)
         except ItemCutFailed as exc:
             return _failed(item, exc.stage, exc.reason)
+        except EnvironmentProblem:
+            raise  # the machine's fault, not the item's: the worker stops and says why
         except Exception as exc:
             return _failed(item, "vad", f"{type(exc).__name__}: {exc}")
         item.speech, wav = cut.speech, cut.wav

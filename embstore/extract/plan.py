@@ -23,6 +23,7 @@ from embstore.models.base import Capabilities, Encoder, trimmed_fingerprint
 from embstore.models.onnx import cached_export, export_onnx
 from embstore.models.openvino import cpu_bf16_support, openvino_spec
 from embstore.models.registry import load
+from embstore.vad import check_available as check_vad_available
 
 
 @dataclass
@@ -49,7 +50,7 @@ class ExtractionPlan:
         return ExtractSummary(
             model=self.model_key, fingerprint=self.fingerprint, batching=self.batching, devices=self.devices,
             workers=len(self.devices), prepared=self.prepared, features="device" if self.device_features else "cpu",
-            runtime=self.runtime,
+            runtime=self.runtime, model_id=self.model_id,
         )
 
 
@@ -129,7 +130,7 @@ def quick_nothing_to_do(manifest: Manifest, options: ExtractOptions) -> ExtractS
         return None
     return ExtractSummary(
         model=manifest.model_key(row), fingerprint=row["fingerprint"], batching=row["batching"],
-        failed=tasks.failed_count(manifest.conn, row["id"]), nothing_to_do=True,
+        failed=tasks.failed_count(manifest.conn, row["id"]), nothing_to_do=True, model_id=row["id"],
     )
 
 
@@ -241,6 +242,8 @@ def plan_extraction(manifest: Manifest, options: ExtractOptions) -> ExtractionPl
     if quick is not None:
         quick.devices = devices
         return quick
+    # what the machine lacks stops the run here, before any claim: never the items' failure
+    check_vad_available(options.vad_method)
     spec = run_spec(options, devices)
     model = ModelAtHand(spec, options)
     caps = model.card.capabilities

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from embstore.outcome import Outcome
 from embstore.progress import rate
 
 
@@ -32,6 +33,11 @@ class ExtractSummary:
     dropped: int = 0  # results whose claim had been taken back before the commit
     # cluster runs: {node: {"workers": n, "devices": {device: n}, "lost": n}}
     workers_per_node: dict[str, dict[str, Any]] = field(default_factory=dict)
+    model_id: int | None = None
+    rounds: int = 0  # times the workers were started (again when dead runs' claims came free at the end)
+    # the model's work after the run, over every live item (earlier runs' failures too):
+    # what the exit status says (`embstore.outcome`)
+    outcome: Outcome = field(default_factory=Outcome)
 
     @property
     def items_per_second(self) -> float:
@@ -42,4 +48,5 @@ class ExtractSummary:
         return rate(self.audio_seconds, self.seconds)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"items_per_second": round(self.items_per_second, 2), "x_realtime": round(self.x_realtime, 1)}
+        return asdict(self) | {"items_per_second": round(self.items_per_second, 2), "x_realtime": round(self.x_realtime, 1),
+                               "outcome": self.outcome.as_dict()}

@@ -27,29 +27,45 @@ from embstore.extract.worker import worker_main
 from embstore.extract.writer import writer_main
 from embstore.manifest import runs, tasks
 from embstore.manifest.database import Manifest
+from embstore.manifest.reports import coverage
+from embstore.outcome import Outcome
 from embstore.progress import progress_bar
 
 
+# times a run starts its workers: again only when claims of runs that died meanwhile came
+# free after its workers had run dry (a bounded number: each start costs the model load)
+MAX_ROUNDS = 3
+
+
 def run_extraction(manifest: Manifest, options: ExtractOptions, runner: type | None = None) -> ExtractSummary:
-    """Embed every pending item of the store; returns what was done. `runner` runs
+    """Embed every pending item of the store; returns what was done and, in
+    `summary.outcome`, what is left of the model's work (the exit status). `runner` runs
     the planned work (default `RunProcesses`, local processes; the cluster's is
     `embstore.extract.cluster.supervisor.ClusterRun`)."""
     started = time.monotonic()
     plan = plan_extraction(manifest, options)
     if isinstance(plan, ExtractSummary):
         plan.seconds = time.monotonic() - started
+        plan.outcome = settle(manifest, plan, options)
         return plan
     summary = plan.summary()
     if plan.left == 0:
         summary.nothing_to_do = True
         summary.failed = tasks.failed_count(manifest.conn, plan.model_id)
         summary.seconds = time.monotonic() - started
+        summary.outcome = settle(manifest, summary, options)
         return summary
     record = options.record() | {"devices": plan.devices, "batching": plan.batching, "runtime": plan.runtime,
                                  "features": summary.features}
     summary.run_id = runs.start_run(manifest.conn, plan.model_id, record)
     try:
-        (runner or RunProcesses)(manifest, plan, options, summary).run()
+        while True:
+            (runner or RunProcesses)(manifest, plan, options, summary).run()
+            summary.rounds += 1
+            if summary.error or summary.interrupted or options.limit or summary.rounds >= MAX_ROUNDS:
+                break
+            if not tasks.claimable_count(manifest.conn, plan.model_id):
+                break
     finally:
         summary.seconds = time.monotonic() - started
         summary.left, _ = tasks.pending_summary(manifest.conn, plan.model_id)
@@ -60,7 +76,21 @@ def run_extraction(manifest: Manifest, options: ExtractOptions, runner: type | N
             # a full disk must not hide the run's own error behind this bookkeeping one
             if not summary.error:
                 summary.error = f"cannot record the run: {exc}"
+    summary.outcome = settle(manifest, summary, options)
     return summary
+
+
+def settle(manifest: Manifest, summary: ExtractSummary, options: ExtractOptions) -> Outcome:
+    """The model's work after the run: done, failed and left over every live item (with
+    --limit, what the limit left unclaimed is not missing: the run was asked for less)."""
+    try:
+        outcome = coverage(manifest.conn, summary.model_id, model_key=summary.model,
+                           count_waiting=not options.limit or bool(summary.error))
+    except sqlite3.OperationalError as exc:  # a full or failing disk: the run's error says more
+        outcome = Outcome(error=summary.error or f"cannot read the store: {exc}")
+    outcome.error = summary.error
+    outcome.interrupted = summary.interrupted
+    return outcome
 
 
 def exit_reason(exitcode: int | None) -> str:

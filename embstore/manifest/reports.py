@@ -10,8 +10,11 @@ from typing import Any, Iterable
 
 from embstore.manifest.diarization import diarized_count
 from embstore.manifest import registry
-from embstore.manifest.connection import LIVE_ITEM, scalar
+from embstore.manifest.connection import LIVE_ITEM, scalar, select_in
 from embstore.manifest.runs import last_run
+from embstore.manifest.selection import Selection
+from embstore.manifest.tasks import claim_is_live, describe_owner
+from embstore.outcome import Outcome
 
 TASK_STATES = ("pending", "claimed", "done", "failed", "stale")
 # what `status` shows of a model's last run
@@ -120,3 +123,64 @@ def errors(conn: sqlite3.Connection, models: list[sqlite3.Row]) -> list[dict[str
         path = os.path.join(r["root"], r["path"])
         out.append({"id": None, "path": path, "stage": "scan", "error": r["error"], "attempts": 0, "model": None})
     return out
+
+
+def _selection_where(selection: Selection) -> tuple[str, list[Any]]:
+    where, params = [LIVE_ITEM], []
+    if selection.speaker is not None:
+        where.append("i.speaker = ?")
+        params.append(selection.speaker)
+    if selection.dataset is not None:
+        where.append("i.dataset = ?")
+        params.append(selection.dataset)
+    return " AND ".join(where), params
+
+
+def coverage(conn: sqlite3.Connection, model_id: int, selection: Selection = Selection(), model_key: str = "",
+             noun: str = "items", count_waiting: bool = True) -> Outcome:
+    """How far a model's work over the selected items is: done, failed (with the most
+    common reason), and left, with why (not extracted yet, or held by a run that still
+    runs). `count_waiting=False`: items nobody holds are not counted as left."""
+    where, params = _selection_where(selection)
+    sql = (
+        "SELECT coalesce(t.status, 'none'), t.owner, t.lease_until, count(*) FROM items i"
+        f" LEFT JOIN tasks t ON t.item_id = i.id AND t.model_id = ? WHERE {where}"
+    )
+    if selection.ids is None:
+        rows = conn.execute(sql + " GROUP BY 1, 2, 3", [model_id, *params]).fetchall()
+    else:
+        rows = select_in(conn, sql + " AND i.uid IN ({marks}) GROUP BY 1, 2, 3", list(dict.fromkeys(selection.ids)),
+                         params_before=[model_id, *params])
+    done = failed = waiting = 0
+    held: dict[str, int] = {}
+    for state, owner, lease_until, n in rows:
+        if state == "done":
+            done += n
+        elif state == "failed":
+            failed += n
+        elif state == "claimed" and owner and claim_is_live(conn, owner, lease_until):
+            held[owner] = held.get(owner, 0) + n
+        else:
+            waiting += n
+    reasons = []
+    if held:
+        holders = sorted({describe_owner(o) for o in held})
+        reasons.append(f"{sum(held.values())} held by another run still running ({', '.join(holders[:3])}"
+                       f"{', ...' if len(holders) > 3 else ''}); it finishes them, or run this command again"
+                       " once it has ended")
+    if not count_waiting:
+        waiting = 0
+    if waiting:
+        with_model = f" with {model_key}" if model_key else ""
+        reasons.append(f"{waiting} not extracted yet{with_model} (run `embstore extract`)")
+    reason = None
+    if failed:
+        top = group_reasons(conn.execute(
+            "SELECT coalesce(t.stage, '?') || ': ' || coalesce(t.error, '?'), count(*) FROM items i"
+            f" JOIN tasks t ON t.item_id = i.id AND t.model_id = ? WHERE {where} AND t.status = 'failed'"
+            " GROUP BY 1 ORDER BY 2 DESC LIMIT 1000",
+            [model_id, *params],
+        ), top=1)
+        reason = next(iter(top), None)
+    return Outcome(done=done, failed=failed, left=waiting + sum(held.values()), why_left="; ".join(reasons),
+                   reason=reason, noun=noun)

@@ -8,7 +8,7 @@ import sqlite3
 from typing import Any
 
 from embstore.manifest.connection import immediate, utcnow
-from embstore.manifest.tasks import HOST, owner_is_dead
+from embstore.processes import HOST, is_running, own_start_mark
 
 CRASHED = "the process died without recording its end (kill -9, OOM, power loss)"
 
@@ -17,17 +17,18 @@ def start_run(conn: sqlite3.Connection, model_id: int, options: dict[str, Any]) 
     """Record a new running run (this host, this pid); runs of this host whose process is
     gone are marked crashed first."""
     with immediate(conn):
-        for old_id, old_pid in conn.execute(
-            "SELECT id, pid FROM runs WHERE status = 'running' AND host = ?", (HOST,)
+        for old_id, old_pid, old_mark in conn.execute(
+            "SELECT id, pid, pid_start FROM runs WHERE status = 'running' AND host = ?", (HOST,)
         ).fetchall():
-            if old_pid and owner_is_dead(f"{HOST}:{old_pid}"):
+            if old_pid and not is_running(int(old_pid), old_mark):
                 conn.execute(
                     "UPDATE runs SET status = 'crashed', summary = ? WHERE id = ?",
                     (json.dumps({"error": CRASHED}), old_id),
                 )
         return int(conn.execute(
-            "INSERT INTO runs (model_id, host, pid, options, started_at, status) VALUES (?, ?, ?, ?, ?, 'running')",
-            (model_id, HOST, os.getpid(), json.dumps(options, sort_keys=True, default=str), utcnow()),
+            "INSERT INTO runs (model_id, host, pid, pid_start, options, started_at, status)"
+            " VALUES (?, ?, ?, ?, ?, ?, 'running')",
+            (model_id, HOST, os.getpid(), own_start_mark(), json.dumps(options, sort_keys=True, default=str), utcnow()),
         ).lastrowid)
 
 

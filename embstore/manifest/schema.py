@@ -198,6 +198,13 @@ def m005_poison_items(db: Database) -> None:
     db.execute("CREATE INDEX tasks_suspect ON tasks (model_id, status, item_id) WHERE suspect = 1")
 
 
+@migrations()
+def m006_run_process_start(db: Database) -> None:
+    # the start mark of a run's process (`embstore.processes`): a PID alone cannot tell a
+    # dead run from a zombie or from an unrelated process that was given the same PID
+    db.execute("ALTER TABLE runs ADD COLUMN pid_start TEXT")
+
+
 LATEST = [m.name for m in migrations._migrations]
 
 

@@ -6,7 +6,7 @@ owner process is gone, returns its tasks to pending, so a killed worker's work i
 by someone else, never lost. Only the writer moves a task to done (`mark_done`), and only
 while the claiming owner still holds it (`still_held`): a task is done once.
 
-Owners are `host:pid:token` for local processes (a restart on the same host frees a dead
+Owners are `host:pid:start:token` for local processes (a restart on the same host frees a dead
 process's claims at once) and `ray:<node>:<actor>:<run>` on a cluster (the driver frees
 those when it learns an actor is gone; leases are the fallback).
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sqlite3
 import time
 import uuid
@@ -23,38 +22,63 @@ from typing import Any, Callable, Iterable, Sequence
 
 from embstore.audio import resampled_length, span_frames
 from embstore.manifest.connection import LIVE_ITEM, immediate, marks, scalar, select_in
+from embstore.processes import HOST, is_running, own_start_mark
 
-HOST = socket.gethostname()
 
 # what a claim returns per task, in this order (the client turns it into a ClaimedTask)
 CLAIM_COLUMNS = "t.id, t.item_id, i.uid, r.path AS root, f.path, i.start, i.end, i.duration, t.length"
 OPEN_STATES = ("pending", "claimed", "stale")
+# failures that older versions stored against items although the machine was at fault
+# (a missing package): not the items' own, so the next run retries them unasked
+ENVIRONMENT_FAILURE = "(error LIKE '%needs the % package%' OR error LIKE '%No module named%')"
 
 
 # -- owners -------------------------------------------------------------------------------
 
 
 def new_owner() -> str:
-    """host:pid:token - the pid lets a restart on this host free a dead process's claims at once."""
-    return f"{HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """host:pid:start:token - the PID and its start mark let a restart on this host free
+    a dead process's claims at once (see `embstore.processes`: a zombie or a reused PID
+    is dead too); the token tells apart owners of one process."""
+    return f"{HOST}:{os.getpid()}:{own_start_mark() or '-'}:{uuid.uuid4().hex[:8]}"
+
+
+def process_owner(pid: int, mark: str | None) -> str:
+    """The owner prefix of a local process (host:pid:start:), as `new_owner` begins."""
+    return f"{HOST}:{pid}:{mark or '-'}:"
 
 
 def owner_is_dead(owner: str) -> bool:
-    """True only when the owner is a process of this host that no longer runs."""
+    """True only when the owner is a process of this host that no longer runs (gone, a
+    zombie, or its PID now belongs to another process). Owners of other hosts and
+    cluster actors are never dead here: their leases (and the cluster driver) decide."""
     host, _, rest = owner.partition(":")
     if host != HOST:
-        return False  # another machine's worker (or a cluster actor): only its lease can tell
+        return False
+    parts = rest.split(":")
     try:
-        pid = int(rest.split(":", 1)[0])
+        pid = int(parts[0])
     except ValueError:
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
+    # host:pid:start:token; owners of older versions are host:pid:token (no start mark)
+    mark = parts[1] if len(parts) >= 3 and parts[1] != "-" else None
+    return not is_running(pid, mark)
+
+
+def claim_is_live(conn: sqlite3.Connection, owner: str, lease_until: float | None) -> bool:
+    """Whether a claim still belongs to someone at work: its lease runs, its owner is not
+    a dead process of this host, and its cluster run has not ended."""
+    if lease_until is not None and lease_until < time.time():
         return False
-    return False
+    return not (owner_is_dead(owner) or cluster_run_is_gone(conn, owner))
+
+
+def describe_owner(owner: str) -> str:
+    """A claim owner in words: `pid 1234 on HOST`, or `a cluster run (run 7)`."""
+    if owner.startswith("ray:"):
+        return f"a cluster run (run {owner.rsplit(':', 1)[-1]})"
+    host, _, rest = owner.partition(":")
+    return f"pid {rest.split(':', 1)[0]} on {host}"
 
 
 # -- the task list ------------------------------------------------------------------------
@@ -109,6 +133,11 @@ def refresh_tasks(
             (model_id,),
         ).rowcount
         counts["released"] = release_lost(conn, model_id, now)
+        counts["environment"] = conn.execute(
+            "UPDATE tasks SET status = 'pending', error = NULL, stage = NULL, run_id = NULL"
+            f" WHERE model_id = ? AND status = 'failed' AND {ENVIRONMENT_FAILURE}",
+            (model_id,),
+        ).rowcount
         counts["retried"] = 0
         if retry_failed:
             counts["retried"] = conn.execute(
@@ -180,10 +209,10 @@ def cluster_run_is_gone(conn: sqlite3.Connection, owner: str) -> bool:
         run_id = int(owner.rsplit(":", 1)[1])
     except ValueError:
         return False
-    run = conn.execute("SELECT host, pid, status FROM runs WHERE id = ?", (run_id,)).fetchone()
-    if run is None or run[2] != "running":
+    run = conn.execute("SELECT host, pid, pid_start, status FROM runs WHERE id = ?", (run_id,)).fetchone()
+    if run is None or run[3] != "running":
         return True
-    return run[0] == HOST and bool(run[1]) and owner_is_dead(f"{HOST}:{run[1]}")
+    return run[0] == HOST and bool(run[1]) and not is_running(int(run[1]), run[2])
 
 
 def claim_owners(conn: sqlite3.Connection, model_id: int) -> list[str]:
@@ -350,6 +379,14 @@ def pending_summary(conn: sqlite3.Connection, model_id: int) -> tuple[int, float
     return int(n), float(secs)
 
 
+def claimable_count(conn: sqlite3.Connection, model_id: int) -> int:
+    """Tasks a worker could claim right now (pending or stale: nobody holds them)."""
+    return int(scalar(
+        conn, f"SELECT count(*) FROM tasks t JOIN items i ON i.id = t.item_id WHERE t.model_id = ?"
+        f" AND t.status IN ('pending', 'stale') AND {LIVE_ITEM}", (model_id,),
+    ))
+
+
 def failed_count(conn: sqlite3.Connection, model_id: int) -> int:
     return int(scalar(conn, "SELECT count(*) FROM tasks WHERE model_id = ? AND status = 'failed'", (model_id,)))
 
@@ -359,6 +396,10 @@ def has_open_work(conn: sqlite3.Connection, model_id: int, retry_failed: bool) -
     states = OPEN_STATES + (("failed",) if retry_failed else ())
     if conn.execute(
         f"SELECT 1 FROM tasks WHERE model_id = ? AND status IN ({marks(len(states))}) LIMIT 1", (model_id, *states)
+    ).fetchone():
+        return True
+    if conn.execute(
+        f"SELECT 1 FROM tasks WHERE model_id = ? AND status = 'failed' AND {ENVIRONMENT_FAILURE} LIMIT 1", (model_id,)
     ).fetchone():
         return True
     last = high_water_item(conn, model_id)
@@ -441,8 +482,8 @@ def mark_failed(conn: sqlite3.Connection, failed: Sequence[tuple[int, str, str]]
 
 
 __all__ = [
-    "HOST", "new_owner", "owner_is_dead", "refresh_tasks", "release_lost", "claim_batch", "renew_lease",
-    "release_claims", "pending_summary", "failed_count", "has_open_work", "rows_of_identical_audio",
+    "HOST", "new_owner", "process_owner", "owner_is_dead", "claim_is_live", "describe_owner", "refresh_tasks", "release_lost", "claim_batch", "renew_lease",
+    "release_claims", "pending_summary", "claimable_count", "failed_count", "has_open_work", "rows_of_identical_audio",
     "claim_suspect", "record_death", "cluster_owner", "cluster_run_is_gone", "roots_with_open_work",
     "still_held", "committed_rows", "set_committed_rows", "mark_done", "mark_failed", "mark_items_stale",
 ]
