@@ -159,6 +159,13 @@ def _left(c: dict[str, int]) -> int:
 # -- one cycle --------------------------------------------------------------------------------
 
 
+def _claimed(conn: sqlite3.Connection) -> int:
+    try:
+        return conn.execute("SELECT count(*) FROM tasks WHERE status = 'claimed'").fetchone()[0]
+    except sqlite3.OperationalError:  # no tables yet, or a writer holds the lock a moment
+        return 0
+
+
 def kill_while_claimed(cmd: list[str], store: Path, env: dict[str, str], delay: float, timeout: float = 120) -> dict:
     """Start `cmd`, wait for claims, wait `delay`, then SIGKILL its process group at the
     first moment claims are held; nothing is reaped. Returns what the kill hit."""
@@ -166,13 +173,16 @@ def kill_while_claimed(cmd: list[str], store: Path, env: dict[str, str], delay: 
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     first_claim = None
+    # one reader connection, polled every 5 ms: light enough not to slow the run it watches
+    conn = sqlite3.connect(str(store / "manifest.db"), timeout=5)
     while proc.poll() is None and time.monotonic() - t0 < timeout:
-        claimed = _counts(store).get("claimed", 0)
+        claimed = _claimed(conn)
         if claimed and first_claim is None:
             first_claim = time.monotonic()
         if first_claim is not None and time.monotonic() - first_claim >= delay and claimed:
             break
-        time.sleep(0.003)
+        time.sleep(0.005)
+    conn.close()
     alive = proc.returncode is None and proc.poll() is None
     at = time.monotonic() - t0
     try:

@@ -87,4 +87,14 @@ def is_running(pid: int, mark: str | None = None) -> bool:
     return True
 
 
-__all__ = ["HOST", "has_proc", "start_mark", "own_start_mark", "is_running"]
+def adopt_environment(env: dict[str, str]) -> None:
+    """Take `env` as this process's environment: a child forked from a fork server that
+    started earlier sees the environment its parent has now, not the server's."""
+    if env == dict(os.environ):
+        return
+    for name in set(os.environ) - set(env):
+        del os.environ[name]
+    os.environ.update(env)
+
+
+__all__ = ["HOST", "has_proc", "start_mark", "own_start_mark", "is_running", "adopt_environment"]

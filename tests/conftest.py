@@ -1,7 +1,13 @@
 import os
 from pathlib import Path
 
-import pytest
+# one thread per library in every test process, set before any test module imports torch
+# or NumPy (OpenMP reads it once, at load): two xdist workers, each with as many threads as
+# cores, beside the subprocesses of the kill tests, spin-wait one another into minutes
+for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_name, "1")
+
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data" / "librispeech-test-other"
@@ -33,9 +39,13 @@ def _few_threads(monkeypatch):
 
 
 def pytest_collection_modifyitems(config, items):
-    """`exhaustive` tests (every shared file through a second runtime, kill loops that
+    """`long` tests (a minute or more) are collected first, so each xdist worker starts
+    one early instead of one worker finishing a long test alone at the end.
+
+    `exhaustive` tests (every shared file through a second runtime, kill loops that
     need a quiet machine) run only with EMBSTORE_EXHAUSTIVE=1 (`make test-exhaustive`):
     the default suite must stay under 5 minutes on 2 cores."""
+    items.sort(key=lambda item: "long" not in item.keywords)  # stable: the others keep their order
     if os.environ.get("EMBSTORE_EXHAUSTIVE") == "1":
         return
     skip = pytest.mark.skip(reason="exhaustive: run with EMBSTORE_EXHAUSTIVE=1 (make test-exhaustive)")

@@ -201,6 +201,7 @@ def test_resemblyzer_fingerprint_follows_frontend(resemblyzer_encoder) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive  # the default model's real EER runs through `embstore score` in test_score.py
 def test_resemblyzer_eer_on_librispeech(shared_data, resemblyzer_encoder) -> None:
     """Quality floor of the default model: EER <= 1 % on 4950 trials of 100 utterances.
 

@@ -9,6 +9,7 @@ import os
 import sqlite3
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from embstore.errors import ExtractionError, ModelError
 from embstore.extract.batching import default_batch_frames
@@ -233,8 +234,12 @@ def _onnx_spec(model: ModelAtHand) -> str:
         return model.spec
 
 
-def plan_extraction(manifest: Manifest, options: ExtractOptions) -> ExtractionPlan | ExtractSummary:
-    """The plan of a run, or the summary of a run with nothing to do."""
+def plan_extraction(
+    manifest: Manifest, options: ExtractOptions, warm_up: Callable[[], None] | None = None
+) -> ExtractionPlan | ExtractSummary:
+    """The plan of a run, or the summary of a run with nothing to do. `warm_up` is called
+    once the store may have work, before the model is looked at (the supervisor starts
+    its fork server there, to import the children's code while this plans)."""
     devices = devices_of(options)
     if options.dtype == "tf32" and devices[0] == "cpu":
         raise ExtractionError("--dtype tf32 is a CUDA mode (TF32 matrix units); on CPU use fp32 or bf16")
@@ -242,6 +247,8 @@ def plan_extraction(manifest: Manifest, options: ExtractOptions) -> ExtractionPl
     if quick is not None:
         quick.devices = devices
         return quick
+    if warm_up is not None:
+        warm_up()
     # what the machine lacks stops the run here, before any claim: never the items' failure
     check_vad_available(options.vad_method)
     spec = run_spec(options, devices)

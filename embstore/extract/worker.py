@@ -32,6 +32,7 @@ from embstore.extract.loading import load_claim
 from embstore.extract.messages import ItemFailure, ItemOutcome, ItemResult, WorkerFailed, WorkerSetup, WorkerStats
 from embstore.extract.outbox import Outbox, QueueOutbox
 from embstore.manifest.tasks import new_owner
+from embstore.processes import adopt_environment
 from embstore.errors import ExtractionError
 from embstore.models.base import Encoder, untrimmed_fingerprint
 from embstore.models.registry import load
@@ -382,9 +383,12 @@ class Worker:
 
 
 def worker_main(
-    setup: WorkerSetup, store_path: str, inbox: Any, progress: Any, stop_event: Any, limit: int | None, claimed: Any
+    setup: WorkerSetup, store_path: str, inbox: Any, progress: Any, stop_event: Any, limit: int | None, claimed: Any,
+    env: dict[str, str] | None = None,
 ) -> None:
-    """A local worker process: SQLite client, queue outbox."""
+    """A local worker process: SQLite client, queue outbox; `env`: the parent's environment."""
+    if env is not None:
+        adopt_environment(env)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates a clean stop
     if setup.device.startswith("cuda") and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
         # fewer, larger blocks: batches of changing shapes otherwise fragment the cache

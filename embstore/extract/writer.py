@@ -33,6 +33,7 @@ from embstore.manifest import tasks
 from embstore.manifest.connection import connect, immediate
 from embstore.manifest.registry import model_row
 from embstore.paths import StorePaths
+from embstore.processes import adopt_environment
 
 FLUSH_SECONDS = 1.0
 
@@ -149,8 +150,12 @@ def writer_failure(exc: BaseException, store_path: str) -> WriterFailed:
     return WriterFailed(f"writer failed: {type(exc).__name__}: {exc}")
 
 
-def writer_main(store_path: str, model_id: int, run_id: int | None, inbox: Any, progress: Any, n_workers: int) -> None:
-    """Writer process: drain `inbox` until every worker said it is finished."""
+def writer_main(store_path: str, model_id: int, run_id: int | None, inbox: Any, progress: Any, n_workers: int,
+                env: dict[str, str] | None = None) -> None:
+    """Writer process: drain `inbox` until every worker said it is finished; `env`: the
+    parent's environment."""
+    if env is not None:
+        adopt_environment(env)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates a clean stop
     writer = ZarrWriter(store_path, model_id, run_id)
     finished: set[int] = set()  # worker indexes; the parent reports dead workers too
