@@ -81,14 +81,18 @@ def export_pkl(store, out, model, dataset, speaker, fmt, workers, force, by, as_
     conclude(report.outcome, store)
 
 
-@click.command("export-kaldi")
-@store_argument
-@out_argument
-@model_option
-@by_option
-@json_option
-@library_errors
-@exit_status_documented
+def matrix_export_command(name: str) -> Callable[[Callable], click.Command]:
+    """`export-kaldi` and `export-npy`: STORE OUT, --model, --by, --json."""
+    def decorate(fn: Callable) -> click.Command:
+        for decorator in (exit_status_documented, library_errors, json_option, by_option, model_option, out_argument,
+                          store_argument):
+            fn = decorator(fn)
+        return click.command(name)(fn)
+
+    return decorate
+
+
+@matrix_export_command("export-kaldi")
 def export_kaldi(store, out, model, by, as_json):
     """Write Kaldi tables: xvector.ark + xvector.scp, utt2spk, spk2utt in OUT.
 
@@ -111,14 +115,7 @@ def export_kaldi(store, out, model, by, as_json):
     _export(store, as_json, lambda st: st.export_kaldi(out, model=model, by=by), echo)
 
 
-@click.command("export-npy")
-@store_argument
-@out_argument
-@model_option
-@by_option
-@json_option
-@library_errors
-@exit_status_documented
+@matrix_export_command("export-npy")
 def export_npy(store, out, model, by, as_json):
     """Write one matrix: OUT/embeddings.npy (float32 [items, dim]) + row labels.
 

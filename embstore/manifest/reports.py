@@ -125,23 +125,13 @@ def errors(conn: sqlite3.Connection, models: list[sqlite3.Row]) -> list[dict[str
     return out
 
 
-def _selection_where(selection: Selection) -> tuple[str, list[Any]]:
-    where, params = [LIVE_ITEM], []
-    if selection.speaker is not None:
-        where.append("i.speaker = ?")
-        params.append(selection.speaker)
-    if selection.dataset is not None:
-        where.append("i.dataset = ?")
-        params.append(selection.dataset)
-    return " AND ".join(where), params
-
-
 def coverage(conn: sqlite3.Connection, model_id: int, selection: Selection = Selection(), model_key: str = "",
              noun: str = "items", count_waiting: bool = True) -> Outcome:
     """How far a model's work over the selected items is: done, failed (with the most
     common reason), and left, with why (not extracted yet, or held by a run that still
     runs). `count_waiting=False`: items nobody holds are not counted as left."""
-    where, params = _selection_where(selection)
+    conditions, params = selection.where()
+    where = " AND ".join(conditions)
     sql = (
         "SELECT coalesce(t.status, 'none'), t.owner, t.lease_until, count(*) FROM items i"
         f" LEFT JOIN tasks t ON t.item_id = i.id AND t.model_id = ? WHERE {where}"

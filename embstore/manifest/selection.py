@@ -28,6 +28,20 @@ class Selection:
         """Few items: start from the items' own indexes rather than every task."""
         return self.speaker is not None or self.ids is not None
 
+    def where(self) -> tuple[list[str], list[Any]]:
+        """(conditions on `items i`, their parameters): live items of the speaker and
+        dataset asked for (the ids are matched by the caller, in chunks)."""
+        # unary + keeps SQLite off the items_uid_removed index when a narrower one applies
+        where = ["+" + LIVE_ITEM if self.narrow else LIVE_ITEM]
+        params: list[Any] = []
+        if self.speaker is not None:
+            where.append("i.speaker = ?")
+            params.append(self.speaker)
+        if self.dataset is not None:
+            where.append("i.dataset = ?")
+            params.append(self.dataset)
+        return where, params
+
 
 def select_items(
     conn: sqlite3.Connection, model_id: int, selection: Selection = Selection(), done_only: bool = True
@@ -35,15 +49,7 @@ def select_items(
     """Rows of COLUMNS in item order. `done_only`: items whose task for the model is
     done; else every live item in the selection, with its task's status (or NULL)."""
     narrow = selection.narrow
-    # unary + keeps SQLite off the items_uid_removed index when a narrower one applies
-    where = ["+" + LIVE_ITEM if narrow else LIVE_ITEM]
-    params: list[Any] = []
-    if selection.speaker is not None:
-        where.append("i.speaker = ?")
-        params.append(selection.speaker)
-    if selection.dataset is not None:
-        where.append("i.dataset = ?")
-        params.append(selection.dataset)
+    where, params = selection.where()
     places = " JOIN files f ON f.id = i.file_id JOIN roots r ON r.id = f.root_id"
     if done_only:
         # CROSS JOIN fixes the join order: from a speaker's (or the ids') items, else
