@@ -63,8 +63,9 @@ def become_subreaper() -> bool:
         return False
 
 
-def zombie_children() -> int:
-    """Our children that have died and wait to be reaped."""
+def zombie_children(besides: int = 0) -> int:
+    """Our children that have died and wait to be reaped (`besides`: not counting that
+    one, the killed parent, so that what is left are its writer and workers)."""
     me, n = os.getpid(), 0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -75,9 +76,21 @@ def zombie_children() -> int:
         except OSError:
             continue
         fields = text[text.rindex(")") + 2:].split()
-        if fields[0] == "Z" and int(fields[1]) == me:
+        if fields[0] == "Z" and int(fields[1]) == me and int(entry) != besides:
             n += 1
     return n
+
+
+def zombie_owners(store: Path) -> int:
+    """Claim owners (host:pid:start:token) whose process is a zombie: what the resume must
+    see as dead."""
+    conn = sqlite3.connect(str(store / "manifest.db"), timeout=60)
+    try:
+        owners = [r[0] for r in conn.execute("SELECT DISTINCT owner FROM tasks WHERE status = 'claimed'")]
+    finally:
+        conn.close()
+    pids = {int(o.split(":")[1]) for o in owners if o and not o.startswith("ray:")}
+    return sum(_state(pid) == "Z" for pid in pids)
 
 
 def reap_all() -> int:
@@ -189,13 +202,31 @@ def kill_while_claimed(cmd: list[str], store: Path, env: dict[str, str], delay: 
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    # the parent stays unreaped too until the resume has run: its run row still reads "running"
-    while _state(proc.pid) not in ("Z", None):
+    # every process of the group dead (nothing is reaped: the parent too stays a zombie until
+    # the resume has run, and its run row still reads "running")
+    deadline = time.monotonic() + 10
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.001)
     after = _counts(store)
     return {"proc": proc, "alive_at_kill": alive, "at_s": round(at, 3),
             "claims_at_kill": after.get("claimed", 0), "done_at_kill": after.get("done", 0),
             "left_at_kill": _left(after)}
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group is not yet dead (SIGKILL takes a moment to land)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def _state(pid: int) -> str | None:
@@ -248,7 +279,8 @@ def crash_loop(
         wait = rng.uniform(0, delay)
         hit = kill_while_claimed(cmd, store, env, wait)
         killed = hit.pop("proc")
-        zombies = zombie_children()
+        zombies = zombie_children(besides=killed.pid)
+        owners_zombie = zombie_owners(store)
         t0 = time.monotonic()
         resume = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         resume_s = time.monotonic() - t0
@@ -257,6 +289,7 @@ def crash_loop(
         reaped = reap_all()
         cycle = hit | {
             "kill": k + 1, "delay_s": round(wait, 3), "zombies_at_resume": zombies, "reaped": reaped,
+            "claim_owners_zombie_at_resume": owners_zombie,
             "resume_exit": resume.returncode, "resume_s": round(resume_s, 2),
             "left_after_resume": _left(after), "failed_after_resume": after.get("failed", 0),
             "done_after_resume": after.get("done", 0), "items": after.get("items", 0),
@@ -266,7 +299,8 @@ def crash_loop(
         if not cycle["one_resume_finished"]:
             cycle["resume_stderr"] = resume.stderr[-1500:]
         cycles.append(cycle)
-        log(f"kill {k + 1}/{kills} at {hit['at_s']:.2f}s: claims {hit['claims_at_kill']}, zombies {zombies};"
+        log(f"kill {k + 1}/{kills} at {hit['at_s']:.2f}s: claims {hit['claims_at_kill']}, zombies {zombies}"
+            f" ({owners_zombie} holding claims);"
             f" one resume: exit {resume.returncode} in {resume_s:.1f}s, left {cycle['left_after_resume']},"
             f" done {cycle['done_after_resume']}/{cycle['items']}")
 
@@ -277,7 +311,10 @@ def crash_loop(
         "kills_while_running": sum(c["alive_at_kill"] for c in cycles),
         "resumes": len(cycles),
         "resumes_exit_0_all_done": sum(c["one_resume_finished"] for c in cycles),
+        # zombies among the killed run's writer and workers (its parent not counted)
         "resumes_with_zombies": sum(c["zombies_at_resume"] > 0 for c in cycles),
+        # ... and among them the very processes whose claims the resume had to take over
+        "resumes_with_zombie_claim_owners": sum(c["claim_owners_zombie_at_resume"] > 0 for c in cycles),
         "subreaper": subreaper,
         "items": corpus.batches * per_batch,
         "batches": corpus.batches,

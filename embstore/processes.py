@@ -4,14 +4,16 @@
 with -9 stays one until its parent, or PID 1, reaps it: in containers whose PID 1
 never reaps, for ever), and for an unrelated process that was given the same PID
 later. So an identity here is the PID plus the process's start mark: its start time
-in clock ticks since boot (`/proc/<pid>/stat`, field 22) and the boot id. A process
-runs when `/proc/<pid>/stat` exists, its state is not zombie or dead, and its start
-mark is the recorded one. The kernel sets all three; nothing depends on timing or on
-PID 1.
+in clock ticks since boot (`/proc/<pid>/stat`, field 22), the boot id and the PID
+namespace. A process runs when `/proc/<pid>/stat` exists, its state is not zombie or
+dead, and its start mark is the recorded one. The kernel sets all of these; nothing
+depends on timing or on PID 1.
 
-Where `/proc` is absent (macOS, BSD), the start mark is None and the answer falls
-back to `kill(pid, 0)`: a zombie or a reused PID then counts as running until the
-claim's lease ends.
+What cannot be judged here counts as running, and the claim's lease decides: a mark
+of another PID namespace (two containers sharing a hostname), a process that /proc
+hides (mounted with hidepid) but `kill(pid, 0)` finds. Where `/proc` is absent (macOS,
+BSD), the start mark is None and the answer is `kill(pid, 0)`'s: a zombie or a reused
+PID then counts as running until the lease ends.
 """
 
 from __future__ import annotations
@@ -32,6 +34,18 @@ def _boot_id() -> str:
         return "0"
 
 
+@functools.lru_cache(maxsize=1)
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"
+
+
+class _Hidden(Exception):
+    """/proc/<pid> exists but may not be read (hidepid=1)."""
+
+
 def _stat(pid: int) -> tuple[str, str] | None:
     """(state letter, start time in ticks) of a process from /proc; None when it has none."""
     try:
@@ -39,6 +53,8 @@ def _stat(pid: int) -> tuple[str, str] | None:
             text = f.read().decode("ascii", "replace")
     except (FileNotFoundError, ProcessLookupError):
         return None
+    except PermissionError:
+        raise _Hidden from None
     # the command name (field 2) is in parentheses and may hold spaces or ')': split after the last one
     fields = text[text.rindex(")") + 2:].split()
     return fields[0], fields[19]
@@ -49,13 +65,17 @@ def has_proc() -> bool:
 
 
 def start_mark(pid: int) -> str | None:
-    """`<start ticks>.<boot id>` of a running process; None without /proc or when it does not run."""
+    """`<start ticks>.<boot id>.<PID namespace>` of a running process; None without /proc
+    or when it does not run (or cannot be read)."""
     if not has_proc():
         return None
-    stat = _stat(pid)
+    try:
+        stat = _stat(pid)
+    except _Hidden:
+        return None
     if stat is None or stat[0] in "ZXx":
         return None
-    return f"{stat[1]}.{_boot_id()}"
+    return f"{stat[1]}.{_boot_id()}.{_pid_namespace()}"
 
 
 @functools.lru_cache(maxsize=1)
@@ -73,11 +93,24 @@ def is_running(pid: int, mark: str | None = None) -> bool:
     that start mark (not a later one given the same PID)."""
     if pid <= 0:
         return False
-    if has_proc():
+    parts = mark.split(".") if mark else []
+    if len(parts) > 2 and parts[2] != _pid_namespace():
+        return True  # another PID namespace's process: not ours to judge, its lease is
+    if not has_proc():
+        return _exists(pid)
+    try:
         stat = _stat(pid)
-        if stat is None or stat[0] in "ZXx":  # gone, a zombie, or dead
-            return False
-        return mark is None or mark == f"{stat[1]}.{_boot_id()}"
+    except _Hidden:
+        return True  # hidepid=1: it exists, its start cannot be read
+    if stat is None:
+        # gone, or hidden by hidepid=2 (another user's process): kill(pid, 0) tells them apart
+        return _exists(pid)
+    if stat[0] in "ZXx":  # a zombie, or dead
+        return False
+    return not parts or parts[:2] == [stat[1], _boot_id()]
+
+
+def _exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -85,6 +118,29 @@ def is_running(pid: int, mark: str | None = None) -> bool:
     except PermissionError:
         return True  # another user's process: it exists
     return True
+
+
+def die_with_parent() -> None:
+    """Kill this process (SIGKILL) when the process that started it dies: a run's writer
+    or worker never outlives the run, holding claims nobody can free before their lease
+    ends. The parent is the run's supervisor, not the fork server the child was forked
+    from (that one lives on while any of its children do); multiprocessing's parent
+    sentinel reads end-of-file when the supervisor is gone."""
+    import multiprocessing
+    import signal
+    import threading
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()
+    sentinel = getattr(parent, "sentinel", None)
+    if sentinel is None:
+        return
+
+    def watch() -> None:
+        wait([sentinel])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 def adopt_environment(env: dict[str, str]) -> None:
@@ -97,4 +153,4 @@ def adopt_environment(env: dict[str, str]) -> None:
     os.environ.update(env)
 
 
-__all__ = ["HOST", "has_proc", "start_mark", "own_start_mark", "is_running", "adopt_environment"]
+__all__ = ["HOST", "has_proc", "start_mark", "own_start_mark", "is_running", "die_with_parent", "adopt_environment"]

@@ -112,10 +112,20 @@ def check_available(vad: str | VadConfig) -> None:
     this machine; a run asks before it claims any item."""
     config = vad_config(vad)
     if config.method == "silero":
-        _silero_dir()
-    elif config.method == "webrtc" and importlib.util.find_spec("webrtcvad") is None:
-        raise VadUnavailable("the webrtc VAD needs the webrtcvad package, which is not installed:"
-                             " pip install webrtcvad (or reinstall embstore), then run the command again")
+        folder = _silero_dir()
+        model = "silero_vad_16k_sequence.onnx" if silero_backend() == "onnx" else "silero_vad.jit"
+        if not os.path.isfile(os.path.join(folder, model)):
+            raise VadUnavailable(f"the silero-vad package lacks its model file {model}: pip install --force-reinstall"
+                                 " 'silero-vad>=6', then run the command again")
+    elif config.method == "webrtc":
+        if importlib.util.find_spec("webrtcvad") is None:
+            raise VadUnavailable("the webrtc VAD needs the webrtcvad package, which is not installed:"
+                                 " pip install webrtcvad (or reinstall embstore), then run the command again")
+        try:
+            _webrtcvad()
+        except ImportError as exc:  # installed, but its compiled part does not load
+            raise VadUnavailable(f"the webrtc VAD needs the webrtcvad package, which cannot be imported ({exc}):"
+                                 " pip install --force-reinstall webrtcvad, then run the command again") from None
 
 
 def vad_config(vad: str | VadConfig | None, **settings: Any) -> VadConfig:
@@ -354,7 +364,7 @@ def _jit_batched_probs(wavs: Sequence[np.ndarray], batch: int = 64) -> list[np.n
 # ---------------------------------------------------------------- webrtc
 
 
-def _webrtc_regions(wav: np.ndarray, sample_rate: int, config: VadConfig) -> list[Region]:
+def _webrtcvad() -> Any:
     import warnings
 
     with warnings.catch_warnings():
@@ -362,7 +372,11 @@ def _webrtc_regions(wav: np.ndarray, sample_rate: int, config: VadConfig) -> lis
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         import webrtcvad
+    return webrtcvad
 
+
+def _webrtc_regions(wav: np.ndarray, sample_rate: int, config: VadConfig) -> list[Region]:
+    webrtcvad = _webrtcvad()
     rate = sample_rate if sample_rate in WEBRTC_RATES else SILERO_RATE
     wav = resample(wav, sample_rate, rate)
     frame = rate * config.webrtc_frame_ms // 1000

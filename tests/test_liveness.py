@@ -60,12 +60,12 @@ def test_an_owner_whose_pid_was_given_to_another_process_is_dead():
     with subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE) as other:
         # the same PID as the owner had, a different start: another process
         mark = processes.start_mark(other.pid)
-        ticks, boot = mark.split(".")
-        earlier = f"{int(ticks) - 100}.{boot}"
+        ticks, boot, namespace = mark.split(".")
+        earlier = f"{int(ticks) - 100}.{boot}.{namespace}"
         assert tasks.owner_is_dead(tasks.process_owner(other.pid, earlier) + "abcd1234")
         assert not tasks.owner_is_dead(tasks.process_owner(other.pid, mark) + "abcd1234")
         # after a reboot, the same PID and start ticks are another process too
-        assert tasks.owner_is_dead(tasks.process_owner(other.pid, f"{ticks}.ffffffff") + "abcd1234")
+        assert tasks.owner_is_dead(tasks.process_owner(other.pid, f"{ticks}.ffffffff.{namespace}") + "abcd1234")
         other.stdin.close()
 
 
@@ -106,3 +106,32 @@ def test_claims_and_runs_of_a_zombie_are_freed_at_once(zombie, tmp_path):
     actor = tasks.cluster_owner("node", "actor", run_id)
     assert tasks.cluster_run_is_gone(st.conn, actor)
     st.close()
+
+
+def test_a_process_hidden_from_proc_is_alive(monkeypatch):
+    """/proc mounted with hidepid: another user's process has no readable stat file. It
+    still runs (kill(pid, 0) says so), so its claims are not taken."""
+    me = os.getpid()
+    real_open = open
+
+    def hidden(path, *args, **kwargs):
+        if str(path) == f"/proc/{me}/stat":
+            raise PermissionError(13, "Permission denied", path)  # hidepid=1
+        return real_open(path, *args, **kwargs)
+
+    namespace = processes.own_start_mark().split(".")[2]
+    monkeypatch.setattr("builtins.open", hidden)
+    assert processes.is_running(me, f"1.deadbeef.{namespace}")
+    monkeypatch.setattr(processes, "_stat", lambda pid: None)  # hidepid=2: no /proc/<pid> at all
+    assert processes.is_running(me, f"1.deadbeef.{namespace}")  # kill(pid, 0) finds it
+    assert not processes.is_running(999999999, f"1.deadbeef.{namespace}")
+
+
+def test_an_owner_of_another_pid_namespace_is_left_to_its_lease():
+    """Two containers with one hostname but their own PIDs: an owner whose start mark names
+    another PID namespace cannot be judged here, so it counts as running."""
+    ticks, boot, namespace = processes.own_start_mark().split(".")
+    other = f"{ticks}.{boot}.{int(namespace) + 1}"
+    assert processes.is_running(999999999, other)
+    assert not tasks.owner_is_dead(tasks.process_owner(999999999, other) + "abcd1234")
+    assert tasks.owner_is_dead(tasks.process_owner(999999999, processes.own_start_mark()) + "abcd1234")

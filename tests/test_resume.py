@@ -28,6 +28,7 @@ import pytest
 from click.testing import CliRunner
 
 import embstore
+from embstore import processes
 from embstore.cli import cli
 from tests.wespeaker_dirs import make_wespeaker_dir
 
@@ -65,6 +66,7 @@ def test_twenty_kills_each_finished_by_one_resume(tmp_path, shared_data, ecapa):
     assert report["kills_with_claims_held"] == 20 and report["kills_while_running"] == 20
     # every resume ran while the killed processes were still zombies, and finished alone
     assert report["resumes_with_zombies"] == 20 and report["resumes_exit_0_all_done"] == 20
+    assert report["resumes_with_zombie_claim_owners"] == 20  # the claims' own workers, unreaped
     assert report["done"] == report["items"] == 40 and report["reference"] == "embed_file"
     assert report["min_cosine"] >= 0.99999 and report["compared"] == 40
     assert report["checks_ok"] and report["verify_ok"] and not report["overlapping_rows"]
@@ -75,7 +77,7 @@ def test_twenty_kills_each_finished_by_one_resume(tmp_path, shared_data, ecapa):
 def test_window_model_kills_each_finished_by_one_resume(tmp_path, shared_data, ecapa):
     report = _crash_loop(tmp_path, "--kills", "3", "--per-batch", "2", "--delay", "0.3", "--seed", "2",
                          "--source", str(shared_data), "--model", ecapa, "--windows", "1.5:0.75")
-    assert report["kills_with_claims_held"] == 3 and report["resumes_with_zombies"] == 3
+    assert report["kills_with_claims_held"] == 3 and report["resumes_with_zombie_claim_owners"] == 3
     assert report["resumes_exit_0_all_done"] == 3 and report["done"] == report["items"] == 6
     # every item's windows: the same spans and rows as a clean undisturbed run
     assert report["reference"] == "a clean run" and report["compared"] == 6 and report["min_cosine"] >= 0.99999
@@ -207,3 +209,106 @@ def test_failures_stored_for_a_missing_package_are_retried_unasked(tmp_path, two
     assert summary.done == 2 and summary.outcome.exit_status == 0, summary
     assert summary.prepared["environment"] == 2
     st.close()
+
+
+# -- what the quick paths and the outcome must not miss -----------------------------------
+
+
+def test_an_item_back_below_the_high_water_mark_is_work(tmp_path):
+    """An item that had no task when later ones got theirs (it was missing at the first
+    extract, then came back): not "nothing to do", whatever the task states say."""
+    from tests.audio_factory import make_tree
+
+    files = make_tree(tmp_path / "root", speakers=1, per_speaker=3, seconds=1.6)
+    st = embstore.open(tmp_path / "s")
+    st.scan([tmp_path / "root"])
+    kept = files[0].read_bytes()
+    files[0].unlink()
+    st.scan([tmp_path / "root"])
+    assert st.extract(progress=False).outcome.exit_status == 0
+    files[0].write_bytes(kept)
+    st.scan([tmp_path / "root"])
+    summary = st.extract(progress=False)
+    assert not summary.nothing_to_do and summary.done == 1 and summary.outcome.exit_status == 0, summary
+    st.close()
+
+
+def test_a_store_that_cannot_be_read_after_the_run_is_not_success(tmp_path, monkeypatch):
+    from embstore.extract import supervisor
+    from tests.audio_factory import make_tree
+
+    make_tree(tmp_path / "root", speakers=1, per_speaker=1, seconds=1.6)
+    st = embstore.open(tmp_path / "s")
+    st.scan([tmp_path / "root"])
+
+    def unreadable(*args, **kwargs):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(supervisor, "coverage", unreadable)
+    outcome = st.extract(progress=False).outcome
+    assert outcome.exit_status == 4 and "cannot read the store: disk I/O error" in outcome.error
+    st.close()
+
+
+def test_a_vad_package_that_fails_to_import_stops_the_run_before_any_claim(tmp_path, monkeypatch):
+    """Installed but broken (its compiled part missing): found at plan time, not by each
+    item in turn; nothing is recorded against the items."""
+    from tests.audio_factory import make_tree
+
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "webrtcvad.py").write_text("import _webrtcvad_missing_extension\n")
+    monkeypatch.syspath_prepend(str(fake))
+    monkeypatch.delitem(sys.modules, "webrtcvad", raising=False)
+    make_tree(tmp_path / "root", speakers=1, per_speaker=2, seconds=1.6)
+    store = tmp_path / "s"
+    assert CliRunner().invoke(cli, ["scan", str(store), str(tmp_path / "root")]).exit_code == 0
+    res = CliRunner().invoke(cli, ["extract", str(store), "--vad", "webrtc"])
+    assert res.exit_code == 4, res.output
+    assert "the webrtc VAD needs the webrtcvad package, which cannot be imported" in res.output
+    st = embstore.open(store)
+    assert st.query("SELECT count(*) FROM tasks WHERE status != 'pending'")[0][0] == 0
+    st.close()
+
+
+def test_ctrl_c_outside_the_workers_exits_130(tmp_path, monkeypatch):
+    from embstore.store import Store
+
+    def interrupted(self, **options):
+        raise KeyboardInterrupt
+
+    embstore.open(tmp_path / "s").close()
+    monkeypatch.setattr(Store, "extract", interrupted)
+    res = CliRunner().invoke(cli, ["extract", str(tmp_path / "s")])
+    assert res.exit_code == 130 and "interrupted" in res.output, res.output
+
+
+@pytest.mark.slow
+def test_parent_alone_killed_its_workers_die_with_it_and_one_resume_finishes(tmp_path, shared_data, ecapa):
+    """kill -9 of the `extract` process only (an OOM killer's choice): its writer and
+    workers do not live on holding claims, so the next command does the work and exits 0."""
+    root = tmp_path / "root" / "ds" / "spk"
+    root.mkdir(parents=True)
+    for f in sorted(shared_data.rglob("*.flac"))[:40]:  # more work than the orphans could finish in 3 s
+        os.symlink(f, root / f.name)
+    store = tmp_path / "s"
+    embstore.open(store).scan([tmp_path / "root"])
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "embstore", "extract", str(store), "--model", ecapa, "--workers", "2", "--json"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not _claimed_by(store) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.003)
+    owners = list(_claimed_by(store))
+    assert owners, "the run ended before any claim"
+    os.kill(proc.pid, signal.SIGKILL)  # the parent only
+    proc.wait()
+    pids = {int(o.split(":")[1]) for o in owners}
+    deadline = time.monotonic() + 3
+    while any(processes.is_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(processes.is_running(pid) for pid in pids), "a worker outlived its run's parent"
+    assert _claimed_by(store), "the orphans finished the work: the test proves nothing"
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["outcome"]["done"] == 40

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import click
 
 from embstore.errors import USER_ERRORS, EnvironmentProblem
-from embstore.outcome import EXIT_STOPPED, Outcome
+from embstore.outcome import EXIT_INTERRUPTED, EXIT_STOPPED, Outcome
 
 store_argument = click.argument("store", type=click.Path(file_okay=False))
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -69,6 +69,9 @@ def library_errors(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            click.echo("interrupted: run the same command to continue", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         except EnvironmentProblem as exc:
             raise EnvironmentFailure(str(exc)) from None
         except USER_ERRORS as exc:

@@ -150,13 +150,15 @@ def _ids_outcome(store: Manifest, m: Any, ids: list[str], item_of: dict[str, int
                  row_of_item: dict[int, int]) -> Outcome:
     """What the trial ids have: an embedding (done), a failed task (failed), or neither:
     not extracted yet, or not in the store at all (left, with why)."""
-    waiting = [item_of[i] for i in ids if item_of[i] is not None and item_of[i] not in row_of_item]
-    failed = 0
-    for chunk, marks in in_chunks(waiting):
-        failed += store.conn.execute(
-            f"SELECT count(*) FROM tasks WHERE model_id = ? AND status = 'failed' AND item_id IN ({marks})",
+    # counted per trial id: two ids (a stem and a path) may name one item
+    waiting = [i for i in ids if item_of[i] is not None and item_of[i] not in row_of_item]
+    failed_items: set[int] = set()
+    for chunk, marks in in_chunks(sorted({item_of[i] for i in waiting})):
+        failed_items.update(r[0] for r in store.conn.execute(
+            f"SELECT item_id FROM tasks WHERE model_id = ? AND status = 'failed' AND item_id IN ({marks})",
             (m["id"], *chunk),
-        ).fetchone()[0]
+        ))
+    failed = sum(1 for i in waiting if item_of[i] in failed_items)
     unknown = sum(1 for i in ids if item_of[i] is None)
     why = []
     if len(waiting) > failed:

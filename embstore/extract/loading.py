@@ -60,6 +60,8 @@ def decode_item(encoder: Encoder, item: Loaded, device_features: bool = False, c
             return _failed(item, exc.stage, exc.reason)
         except EnvironmentProblem:
             raise  # the machine's fault, not the item's: the worker stops and says why
+        except ImportError as exc:  # a package the cutting needs went missing or broke
+            raise EnvironmentProblem(f"cutting needs a package that does not load: {type(exc).__name__}: {exc}") from None
         except Exception as exc:
             return _failed(item, "vad", f"{type(exc).__name__}: {exc}")
         item.speech, wav = cut.speech, cut.wav

@@ -273,8 +273,10 @@ def plan_extraction(
     if cutting is not None:
         description = cutting.model_description(description, caps.runtime)
     row = manifest.register_model(description)
+    environment = tasks.retry_legacy_environment_failures(manifest.conn, row["id"])
     prepared = tasks.refresh_tasks(manifest.conn, row["id"], model.card.length_rule, model.card.sample_rate,
                                    options.retry_failed)
+    prepared["environment"] = environment
     left, left_seconds = tasks.pending_summary(manifest.conn, row["id"])
     worker_spec = _onnx_spec(model) if left and use_onnx else spec
     on_onnx = worker_spec.startswith("onnx:")

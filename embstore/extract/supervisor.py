@@ -69,9 +69,15 @@ def run_extraction(manifest: Manifest, options: ExtractOptions, runner: type | N
                 break
             if not tasks.claimable_count(manifest.conn, plan.model_id):
                 break
+    except KeyboardInterrupt:  # Ctrl-C between rounds: the last round released its claims
+        summary.interrupted = True
     finally:
         summary.seconds = time.monotonic() - started
-        summary.left, _ = tasks.pending_summary(manifest.conn, plan.model_id)
+        try:
+            summary.left, _ = tasks.pending_summary(manifest.conn, plan.model_id)
+        except sqlite3.OperationalError:
+            pass
+        summary.outcome = settle(manifest, summary, options)
         status = "interrupted" if summary.interrupted else ("crashed" if summary.error else "finished")
         try:
             runs.end_run(manifest.conn, summary.run_id, status, summary.as_dict())
@@ -79,7 +85,7 @@ def run_extraction(manifest: Manifest, options: ExtractOptions, runner: type | N
             # a full disk must not hide the run's own error behind this bookkeeping one
             if not summary.error:
                 summary.error = f"cannot record the run: {exc}"
-    summary.outcome = settle(manifest, summary, options)
+                summary.outcome.error = summary.error
     return summary
 
 
@@ -90,8 +96,8 @@ def settle(manifest: Manifest, summary: ExtractSummary, options: ExtractOptions)
         outcome = coverage(manifest.conn, summary.model_id, model_key=summary.model,
                            count_waiting=not options.limit or bool(summary.error))
     except sqlite3.OperationalError as exc:  # a full or failing disk: the run's error says more
-        outcome = Outcome(error=summary.error or f"cannot read the store: {exc}")
-    outcome.error = summary.error
+        outcome = Outcome(error=f"cannot read the store: {exc}")
+    outcome.error = summary.error or outcome.error
     outcome.interrupted = summary.interrupted
     return outcome
 

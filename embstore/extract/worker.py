@@ -32,7 +32,7 @@ from embstore.extract.loading import load_claim
 from embstore.extract.messages import ItemFailure, ItemOutcome, ItemResult, WorkerFailed, WorkerSetup, WorkerStats
 from embstore.extract.outbox import Outbox, QueueOutbox
 from embstore.manifest.tasks import new_owner
-from embstore.processes import adopt_environment
+from embstore.processes import adopt_environment, die_with_parent
 from embstore.errors import ExtractionError
 from embstore.models.base import Encoder, untrimmed_fingerprint
 from embstore.models.registry import load
@@ -387,6 +387,7 @@ def worker_main(
     env: dict[str, str] | None = None,
 ) -> None:
     """A local worker process: SQLite client, queue outbox; `env`: the parent's environment."""
+    die_with_parent()
     if env is not None:
         adopt_environment(env)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates a clean stop

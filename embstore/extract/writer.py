@@ -33,7 +33,7 @@ from embstore.manifest import tasks
 from embstore.manifest.connection import connect, immediate
 from embstore.manifest.registry import model_row
 from embstore.paths import StorePaths
-from embstore.processes import adopt_environment
+from embstore.processes import adopt_environment, die_with_parent
 
 FLUSH_SECONDS = 1.0
 
@@ -154,6 +154,7 @@ def writer_main(store_path: str, model_id: int, run_id: int | None, inbox: Any, 
                 env: dict[str, str] | None = None) -> None:
     """Writer process: drain `inbox` until every worker said it is finished; `env`: the
     parent's environment."""
+    die_with_parent()
     if env is not None:
         adopt_environment(env)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates a clean stop

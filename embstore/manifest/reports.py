@@ -132,15 +132,17 @@ def coverage(conn: sqlite3.Connection, model_id: int, selection: Selection = Sel
     runs). `count_waiting=False`: items nobody holds are not counted as left."""
     conditions, params = selection.where()
     where = " AND ".join(conditions)
-    sql = (
-        "SELECT coalesce(t.status, 'none'), t.owner, t.lease_until, count(*) FROM items i"
-        f" LEFT JOIN tasks t ON t.item_id = i.id AND t.model_id = ? WHERE {where}"
-    )
-    if selection.ids is None:
-        rows = conn.execute(sql + " GROUP BY 1, 2, 3", [model_id, *params]).fetchall()
-    else:
-        rows = select_in(conn, sql + " AND i.uid IN ({marks}) GROUP BY 1, 2, 3", list(dict.fromkeys(selection.ids)),
-                         params_before=[model_id, *params])
+
+    def grouped(select: str, join: str, extra: str, groups: str) -> list[sqlite3.Row]:
+        """`select` over the selected items (the ids matched in chunks), grouped."""
+        sql = f"SELECT {select} FROM items i {join} WHERE {where}{extra}"
+        if selection.ids is None:
+            return conn.execute(f"{sql} GROUP BY {groups}", [model_id, *params]).fetchall()
+        return select_in(conn, f"{sql} AND i.uid IN ({{marks}}) GROUP BY {groups}",
+                         list(dict.fromkeys(selection.ids)), params_before=[model_id, *params])
+
+    rows = grouped("coalesce(t.status, 'none'), t.owner, t.lease_until, count(*)",
+                   "LEFT JOIN tasks t ON t.item_id = i.id AND t.model_id = ?", "", "1, 2, 3")
     done = failed = waiting = 0
     held: dict[str, int] = {}
     for state, owner, lease_until, n in rows:
@@ -165,12 +167,9 @@ def coverage(conn: sqlite3.Connection, model_id: int, selection: Selection = Sel
         reasons.append(f"{waiting} not extracted yet{with_model} (run `embstore extract`)")
     reason = None
     if failed:
-        top = group_reasons(conn.execute(
-            "SELECT coalesce(t.stage, '?') || ': ' || coalesce(t.error, '?'), count(*) FROM items i"
-            f" JOIN tasks t ON t.item_id = i.id AND t.model_id = ? WHERE {where} AND t.status = 'failed'"
-            " GROUP BY 1 ORDER BY 2 DESC LIMIT 1000",
-            [model_id, *params],
-        ), top=1)
+        top = group_reasons(grouped("coalesce(t.stage, '?') || ': ' || coalesce(t.error, '?'), count(*)",
+                                    "JOIN tasks t ON t.item_id = i.id AND t.model_id = ?", " AND t.status = 'failed'",
+                                    "1"), top=1)
         reason = next(iter(top), None)
     return Outcome(done=done, failed=failed, left=waiting + sum(held.values()), why_left="; ".join(reasons),
                    reason=reason, noun=noun)

@@ -28,9 +28,12 @@ from embstore.processes import HOST, is_running, own_start_mark
 # what a claim returns per task, in this order (the client turns it into a ClaimedTask)
 CLAIM_COLUMNS = "t.id, t.item_id, i.uid, r.path AS root, f.path, i.start, i.end, i.duration, t.length"
 OPEN_STATES = ("pending", "claimed", "stale")
-# failures that older versions stored against items although the machine was at fault
-# (a missing package): not the items' own, so the next run retries them unasked
-ENVIRONMENT_FAILURE = "(error LIKE '%needs the % package%' OR error LIKE '%No module named%')"
+# failures that versions before 2026-12-04 stored against items although the machine was
+# at fault (the VAD's package missing): not the items' own, so a run retries them unasked
+LEGACY_ENVIRONMENT_FAILURE = (
+    "(stage = 'vad' AND (error LIKE 'VadError: --vad % needs the % package%'"
+    " OR error LIKE 'ModuleNotFoundError: No module named %'))"
+)
 
 
 # -- owners -------------------------------------------------------------------------------
@@ -133,11 +136,6 @@ def refresh_tasks(
             (model_id,),
         ).rowcount
         counts["released"] = release_lost(conn, model_id, now)
-        counts["environment"] = conn.execute(
-            "UPDATE tasks SET status = 'pending', error = NULL, stage = NULL, run_id = NULL"
-            f" WHERE model_id = ? AND status = 'failed' AND {ENVIRONMENT_FAILURE}",
-            (model_id,),
-        ).rowcount
         counts["retried"] = 0
         if retry_failed:
             counts["retried"] = conn.execute(
@@ -146,6 +144,18 @@ def refresh_tasks(
                 (model_id,),
             ).rowcount
     return counts
+
+
+def retry_legacy_environment_failures(conn: sqlite3.Connection, model_id: int) -> int:
+    """Back to pending: items an older version failed because the machine lacked a
+    package (see LEGACY_ENVIRONMENT_FAILURE). A run's plan calls it once, never a worker
+    (a failure of this run is never reset in it)."""
+    with immediate(conn):
+        return conn.execute(
+            "UPDATE tasks SET status = 'pending', error = NULL, stage = NULL, run_id = NULL"
+            f" WHERE model_id = ? AND status = 'failed' AND {LEGACY_ENVIRONMENT_FAILURE}",
+            (model_id,),
+        ).rowcount
 
 
 def high_water_item(conn: sqlite3.Connection, model_id: int) -> int:
@@ -399,11 +409,14 @@ def has_open_work(conn: sqlite3.Connection, model_id: int, retry_failed: bool) -
     ).fetchone():
         return True
     if conn.execute(
-        f"SELECT 1 FROM tasks WHERE model_id = ? AND status = 'failed' AND {ENVIRONMENT_FAILURE} LIMIT 1", (model_id,)
+        f"SELECT 1 FROM tasks WHERE model_id = ? AND status = 'failed' AND {LEGACY_ENVIRONMENT_FAILURE} LIMIT 1",
+        (model_id,),
     ).fetchone():
         return True
     last = high_water_item(conn, model_id)
-    return conn.execute(f"SELECT 1 FROM items i WHERE i.id > ? AND {LIVE_ITEM} LIMIT 1", (last,)).fetchone() is not None
+    if conn.execute(f"SELECT 1 FROM items i WHERE i.id > ? AND {LIVE_ITEM} LIMIT 1", (last,)).fetchone():
+        return True
+    return _has_gaps(conn, model_id)  # an item below the mark without a task (it came back)
 
 
 # -- dedup --------------------------------------------------------------------------------
@@ -483,7 +496,7 @@ def mark_failed(conn: sqlite3.Connection, failed: Sequence[tuple[int, str, str]]
 
 __all__ = [
     "HOST", "new_owner", "process_owner", "owner_is_dead", "claim_is_live", "describe_owner", "refresh_tasks", "release_lost", "claim_batch", "renew_lease",
-    "release_claims", "pending_summary", "claimable_count", "failed_count", "has_open_work", "rows_of_identical_audio",
+    "release_claims", "pending_summary", "claimable_count", "retry_legacy_environment_failures", "failed_count", "has_open_work", "rows_of_identical_audio",
     "claim_suspect", "record_death", "cluster_owner", "cluster_run_is_gone", "roots_with_open_work",
     "still_held", "committed_rows", "set_committed_rows", "mark_done", "mark_failed", "mark_items_stale",
 ]
