@@ -312,3 +312,40 @@ def test_parent_alone_killed_its_workers_die_with_it_and_one_resume_finishes(tmp
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["outcome"]["done"] == 40
+
+
+@pytest.mark.slow
+def test_claims_stay_held_while_their_last_batch_computes(tmp_path, shared_data, ecapa, monkeypatch):
+    """A claim whose compute outlasts its lease (a long item on a slow device) is renewed
+    until its results are handed to the writer: a second run started meanwhile takes
+    none of it (it says they are held: exit 5), and nothing is computed twice. (The
+    feeder waits for the compute side before it ends, so renewals never stopped early
+    here; this holds the property, now that renewals last until the hand-over.)"""
+    import threading
+
+    root = tmp_path / "root" / "ds" / "spk"
+    root.mkdir(parents=True)
+    for f in sorted(shared_data.rglob("*.flac"))[:3]:
+        os.symlink(f, root / f.name)
+    store = tmp_path / "s"
+    st = embstore.open(store)
+    st.scan([tmp_path / "root"])
+    st.extract(model=ecapa, limit=1, progress=False)  # model known, one item done
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    monkeypatch.setenv("EMBSTORE_FAULT_SLOW_COMPUTE", "5")  # each claim computes 5 s longer
+    out = []
+    first = threading.Thread(target=lambda: out.append(
+        st.extract(model=ecapa, workers=1, lease_seconds=2.0, progress=False)))
+    first.start()
+    deadline = time.monotonic() + 60
+    while not _claimed_by(store) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(3.0)  # the first run's 2 s lease would have run out by now
+    second = subprocess.run([sys.executable, "-m", "embstore", "extract", str(store), "--model", ecapa, "--json"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    first.join(timeout=120)
+    (summary,) = out
+    assert summary.dropped == 0 and summary.done == 2, summary
+    assert second.returncode == 5 and "held by another run still running" in second.stderr, second.stderr
+    assert st.query("SELECT max(attempts) FROM tasks")[0][0] == 1  # nothing claimed twice
+    st.close()

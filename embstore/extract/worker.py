@@ -28,6 +28,7 @@ import numpy as np
 from embstore.extract.batching import Loaded, default_batch_frames, plan_batches
 from embstore.extract.client import ClaimBudget, ManifestClient, SqliteManifestClient
 from embstore.cutting import cutting_of
+from embstore.extract.faults import slow_compute
 from embstore.extract.loading import load_claim
 from embstore.extract.messages import ItemFailure, ItemOutcome, ItemResult, WorkerFailed, WorkerSetup, WorkerStats
 from embstore.extract.outbox import Outbox, QueueOutbox
@@ -83,6 +84,7 @@ class Worker:
         self.owner = client.owner
         self.loaded: queue.Queue = queue.Queue(maxsize=2)
         self.feeder_done = threading.Event()
+        self.handed_over = threading.Event()  # everything sent; the writer frees the rest
         self.outstanding = 0  # claims loaded and handed to the compute side, not yet sent
         self.outstanding_lock = threading.Lock()
         self.feeder_error: BaseException | None = None
@@ -109,11 +111,14 @@ class Worker:
             # the writer frees what this worker still holds, after committing what it
             # sent: freed here, results still in the writer's buffer would be dropped
             self.outbox.finished(self.setup.index, self.owner)
+            self.handed_over.set()
             self.outbox.report(WorkerStats(self.owner, self.batches, self.batch_items, self.real_frames, self.padded_frames))
 
     def _renew_leases(self) -> None:
+        # until the worker has handed everything over: claims stay held while the last ones
+        # compute after the feeder is done, and until the writer commits them
         interval = max(self.setup.lease_seconds / 4, 0.5)
-        while not self.feeder_done.wait(interval) or not self.loaded.empty():
+        while not self.handed_over.wait(interval):
             try:
                 self.client.renew()
             except Exception:
@@ -191,6 +196,7 @@ class Worker:
                 if self.feeder_done.is_set() and self.loaded.empty():
                     return
                 continue
+            slow_compute()
             try:
                 outcomes: list[ItemOutcome] = []
                 good = []
