@@ -124,7 +124,7 @@ class Corpus:
     def add_batch(self) -> list[Path]:
         import soundfile as sf
 
-        from embstore.demo import voice
+        from embstore.synthetic import voice
 
         k, written = self.batches, []
         for n in range(self.per_batch):

@@ -4,7 +4,7 @@
 
 Builds `--count` conversations (2-4 speakers, turns of 2-5 s cut from real LibriSpeech
 utterances, 0.2-0.8 s gaps over a -60 dBFS noise floor, no overlap; see
-`embstore.diarize.synthetic`), diarizes each with `diarize_audio` (default: Resemblyzer,
+`embstore.synthetic`), diarizes each with `diarize_audio` (default: Resemblyzer,
 silero VAD, 1.5:0.75 windows, spectral clustering with eigengap count) and scores:
 
 - DER, collar 0.25 s each side of reference boundaries, overlap scored (our scorer;
@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from embstore import models  # noqa: E402
 from embstore.diarize.der import EMPTY, diarization_error, speaker_count  # noqa: E402
 from embstore.diarize.pipeline import diarize_windows  # noqa: E402
-from embstore.diarize.synthetic import corpus_by_speaker, make_conversations  # noqa: E402
-from embstore.vad import speech_regions, vad_config  # noqa: E402
-from embstore.window_embed import WindowEmbedder  # noqa: E402
-from embstore.windows import parse_window_spec, windows_in_regions  # noqa: E402
+from embstore.synthetic import corpus_by_speaker, make_conversations  # noqa: E402
+from embstore.segments.vad import speech_regions, vad_config  # noqa: E402
+from embstore.segments.window_embed import WindowEmbedder  # noqa: E402
+from embstore.segments.windows import parse_window_spec, windows_in_regions  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "librispeech-test-other"
 

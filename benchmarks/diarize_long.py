@@ -4,7 +4,7 @@
     python benchmarks/diarize_long.py --minutes 10 60 --store --out bench-out/extract_long.json
 
 For each length, in a fresh subprocess (so peak RSS is its own): a synthetic 4-speaker
-conversation of that length (embstore.diarize.synthetic), the default model, then the
+conversation of that length (embstore.synthetic), the default model, then the
 pipeline stage by stage while a thread samples VmRSS every 20 ms. Reported per stage:
 peak RSS above the RSS before the stage (the waveform and the model already loaded),
 and x realtime. Window embeddings stream in blocks of 128 windows, so their growth
@@ -42,10 +42,10 @@ def one(minutes: float, data: str) -> dict:
 
     from embstore import models
     from embstore.diarize.pipeline import diarize_windows
-    from embstore.diarize.synthetic import corpus_by_speaker, make_conversation
-    from embstore.vad import speech_regions
-    from embstore.window_embed import WindowEmbedder
-    from embstore.windows import windows_in_regions
+    from embstore.synthetic import corpus_by_speaker, make_conversation
+    from embstore.segments.vad import speech_regions
+    from embstore.segments.window_embed import WindowEmbedder
+    from embstore.segments.windows import windows_in_regions
 
     encoder = models.load("resemblyzer")
     embedder = WindowEmbedder(encoder)
@@ -80,7 +80,7 @@ def one_store(minutes: float, data: str) -> dict:
     import soundfile as sf
 
     import embstore
-    from embstore.diarize.synthetic import corpus_by_speaker, make_conversation
+    from embstore.synthetic import corpus_by_speaker, make_conversation
 
     speakers = corpus_by_speaker(data)
     work = Path(tempfile.mkdtemp(prefix="embstore-long-"))

@@ -96,7 +96,7 @@ def frontend(name: str):
 
 def load_and_features(name: str, path: str) -> np.ndarray:
     """One loader task: decode + features (top level, so a process pool can call it)."""
-    from embstore.audio import load_for_model
+    from embstore.audio.io import load_for_model
 
     return frontend(name)(load_for_model(path, 16000))
 
@@ -169,7 +169,7 @@ def measure(name: str, paths: list[str], wavs: list[np.ndarray], pool: ProcessPo
 
 
 def equality(paths: list[str]) -> dict:
-    from embstore.audio import load_for_model
+    from embstore.audio.io import load_for_model
     from embstore.models import resemblyzer_frontend as rf
 
     with warnings.catch_warnings():
@@ -197,7 +197,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-resem"))
     args = ap.parse_args()
     warnings.simplefilter("ignore")
-    from embstore.audio import load_for_model
+    from embstore.audio.io import load_for_model
 
     paths = sorted(str(p) for p in args.corpus.rglob("*") if p.suffix in (".flac", ".wav"))
     if not paths:

@@ -84,7 +84,7 @@ def build_corpus(root: Path, files: int, seed: int = 0) -> dict:
         for spk_dir in sorted(p for p in SHARED.iterdir() if p.is_dir()):
             sources[spk_dir.name] = [sf.read(str(f), dtype="float32")[0] for f in sorted(spk_dir.glob("*.flac"))]
     else:
-        from embstore.demo import voice
+        from embstore.synthetic import voice
 
         for s in range(10):
             sources[f"syn{s}"] = [voice(rng.uniform(3, 12), pitch=100 + 15 * s, seed=s * 100 + k) for k in range(10)]

@@ -179,7 +179,7 @@ def in_process(*args) -> dict:
 
 
 def evaluate(result: dict, data: dict, trials: str | None) -> dict:
-    from embstore.fidelity import summary
+    from embstore.eval.fidelity import summary
 
     audio = data["audio_seconds"]
     entry = {"load_s": result["load_s"], "x_realtime": [round(audio / s, 1) for s in result["seconds"]]}

@@ -32,7 +32,7 @@ def corpus(root: Path, files: int) -> Path:
     """`files` real utterances (or synthetic voices without ../shared/data) in the dataset layout."""
     import soundfile as sf
 
-    from embstore.demo import voice
+    from embstore.synthetic import voice
 
     if root.exists():
         return root

@@ -13,19 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
-
-def voice(seconds: float, rate: int = 16000, pitch: float = 140.0, seed: int = 0) -> np.ndarray:
-    """A crude voiced signal: harmonics with vibrato and syllable-like bursts, plus noise."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * rate)) / rate
-    f0 = pitch * (1 + 0.05 * np.sin(2 * np.pi * 3 * t + rng.uniform(0, 6)))
-    phase = 2 * np.pi * np.cumsum(f0) / rate
-    sig = sum((0.6 / k) * np.sin(k * phase + rng.uniform(0, 6)) for k in range(1, 12))
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t + rng.uniform(0, 6)) ** 2
-    sig = sig * envelope + 0.01 * rng.standard_normal(len(t))
-    return (0.3 * sig / np.max(np.abs(sig))).astype(np.float32)
+from embstore.synthetic import make_corpus
 
 
 def find_shared_data() -> Path | None:
@@ -34,18 +22,6 @@ def find_shared_data() -> Path | None:
         if (base / "librispeech-test-other" / "trials.txt").exists():
             return base
     return None
-
-
-def make_corpus(root: Path, speakers: int = 5, per_speaker: int = 4) -> Path:
-    import soundfile as sf
-
-    for s in range(speakers):
-        for n in range(per_speaker):
-            path = root / "synthetic" / f"spk{s}" / f"spk{s}-{n}.wav"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if not path.exists():
-                sf.write(str(path), voice(2.0 + 0.7 * n, pitch=100 + 30 * s, seed=10 * s + n), 16000)
-    return root
 
 
 def run(argv: list[str]) -> None:

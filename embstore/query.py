@@ -24,7 +24,7 @@ from embstore.manifest.clusters import check_by, group_name
 from embstore.manifest.connection import LIVE_ITEM, select_in
 from embstore.manifest.database import Manifest
 from embstore.manifest.tasks import committed_rows
-from embstore.cutting import ItemCutFailed, cutting_of_model
+from embstore.segments.policy import ItemCutFailed, cutting_of_model
 from embstore.models.base import untrimmed_fingerprint
 from embstore.models.registry import load
 from embstore.vectors import l2_normalise

@@ -40,15 +40,15 @@ class Store(Manifest):
 
     def extract(self, **options: Any) -> ExtractSummary:
         """Embed every pending item; the options are `ExtractOptions`' fields (`ray=`
-        runs on a Ray cluster: see docs/cluster.md)."""
+        runs on a Ray cluster: see docs/ray.md)."""
         from embstore.extract.options import ExtractOptions
         from embstore.extract.supervisor import run_extraction
 
         opts = ExtractOptions.from_kwargs(**options)
         if opts.ray is not None:
-            from embstore.extract.cluster.supervisor import run_cluster_extraction
+            from embstore.extract.ray.driver import run_ray_extraction
 
-            return run_cluster_extraction(self, opts)
+            return run_ray_extraction(self, opts)
         return run_extraction(self, opts)
 
     # -- reports ------------------------------------------------------------------------
@@ -123,8 +123,8 @@ class Store(Manifest):
         each item's windows are clustered. Returns the report with `segments` per item,
         `failed` (items whose windows could not be clustered), `extraction` (the extract
         summary) and `outcome` (done, failed and left over every item: the exit status)."""
-        from embstore import diarization
-        from embstore.cutting import cutting_of_model
+        from embstore.diarize import stored as diarization
+        from embstore.segments.policy import cutting_of_model
 
         diarization.check_options(method, num_speakers, max_speakers)
         if model is not None:
@@ -154,7 +154,7 @@ class Store(Manifest):
                 num_speakers: int | None = None) -> dict[str, Any]:
         """Pseudo-speaker labels (`items.cluster`) for the embedded items of an unlabelled
         dataset: average-linkage clustering (staged, in bounded memory, for large ones)."""
-        from embstore import clustering
+        from embstore.clustering import stored as clustering
 
         return clustering.cluster_dataset(self, dataset, model, threshold, num_speakers)
 

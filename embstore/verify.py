@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from embstore.audio import content_hash
+from embstore.audio.io import content_hash
 from embstore.manifest.connection import LIVE_ITEM, select_in
 from embstore.manifest.database import Manifest
 from embstore.manifest.tasks import claim_owners, owner_is_dead
-from embstore.cutting import cutting_of_model
+from embstore.segments.policy import cutting_of_model
 from embstore.models.base import untrimmed_fingerprint
 from embstore.models.registry import load
 from embstore.paths import ARRAYS_NAME

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from embstore.demo import voice
+from embstore.synthetic import voice
 
 
 def write(path: Path, seconds: float = 1.0, rate: int = 16000, pitch: float = 140.0, seed: int = 0,

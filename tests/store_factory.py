@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 import embstore
-from embstore.audio import content_hash
+from embstore.audio.io import content_hash
 from embstore.extract.client import SqliteManifestClient
 from embstore.extract.messages import ItemResult
 from embstore.extract.writer import ZarrWriter

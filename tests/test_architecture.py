@@ -1,5 +1,7 @@
-"""The package's shape: imports point down (no cycles), every module imports alone, and
-the front door (`embstore.store`) is imported by nothing in the library."""
+"""The package's shape: every module has a layer (`LAYERS`, bottom first) and imports
+only from lower layers or from inside its own entry (never up, never sideways), there is
+no cycle, every module imports alone, and the front door (`embstore.store`) is imported
+by nothing in the library. ARCHITECTURE.md describes the same table."""
 
 from __future__ import annotations
 
@@ -109,6 +111,79 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             strongconnect(v)
     return cycles
+
+
+# Bottom first. A module belongs to the longest entry that is its name or a dotted prefix
+# of it ("embstore" is the package's __init__ only). An import may point to a lower layer
+# or inside its own entry; another entry of the same layer is sideways, a higher layer is
+# up: both fail.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("leaves", ("embstore.errors", "embstore.paths", "embstore.progress", "embstore.vectors",
+                "embstore.processes", "embstore.outcome")),
+    ("audio", ("embstore.audio",)),
+    ("clustering algorithms", ("embstore.clustering",)),  # kmeans, ahc, labels, corpus (not .stored)
+    ("arrays", ("embstore.arrays",)),
+    ("manifest", ("embstore.manifest",)),
+    ("models", ("embstore.models",)),
+    ("segments", ("embstore.segments",)),
+    ("diarization algorithms", ("embstore.diarize",)),
+    ("scan", ("embstore.scan",)),
+    ("extract", ("embstore.extract",)),
+    ("extract on Ray", ("embstore.extract.ray",)),
+    ("reading", ("embstore.query", "embstore.verify", "embstore.export")),
+    ("analyses", ("embstore.eval", "embstore.clustering.stored", "embstore.diarize.stored")),
+    ("front door", ("embstore.store",)),
+    ("package", ("embstore",)),
+    ("cli", ("embstore.cli",)),
+    ("test data", ("embstore.synthetic",)),
+    ("entry points", ("embstore.demo", "embstore.__main__")),
+]
+
+
+def entry_of(module: str) -> tuple[int, str] | None:
+    """(layer index, entry) of a module: the longest matching entry."""
+    best: tuple[int, str] | None = None
+    for level, (_, entries) in enumerate(LAYERS):
+        for entry in entries:
+            matches = module == entry if entry == "embstore" else module == entry or module.startswith(entry + ".")
+            if matches and (best is None or len(entry) > len(best[1])):
+                best = (level, entry)
+    return best
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    out = []
+    for src, deps in sorted(graph.items()):
+        a = entry_of(src)
+        for dst in sorted(deps):
+            b = entry_of(dst)
+            if a is None or b is None or a[1] == b[1] or b[0] < a[0]:
+                continue
+            way = "sideways" if a[0] == b[0] else "up"
+            out.append(f"{src} -> {dst} ({way}: {LAYERS[a[0]][0]} -> {LAYERS[b[0]][0]})")
+    return out
+
+
+def test_every_module_has_a_layer():
+    unplaced = sorted(m for m in MODULES if entry_of(m) is None)
+    assert not unplaced, f"modules in no layer of LAYERS (place them): {unplaced}"
+
+
+def test_imports_point_down_or_within_their_own_entry():
+    violations = layer_violations(import_graph())
+    assert not violations, "imports that point up or sideways:\n" + "\n".join(violations)
+
+
+def test_the_layer_check_sees_up_and_sideways_imports():
+    graph = {
+        "embstore.audio.io": {"embstore.manifest.tasks"},  # up
+        "embstore.query": {"embstore.export.files", "embstore.manifest.tasks"},  # sideways, down
+        "embstore.segments.vad": {"embstore.segments.windows"},  # within its entry
+    }
+    assert layer_violations(graph) == [
+        "embstore.audio.io -> embstore.manifest.tasks (up: audio -> manifest)",
+        "embstore.query -> embstore.export.files (sideways: reading -> reading)",
+    ]
 
 
 def test_the_graph_finder_sees_cycles_and_function_level_imports():

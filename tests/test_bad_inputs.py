@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 import embstore
 from embstore.cli import cli
-from embstore.demo import voice
+from embstore.synthetic import voice
 
 SPK = Path("ds") / "spk"
 MODEL = "resemblyzer-ge2e"

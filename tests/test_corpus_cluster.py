@@ -5,13 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embstore.corpus_cluster import (
-    ClusteringError,
-    cluster_corpus,
-    purity_coverage,
-    weighted_average_linkage,
-)
-from embstore.diarize.cluster import first_appearance
+from embstore.clustering.corpus import ClusteringError, cluster_corpus, weighted_average_linkage
+from embstore.clustering.labels import first_appearance, purity_coverage
 
 
 def _corpus(speakers: int, per: int, dim: int = 32, noise: float = 0.35, seed: int = 0):
@@ -117,7 +112,7 @@ def test_bad_rows_get_minus_one_and_arguments_are_checked():
 
 
 def test_edge_and_dense_limits_give_one_line(monkeypatch):
-    import embstore.corpus_cluster as cc
+    import embstore.clustering.corpus as cc
 
     x, _ = _corpus(40, 60)
     monkeypatch.setattr(cc, "MAX_EDGES", 5)

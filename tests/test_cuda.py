@@ -28,7 +28,7 @@ def corpus(tmp_path_factory):
 
 
 def test_fbank_batch_on_cuda_matches_cpu_reference(corpus):
-    from embstore.features import fbank, fbank_batch
+    from embstore.audio.fbank import fbank, fbank_batch
     from embstore.models import load
 
     _, files, spec = corpus

@@ -7,12 +7,12 @@ import io
 import numpy as np
 import pytest
 
-from embstore.diarize.cluster import (
+from embstore.clustering.kmeans import kmeans
+from embstore.clustering.labels import first_appearance
+from embstore.diarize.speakers import (
     ClusterError,
     ahc_cluster,
     cluster_windows,
-    first_appearance,
-    kmeans,
     spectral_cluster,
 )
 from embstore.diarize.der import DerResult, corpus_der, diarization_error

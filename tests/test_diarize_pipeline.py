@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from embstore import models
-from embstore.audio import load_for_model
+from embstore.audio.io import load_for_model
 from embstore.diarize.der import diarization_error, speaker_count
 from embstore.diarize.pipeline import (
     Diarization,
@@ -14,9 +14,9 @@ from embstore.diarize.pipeline import (
     diarize_audio,
     diarize_windows,
 )
-from embstore.diarize.synthetic import corpus_by_speaker, make_conversation
-from embstore.window_embed import WindowEmbedder
-from embstore.windows import windows_in_regions
+from embstore.synthetic import corpus_by_speaker, make_conversation
+from embstore.segments.window_embed import WindowEmbedder
+from embstore.segments.windows import windows_in_regions
 from tests.wespeaker_dirs import make_wespeaker_dir
 
 
@@ -121,7 +121,7 @@ def test_diarize_audio_two_speakers(resemblyzer, conversation):
 
 
 def test_diarize_audio_at_another_rate(resemblyzer, conversation):
-    from embstore.audio import resample
+    from embstore.audio.io import resample
 
     wav = resample(conversation.wav, 16000, 22050)
     segments = diarize_audio(wav, 22050, resemblyzer, vad="webrtc")
@@ -141,8 +141,8 @@ def test_no_speech_and_short_items(resemblyzer, speech):
 
 
 def test_pipeline_argument_errors(resemblyzer, speech):
-    from embstore.diarize.cluster import ClusterError
-    from embstore.windows import WindowSpecError
+    from embstore.diarize.speakers import ClusterError
+    from embstore.segments.windows import WindowSpecError
 
     with pytest.raises(WindowSpecError):
         diarize_audio(speech, 16000, resemblyzer, window="1.5:0")

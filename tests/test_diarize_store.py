@@ -13,7 +13,7 @@ import embstore
 from embstore.cli import cli
 from embstore.diarize.der import corpus_der
 from embstore.diarize.rttm import read_rttm
-from embstore.diarize.synthetic import corpus_by_speaker, make_conversation
+from embstore.synthetic import corpus_by_speaker, make_conversation
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embstore.diarize.synthetic import (
+from embstore.synthetic import (
     corpus_by_speaker,
     make_conversation,
     make_conversations,

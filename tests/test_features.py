@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from embstore.features import FbankConfig, fbank, fbank_batch, mel_banks, num_frames
+from embstore.audio.fbank import FbankConfig, fbank, fbank_batch, mel_banks, num_frames
 
 torch = pytest.importorskip("torch")
 knf = pytest.importorskip("kaldi_native_fbank")
@@ -52,7 +52,7 @@ def test_num_frames_matches_knf(samples: int) -> None:
 
 
 def test_window_and_mel_bank_match_knf() -> None:
-    from embstore.features import _window
+    from embstore.audio.fbank import _window
 
     for window_type in ("povey", "hamming", "hanning", "rectangular"):
         opts = knf.FrameExtractionOptions()
@@ -81,7 +81,7 @@ def test_fbank_batch_matches_knf_synthetic(config: FbankConfig) -> None:
 
 @pytest.mark.parametrize("config", WESPEAKER_FRONTENDS)
 def test_fbank_batch_matches_knf_on_real_speech(shared_data, config: FbankConfig) -> None:
-    from embstore.audio import read_audio
+    from embstore.audio.io import read_audio
 
     files = sorted(shared_data.glob("*/*.flac"))[::12]  # 9 files, 10 speakers' worth of variety
     raw_config = dataclasses.replace(config, cmn=False)

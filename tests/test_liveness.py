@@ -103,8 +103,8 @@ def test_claims_and_runs_of_a_zombie_are_freed_at_once(zombie, tmp_path):
     runs.start_run(st.conn, model_id, {})
     assert st.query("SELECT status FROM runs WHERE id = ?", (run_id,))[0][0] == "crashed"
     # a cluster actor's claims die with its driver's run, zombie or not
-    actor = tasks.cluster_owner("node", "actor", run_id)
-    assert tasks.cluster_run_is_gone(st.conn, actor)
+    actor = tasks.ray_owner("node", "actor", run_id)
+    assert tasks.ray_run_is_gone(st.conn, actor)
     st.close()
 
 

@@ -84,7 +84,7 @@ def resemblyzer_encoder():
 
 
 def test_models_package_does_not_import_torch() -> None:
-    code = "import sys, embstore.models, embstore.features, embstore.eval.metrics; print('torch' in sys.modules)"
+    code = "import sys, embstore.models, embstore.audio.fbank, embstore.eval.metrics; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -352,7 +352,7 @@ def test_wespeaker_checkpoint_problems(tmp_path, model_dirs) -> None:
 
 
 def test_wespeaker_resamples_and_mixes_down(tmp_path, encoders) -> None:
-    from embstore.audio import resample, resampled_length
+    from embstore.audio.io import resample, resampled_length
 
     enc = encoders["ecapa"]
     mono16 = _speechlike(1.0, 7)

@@ -1,4 +1,4 @@
-"""OpenVINO runtime (embstore.models.openvino) and the user cache (embstore.cache).
+"""OpenVINO runtime (embstore.models.openvino) and the user cache (embstore.models.cache).
 
 Fast tests use one small random ResNet and a few seconds of a few shared files; the
 every-item bf16 fidelity checks (random ResNet34 and the default model) are slow tests.
@@ -22,8 +22,8 @@ from tests.wespeaker_dirs import make_wespeaker_dir
 
 pytest.importorskip("openvino")
 
-from embstore import cache
-from embstore.fidelity import summary
+from embstore.models import cache
+from embstore.eval.fidelity import summary
 from embstore.models import openvino as ovm
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,7 +16,7 @@ from multiprocessing import get_context
 import numpy as np
 import pytest
 
-from embstore.audio import load_for_model
+from embstore.audio.io import load_for_model
 from embstore.models import resemblyzer_frontend as rf
 from embstore.vectors import cosine_rows
 

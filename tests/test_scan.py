@@ -174,7 +174,7 @@ def test_fast_header_parse_equals_libsndfile(tmp_path, subtype, ext, channels):
     import numpy as np
     import soundfile as sf
 
-    from embstore.audio import _probe_fast, probe
+    from embstore.audio.io import _probe_fast, probe
 
     path = tmp_path / f"x.{ext}"
     sf.write(str(path), np.random.default_rng(0).uniform(-0.5, 0.5, (3001, channels)), 22050, subtype=subtype)
@@ -198,7 +198,7 @@ def test_m4a_goes_through_pyav_with_its_duration(tmp_path):
     av = pytest.importorskip("av")
     import numpy as np
 
-    from embstore.audio import probe, read_audio
+    from embstore.audio.io import probe, read_audio
 
     path = tmp_path / "x.m4a"
     with av.open(str(path), "w", format="mp4") as container:

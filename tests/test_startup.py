@@ -15,7 +15,7 @@ import embstore
 from embstore.errors import ExtractionError
 from embstore.extract.messages import WorkerSetup
 from embstore.extract.worker import open_encoder
-from embstore.features import FbankConfig, num_frames
+from embstore.audio.fbank import FbankConfig, num_frames
 from embstore.models import cards, load
 from embstore.models.lengths import FbankLength, PartialsLength, rule_from_dict, rule_to_dict
 from tests.audio_factory import make_tree

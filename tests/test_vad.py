@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embstore import vad
-from embstore.audio import load_for_model
+from embstore.segments import vad
+from embstore.audio.io import load_for_model
 
 pytest.importorskip("webrtcvad")
 
@@ -116,7 +116,7 @@ def test_silence_has_no_regions(method):
 
 @needs_silero
 def test_other_rates_are_resampled(utterances):
-    from embstore.audio import resample
+    from embstore.audio.io import resample
 
     wav = utterances[2]
     at16 = vad.speech_regions(wav, 16000, "silero")

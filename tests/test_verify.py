@@ -57,7 +57,7 @@ def _load_model():
 def base_store(tmp_path_factory) -> Path:
     """6 items embedded with the default model, written through the writer's own path
     (claims + ZarrWriter, as extraction does) without starting extraction processes."""
-    from embstore.audio import content_hash
+    from embstore.audio.io import content_hash
     from embstore.extract.client import SqliteManifestClient
     from embstore.extract.messages import ItemResult
     from embstore.extract.writer import ZarrWriter

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 import embstore
 from embstore.cli import cli
 from embstore.models.registry import load
-from embstore.vad import speech_regions, vad_config
-from embstore.window_embed import WindowEmbedder
-from embstore.windows import windows_in_regions
+from embstore.segments.vad import speech_regions, vad_config
+from embstore.segments.window_embed import WindowEmbedder
+from embstore.segments.windows import windows_in_regions
 
 WIN = "resemblyzer-ge2e+w1.5:0.75+silero"
 # one xdist worker for the module: its store fixture is built once

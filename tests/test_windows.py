@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embstore.windows import (
+from embstore.segments.windows import (
     WindowSpec,
     WindowSpecError,
     parse_window_spec,

@@ -406,7 +406,7 @@ def speech_sources(speech_dir: str | None) -> dict[str, list[np.ndarray]]:
             if utts:
                 sources[f"s{spk.name}"] = utts
     if not sources:
-        from embstore.demo import voice
+        from embstore.synthetic import voice
 
         for s in range(10):
             sources[f"syn{s}"] = [voice(float(3 + (s + k) % 9), pitch=100 + 15 * s, seed=s * 100 + k) for k in range(10)]
@@ -491,7 +491,7 @@ def phase_corpus(args: argparse.Namespace, budget: Budget, state: dict[str, Any]
     if 0 not in finished:
         raise RuntimeError("not even the first shard was generated in time")
     shards = sorted(done, key=lambda d: d["shard"])
-    info = {"key": key, "root": str(root), "speech": speech or "synthetic voices (embstore.demo.voice)",
+    info = {"key": key, "root": str(root), "speech": speech or "synthetic voices (embstore.synthetic.voice)",
             "shards": [{"path": str(root / f"shard{d['shard']:02d}"), "files": d["files"], "audio_s": round(d["audio_s"], 1)}
                        for d in shards], "plan": plan}
     fid_dir = root / "shard00"
@@ -726,7 +726,7 @@ def flop_rate(enc: Any, device: str) -> float | None:
 def decode_all(paths: list[str]) -> list[np.ndarray]:
     from concurrent.futures import ThreadPoolExecutor
 
-    from embstore.audio import load_for_model
+    from embstore.audio.io import load_for_model
 
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
         return list(pool.map(lambda p: load_for_model(p, RATE), paths))

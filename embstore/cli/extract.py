@@ -43,7 +43,7 @@ DTYPE_CHOICES = ["fp32", "tf32", "bf16", "fp16"]
                    "device (auto: device on GPU for WeSpeaker models).")
 @click.option("--ray", "ray_address", default=None, metavar="ADDRESS|auto",
               help="Run on a Ray cluster (host:port, or auto: RAY_ADDRESS or the cluster running here): "
-                   "one worker per GPU of the cluster, or --workers N CPU workers. See docs/cluster.md.")
+                   "one worker per GPU of the cluster, or --workers N CPU workers. See docs/ray.md.")
 @click.option("--path-map", "path_map", multiple=True, metavar="OLD=NEW",
               help="With --ray: nodes that lack a scan root under OLD read it under NEW (repeatable).")
 @click.option("--windows", default=None, metavar="WINDOW:SHIFT",

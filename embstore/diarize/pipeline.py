@@ -3,9 +3,9 @@
 The steps are separate functions so that the store-backed `embstore diarize` can run
 the same code on windows it already holds:
 
-    regions  = speech_regions(wav, sr, vad)                  # embstore.vad
-    plan     = windows_in_regions(regions, window, shift, duration)   # embstore.windows
-    matrix   = WindowEmbedder(encoder).embed(wav, plan)      # embstore.window_embed
+    regions  = speech_regions(wav, sr, vad)                  # embstore.segments.vad
+    plan     = windows_in_regions(regions, window, shift, duration)   # embstore.segments.windows
+    matrix   = WindowEmbedder(encoder).embed(wav, plan)      # embstore.segments.window_embed
     segments = diarize_windows(plan.starts, plan.ends, matrix, ...)   # here
 
 `diarize_audio` chains them.
@@ -18,14 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from embstore.audio import resample
-from embstore.diarize.cluster import check_speaker_counts, cluster_windows
+from embstore.audio.io import resample
+from embstore.diarize.speakers import check_speaker_counts, cluster_windows
 from embstore.diarize.rttm import Segment, windows_to_segments
 from embstore.models.base import Encoder
-from embstore.vad import NoSpeech, Region, VadConfig, speech_regions, vad_config
+from embstore.segments.vad import NoSpeech, Region, VadConfig, speech_regions, vad_config
 from embstore.vectors import finite_nonzero
-from embstore.window_embed import WindowEmbedder
-from embstore.windows import (
+from embstore.segments.window_embed import WindowEmbedder
+from embstore.segments.windows import (
     WindowPlan,
     WindowSpec,
     parse_window_spec,

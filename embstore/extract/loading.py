@@ -13,16 +13,16 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from embstore.audio import content_hash
+from embstore.audio.io import content_hash
 from embstore.errors import AudioError, EnvironmentProblem
 from embstore.extract.batching import Loaded
 from embstore.extract.client import ManifestClient
-from embstore.cutting import EAGER_WINDOWS, Cutting, ItemCutFailed
+from embstore.segments.policy import EAGER_WINDOWS, Cutting, ItemCutFailed
 from embstore.extract.faults import crash_if_poison
 from embstore.extract.messages import ClaimedTask
 from embstore.models.base import Encoder
-from embstore.vad import Region
-from embstore.windows import WindowPlan
+from embstore.segments.vad import Region
+from embstore.segments.windows import WindowPlan
 
 
 def hash_item(task: ClaimedTask) -> Loaded:

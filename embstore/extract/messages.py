@@ -8,11 +8,11 @@
     worker     --WorkerStats | WorkerFailed--> supervisor
     writer     --Written | WriterFailed | WriterFinished--> supervisor
 
-On a cluster (embstore.extract.cluster) the manifest and the writer sit behind the
+On a cluster (embstore.extract.ray) the manifest and the writer sit behind the
 coordinator actor, and these travel as actor calls as well:
 
     worker      --ClaimRequest | LeaseRequest | DedupRequest | PackedResults--> coordinator
-    coordinator --ClusterModel | DedupRows--> worker
+    coordinator --RayModel | DedupRows--> worker
     worker      --WorkerJoined | WorkerDone--> driver      (returns of the actor's calls)
     driver      --WorkerDied--> coordinator
     coordinator --CoordinatorProgress--> driver
@@ -176,7 +176,7 @@ class WriterFinished:
 
 
 @dataclass(frozen=True)
-class ClusterModel:
+class RayModel:
     """The run's model as the manifest knows it: a worker checks its own fingerprint
     against it, and every scan root against its node, before its first claim."""
 

@@ -8,8 +8,8 @@ from typing import Any
 from embstore.errors import ExtractionError
 from embstore.models.common import DTYPES
 from embstore.models.registry import DEFAULT_SPEC
-from embstore.vad import VadError, vad_config
-from embstore.windows import WindowSpecError, parse_window_spec
+from embstore.segments.vad import VadError, vad_config
+from embstore.segments.windows import WindowSpecError, parse_window_spec
 
 RUNTIME_CHOICES = ("auto", "torch", "onnx", "openvino")
 FEATURE_CHOICES = ("auto", "cpu", "device")

@@ -13,7 +13,7 @@ from typing import Callable
 
 from embstore.errors import ExtractionError, ModelError
 from embstore.extract.batching import default_batch_frames
-from embstore.cutting import Cutting, cutting_of
+from embstore.segments.policy import Cutting, cutting_of
 from embstore.extract.messages import WorkerSetup
 from embstore.extract.options import ExtractOptions
 from embstore.extract.summary import ExtractSummary
@@ -24,7 +24,7 @@ from embstore.models.base import Capabilities, Encoder, trimmed_fingerprint
 from embstore.models.onnx import cached_export, export_onnx
 from embstore.models.openvino import cpu_bf16_support, openvino_spec
 from embstore.models.registry import load
-from embstore.vad import check_available as check_vad_available
+from embstore.segments.vad import check_available as check_vad_available
 
 
 @dataclass

@@ -44,7 +44,7 @@ def run_extraction(manifest: Manifest, options: ExtractOptions, runner: type | N
     """Embed every pending item of the store; returns what was done and, in
     `summary.outcome`, what is left of the model's work (the exit status). `runner` runs
     the planned work (default `RunProcesses`, local processes; the cluster's is
-    `embstore.extract.cluster.supervisor.ClusterRun`)."""
+    `embstore.extract.ray.driver.RayRun`)."""
     started = time.monotonic()
     plan = plan_extraction(manifest, options, warm_up=lambda: warm_process_context(options))
     if isinstance(plan, ExtractSummary):

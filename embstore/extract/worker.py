@@ -27,7 +27,7 @@ import numpy as np
 
 from embstore.extract.batching import Loaded, default_batch_frames, plan_batches
 from embstore.extract.client import ClaimBudget, ManifestClient, SqliteManifestClient
-from embstore.cutting import cutting_of
+from embstore.segments.policy import cutting_of
 from embstore.extract.faults import slow_compute
 from embstore.extract.loading import load_claim
 from embstore.extract.messages import ItemFailure, ItemOutcome, ItemResult, WorkerFailed, WorkerSetup, WorkerStats
@@ -38,7 +38,7 @@ from embstore.errors import ExtractionError
 from embstore.models.base import Encoder, untrimmed_fingerprint
 from embstore.models.registry import load
 from embstore.vectors import finite_nonzero
-from embstore.window_embed import DEFAULT_BATCH, WindowEmbedder
+from embstore.segments.window_embed import DEFAULT_BATCH, WindowEmbedder
 
 
 # vectors of recently computed audio kept per worker for dedup (~1 KB each at dim 256)

@@ -20,7 +20,7 @@ import time
 import uuid
 from typing import Any, Callable, Iterable, Sequence
 
-from embstore.audio import resampled_length, span_frames
+from embstore.audio.io import resampled_length, span_frames
 from embstore.manifest.connection import LIVE_ITEM, immediate, marks, scalar, select_in
 from embstore.processes import HOST, is_running, own_start_mark
 
@@ -73,7 +73,7 @@ def claim_is_live(conn: sqlite3.Connection, owner: str, lease_until: float | Non
     a dead process of this host, and its cluster run has not ended."""
     if lease_until is not None and lease_until < time.time():
         return False
-    return not (owner_is_dead(owner) or cluster_run_is_gone(conn, owner))
+    return not (owner_is_dead(owner) or ray_run_is_gone(conn, owner))
 
 
 def describe_owner(owner: str) -> str:
@@ -200,17 +200,17 @@ def release_lost(conn: sqlite3.Connection, model_id: int, now: float) -> int:
     and those of cluster actors whose run's driver is gone."""
     released = _release(conn, "model_id = ? AND lease_until < ?", (model_id, now))
     for owner in claim_owners(conn, model_id):
-        if owner and (owner_is_dead(owner) or cluster_run_is_gone(conn, owner)):
+        if owner and (owner_is_dead(owner) or ray_run_is_gone(conn, owner)):
             released += _release(conn, "owner = ?", (owner,))
     return released
 
 
-def cluster_owner(node: str, actor: str, run_id: int) -> str:
+def ray_owner(node: str, actor: str, run_id: int) -> str:
     """The owner of a cluster actor's claims: ray:<node>:<actor>:<run>."""
     return f"ray:{node}:{actor}:{run_id}"
 
 
-def cluster_run_is_gone(conn: sqlite3.Connection, owner: str) -> bool:
+def ray_run_is_gone(conn: sqlite3.Connection, owner: str) -> bool:
     """True for a cluster actor's owner whose run has ended, or whose driver process on
     this host no longer runs (its actors died with it: Ray kills what a dead driver owned)."""
     if not owner.startswith("ray:"):
@@ -497,6 +497,6 @@ def mark_failed(conn: sqlite3.Connection, failed: Sequence[tuple[int, str, str]]
 __all__ = [
     "HOST", "new_owner", "process_owner", "owner_is_dead", "claim_is_live", "describe_owner", "refresh_tasks", "release_lost", "claim_batch", "renew_lease",
     "release_claims", "pending_summary", "claimable_count", "retry_legacy_environment_failures", "failed_count", "has_open_work", "rows_of_identical_audio",
-    "claim_suspect", "record_death", "cluster_owner", "cluster_run_is_gone", "roots_with_open_work",
+    "claim_suspect", "record_death", "ray_owner", "ray_run_is_gone", "roots_with_open_work",
     "still_held", "committed_rows", "set_committed_rows", "mark_done", "mark_failed", "mark_items_stale",
 ]

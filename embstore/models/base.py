@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from embstore.audio import load_for_model
+from embstore.audio.io import load_for_model
 from embstore.models.lengths import LengthRule
 
 BATCHING_MODES = ("any", "masked", "equal")

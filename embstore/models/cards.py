@@ -28,7 +28,7 @@ from embstore.paths import user_cache_dir, write_atomic_text
 CARD_VERSION = 1
 # the code whose changes can change a description: the model layer and the features
 _CODE = Path(__file__).resolve().parents[1]
-_CODE_FILES = sorted([*(_CODE / "models").glob("*.py"), _CODE / "features.py", _CODE / "audio.py"])
+_CODE_FILES = sorted([*(_CODE / "models").glob("*.py"), _CODE / "audio" / "fbank.py", _CODE / "audio" / "io.py"])
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from embstore.errors import ModelError
-from embstore.features import WINDOW_TYPES, FbankConfig, fbank, fbank_batch, num_frames
+from embstore.audio.fbank import WINDOW_TYPES, FbankConfig, fbank, fbank_batch, num_frames
 from embstore.models.base import Encoder
 from embstore.models.common import short_error
 from embstore.models.lengths import FbankLength

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from embstore.errors import ModelError
-from embstore.features import FbankConfig
+from embstore.audio.fbank import FbankConfig
 from embstore.models.base import Capabilities, fingerprint_of
 from embstore.models.common import DTYPES, check_device
 from embstore.models.fbank_encoder import FbankEncoder

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from embstore.errors import ModelError
-from embstore.features import FbankConfig
+from embstore.audio.fbank import FbankConfig
 from embstore.models.base import Capabilities, fingerprint_of
 from embstore.models.common import abspath, check_device, safe_name, short_error
 from embstore.models.fbank_encoder import (
@@ -139,7 +139,7 @@ def export_onnx(encoder: Any, folder: str | None = None) -> str:
     return the path; an existing export is reused. Time and batch axes are dynamic.
 
     Without `folder`: the user cache's `cached_export(encoder.fingerprint)`. Concurrent
-    exports of one folder are safe and done once (`embstore.cache.fill_once`: one process
+    exports of one folder are safe and done once (`embstore.models.cache.fill_once`: one process
     exports under a lock, the others wait and reuse it; config.yaml is in place before
     model.onnx appears). The config.yaml records `embstore.source_fingerprint` (the torch
     encoder's fingerprint) next to `max_frames`.
@@ -149,7 +149,7 @@ def export_onnx(encoder: Any, folder: str | None = None) -> str:
     """
     from pathlib import Path
 
-    from embstore.cache import fill_once
+    from embstore.models.cache import fill_once
 
     target = Path(folder) if folder else Path(cached_export(encoder.fingerprint)).parent
     fill_once(target, "model.onnx", lambda tmp: _write_export(encoder, tmp))

@@ -236,7 +236,7 @@ def _split_stem(core: Any, path: str, cache_key: str | None, where: str) -> list
     loads compile (or import) them from files without reading the ONNX graph again."""
     folder = None
     if cache_key:
-        from embstore.cache import entry_dir
+        from embstore.models.cache import entry_dir
 
         folder = entry_dir("openvino-ir", cache_key)
         if (folder / "rest.xml").is_file():
@@ -251,7 +251,7 @@ def _split_stem(core: Any, path: str, cache_key: str | None, where: str) -> list
         return [(parts[0], "f32"), (parts[1], "bf16")] if parts else [(path, "bf16")]
     import openvino as ov
 
-    from embstore.cache import fill_once
+    from embstore.models.cache import fill_once
 
     def build(tmp: Path) -> None:
         if parts:
@@ -399,7 +399,7 @@ def _compile(core: Any, model: Any, config: dict[str, Any], cache_key: str | Non
         folder = _blob_folder(cache_key)
         if folder is None:
             return core.compile_model(model, "CPU", config)
-        from embstore.cache import locked
+        from embstore.models.cache import locked
 
         name = os.path.splitext(os.path.basename(model))[0] if isinstance(model, str) else model.get_friendly_name()
         stage = folder / name  # one folder per graph: a stage's blobs are removed alone
@@ -434,7 +434,7 @@ def _remove_blobs(folder: Path) -> None:
 def _blob_folder(cache_key: str | None) -> Path | None:
     if not cache_key:
         return None
-    from embstore.cache import entry_dir
+    from embstore.models.cache import entry_dir
 
     folder = entry_dir("openvino", cache_key)
     try:
@@ -517,7 +517,7 @@ def _load_resemblyzer(device: str, dtype: str, options: dict[str, Any]) -> Any:
 # the modules whose code decides a torch WeSpeaker encoder's fingerprint: a change to
 # them is a different index key, so the index never names a stale fingerprint
 _FINGERPRINT_CODE = [str(Path(__file__).resolve().parents[1] / name) for name in (
-    "features.py", "models/base.py", "models/fbank_encoder.py", "models/wespeaker.py")]
+    "audio/fbank.py", "models/base.py", "models/fbank_encoder.py", "models/wespeaker.py")]
 
 
 def _source_key(model_dir: str, checkpoint: str, max_frames: int | None, overrides: dict[str, Any] | None) -> str:
@@ -537,7 +537,7 @@ def _export(target: str, max_frames: int | None, overrides: dict[str, Any] | Non
 
     The index (checkpoint files -> export) lets a known model skip torch entirely; a miss
     loads the torch encoder once and exports it (`export_onnx`, safe when racing)."""
-    from embstore.cache import entry_dir, read_json, write_json
+    from embstore.models.cache import entry_dir, read_json, write_json
     from embstore.models.wespeaker import _find_checkpoint
 
     model_dir, checkpoint = _find_checkpoint(target)
@@ -635,7 +635,7 @@ class ResemblyzerOpenVINO(ResemblyzerEncoder):
 
 
 def _export_resemblyzer(model: Any, fingerprint: str) -> str:
-    from embstore.cache import entry_dir, fill_once
+    from embstore.models.cache import entry_dir, fill_once
     from embstore.models.onnx import trace_to_onnx
 
     def build(folder: Path) -> None:

@@ -7,7 +7,7 @@ LSTM forward over all partials, and the L2-normalised mean of the partial embedd
 The preprocessing is `resemblyzer_frontend`, a vectorised copy of the package's (the same
 kept samples, the mel to ~1e-7; no librosa), and the network is `_ge2e`, VoiceEncoder's
 forward on the wheel's own weights without importing the package (whose import pulls
-librosa and scipy.ndimage). Audio is read with `embstore.audio` (soundfile + soxr)
+librosa and scipy.ndimage). Audio is read with `embstore.audio.io` (soundfile + soxr)
 instead of librosa: identical samples for 16 kHz files, a different (high quality)
 resampler for other rates.
 

@@ -230,6 +230,6 @@ def resemblyzer_features(path: str, start: float | None = None, end: float | Non
                          rate: float = 1.3, min_coverage: float = 0.75) -> np.ndarray:
     """Load one item and return its [n_partials, 160, 40] windows: a top-level function a process
     pool can call (no model, no torch; the same numbers as ResemblyzerEncoder.features)."""
-    from embstore.audio import load_for_model
+    from embstore.audio.io import load_for_model
 
     return features(load_for_model(path, SAMPLE_RATE, start, end), rate, min_coverage)

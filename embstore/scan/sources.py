@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from embstore.audio import is_audio_name
+from embstore.audio.io import is_audio_name
 from embstore.errors import ScanError
 
 

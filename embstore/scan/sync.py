@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from embstore.audio import probe
+from embstore.audio.io import probe
 from embstore.errors import AudioError, ScanError
 from embstore.manifest.connection import LIVE_ITEM, execute_in, utcnow
 from embstore.manifest.database import Manifest

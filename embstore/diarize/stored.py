@@ -13,7 +13,7 @@ import json
 import time
 from typing import Any, Callable
 
-from embstore.diarize.cluster import ClusterError, check_speaker_counts
+from embstore.diarize.speakers import ClusterError, check_speaker_counts
 from embstore.diarize.pipeline import diarize_windows
 from embstore.diarize.rttm import Segment
 from embstore.errors import StoreError

@@ -12,7 +12,7 @@ Per item:
   result to be stored;
 - no speech: the item fails at stage "vad" with that reason;
 - speech only: the samples inside the regions, concatenated, are the item's audio;
-- windows: `embstore.windows.windows_in_regions` (WeSpeaker's subsegment policy: the
+- windows: `embstore.segments.windows.windows_in_regions` (WeSpeaker's subsegment policy: the
   last window of a region is kept when longer than window - shift; a region shorter
   than a window gives one short window). An item with less than half a window of
   speech in all fails ("shorter than one window"); one with more but less than a window
@@ -30,9 +30,9 @@ import numpy as np
 
 from embstore.models.base import Encoder, variant_fingerprint
 from embstore.vectors import finite_nonzero
-from embstore.vad import NoSpeech, Region, VadConfig, speech_only, speech_regions, vad_config
-from embstore.window_embed import DEFAULT_BATCH, WindowEmbedder, window_mode
-from embstore.windows import WindowPlan, WindowSpec, parse_window_spec, windows_in_regions
+from embstore.segments.vad import NoSpeech, Region, VadConfig, speech_only, speech_regions, vad_config
+from embstore.segments.window_embed import DEFAULT_BATCH, WindowEmbedder, window_mode
+from embstore.segments.windows import WindowPlan, WindowSpec, parse_window_spec, windows_in_regions
 
 # items with at most this many windows get their window features on the loader
 # threads; longer ones (a one-hour file is ~4800 windows) are featurised block by block

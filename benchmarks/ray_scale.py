@@ -1,6 +1,6 @@
 """Cluster scale: can the coordinator (claims, dedup, commits) feed a large cluster?
 
-    python benchmarks/cluster_scale.py --items 200000 --claim 300 --out bench-out/cluster_scale.json
+    python benchmarks/ray_scale.py --items 200000 --claim 300 --out bench-out/ray_scale.json
 
 A store of N items is made straight in SQL (the scanner has its own benchmark), then
 the same claim -> dedup -> commit loop runs twice, side by side:
@@ -131,11 +131,11 @@ class Feeder:
     def __init__(self, coordinator: Any, run_id: int, index: int):
         import ray
 
-        from embstore.extract.cluster.actors import RemoteManifestClient, RemoteOutbox
-        from embstore.manifest.tasks import cluster_owner
+        from embstore.extract.ray.actors import RemoteManifestClient, RemoteOutbox
+        from embstore.manifest.tasks import ray_owner
 
         context = ray.get_runtime_context()
-        owner = cluster_owner(context.get_node_id()[:8], context.get_actor_id()[:8], run_id)
+        owner = ray_owner(context.get_node_id()[:8], context.get_actor_id()[:8], run_id)
         self.client = RemoteManifestClient(coordinator, owner)
         self.outbox = RemoteOutbox(coordinator, owner)
         self.index = index
@@ -170,13 +170,13 @@ def run_cluster(store: Path, model_id: int, claim: int, dim: int, on_head: bool 
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     import embstore
-    from embstore.extract.cluster.actors import remote_classes
-    from embstore.extract.cluster.coordinator import store_identity
+    from embstore.extract.ray.actors import remote_classes
+    from embstore.extract.ray.coordinator import store_identity
     from embstore.extract.messages import CoordinatorProgress
     from embstore.manifest import runs
 
     st = embstore.open(store)
-    run_id = runs.start_run(st.conn, model_id, {"benchmark": "cluster_scale"})
+    run_id = runs.start_run(st.conn, model_id, {"benchmark": "ray_scale"})
     Coordinator, _ = remote_classes()
     head = ray.get_runtime_context().get_node_id()
     coordinator = Coordinator.options(scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote(

@@ -13,7 +13,7 @@ one per node, each taking the node's CPUs). It watches every actor's calls:
 - either way a replacement starts where the cluster has the resources for one.
 
 A driver that crashes takes its actors with it (Ray kills what a dead owner created);
-the next run frees their claims at once (`tasks.cluster_run_is_gone`). One progress bar
+the next run frees their claims at once (`tasks.ray_run_is_gone`). One progress bar
 counts the whole cluster; the run's summary, and so `status`, keeps its workers per node.
 """
 
@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from embstore.errors import ExtractionError
-from embstore.extract.cluster.actors import remote_classes
-from embstore.extract.cluster.coordinator import store_identity
-from embstore.extract.cluster.nodes import node_name
+from embstore.extract.ray.actors import remote_classes
+from embstore.extract.ray.coordinator import store_identity
+from embstore.extract.ray.nodes import node_name
 from embstore.extract.messages import (
     WorkerDied, WorkerDone, WorkerFailed, WorkerFinished, WorkerJoined, WorkerSetup,
 )
@@ -45,11 +45,11 @@ POLL_SECONDS = 0.25
 CLAIM_ITEMS = {"cpu": 256, "gpu": 512}  # a claim's items, before the end-of-run balancing below
 
 
-def run_cluster_extraction(manifest: Manifest, options: ExtractOptions) -> ExtractSummary:
+def run_ray_extraction(manifest: Manifest, options: ExtractOptions) -> ExtractSummary:
     """`Store.extract(ray=...)`: connect to the cluster, then run as `run_extraction` does."""
     connected = connect(options.ray or "auto")
     try:
-        return run_extraction(manifest, options, runner=ClusterRun)
+        return run_extraction(manifest, options, runner=RayRun)
     finally:
         if connected:
             import ray
@@ -76,7 +76,7 @@ def connect(address: str) -> bool:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExtractionError(
-            f"cannot join a Ray cluster at {address}: {first} (start one with `ray start --head`; see docs/cluster.md)"
+            f"cannot join a Ray cluster at {address}: {first} (start one with `ray start --head`; see docs/ray.md)"
         ) from None
     return True
 
@@ -104,7 +104,7 @@ class NodeTally:
         return {"workers": self.workers, "devices": dict(sorted(self.devices.items())), "lost": self.lost}
 
 
-class ClusterRun(RunProcesses):
+class RayRun(RunProcesses):
     """One cluster run: the coordinator, the worker actors, and the driver watching them.
     Reports fold into the summary as in a local run (`RunProcesses.handle`)."""
 
@@ -368,4 +368,4 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-__all__ = ["run_cluster_extraction", "connect", "ClusterRun"]
+__all__ = ["run_ray_extraction", "connect", "RayRun"]

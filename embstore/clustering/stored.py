@@ -1,7 +1,7 @@
 """`embstore cluster`: pseudo-speaker labels for the whole items of a dataset, in the store.
 
 The done items of the dataset's live items (one model) are clustered by
-`embstore.corpus_cluster.cluster_corpus` (average-linkage AHC; above `MAX_DIRECT`
+`embstore.clustering.corpus.cluster_corpus` (average-linkage AHC; above `MAX_DIRECT`
 distinct rows, the streamed cells -> local AHC -> merging path, whose memory does not
 grow with the corpus' [n, dim] matrix). Deduplicated items share one row, so one vector
 is clustered per distinct row and every item on it gets that row's label. Labels go to
@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from embstore.corpus_cluster import DEFAULT_THRESHOLD, cluster_corpus, purity_coverage
+from embstore.clustering.corpus import DEFAULT_THRESHOLD, cluster_corpus
+from embstore.clustering.labels import purity_coverage
 from embstore.errors import ClusteringError
 from embstore.manifest import clusters as cluster_sql
 from embstore.manifest import reports

@@ -46,12 +46,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from embstore.diarize.cluster import kmeans
+from embstore.clustering.ahc import average_linkage
+from embstore.clustering.kmeans import kmeans
 from embstore.errors import ClusteringError
 
 # Resemblyzer (the default model), whole utterances: the middle of the plateau of best
 # purity + coverage on 5 of the 10 shared LibriSpeech speakers (0.675-0.775); the other 5
-# scored purity 1.0 / coverage 1.0 with it (benchmarks/corpus_cluster.py real). Other
+# scored purity 1.0 / coverage 1.0 with it (benchmarks/clustering.py real). Other
 # models need their own threshold.
 DEFAULT_THRESHOLD = 0.725
 MAX_DIRECT = 4096
@@ -103,18 +104,10 @@ def _rows(matrix: Any, index: np.ndarray) -> np.ndarray:
 
 
 def _ahc(vectors: np.ndarray, threshold: float | None, num_speakers: int | None) -> np.ndarray:
-    """Average-linkage cosine AHC labels 0.. of unit vectors (scipy; singletons)."""
-    from scipy.cluster.hierarchy import fcluster, linkage
-    from scipy.spatial.distance import pdist
-
+    """Average-linkage cosine AHC labels 0.. of unit vectors (singletons: one cluster)."""
     if len(vectors) == 1:
         return np.zeros(1, dtype=np.int32)
-    tree = linkage(np.maximum(pdist(vectors.astype(np.float64), "cosine"), 0.0), method="average")
-    if num_speakers is not None:
-        labels = fcluster(tree, t=min(num_speakers, len(vectors)), criterion="maxclust")
-    else:
-        labels = fcluster(tree, t=1.0 - float(threshold), criterion="distance")  # type: ignore[arg-type]
-    return (labels - 1).astype(np.int32)
+    return (average_linkage(vectors, threshold, num_speakers) - 1).astype(np.int32)
 
 
 def weighted_average_linkage(
@@ -470,23 +463,3 @@ def _lloyd_pass(
     norms = np.linalg.norm(new, axis=1, keepdims=True)
     new = np.where(norms > 0, new / np.where(norms > 0, norms, 1.0), centroids)
     return new.astype(np.float32), changed
-
-
-def purity_coverage(labels: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    """(purity, coverage) as pyannote.metrics defines them for clusters of whole items.
-
-    purity: the share of items that belong to their cluster's majority speaker;
-    coverage: the share of items that sit in their speaker's majority cluster.
-    Unlabelled rows (-1) count as singleton clusters.
-    """
-    labels = np.asarray(labels).copy()
-    truth = np.asarray(truth)
-    if len(labels) == 0:
-        return 1.0, 1.0
-    lone = labels < 0
-    labels[lone] = labels.max() + 1 + np.arange(int(lone.sum()))
-    _, cl = np.unique(labels, return_inverse=True)
-    _, sp = np.unique(truth, return_inverse=True)
-    table = np.zeros((cl.max() + 1, sp.max() + 1), dtype=np.int64)
-    np.add.at(table, (cl, sp), 1)
-    return float(table.max(axis=1).sum() / len(labels)), float(table.max(axis=0).sum() / len(labels))

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from embstore.audio import resample
+from embstore.audio.io import resample
 from embstore.errors import EnvironmentProblem
 
 VAD_METHODS = ("silero", "webrtc", "none")

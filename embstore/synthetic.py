@@ -1,6 +1,10 @@
-"""Synthetic conversations cut from real single-speaker utterances, with reference RTTM.
+"""Test and benchmark data, in one place: what the library never runs for users.
 
-For measuring diarization (DER) where no annotated conversations are available:
+- `voice`: a crude voiced signal (harmonics, vibrato, syllable-like bursts) for tests and
+  demos that need audio but not speech; `make_corpus`: a small tree of such voices (the
+  demo's fallback without ../shared/data);
+- synthetic conversations cut from real single-speaker utterances, with reference RTTM,
+  for measuring diarization (DER) where no annotated conversations are available:
 
 - `num_speakers` speakers are drawn from the corpus; the first turns go to each of
   them once (in random order), later turns to a random speaker other than the last
@@ -25,16 +29,41 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from embstore.audio import is_audio_name, load_for_model
+from embstore.audio.io import is_audio_name, load_for_model
 from embstore.diarize.rttm import Segment
 
 SAMPLE_RATE = 16000
 _FRAME = 400  # 25 ms at 16 kHz
 _TARGET_DBFS = -26.0
+
+
+def voice(seconds: float, rate: int = 16000, pitch: float = 140.0, seed: int = 0) -> np.ndarray:
+    """A crude voiced signal: harmonics with vibrato and syllable-like bursts, plus noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    f0 = pitch * (1 + 0.05 * np.sin(2 * np.pi * 3 * t + rng.uniform(0, 6)))
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    sig = sum((0.6 / k) * np.sin(k * phase + rng.uniform(0, 6)) for k in range(1, 12))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t + rng.uniform(0, 6)) ** 2
+    sig = sig * envelope + 0.01 * rng.standard_normal(len(t))
+    return (0.3 * sig / np.max(np.abs(sig))).astype(np.float32)
+
+
+def make_corpus(root: Path, speakers: int = 5, per_speaker: int = 4) -> Path:
+    import soundfile as sf
+
+    for s in range(speakers):
+        for n in range(per_speaker):
+            path = root / "synthetic" / f"spk{s}" / f"spk{s}-{n}.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                sf.write(str(path), voice(2.0 + 0.7 * n, pitch=100 + 30 * s, seed=10 * s + n), 16000)
+    return root
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The cluster path's parts that need no cluster: options, path maps, the wire format,
-and freeing the claims of a driver that died (tests/test_cluster.py runs the rest)."""
+and freeing the claims of a driver that died (tests/test_ray.py runs the rest)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 
 import embstore
 from embstore.errors import ExtractionError
-from embstore.extract.cluster.nodes import local_spec, mapped, missing_roots_line, resolve_roots
-from embstore.extract.cluster.wire import pack, unpack
+from embstore.extract.ray.nodes import local_spec, mapped, missing_roots_line, resolve_roots
+from embstore.extract.ray.wire import pack, unpack
 from embstore.extract.messages import ItemFailure, ItemResult
 from embstore.extract.options import ExtractOptions
 from embstore.manifest import runs, tasks
@@ -79,7 +79,7 @@ def test_claims_of_a_dead_drivers_actors_are_freed_at_the_next_refresh(tmp_path)
     length = lambda n: n // 160  # noqa: E731
     tasks.refresh_tasks(st.conn, model["id"], length, 16000)
     run_id = runs.start_run(st.conn, model["id"], {})
-    owner = tasks.cluster_owner("node1234", "actor567", run_id)
+    owner = tasks.ray_owner("node1234", "actor567", run_id)
     assert len(tasks.claim_batch(st.conn, model["id"], owner, 3600, 2, 10**9)) == 2
     # the driver is alive (this process): its actors keep their claims
     assert tasks.refresh_tasks(st.conn, model["id"], length, 16000)["released"] == 0

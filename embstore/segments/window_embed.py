@@ -1,4 +1,4 @@
-"""Embeddings of the windows of one waveform (see `embstore.windows`), in flat memory.
+"""Embeddings of the windows of one waveform (see `embstore.segments.windows`), in flat memory.
 
 Every window is embedded from its own samples only, so a window's embedding does not
 depend on how the item was chunked, on its neighbours or on the batch it ran in:
@@ -39,7 +39,7 @@ from embstore.models import resemblyzer_frontend as rf
 from embstore.models.base import Encoder
 from embstore.models.common import autocast
 from embstore.vectors import finite_nonzero
-from embstore.windows import WindowPlan
+from embstore.segments.windows import WindowPlan
 
 MODES = ("auto", "mel", "features")
 GAINS = ("window", "none")

@@ -188,7 +188,7 @@ def test_missing_root_refused_then_path_map_honoured(cluster, tmp_path):
     mapped = st.extract(model="null:16", ray="auto", workers=2, path_map=(f"{tmp_path / 'root'}={moved}",))
     assert mapped.done == len(files) and not mapped.error
     # the hashes the workers read are those of the files where the map pointed
-    from embstore.audio import content_hash
+    from embstore.audio.io import content_hash
 
     stored = {r["path"]: r["content_hash"] for r in st.query("SELECT path, content_hash FROM files")}
     assert stored == {str(f.relative_to(tmp_path / "root")): content_hash(str(moved / f.relative_to(tmp_path / "root")))
@@ -204,10 +204,12 @@ def test_a_poison_item_is_quarantined_on_the_cluster(cluster, tmp_path):
     write(tmp_path / "root" / "ds" / "spk1" / f"{POISON}.wav", 0.3, seed=5)
     st.scan([tmp_path / "root"])
     summary = st.extract(model="null:16", ray="auto", workers=2)
-    # the batch death made suspects; solo, the poison killed two different workers;
-    # replacements took over each time, so one run did it all
+    # solo, the poison killed two different workers; a first death in a shared batch (if
+    # the claims put it with others) only made suspects, so 2 or 3 losses; replacements
+    # took over each time, so one run did it all
     assert summary.done == len(files) and summary.failed == 1 and not summary.error, summary
-    assert summary.workers >= 3 and sum(t["lost"] for t in summary.workers_per_node.values()) == 2
+    lost = sum(t["lost"] for t in summary.workers_per_node.values())
+    assert summary.workers >= 3 and lost in (2, 3), summary.workers_per_node
     (error,) = st.errors()
     assert error["stage"] == "crash" and error["id"].endswith(POISON) and "2 different workers" in error["error"]
     workers = json.loads(st.query("SELECT crashed_workers FROM tasks WHERE stage = 'crash'")[0][0])

@@ -18,14 +18,14 @@ from collections import deque
 from typing import Any, Sequence
 
 from embstore.extract.client import DedupKey, ManifestClient
-from embstore.extract.cluster.wire import pack
-from embstore.extract.cluster.nodes import local_spec, missing_roots_line, node_name, resolve_roots
+from embstore.extract.ray.wire import pack
+from embstore.extract.ray.nodes import local_spec, missing_roots_line, node_name, resolve_roots
 from embstore.extract.messages import (
-    ClaimedTask, ClaimRequest, ClusterModel, DedupRequest, ItemOutcome, LeaseRequest, ProgressReport,
+    ClaimedTask, ClaimRequest, RayModel, DedupRequest, ItemOutcome, LeaseRequest, ProgressReport,
     WorkerDone, WorkerFailed, WorkerFinished, WorkerJoined, WorkerSetup,
 )
 from embstore.extract.outbox import Outbox
-from embstore.manifest.tasks import cluster_owner
+from embstore.manifest.tasks import ray_owner
 
 # result messages a worker may have in flight to the coordinator before it waits
 RESULTS_IN_FLIGHT = 8
@@ -118,7 +118,7 @@ class WorkerActor:
         self.node_id = context.get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
         self.node = node_name(self.node_id, self.node_ip)
-        self.owner = cluster_owner(self.node_id[:8], context.get_actor_id()[:8], run_id)
+        self.owner = ray_owner(self.node_id[:8], context.get_actor_id()[:8], run_id)
         self.setup = setup
         self.coordinator = coordinator
         self.path_pairs = list(path_pairs)
@@ -133,7 +133,7 @@ class WorkerActor:
         import ray
 
         try:
-            model: ClusterModel = ray.get(self.coordinator.model.remote())
+            model: RayModel = ray.get(self.coordinator.model.remote())
             rewrites, missing = resolve_roots(model.roots, self.path_pairs)
             if missing:
                 return WorkerFailed(self.owner, missing_roots_line(self.node, missing))
@@ -195,7 +195,7 @@ def remote_classes() -> tuple[Any, Any]:
     """(coordinator actor class, worker actor class), made remote on first use."""
     import ray
 
-    from embstore.extract.cluster.coordinator import Coordinator
+    from embstore.extract.ray.coordinator import Coordinator
 
     # max_restarts=0: a restarted worker would be a new process holding no claims under
     # an old name; the driver starts a fresh actor (a new owner) instead

@@ -1,8 +1,8 @@
-"""Corpus clustering (`embstore.corpus_cluster`): quality on real speech, scale on 1 M vectors.
+"""Corpus clustering (`embstore.clustering.corpus`): quality on real speech, scale on 1 M vectors.
 
-    python benchmarks/corpus_cluster.py real  --out bench-out/cluster_real.json
-    python benchmarks/corpus_cluster.py scale --rows 100000 1000000 --out bench-out/cluster_scale.json
-    python benchmarks/corpus_cluster.py store --rows 1000000 --store /tmp/cluster-store --out bench-out/cluster_store.json
+    python benchmarks/clustering.py real  --out bench-out/cluster_real.json
+    python benchmarks/clustering.py scale --rows 100000 1000000 --out bench-out/clustering_scale.json
+    python benchmarks/clustering.py store --rows 1000000 --store /tmp/cluster-store --out bench-out/cluster_store.json
 
 real: Resemblyzer (default model) embeddings of the 100 utterances of ../shared/data
 (10 speakers), labels hidden from the clustering. The threshold is swept on speakers
@@ -41,7 +41,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from embstore.corpus_cluster import DEFAULT_THRESHOLD, cluster_corpus, purity_coverage  # noqa: E402
+from embstore.clustering.corpus import DEFAULT_THRESHOLD, cluster_corpus  # noqa: E402
+from embstore.clustering.labels import purity_coverage  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "librispeech-test-other"
 

@@ -1,4 +1,5 @@
-"""Clustering one item's window embeddings into speakers (NumPy/SciPy only, deterministic).
+"""Clustering one item's window embeddings into speakers (NumPy/SciPy only, deterministic);
+k-means, AHC and label numbering are `embstore.clustering`'s.
 
 spectral (default), as in WeSpeaker's `spectral_clusterer.py` and 3D-Speaker's
 `SpectralCluster`: cosine affinity; p-pruning keeps, per row, only the strongest
@@ -23,6 +24,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from embstore.clustering.ahc import average_linkage
+from embstore.clustering.kmeans import kmeans
+from embstore.clustering.labels import first_appearance
 
 METHODS = ("spectral", "ahc")
 DEFAULT_MAX_SPEAKERS = 8
@@ -51,55 +56,6 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.where(norms > 0, norms, 1.0)
-
-
-def first_appearance(labels: np.ndarray) -> np.ndarray:
-    """Labels renumbered 0, 1, ... in order of first appearance."""
-    labels = np.asarray(labels)
-    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
-    rank = np.empty(len(first), dtype=np.int64)
-    rank[np.argsort(first)] = np.arange(len(first))
-    return rank[inverse.reshape(-1)].astype(np.int32)
-
-
-def kmeans(data: np.ndarray, k: int, seed: int = 0, n_init: int = 10, iters: int = 100) -> np.ndarray:
-    """Lloyd's k-means with k-means++ seeding; best of `n_init` runs by inertia."""
-    data = np.asarray(data, dtype=np.float64)
-    n = len(data)
-    if k <= 1 or n <= 1:
-        return np.zeros(n, dtype=np.int32)
-    k = min(k, n)
-    rng = np.random.default_rng(seed)
-    best, best_inertia = np.zeros(n, dtype=np.int32), math.inf
-    sq = (data**2).sum(axis=1)
-    for _ in range(n_init):
-        centers = _kmeans_pp(data, sq, k, rng)
-        labels = np.zeros(n, dtype=np.int32)
-        for it in range(iters):
-            dist = sq[:, None] - 2 * data @ centers.T + (centers**2).sum(axis=1)[None, :]
-            new = dist.argmin(axis=1).astype(np.int32)
-            if it and np.array_equal(new, labels):
-                break
-            labels = new
-            for c in range(k):
-                members = data[labels == c]
-                # an emptied cluster restarts at the point farthest from its centre
-                centers[c] = members.mean(axis=0) if len(members) else data[dist.min(axis=1).argmax()]
-        inertia = float(np.maximum(dist[np.arange(n), labels], 0).sum())
-        if inertia < best_inertia - 1e-12:
-            best, best_inertia = labels, inertia
-    return best
-
-
-def _kmeans_pp(data: np.ndarray, sq: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    centers = [data[rng.integers(len(data))]]
-    closest = np.maximum(sq - 2 * data @ centers[0] + centers[0] @ centers[0], 0)
-    for _ in range(1, k):
-        total = closest.sum()
-        index = int(rng.choice(len(data), p=closest / total)) if total > 0 else int(rng.integers(len(data)))
-        centers.append(data[index])
-        closest = np.minimum(closest, np.maximum(sq - 2 * data @ data[index] + sq[index], 0))
-    return np.array(centers)
 
 
 def spectral_cluster(
@@ -175,22 +131,11 @@ def ahc_cluster(
     max_speakers: int | None = None,
 ) -> np.ndarray:
     """Average-linkage AHC on cosine distance, cut at similarity `threshold` (or into N)."""
-    from scipy.cluster.hierarchy import fcluster, linkage
-    from scipy.spatial.distance import pdist
-
     check_speaker_counts(num_speakers, max_speakers)
     x = l2_normalize(embeddings)
-    n = len(x)
-    if n <= 1:
-        return np.zeros(n, dtype=np.int32)
-    tree = linkage(np.maximum(pdist(x, "cosine"), 0.0), method="average")
-    if num_speakers is not None:
-        labels = fcluster(tree, t=min(num_speakers, n), criterion="maxclust")
-    else:
-        labels = fcluster(tree, t=1.0 - threshold, criterion="distance")
-        if max_speakers is not None and labels.max() > max_speakers:
-            labels = fcluster(tree, t=max_speakers, criterion="maxclust")
-    return first_appearance(labels)
+    if len(x) <= 1:
+        return np.zeros(len(x), dtype=np.int32)
+    return first_appearance(average_linkage(x, threshold, num_speakers, max_speakers))
 
 
 def absorb_small_clusters(embeddings: np.ndarray, labels: np.ndarray, min_size: int) -> np.ndarray:

@@ -8,7 +8,7 @@ results here and the commit protocol is the local one (a result is written only 
 its sender still holds the claim). One actor, one thread, one SQLite connection: claims
 and commits never wait on another process's lock.
 
-Nothing here imports Ray: the class is made an actor by `embstore.extract.cluster.actors`.
+Nothing here imports Ray: the class is made an actor by `embstore.extract.ray.actors`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from typing import Callable
 from embstore.errors import ExtractionError
 from embstore.extract.client import to_claimed
 from embstore.extract.messages import (
-    ClaimedTask, ClaimRequest, ClusterModel, CoordinatorProgress, DedupRequest, DedupRows, LeaseRequest, PackedResults,
+    ClaimedTask, ClaimRequest, RayModel, CoordinatorProgress, DedupRequest, DedupRows, LeaseRequest, PackedResults,
     WorkerDied, WorkerFinished, Written,
 )
-from embstore.extract.cluster.wire import unpack
+from embstore.extract.ray.wire import unpack
 from embstore.extract.writer import ZarrWriter, writer_failure
 from embstore.manifest import tasks
 from embstore.manifest.connection import immediate
@@ -73,10 +73,10 @@ class Coordinator:
 
     # -- what workers ask -----------------------------------------------------------
 
-    def model(self) -> ClusterModel:
+    def model(self) -> RayModel:
         row = model_row(self.conn, self.model_id)
         roots = tuple(tasks.roots_with_open_work(self.conn, self.model_id))
-        return ClusterModel(self.model_id, untrimmed_fingerprint(row["fingerprint"]), roots)
+        return RayModel(self.model_id, untrimmed_fingerprint(row["fingerprint"]), roots)
 
     def claim(self, request: ClaimRequest) -> list[ClaimedTask]:
         if self.failed:
