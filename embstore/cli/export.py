@@ -24,13 +24,14 @@ out_argument = click.argument("out", type=click.Path(file_okay=False))
     "--format", "fmt", type=click.Choice(["dict", "array"]), default="dict", show_default=True,
     help="dict: embedding + metadata; array: the bare float32 array.",
 )
-@click.option("--workers", type=int, default=None, help="Threads writing files (default: 2 per CPU, at most 16).")
+@click.option("--threads", "--workers", "threads", type=int, default=None,
+              help="Threads writing files (default: 2 per CPU, at most 16); --workers is its 0.1 name.")
 @click.option("--force", is_flag=True, help="Rewrite every file, even those already up to date.")
 @by_option
 @json_option
 @library_errors
 @exit_status_documented
-def export_pkl(store, out, model, dataset, speaker, fmt, workers, force, by, as_json):
+def export_pkl(store, out, model, dataset, speaker, fmt, threads, force, by, as_json):
     """Write one pickle per embedded item: OUT/<dataset>/<speaker>/<stem>.pkl.
 
     The layout of the usual extraction scripts, so code reading their output
@@ -66,7 +67,7 @@ def export_pkl(store, out, model, dataset, speaker, fmt, workers, force, by, as_
     """
     with open_store(store) as st:
         report = st.export_pkl(
-            out, model=model, dataset=dataset, speaker=speaker, fmt=fmt, workers=workers, force=force, by=by,
+            out, model=model, dataset=dataset, speaker=speaker, fmt=fmt, threads=threads, force=force, by=by,
             progress=stderr_is_tty() and not as_json,
         )
     if as_json:

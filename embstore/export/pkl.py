@@ -46,7 +46,7 @@ from embstore.manifest.selection import Selection, select_items
 from embstore.outcome import Outcome
 from embstore.progress import progress_bar, rate
 
-MANIFEST_NAME = ".embstore-export.db"
+INDEX_NAME = ".embstore-export.db"
 FORMATS = ("dict", "array")
 BATCH_ROWS = 4096
 FILES_PER_TASK = 64
@@ -135,14 +135,14 @@ def dumps(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
-# -- the export manifest ------------------------------------------------------------------
+# -- the export index: its own database, not the store's Manifest ----------------------------
 
 
-class _Manifest:
+class _ExportIndex:
     """OUT/.embstore-export.db: what this folder's files hold, keyed by item id."""
 
     def __init__(self, out: str):
-        self.path = os.path.join(out, MANIFEST_NAME)
+        self.path = os.path.join(out, INDEX_NAME)
         try:
             self.conn = sqlite3.connect(self.path, isolation_level=None, timeout=60)
             self.conn.execute("PRAGMA journal_mode = WAL")
@@ -153,7 +153,7 @@ class _Manifest:
                 " row INTEGER NOT NULL, path TEXT NOT NULL, dataset TEXT, speaker TEXT, digest TEXT NOT NULL)"
             )
         except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: cannot use the export manifest ({exc})") from None
+            raise StoreError(f"{self.path}: cannot use the export index ({exc})") from None
 
     def meta(self) -> dict[str, str]:
         return dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
@@ -222,7 +222,7 @@ def export_pkl(
     dataset: str | None = None,
     speaker: str | None = None,
     fmt: str = "dict",
-    workers: int | None = None,
+    threads: int | None = None,
     force: bool = False,
     progress: bool = False,
     by: str = "speaker",
@@ -246,16 +246,16 @@ def export_pkl(
     os.makedirs(out_path, exist_ok=True)
     out_real = os.path.realpath(out_path)
     report = ExportReport(out_path, store.model_key(m), m["fingerprint"], fmt, by=by)
-    manifest = _Manifest(out_real)
+    index = _ExportIndex(out_real)
     try:
-        meta = manifest.meta()
+        meta = index.meta()
         if meta.get("fingerprint") not in (None, m["fingerprint"]):
             raise StoreError(
                 f"{out_path} holds an export of model {meta.get('model')} ({meta['fingerprint'][:12]});"
                 f" export {report.model} into another folder"
             )
-        manifest.set_meta({"fingerprint": m["fingerprint"], "model": report.model, "format": fmt})
-        known = manifest.entries()
+        index.set_meta({"fingerprint": m["fingerprint"], "model": report.model, "format": fmt})
+        known = index.entries()
         selected = select_items(store.conn, m["id"], Selection(speaker=speaker, dataset=dataset), done_only=False)
         # an unclustered item is out of this export's scope: its old file (if any) is removed
         items, _ = grouped(selected, by)
@@ -279,7 +279,7 @@ def export_pkl(
                 report.unchanged += 1
                 continue
             todo.append((it, paths[it["uid"]], digest, entry[2] if entry else None))
-        _write_all(store, m, out_real, todo, fmt, report, manifest, workers, progress)
+        _write_all(store, m, out_real, todo, fmt, report, index, threads, progress)
         alive = {it["uid"] for it in done}
         gone = [(uid, entry[2]) for uid, entry in known.items() if uid not in alive and in_scope(entry)]
         # deletions come after every write, and spare every path in use now: a moved or
@@ -293,9 +293,9 @@ def export_pkl(
             if rel.casefold() not in current:
                 with contextlib.suppress(OSError):
                     report.removed += _remove_file(out_real, rel)
-        manifest.forget([uid for uid, _ in gone])
+        index.forget([uid for uid, _ in gone])
     finally:
-        manifest.close()
+        index.close()
     report.outcome = export_outcome(store, m, Selection(speaker=speaker, dataset=dataset), report.left_out)
     report.seconds = round(time.monotonic() - started, 3)
     return report
@@ -316,16 +316,16 @@ def _digest(item: sqlite3.Row, fmt: str, model_name: str) -> str:
 
 def _write_all(
     store: Manifest, m: sqlite3.Row, out_real: str, todo: list[tuple], fmt: str, report: ExportReport,
-    manifest: _Manifest, workers: int | None, progress: bool,
+    index: _ExportIndex, threads: int | None, progress: bool,
 ) -> None:
     try:
-        _write_files(store, m, out_real, todo, fmt, report, manifest, workers, progress)
+        _write_files(store, m, out_real, todo, fmt, report, index, threads, progress)
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         raise StoreError(f"cannot write to {out_real}: {exc.strerror or exc}{where}") from None
 
 
-def _write_files(store, m, out_real, todo, fmt, report, manifest, workers, progress) -> None:
+def _write_files(store, m, out_real, todo, fmt, report, index, threads, progress) -> None:
     if not todo:
         return
     dirs = sorted({os.path.dirname(path) for _, path, _, _ in todo})
@@ -337,7 +337,7 @@ def _write_files(store, m, out_real, todo, fmt, report, manifest, workers, progr
     arrays = store.model_arrays(m)
     bar = progress_bar(progress, total=len(todo), unit="file", desc="export")
     # file creation is filesystem-bound; past ~2 threads per core they only contend for the GIL
-    workers = workers or min(16, 2 * (os.cpu_count() or 1))
+    threads = threads or min(16, 2 * (os.cpu_count() or 1))
     fingerprint, model_name = m["fingerprint"], report.model
 
     def payload(item: sqlite3.Row, vector: np.ndarray) -> bytes:
@@ -357,7 +357,7 @@ def _write_files(store, m, out_real, todo, fmt, report, manifest, workers, progr
     def finish(batch: list[tuple], futures: list[Future]) -> None:
         for f in futures:
             f.result()
-        manifest.record([
+        index.record([
             (item["uid"], fingerprint, item["row"], rel, item["dataset"], item["speaker"], digest)
             for item, rel, digest, _ in batch
         ])
@@ -367,7 +367,7 @@ def _write_files(store, m, out_real, todo, fmt, report, manifest, workers, progr
             bar.update(len(batch))
 
     pending: tuple[list, list] | None = None
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="export") as pool:
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="export") as pool:
         try:
             for start in range(0, len(todo), BATCH_ROWS):
                 batch = todo[start : start + BATCH_ROWS]
