@@ -31,8 +31,53 @@ class EnvironmentProblem(ExtractionError):
 
 
 class ClusteringError(StoreError, ValueError):
-    """Corpus clustering that cannot run (bad threshold or speaker count, no embedded
-    items, a window model...); one line. A ValueError too, for callers of the engine."""
+    """Clustering that cannot run: a corpus (bad threshold or speaker count, no embedded
+    items, a window model...) or one item's windows into speakers (bad speaker counts,
+    an unknown method); one line. A ValueError too, for callers of the engines."""
+
+
+class WindowSpecError(StoreError, ValueError):
+    """A `--windows` spec that makes no sense; one line. A ValueError too, for callers
+    that parse specs themselves."""
+
+
+class VadError(StoreError, ValueError):
+    """A VAD that cannot run (unknown method, a bad setting, a waveform it cannot take);
+    one line. A ValueError too, for callers that build VAD settings themselves."""
+
+
+class VadUnavailable(VadError, EnvironmentProblem):
+    """The VAD's package is not installed: the machine's problem, not any item's."""
+
+
+class RttmError(StoreError, ValueError):
+    """An RTTM line or value that cannot be read or written (an item id with whitespace,
+    a malformed line); one line. A ValueError too, for callers of the RTTM functions."""
+
+
+class NoSpeech(ValueError):
+    """An item in which the VAD (or the encoder) finds nothing to embed; says why. The
+    item's failure reason, never the user's: not a StoreError."""
+
+
+class ItemCutFailed(Exception):
+    """An item that cannot be cut for its model: (stage, one-line reason), recorded as
+    that item's failure; never the user's."""
+
+    def __init__(self, stage: str, reason: str):
+        super().__init__(reason)
+        self.stage = stage
+        self.reason = reason
+
+
+class InjectedFault(RuntimeError):
+    """What an injected embedding fault raises (`embstore.extract.faults`, tests only):
+    a RuntimeError, as a model's own failure would be."""
+
+
+class UnsupportedModel(Exception):
+    """The model contains something the masked adapter cannot make exact; the caller
+    falls back to exact per-length batching, so the user never sees it."""
 
 
 class AudioError(Exception):

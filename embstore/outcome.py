@@ -7,7 +7,8 @@ done; otherwise it names what is missing in one line:
     0    every selected item is done
     3    some items failed (their reasons: `embstore errors`)
     4    the run stopped on an error of its environment (disk full, a missing package or
-         model file, workers dying); items may be left
+         model file, workers dying): `errors.EnvironmentProblem`, whether raised before
+         the run (the CLI's one line) or met during it (`Outcome.error`); items may be left
     5    work is left that this command could not do now: items held by another run still
          running, items not extracted (or not clustered) yet; the line says which and why
     130  interrupted (Ctrl-C); what was computed is kept
@@ -20,7 +21,7 @@ from typing import Any
 
 EXIT_DONE = 0
 EXIT_SOME_FAILED = 3
-EXIT_STOPPED = 4
+EXIT_ENVIRONMENT = 4
 EXIT_WORK_LEFT = 5
 EXIT_INTERRUPTED = 130
 
@@ -36,6 +37,7 @@ class Outcome:
     why_left: str = ""
     # the most common failure reason, for a line when every item failed
     reason: str | None = None
+    # the environment's problem (an `EnvironmentProblem`'s line) that stopped the run: exit 4
     error: str | None = None
     interrupted: bool = False
     noun: str = "items"
@@ -45,7 +47,7 @@ class Outcome:
         if self.interrupted:
             return EXIT_INTERRUPTED
         if self.error:
-            return EXIT_STOPPED
+            return EXIT_ENVIRONMENT
         if self.left:
             return EXIT_WORK_LEFT
         if self.failed:
@@ -88,4 +90,4 @@ class Outcome:
         )
 
 
-__all__ = ["Outcome", "EXIT_DONE", "EXIT_SOME_FAILED", "EXIT_STOPPED", "EXIT_WORK_LEFT", "EXIT_INTERRUPTED"]
+__all__ = ["Outcome", "EXIT_DONE", "EXIT_SOME_FAILED", "EXIT_ENVIRONMENT", "EXIT_WORK_LEFT", "EXIT_INTERRUPTED"]

@@ -42,19 +42,14 @@ def _pid_namespace() -> str:
         return "0"
 
 
-class _Hidden(Exception):
-    """/proc/<pid> exists but may not be read (hidepid=1)."""
-
-
 def _stat(pid: int) -> tuple[str, str] | None:
-    """(state letter, start time in ticks) of a process from /proc; None when it has none."""
+    """(state letter, start time in ticks) of a process from /proc; None when it has none;
+    PermissionError when hidepid=1 lets /proc/<pid> exist but not be read."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             text = f.read().decode("ascii", "replace")
     except (FileNotFoundError, ProcessLookupError):
         return None
-    except PermissionError:
-        raise _Hidden from None
     # the command name (field 2) is in parentheses and may hold spaces or ')': split after the last one
     fields = text[text.rindex(")") + 2:].split()
     return fields[0], fields[19]
@@ -71,7 +66,7 @@ def start_mark(pid: int) -> str | None:
         return None
     try:
         stat = _stat(pid)
-    except _Hidden:
+    except PermissionError:  # hidepid=1: its start cannot be read
         return None
     if stat is None or stat[0] in "ZXx":
         return None
@@ -100,7 +95,7 @@ def is_running(pid: int, mark: str | None = None) -> bool:
         return _exists(pid)
     try:
         stat = _stat(pid)
-    except _Hidden:
+    except PermissionError:
         return True  # hidepid=1: it exists, its start cannot be read
     if stat is None:
         # gone, or hidden by hidepid=2 (another user's process): kill(pid, 0) tells them apart

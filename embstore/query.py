@@ -10,23 +10,21 @@ read the rows through the normalised-row cache (`embstore.arrays.unit_cache`).
 from __future__ import annotations
 
 import difflib
-import json
 import os
-import sqlite3
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from embstore.arrays.unit_cache import UnitRows
 from embstore.arrays.unit_cache import unit_rows as cached_unit_rows
-from embstore.errors import StoreError
+from embstore.errors import ItemCutFailed, StoreError
+from embstore.extract.reference import embed_as_stored
+from embstore.manifest import reads
 from embstore.manifest.clusters import check_by, group_name
 from embstore.manifest.connection import LIVE_ITEM, select_in
 from embstore.manifest.database import Manifest
+from embstore.manifest.registry import ModelRecord
 from embstore.manifest.tasks import committed_rows
-from embstore.segments.policy import ItemCutFailed, cutting_of_model
-from embstore.models.base import untrimmed_fingerprint
-from embstore.models.registry import load
 from embstore.vectors import l2_normalise
 
 
@@ -120,10 +118,10 @@ def _suffix_index(store: Manifest, forms: set[str]) -> dict[str, Any]:
 # -- unit vectors: cache or stream -------------------------------------------------------
 
 
-def unit_rows(store: Manifest, model: sqlite3.Row, use_cache: bool = True) -> UnitRows:
+def unit_rows(store: Manifest, model: ModelRecord, use_cache: bool = True) -> UnitRows:
     """The model's committed rows normalised, from STORE/cache when it can be kept."""
-    committed = committed_rows(store.conn, model["id"])
-    return cached_unit_rows(store.model_arrays(model), committed, model["fingerprint"], store.paths.cache, use_cache)
+    committed = committed_rows(store.conn, model.id)
+    return cached_unit_rows(store.model_arrays(model), committed, model.fingerprint, store.paths.cache, use_cache)
 
 
 # -- speakers -----------------------------------------------------------------------------
@@ -153,11 +151,7 @@ def speakers(store: Manifest, model: str | None = None, by: str = "speaker") -> 
     chosen = [store.resolve_model(model, kind=None)] if (model or len(models) == 1) else models
     for m in chosen:
         counts = dict.fromkeys(out, 0)
-        for speaker, n in store.conn.execute(
-            f"SELECT {name_sql}, count(*) FROM tasks t JOIN items i ON i.id = t.item_id"
-            f" WHERE t.model_id = ? AND t.status = 'done' AND {LIVE_ITEM}{labelled} GROUP BY 1",
-            (m["id"],),
-        ):
+        for speaker, n in reads.done_per_group(store.conn, m.id, by):
             counts[speaker if speaker is not None else ""] = n
         for name, entry in out.items():
             if len(chosen) == 1:
@@ -174,13 +168,7 @@ def speaker_items(
     embedding as a float32 array (None for items not done)."""
     models = store.models()
     m = store.resolve_model(model, kind="item" if vectors else None) if (vectors or model or len(models) == 1) else None
-    rows = store.query(
-        "SELECT i.id, i.uid, i.dataset, i.start, i.end, i.duration, r.path AS root, f.path,"
-        " t.status, t.row FROM items i CROSS JOIN files f ON f.id = i.file_id JOIN roots r ON r.id = f.root_id"
-        " LEFT JOIN tasks t ON t.item_id = i.id AND t.model_id = ?"
-        f" WHERE i.speaker = ? AND +{LIVE_ITEM} ORDER BY i.id",
-        (m["id"] if m is not None else -1, speaker),
-    )
+    rows = reads.speaker_items(store.conn, speaker, m.id if m is not None else None)
     if not rows:
         raise StoreError(f"no speaker {speaker!r} in the store{_close_speakers(store, speaker)}")
     out = []
@@ -235,12 +223,10 @@ def similar(
         internal = resolve_ids(store, [item_id])[item_id]
         if internal is None:
             raise StoreError(f"no item {item_id!r} in the store")
-        task = store.conn.execute(
-            "SELECT row FROM tasks WHERE item_id = ? AND model_id = ? AND status = 'done'", (internal, m["id"])
-        ).fetchone()
-        if task is None:
+        row = reads.done_row(store.conn, internal, m.id)
+        if row is None:
             raise StoreError(f"item {item_id!r} has no {store.model_key(m)} embedding yet; run `embstore extract`")
-        query = source.take(np.array([task[0]]))[0]
+        query = source.take(np.array([row]))[0]
         exclude.add(internal)
     elif audio is not None:
         query = embed_audio(store, m, audio)
@@ -253,7 +239,7 @@ def similar(
         raise StoreError("the query embedding is zero or not finite")
     wanted = k + len(exclude)
     fetch = max(4 * wanted, wanted + 32)
-    at_rows = _windows_at_rows if m["kind"] == "windows" else _items_at_rows
+    at_rows = _windows_at_rows if m.windowed else _items_at_rows
     while True:
         rows, scores = _top_rows(source, query, fetch)
         found = at_rows(store, m, rows, scores, exclude)
@@ -263,25 +249,18 @@ def similar(
         fetch *= 8
 
 
-def embed_audio(store: Manifest, model: sqlite3.Row, path: str | os.PathLike) -> np.ndarray:
+def embed_audio(store: Manifest, model: ModelRecord, path: str | os.PathLike) -> np.ndarray:
     """Embed one file with the model the store recorded (same spec, same fingerprint, cut
-    the same way). For a window model: the mean of its windows' unit rows."""
+    the same way: `extract.reference`). For a cut model (speech only, windows): the mean
+    of its rows made unit."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such audio file")
-    frontend = json.loads(model["frontend"] or "{}")
-    encoder = load(model["spec"], dtype=frontend.get("compute_dtype", "fp32"))
-    if encoder.fingerprint != untrimmed_fingerprint(model["fingerprint"]):
-        raise StoreError(
-            f"model {model['spec']!r} now loads weights with fingerprint {encoder.fingerprint[:12]}, but the store's"
-            f" rows were made with {model['fingerprint'][:12]}; its embeddings are not comparable"
-        )
-    cutting = cutting_of_model(frontend)
-    if cutting is None:
-        return np.asarray(encoder.embed_file(str(path)), dtype=np.float32).ravel()
     try:
-        rows, _ = cutting.embed(encoder, encoder.load(str(path)))
+        rows = embed_as_stored(model, path)
     except ItemCutFailed as exc:
         raise StoreError(f"{path}: {exc.reason}") from None
+    if model.cutting is None:
+        return rows[0]
     if not len(rows):
         raise StoreError(f"{path}: none of its windows could be embedded")
     return l2_normalise(rows).mean(axis=0)
@@ -312,17 +291,11 @@ def _top_rows(source: UnitRows, query: np.ndarray, n: int) -> tuple[np.ndarray, 
 
 
 def _items_at_rows(
-    store: Manifest, model: sqlite3.Row, rows: np.ndarray, scores: np.ndarray, exclude: set[int]
+    store: Manifest, model: ModelRecord, rows: np.ndarray, scores: np.ndarray, exclude: set[int]
 ) -> list[dict[str, Any]]:
     """Live items whose done task points at the given rows (several per shared row)."""
     score_of = {int(r): float(s) for r, s in zip(rows, scores)}
-    found = select_in(
-        store.conn,
-        "SELECT t.row, i.id, i.uid, i.speaker, i.dataset, r.path AS root, f.path FROM tasks t"
-        " JOIN items i ON i.id = t.item_id JOIN files f ON f.id = i.file_id JOIN roots r ON r.id = f.root_id"
-        f" WHERE t.model_id = ? AND t.status = 'done' AND {LIVE_ITEM} AND t.row IN ({{marks}})",
-        list(score_of), params_before=(model["id"],),
-    )
+    found = reads.items_at_rows(store.conn, model.id, list(score_of))
     out = [
         {
             "id": r["uid"], "speaker": r["speaker"], "dataset": r["dataset"],
@@ -338,21 +311,14 @@ def _items_at_rows(
 
 
 def _windows_at_rows(
-    store: Manifest, model: sqlite3.Row, rows: np.ndarray, scores: np.ndarray, exclude: set[int]
+    store: Manifest, model: ModelRecord, rows: np.ndarray, scores: np.ndarray, exclude: set[int]
 ) -> list[dict[str, Any]]:
     """Windows of live items at the given rows of a window model: id, speaker, dataset,
     path, start, end, score (one entry per item sharing the row through dedup)."""
     spans = store.model_arrays(model)
     out = []
     for row, score in zip(rows.tolist(), scores.tolist()):
-        owners = store.conn.execute(
-            "SELECT i.id, i.uid, i.speaker, i.dataset, r.path AS root, f.path, t.row FROM tasks t"
-            " JOIN items i ON i.id = t.item_id JOIN files f ON f.id = i.file_id JOIN roots r ON r.id = f.root_id"
-            " WHERE t.model_id = ? AND t.status = 'done' AND t.row = (SELECT max(row) FROM tasks"
-            "  WHERE model_id = ? AND status = 'done' AND row <= ?)"
-            f" AND t.row + coalesce(t.row_count, 1) > ? AND {LIVE_ITEM}",
-            (model["id"], model["id"], row, row),
-        ).fetchall()
+        owners = reads.window_owners(store.conn, model.id, row)
         if not owners:
             continue
         start, end = (float(x) for x in spans.read_spans(row, row + 1)[0])
@@ -375,14 +341,12 @@ def windows(store: Manifest, item_id: str, model: str | None = None) -> tuple[np
     internal = resolve_ids(store, [item_id])[item_id]
     if internal is None:
         raise StoreError(f"no item {item_id!r} in the store")
-    task = store.conn.execute(
-        "SELECT row, coalesce(row_count, 1), status, error FROM tasks WHERE item_id = ? AND model_id = ?",
-        (internal, m["id"]),
-    ).fetchone()
-    if task is None or task[2] != "done":
-        why = f" (it failed: {task[3]})" if task is not None and task[2] == "failed" else "; run `embstore extract`"
+    task = reads.task_of(store.conn, internal, m.id)
+    if task is None or task["status"] != "done":
+        failed = task is not None and task["status"] == "failed"
+        why = f" (it failed: {task['error']})" if failed else "; run `embstore extract`"
         raise StoreError(f"item {item_id!r} has no {store.model_key(m)} windows yet{why}")
-    row, count = int(task[0]), int(task[1])
+    row, count = int(task["row"]), int(task["row_count"])
     arrays = store.model_arrays(m)
     spans = arrays.read_spans(row, row + count).astype(np.float64).round(3)
     return spans[:, 0], spans[:, 1], arrays.read_rows(np.arange(row, row + count, dtype=np.int64))
@@ -392,20 +356,14 @@ def windows(store: Manifest, item_id: str, model: str | None = None) -> tuple[np
 
 
 def speaker_rows(
-    store: Manifest, model: sqlite3.Row, by: str = "speaker"
+    store: Manifest, model: ModelRecord, by: str = "speaker"
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(speakers sorted, speaker index per done live item, its row), one entry per item;
     by="cluster": pseudo-speakers (`<dataset>/<label>`), unlabelled items left out."""
     names: list[str] = []
     index_parts: list[np.ndarray] = []
     row_parts: list[np.ndarray] = []
-    name_sql = group_name(by)
-    labelled = "" if by == "speaker" else f" AND {name_sql} IS NOT NULL"
-    for speaker, rows in store.conn.execute(
-        f"SELECT {name_sql}, group_concat(t.row) FROM tasks t JOIN items i ON i.id = t.item_id"
-        f" WHERE t.model_id = ? AND t.status = 'done' AND {LIVE_ITEM}{labelled} GROUP BY 1 ORDER BY 1",
-        (model["id"],),
-    ):
+    for speaker, rows in reads.done_rows_per_group(store.conn, model.id, by):
         parsed = np.array(rows.split(","), dtype=np.int64)
         index_parts.append(np.full(len(parsed), len(names), dtype=np.int64))
         row_parts.append(parsed)
@@ -424,7 +382,7 @@ def centroid_table(
     check_by(by)
     m = store.resolve_model(model)
     names, speaker_index, rows = speaker_rows(store, m, by)
-    dim = int(m["dim"])
+    dim = m.dim
     sums = np.zeros((len(names), dim), dtype=np.float64)
     counts = np.bincount(speaker_index, minlength=len(names)).astype(np.int64)
     if len(rows):

@@ -7,7 +7,6 @@ scoring, exports, verification. Nothing in the library imports this module.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -117,24 +116,26 @@ class Store(Manifest):
 
     def diarize(self, model: str | None = None, num_speakers: int | None = None, max_speakers: int | None = None,
                 method: str = "spectral", windows: str = "1.5:0.75", vad: str | None = None,
-                extract: dict[str, Any] | None = None) -> dict[str, Any]:
+                extract: dict[str, Any] | None = None, rttm: bool = False) -> dict[str, Any]:
         """Who spoke when in every item: window embeddings are extracted first where they
         are missing (resumable, like `extract`; `extract` takes its other options), then
         each item's windows are clustered. Returns the report with `segments` per item,
         `failed` (items whose windows could not be clustered), `extraction` (the extract
-        summary) and `outcome` (done, failed and left over every item: the exit status)."""
+        summary) and `outcome` (done, failed and left over every item: the exit status).
+        `rttm`: the segments go to an RTTM file, so an item id it cannot hold is an error
+        before any work."""
         from embstore.diarize import stored as diarization
         from embstore.segments.policy import cutting_of_model
 
         diarization.check_options(method, num_speakers, max_speakers)
+        if rttm:
+            diarization.check_rttm_ids(self)
         if model is not None:
             m = self.resolve_model(model, kind="windows")
-            cutting = cutting_of_model(m["frontend"])
+            cutting = cutting_of_model(m.frontend)
             if cutting is None or cutting.spec is None:
                 raise StoreError(f"{self.model_key(m)} records no window settings; extract it again")
-            frontend = json.loads(m["frontend"])
-            run = dict(model=m["spec"], windows=str(cutting.spec), vad=cutting.vad.method,
-                       dtype=frontend.get("compute_dtype", "fp32"))
+            run = dict(model=m.spec, windows=str(cutting.spec), vad=cutting.vad.method, dtype=m.compute_dtype)
         else:
             run = dict(windows=windows, vad=vad)
         summary = self.extract(**{**(extract or {}), **run})

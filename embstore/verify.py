@@ -21,7 +21,6 @@ file changed since).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import sqlite3
@@ -32,12 +31,12 @@ from typing import Any
 import numpy as np
 
 from embstore.audio.io import content_hash
-from embstore.manifest.connection import LIVE_ITEM, select_in
+from embstore.extract.reference import ReferenceEmbedder
+from embstore.manifest import reads
+from embstore.manifest.connection import read_snapshot
 from embstore.manifest.database import Manifest
-from embstore.manifest.tasks import claim_owners, owner_is_dead
-from embstore.segments.policy import cutting_of_model
-from embstore.models.base import untrimmed_fingerprint
-from embstore.models.registry import load
+from embstore.manifest.registry import ModelRecord
+from embstore.manifest.tasks import claim_owners, committed_rows, owner_is_dead
 from embstore.paths import ARRAYS_NAME
 from embstore.vectors import finite_nonzero
 
@@ -130,12 +129,12 @@ def _check_sqlite(store: Manifest, report: VerifyReport) -> None:
 
 
 class _ModelCheck:
-    def __init__(self, store: Manifest, model: sqlite3.Row, report: VerifyReport):
+    def __init__(self, store: Manifest, model: ModelRecord, report: VerifyReport):
         self.store = store
         self.model = model
         self.key = store.model_key(model)
         self.report = report
-        self.info: dict[str, Any] = {"rows": int(model["rows"]), "dim": int(model["dim"])}
+        self.info: dict[str, Any] = {"rows": model.rows, "dim": model.dim}
         report.models[self.key] = self.info
 
     def _finding(self, check: str, message: str, examples: list[Any] | None, count: int | None) -> Finding:
@@ -153,37 +152,21 @@ class _ModelCheck:
 
     def _snapshot(self) -> tuple[int, np.ndarray, np.ndarray, list[int]]:
         """(committed rows, done tasks' item ids, their rows (sorted by row), items done without a row)."""
-        conn = self.store.conn
-        model_id = self.model["id"]
-        conn.execute("BEGIN")  # deferred: a read snapshot, so a running writer cannot skew it
-        try:
-            committed = int(conn.execute("SELECT rows FROM models WHERE id = ?", (model_id,)).fetchone()[0])
-            no_row = [r[0] for r in conn.execute(
-                "SELECT t.item_id FROM tasks t JOIN items i ON i.id = t.item_id"
-                f" WHERE t.model_id = ? AND t.status = 'done' AND {LIVE_ITEM} AND t.row IS NULL",
-                (model_id,),
-            )]
-            cur = conn.execute(
-                "SELECT t.item_id, t.row, coalesce(t.row_count, 1) FROM tasks t JOIN items i ON i.id = t.item_id"
-                f" WHERE t.model_id = ? AND t.status = 'done' AND {LIVE_ITEM} AND t.row IS NOT NULL"
-                " ORDER BY t.row, t.item_id",
-                (model_id,),
-            )
+        model_id = self.model.id
+        # one read snapshot, so a running writer cannot skew it
+        with read_snapshot(self.store.conn) as conn:
+            committed = committed_rows(conn, model_id)
+            no_row = reads.done_without_row(conn, model_id)
             # numpy blocks, not Python lists: 10 M done items stay ~160 MB
             blocks = [np.zeros((0, 2), dtype=np.int64)]
             self.tasks_done = 0
-            while batch := cur.fetchmany(100_000):
+            for batch in reads.done_row_spans(conn, model_id):
                 block = np.array(batch, dtype=np.int64)
                 self.tasks_done += len(block)
                 blocks.append(_one_pair_per_row(block))
             pairs = np.concatenate(blocks)
-            twice = conn.execute(
-                "SELECT item_id, count(*) FROM tasks WHERE model_id = ? GROUP BY item_id HAVING count(*) > 1",
-                (model_id,),
-            ).fetchall()
+            twice = reads.items_with_several_tasks(conn, model_id)
             owners = claim_owners(conn, model_id)
-        finally:
-            conn.execute("COMMIT")
         if twice:
             self.problem("task-twice", f"{len(twice)} items have several tasks for this model",
                          [{"item_id": r[0], "tasks": r[1]} for r in twice])
@@ -237,9 +220,9 @@ class _ModelCheck:
                              f" {arrays.group_name}")
             return None, None
         self.info["array_rows"] = int(vec.shape[0])
-        if vec.ndim != 2 or vec.shape[1] != self.model["dim"]:
+        if vec.ndim != 2 or vec.shape[1] != self.model.dim:
             self.problem("arrays",
-                         f"vectors have shape {tuple(vec.shape)}, the model's dimension is {self.model['dim']}")
+                         f"vectors have shape {tuple(vec.shape)}, the model's dimension is {self.model.dim}")
             return None, None
         if vec.shape[0] < committed:
             self.problem("row-count", f"the manifest commits {committed} rows but the vectors array has only"
@@ -251,7 +234,7 @@ class _ModelCheck:
 
     def _chunk_path(self, array, index: int) -> str:
         key = array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))
-        return os.path.join(ARRAYS_NAME, self.model["array_path"], os.path.basename(array.path), key)
+        return os.path.join(ARRAYS_NAME, self.model.array_path, os.path.basename(array.path), key)
 
     def _scan_chunks(self, vec, ids, committed: int, items: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Read every chunk under the committed rows; returns the stored item id of each
@@ -300,7 +283,7 @@ class _ModelCheck:
             self.problem("chunk-missing", head if len(missing) == 1 else
                          f"{len(missing)} chunk files missing under the committed rows, first: {missing[0]}",
                          missing, count=len(missing))
-        group_dir = os.path.join(self.store.zarr_path, self.model["array_path"])
+        group_dir = os.path.join(self.store.zarr_path, self.model.array_path)
         partial = [os.path.join(d, f) for d, _, fs in os.walk(group_dir) for f in fs if f.endswith(".partial")]
         if partial:
             # a writer killed while replacing a chunk leaves its temporary file; harmless
@@ -315,14 +298,7 @@ class _ModelCheck:
 
     def _item_facts(self, item_ids: list[int]) -> dict[int, sqlite3.Row]:
         """content hash, span and this model's task of each item."""
-        rows = select_in(
-            self.store.conn,
-            "SELECT i.id, i.uid, i.start, i.end, i.removed, f.content_hash, t.status, t.row FROM items i"
-            " JOIN files f ON f.id = i.file_id LEFT JOIN tasks t ON t.item_id = i.id AND t.model_id = ?"
-            " WHERE i.id IN ({marks})",
-            item_ids, params_before=(self.model["id"],),
-        )
-        return {r["id"]: r for r in rows}
+        return reads.item_facts(self.store.conn, self.model.id, item_ids)
 
     @staticmethod
     def _same_audio(a: sqlite3.Row | None, b: sqlite3.Row | None) -> bool:
@@ -393,35 +369,21 @@ class _ModelCheck:
     # -- deep: recompute some items -----------------------------------------------------
 
     def _deep(self, n: int, seed: int | None) -> None:
-        conn = self.store.conn
-        candidates = conn.execute(
-            "SELECT t.item_id, t.row, coalesce(t.row_count, 1) AS row_count, i.uid, i.start, i.end, f.content_hash,"
-            " r.path AS root, f.path FROM tasks t"
-            " JOIN items i ON i.id = t.item_id JOIN files f ON f.id = i.file_id JOIN roots r ON r.id = f.root_id"
-            f" WHERE t.model_id = ? AND t.status = 'done' AND {LIVE_ITEM} AND t.row < ?",
-            (self.model["id"], self.model["rows"]),
-        ).fetchall()
+        candidates = reads.done_items_below(self.store.conn, self.model.id, self.model.rows)
         picked = random.Random(seed).sample(candidates, min(n, len(candidates)))
         deep: dict[str, Any] = {"requested": n, "checked": 0, "min_cosine": None, "skipped": []}
         self.info["deep"] = deep
         if not picked:
             return
-        frontend = json.loads(self.model["frontend"] or "{}")
-        dtype = frontend.get("compute_dtype", "fp32")
-        threshold = DEEP_MIN_COSINE if dtype == "fp32" and "max_trim_frames" not in frontend else DEEP_MIN_COSINE_LOOSE
+        exact = self.model.compute_dtype == "fp32" and self.model.max_trim_frames is None
+        threshold = DEEP_MIN_COSINE if exact else DEEP_MIN_COSINE_LOOSE
         deep["threshold"] = threshold
         try:
-            encoder = load(self.model["spec"], device="cpu", dtype=dtype)
+            reference = ReferenceEmbedder(self.model)
         except Exception as exc:
-            self.problem("deep", f"cannot load model {self.model['spec']!r} to recompute: {exc}")
-            return
-        expected = untrimmed_fingerprint(self.model["fingerprint"])
-        if encoder.fingerprint != expected:
-            self.problem("deep", f"{self.model['spec']} now loads weights with fingerprint {encoder.fingerprint},"
-                         f" not {expected} which made these rows; cannot recompute")
+            self.problem("deep", f"cannot load model {self.model.spec!r} to recompute: {exc}")
             return
         arrays = self.store.model_arrays(self.model)
-        cutting = cutting_of_model(frontend)
         low = []
         cosines = []
         for p in picked:
@@ -431,10 +393,7 @@ class _ModelCheck:
                 if p["content_hash"] and content_hash(path) != p["content_hash"]:
                     deep["skipped"].append({"item": p["uid"], "why": "file changed since extraction (rescan)"})
                     continue
-                if cutting is None:
-                    fresh = np.asarray(encoder.embed_file(path, p["start"], p["end"]), dtype=np.float32)[None, :]
-                else:
-                    fresh, _ = cutting.embed(encoder, encoder.load(path, p["start"], p["end"]))
+                fresh = reference.embed(path, p["start"], p["end"])
             except Exception as exc:
                 deep["skipped"].append({"item": p["uid"], "why": f"cannot recompute: {type(exc).__name__}: {exc}"})
                 continue

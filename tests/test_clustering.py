@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -13,12 +12,9 @@ from embstore.cli import cli
 
 
 @pytest.fixture(scope="module")
-def store(shared_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("clu") / "root"
-    for speaker in sorted(p.name for p in shared_data.iterdir() if p.is_dir())[:3]:
-        (root / "ds" / speaker).mkdir(parents=True)
-        for f in sorted((shared_data / speaker).glob("*.flac"))[:4]:
-            shutil.copy(f, root / "ds" / speaker / f.name)
+def store(speech_corpus, tmp_path_factory):
+    """4 utterances of each of 3 speakers (real, or synthetic without ../shared/data), embedded."""
+    root = speech_corpus.copy(tmp_path_factory.mktemp("clu") / "root", speakers=3, per_speaker=4)
     path = tmp_path_factory.mktemp("clus") / "s"
     st = embstore.open(path)
     st.scan([root])

@@ -10,14 +10,13 @@ import pytest
 from embstore.clustering.kmeans import kmeans
 from embstore.clustering.labels import first_appearance
 from embstore.diarize.speakers import (
-    ClusterError,
     ahc_cluster,
     cluster_windows,
     spectral_cluster,
 )
 from embstore.diarize.der import DerResult, corpus_der, diarization_error
+from embstore.errors import ClusteringError, RttmError
 from embstore.diarize.rttm import (
-    RttmError,
     Segment,
     parse_rttm,
     read_rttm,
@@ -52,9 +51,9 @@ def test_spectral_num_and_max_speakers():
     assert len(set(spectral_cluster(x, num_speakers=2).tolist())) == 2
     assert len(set(spectral_cluster(x, max_speakers=3).tolist())) <= 3
     assert _agree(spectral_cluster(x, num_speakers=4), truth)
-    with pytest.raises(ClusterError, match="not both"):
+    with pytest.raises(ClusteringError, match="not both"):
         spectral_cluster(x, num_speakers=2, max_speakers=3)
-    with pytest.raises(ClusterError, match=">= 1"):
+    with pytest.raises(ClusteringError, match=">= 1"):
         cluster_windows(x, num_speakers=0)
 
 
@@ -76,7 +75,7 @@ def test_ahc_threshold_and_counts():
     assert ahc_cluster(x, threshold=0.9999, max_speakers=3).max() == 2
     assert _agree(ahc_cluster(x, num_speakers=3), truth)
     assert _agree(cluster_windows(x, method="ahc", threshold=0.5), truth)
-    with pytest.raises(ClusterError, match="unknown clustering method"):
+    with pytest.raises(ClusteringError, match="unknown clustering method"):
         cluster_windows(x, method="kmeans")
 
 

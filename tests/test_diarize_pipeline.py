@@ -10,10 +10,10 @@ from embstore.audio.io import load_for_model
 from embstore.diarize.der import diarization_error, speaker_count
 from embstore.diarize.pipeline import (
     Diarization,
-    NoSpeech,
     diarize_audio,
     diarize_windows,
 )
+from embstore.errors import NoSpeech
 from embstore.synthetic import corpus_by_speaker, make_conversation
 from embstore.segments.window_embed import WindowEmbedder
 from embstore.segments.windows import windows_in_regions
@@ -26,9 +26,9 @@ def resemblyzer():
 
 
 @pytest.fixture(scope="module")
-def speech(shared_data):
-    files = sorted(shared_data.glob("*/*.flac"))
-    return load_for_model(str(files[0]), 16000)
+def speech(speech_corpus):
+    # a real utterance, or 7 s of synthetic speech (tests/audio_factory.py) without ../shared/data
+    return load_for_model(str(speech_corpus.files()[0]), 16000)
 
 
 def _plan(duration: float):
@@ -102,8 +102,9 @@ def test_wespeaker_windows_equal_per_window_forward(tmp_path, speech, arch):
 
 
 @pytest.fixture(scope="module")
-def conversation(shared_data):
-    return make_conversation(corpus_by_speaker(shared_data), num_speakers=2, seed=3, duration=30.0)
+def conversation(speech_corpus):
+    # 30 s: shorter, a speaker has too few windows for the spectral count (15 neighbours each)
+    return make_conversation(corpus_by_speaker(speech_corpus.path), num_speakers=2, seed=3, duration=30.0)
 
 
 def test_diarize_audio_two_speakers(resemblyzer, conversation):
@@ -141,10 +142,9 @@ def test_no_speech_and_short_items(resemblyzer, speech):
 
 
 def test_pipeline_argument_errors(resemblyzer, speech):
-    from embstore.diarize.speakers import ClusterError
-    from embstore.segments.windows import WindowSpecError
+    from embstore.errors import ClusteringError, WindowSpecError
 
     with pytest.raises(WindowSpecError):
         diarize_audio(speech, 16000, resemblyzer, window="1.5:0")
-    with pytest.raises(ClusterError, match="not both"):
+    with pytest.raises(ClusteringError, match="not both"):
         diarize_audio(speech, 16000, resemblyzer, num_speakers=2, max_speakers=3)

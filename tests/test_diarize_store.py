@@ -17,11 +17,13 @@ from embstore.synthetic import corpus_by_speaker, make_conversation
 
 
 @pytest.fixture(scope="module")
-def conversations(shared_data, tmp_path_factory):
+def conversations(speech_corpus, tmp_path_factory):
+    """Two 30 s conversations cut from real utterances, or from synthetic speech without
+    ../shared/data (tests/audio_factory.py); the assertions below hold for both."""
     root = tmp_path_factory.mktemp("conv") / "root"
     folder = root / "talk" / "mixed"
     folder.mkdir(parents=True)
-    corpus = corpus_by_speaker(shared_data)
+    corpus = corpus_by_speaker(speech_corpus.path)
     refs = {}
     for seed in (3, 4):
         conv = make_conversation(corpus, num_speakers=2, seed=seed, duration=30.0)

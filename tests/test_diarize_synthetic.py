@@ -13,12 +13,15 @@ from embstore.synthetic import (
 
 
 @pytest.fixture(scope="module")
-def corpus(shared_data):
-    return corpus_by_speaker(shared_data)
+def corpus(speech_corpus):
+    # the real utterances, or tests/audio_factory.py's synthetic speech in the same layout
+    return corpus_by_speaker(speech_corpus.path)
 
 
-def test_corpus_layout(corpus):
-    assert len(corpus) == 10 and all(len(v) == 10 for v in corpus.values())
+def test_corpus_layout(corpus, speech_corpus):
+    speakers, per_speaker = (10, 10) if speech_corpus.real else (5, 4)  # LibriSpeech's subset; the synthetic one
+    assert len(corpus) == speakers and all(len(v) == per_speaker for v in corpus.values())
+    assert all(p.endswith(".flac") and p.startswith(str(speech_corpus.path)) for v in corpus.values() for p in v)
 
 
 def test_deterministic_by_seed(corpus):
@@ -68,5 +71,5 @@ def test_many_conversations_mix_speaker_counts(corpus):
     assert len({len(c.speakers) for c in convs}) > 1
     assert all(2 <= len(c.speakers) <= 4 for c in convs)
     assert len({c.item for c in convs}) == 6
-    with pytest.raises(ValueError, match="num_speakers"):
-        make_conversation(corpus, 11, seed=0)
+    with pytest.raises(ValueError, match=f"num_speakers must be in 1..{len(corpus)}"):
+        make_conversation(corpus, len(corpus) + 1, seed=0)

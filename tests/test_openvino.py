@@ -163,9 +163,9 @@ def test_warm_up_prepares_each_length_once(ov_small):
     assert encoder.warm_up([170, 250]) == 0
 
 
-def test_long_items_follow_the_window_policy(shared_data, ov_small):
+def test_long_items_follow_the_window_policy(speech_corpus, ov_small):
     encoder = load(ov_small.spec, threads=1, max_frames=200)
-    path = _clips(shared_data, 1)[0]
+    path = _clips(speech_corpus.path, 1)[0]  # real, or synthetic speech without ../shared/data
     feats = encoder.features(encoder.load(path, 0, 4.5))
     assert len(feats) > 400
     assert np.allclose(encoder.embed_batch([feats])[0], encoder.embed_file(path, 0, 4.5), atol=1e-5)

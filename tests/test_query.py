@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from embstore import query
 from embstore.cli import cli
 from embstore.errors import StoreError
+from embstore.extract import reference
 from tests.audio_factory import write
 from tests.store_factory import fill_embeddings, make_store
 
@@ -140,14 +141,14 @@ def test_similar_by_audio_uses_the_stored_model(store, monkeypatch):
         def __init__(self, fp):
             self.fingerprint = fp
 
-        def embed_file(self, path):
+        def embed_file(self, path, start=None, end=None):
             return wanted * 2.0
 
     def fake_load(spec, *args, **kwargs):
         loaded.append(spec)
         return FakeEncoder(fingerprint)
 
-    monkeypatch.setattr(query, "load", fake_load)
+    monkeypatch.setattr(reference, "load", fake_load)
     audio = store.path.parent / "audio/ds/spk3/utt2.wav"
     result = CliRunner().invoke(cli, ["similar", str(store.path), "--audio", str(audio), "-k", "3", "--json"])
     assert result.exit_code == 0, result.output
@@ -156,7 +157,7 @@ def test_similar_by_audio_uses_the_stored_model(store, monkeypatch):
     assert found[0]["id"] == "ds/spk3/utt2" and abs(found[0]["score"] - 1.0) < 1e-5
     assert [f["id"] for f in found] == [e[0] for e in brute_force(store, wanted, 3)]
     # weights changed since extraction: the vectors are not comparable, say so
-    monkeypatch.setattr(query, "load", lambda spec, *a, **k: FakeEncoder("0" * 24))
+    monkeypatch.setattr(reference, "load", lambda spec, *a, **k: FakeEncoder("0" * 24))
     result = CliRunner().invoke(cli, ["similar", str(store.path), "--audio", str(audio)])
     assert result.exit_code == 1 and "not comparable" in result.output
 

@@ -293,13 +293,10 @@ def _cluster_sockets() -> list[tuple[str, str, str]]:
     return out
 
 
-def test_window_model_on_the_cluster_equals_a_local_run(cluster, tmp_path, shared_data):
-    """`extract --windows --ray`: every item's windows committed once, equal to a local run's."""
-    root = tmp_path / "root"
-    for speaker in sorted(p.name for p in shared_data.iterdir() if p.is_dir())[:2]:
-        (root / "ds" / speaker).mkdir(parents=True)
-        for f in sorted((shared_data / speaker).glob("*.flac"))[:2]:
-            shutil.copy(f, root / "ds" / speaker / f.name)
+def test_window_model_on_the_cluster_equals_a_local_run(cluster, tmp_path, speech_corpus):
+    """`extract --windows --ray`: every item's windows committed once, equal to a local run's
+    (2 utterances of 2 speakers: real, or synthetic speech without ../shared/data)."""
+    root = speech_corpus.copy(tmp_path / "root", speakers=2, per_speaker=2)
     local = embstore.open(tmp_path / "local")
     local.scan([root])
     assert local.extract(windows="1.5:0.75").done == 4

@@ -42,12 +42,12 @@ def ecapa(tmp_path_factory) -> str:
     return "wespeaker:" + str(make_wespeaker_dir(tmp_path_factory.mktemp("ecapa"), arch="ecapa"))
 
 
-def _crash_loop(tmp_path: Path, *args: str) -> dict:
+def _crash_loop(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> dict:
     out = tmp_path / "report.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "crash_loop.py"), "--out", str(out), "--work", str(tmp_path / "w"),
          *args],
-        capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})),
     )
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -74,9 +74,13 @@ def test_twenty_kills_each_finished_by_one_resume(tmp_path, shared_data, ecapa):
 
 
 @pytest.mark.slow
-def test_window_model_kills_each_finished_by_one_resume(tmp_path, shared_data, ecapa):
+def test_window_model_kills_each_finished_by_one_resume(tmp_path, speech_corpus, ecapa):
+    # real utterances, or synthetic speech (silero finds it) without ../shared/data
     report = _crash_loop(tmp_path, "--kills", "3", "--per-batch", "2", "--delay", "0.3", "--seed", "2",
-                         "--source", str(shared_data), "--model", ecapa, "--windows", "1.5:0.75")
+                         "--source", str(speech_corpus.path), "--model", ecapa, "--windows", "1.5:0.75",
+                         # each claim computes 1 s longer than the 0.3 s kill delay: on a fast
+                         # machine a run of 6 short items otherwise ends before its third kill
+                         env={"EMBSTORE_FAULT_SLOW_COMPUTE": "1"})
     assert report["kills_with_claims_held"] == 3 and report["resumes_with_zombie_claim_owners"] == 3
     assert report["resumes_exit_0_all_done"] == 3 and report["done"] == report["items"] == 6
     # every item's windows: the same spans and rows as a clean undisturbed run
@@ -234,7 +238,7 @@ def test_an_item_back_below_the_high_water_mark_is_work(tmp_path):
 
 
 def test_a_store_that_cannot_be_read_after_the_run_is_not_success(tmp_path, monkeypatch):
-    from embstore.extract import supervisor
+    from embstore.extract import monitor
     from tests.audio_factory import make_tree
 
     make_tree(tmp_path / "root", speakers=1, per_speaker=1, seconds=1.6)
@@ -244,7 +248,7 @@ def test_a_store_that_cannot_be_read_after_the_run_is_not_success(tmp_path, monk
     def unreadable(*args, **kwargs):
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(supervisor, "coverage", unreadable)
+    monkeypatch.setattr(monitor, "coverage", unreadable)
     outcome = st.extract(progress=False).outcome
     assert outcome.exit_status == 4 and "cannot read the store: disk I/O error" in outcome.error
     st.close()
@@ -332,7 +336,9 @@ def test_claims_stay_held_while_their_last_batch_computes(tmp_path, shared_data,
     st.scan([tmp_path / "root"])
     st.extract(model=ecapa, limit=1, progress=False)  # model known, one item done
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    monkeypatch.setenv("EMBSTORE_FAULT_SLOW_COMPUTE", "5")  # each claim computes 5 s longer
+    # each claim computes 8 s longer: past the 2 s lease, with room for the second run to
+    # start (about 2 s under load) while the first still computes
+    monkeypatch.setenv("EMBSTORE_FAULT_SLOW_COMPUTE", "8")
     out = []
     first = threading.Thread(target=lambda: out.append(
         st.extract(model=ecapa, workers=1, lease_seconds=2.0, progress=False)))

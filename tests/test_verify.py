@@ -131,8 +131,8 @@ _MODELS: dict = {}
 @pytest.fixture
 def cached_models(monkeypatch):
     """--deep loads the model once per test module, not once per call."""
+    import embstore.extract.reference as reference
     import embstore.models as models
-    import embstore.verify as verify
 
     cache = _MODELS
     real = models.load
@@ -143,7 +143,7 @@ def cached_models(monkeypatch):
             cache[key] = real(spec, device=device, dtype=dtype, **kw)
         return cache[key]
 
-    monkeypatch.setattr(verify, "load", load)
+    monkeypatch.setattr(reference, "load", load)
     return cache
 
 

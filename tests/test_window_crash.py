@@ -4,7 +4,6 @@ committed together or not at all, and the resumed store equals a clean one."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -21,13 +20,10 @@ SPEC = "1.5:0.75"
 
 
 @pytest.fixture(scope="module")
-def corpus(shared_data, tmp_path_factory):
-    """12 real utterances of 3 speakers, and their windows from an uninterrupted run."""
-    root = tmp_path_factory.mktemp("wcrash") / "root"
-    for speaker in sorted(p.name for p in shared_data.iterdir() if p.is_dir())[:3]:
-        (root / "ds" / speaker).mkdir(parents=True)
-        for f in sorted((shared_data / speaker).glob("*.flac"))[:4]:
-            shutil.copy(f, root / "ds" / speaker / f.name)
+def corpus(speech_corpus, tmp_path_factory):
+    """12 utterances of 3 speakers (real, or synthetic without ../shared/data), and their
+    windows from an uninterrupted run."""
+    root = speech_corpus.copy(tmp_path_factory.mktemp("wcrash") / "root", speakers=3, per_speaker=4)
     st = embstore.open(root.parent / "clean")
     st.scan([root])
     summary = st.extract(windows=SPEC)

@@ -24,13 +24,15 @@ pytestmark = pytest.mark.xdist_group("window-store")
 
 
 @pytest.fixture(scope="module")
-def corpus(shared_data, tmp_path_factory):
-    """4 real files of one speaker, a byte-identical copy of one, a 1 s cut (one short
-    window), a 0.4 s cut (too short) and a near-silent file (no speech)."""
+def corpus(speech_corpus, tmp_path_factory):
+    """4 files of one speaker (real, or synthetic speech without ../shared/data), a
+    byte-identical copy of one, a 1 s cut (one short window), a 0.4 s cut (too short) and
+    a near-silent file (no speech)."""
     root = tmp_path_factory.mktemp("win") / "root"
-    spk = root / "ds" / "1688"
+    speaker = speech_corpus.speakers()[0]
+    spk = root / "ds" / speaker
     spk.mkdir(parents=True)
-    files = sorted((shared_data / "1688").glob("*.flac"))[:4]
+    files = speech_corpus.files(speaker)[:4]
     for f in files:
         shutil.copy(f, spk / f.name)
     shutil.copy(files[0], spk / "copy.flac")
@@ -45,6 +47,17 @@ def corpus(shared_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def names(corpus) -> list[str]:
+    """The stems of the corpus's 4 speech files, in order."""
+    return sorted(p.stem for p in corpus.glob("ds/*/*.flac") if p.stem != "copy")
+
+
+def _path(corpus, name: str):
+    (path,) = corpus.glob(f"ds/*/{name}.flac")
+    return path
+
+
+@pytest.fixture(scope="module")
 def store(corpus, tmp_path_factory):
     path = tmp_path_factory.mktemp("wstore") / "s"
     st = embstore.open(path)
@@ -56,14 +69,14 @@ def store(corpus, tmp_path_factory):
     return path, first, rest
 
 
-def test_windows_equal_the_embedder_on_each_item(store, corpus):
+def test_windows_equal_the_embedder_on_each_item(store, corpus, names):
     path, first, rest = store
     assert first.done + first.failed == 3 and rest.model == WIN
     st = embstore.open(path)
     encoder = load("resemblyzer")
-    for name in ("1688-142285-0000", "1688-142285-0001"):
+    for name in names[:2]:
         starts, ends, matrix = st.windows(name, model=WIN)
-        wav = encoder.load(str(corpus / "ds" / "1688" / f"{name}.flac"))
+        wav = encoder.load(str(_path(corpus, name)))
         regions = speech_regions(wav, encoder.sample_rate, vad_config("silero"))
         plan = windows_in_regions(regions, 1.5, 0.75, len(wav) / encoder.sample_rate)
         np.testing.assert_allclose(starts, plan.starts, atol=1e-3)
@@ -73,7 +86,7 @@ def test_windows_equal_the_embedder_on_each_item(store, corpus):
     # both models live side by side; item queries pick the whole-item one
     kinds = sorted(m["kind"] for m in st.models())
     assert kinds == ["item", "windows"]
-    assert len(st.similar(item_id="1688-142285-0000", k=2)) == 2
+    assert len(st.similar(item_id=names[0], k=2)) == 2
     st.close()
 
 
@@ -89,10 +102,10 @@ def test_bad_and_short_items_fail_with_reasons(store):
     st.close()
 
 
-def test_identical_audio_shares_its_windows(store):
+def test_identical_audio_shares_its_windows(store, names):
     path, _, _ = store
     st = embstore.open(path)
-    a = st.windows("1688-142285-0000", model=WIN)
+    a = st.windows(names[0], model=WIN)
     b = st.windows("copy", model=WIN)
     np.testing.assert_array_equal(a[2], b[2])
     report = st.verify(model=WIN, deep=2, seed=1)
@@ -101,10 +114,10 @@ def test_identical_audio_shares_its_windows(store):
     st.close()
 
 
-def test_cli_windows_exports_and_search(store, corpus, tmp_path):
+def test_cli_windows_exports_and_search(store, corpus, names, tmp_path):
     path, _, _ = store
     runner = CliRunner()
-    out = runner.invoke(cli, ["windows", str(path), "1688-142285-0001", "--json"])
+    out = runner.invoke(cli, ["windows", str(path), names[1], "--json"])
     assert out.exit_code == 0, out.output
     rows = json.loads(out.output)
     assert rows and all(r["end"] > r["start"] for r in rows)
@@ -124,12 +137,12 @@ def test_cli_windows_exports_and_search(store, corpus, tmp_path):
     assert json.loads(out.stdout)["outcome"]["failed"] == failed
     matrix = np.load(npy / "embeddings.npy")
     assert len(matrix) == len(segments) == len(np.load(npy / "starts.npy"))
-    query = corpus / "ds" / "1688" / "1688-142285-0002.flac"
+    query = _path(corpus, names[2])
     out = runner.invoke(cli, ["similar", str(path), "--audio", str(query), "--model", WIN, "-k", "3", "--json"])
     assert out.exit_code == 0, out.output
     hits = json.loads(out.output)
     assert len(hits) == 3 and all("start" in h and h["end"] > h["start"] for h in hits)
-    assert hits[0]["id"].endswith("1688-142285-0002")
+    assert hits[0]["id"].endswith(names[2])
 
 
 @pytest.mark.parametrize("spec", ["1.5:0", "1:2", "-1:0.5", "x:1"])

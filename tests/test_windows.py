@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from embstore.errors import WindowSpecError
 from embstore.segments.windows import (
     WindowSpec,
-    WindowSpecError,
     parse_window_spec,
     windows_in_regions,
 )

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import click
 
 from embstore.errors import USER_ERRORS, EnvironmentProblem
-from embstore.outcome import EXIT_INTERRUPTED, EXIT_STOPPED, Outcome
+from embstore.outcome import EXIT_ENVIRONMENT, EXIT_INTERRUPTED, Outcome
 
 store_argument = click.argument("store", type=click.Path(file_okay=False))
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -22,9 +22,6 @@ model_option = click.option(
 by_option = click.option("--by", type=click.Choice(["speaker", "cluster"]), default="speaker", show_default=True,
                          help="Group by the real speaker label or by the pseudo-speakers of `embstore cluster`.")
 
-
-# the exit status of a command stopped by its environment (disk full, a missing package...)
-EXIT_ENVIRONMENT = EXIT_STOPPED
 
 EXIT_STATUS_HELP = """
     \b
@@ -42,8 +39,13 @@ def exit_status_documented(fn: Callable) -> Callable:
     return fn
 
 
-class EnvironmentFailure(click.ClickException):
-    exit_code = EXIT_ENVIRONMENT
+def one_line(exc: BaseException) -> click.ClickException:
+    """The click error a library error becomes: its one line, exit 1, or exit 4 for an
+    `EnvironmentProblem` (the machine's fault: exit 4 has that one name everywhere)."""
+    error = click.ClickException(str(exc))
+    if isinstance(exc, EnvironmentProblem):
+        error.exit_code = EXIT_ENVIRONMENT
+    return error
 
 
 def storage_failure(exc: BaseException) -> str | None:
@@ -72,15 +74,14 @@ def library_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             click.echo("interrupted: run the same command to continue", err=True)
             sys.exit(EXIT_INTERRUPTED)
-        except EnvironmentProblem as exc:
-            raise EnvironmentFailure(str(exc)) from None
         except USER_ERRORS as exc:
-            raise click.ClickException(str(exc)) from None
+            raise one_line(exc) from None
         except Exception as exc:
             message = storage_failure(exc)
             if message is None:
                 raise
-            raise EnvironmentFailure(message) from None
+            # a full or failing disk is the machine's problem like any other
+            raise one_line(EnvironmentProblem(message)) from None
 
     return wrapper
 

@@ -48,7 +48,8 @@ def diarize(store, model, num_speakers, max_speakers, method, windows, vad, work
     with open_store(store) as st:
         report = st.diarize(model=model, num_speakers=num_speakers, max_speakers=max_speakers, method=method,
                             windows=windows, vad=vad, extract={"workers": workers, "device": device,
-                                                               "progress": not as_json and rttm_out != "-"})
+                                                               "progress": not as_json and rttm_out != "-"},
+                            rttm=rttm_out is not None)
     segments = report.pop("segments")
     outcome = report.pop("outcome")
     if rttm_out == "-":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from embstore.cli.common import by_option, echo_json, echo_table, json_option, library_errors, model_option, open_store, store_argument
@@ -144,7 +142,7 @@ def windows(store, item_id, model, vectors, as_json):
     with open_store(store) as st:
         starts, ends, matrix = st.windows(item_id, model=model)
         m = st.resolve_model(model, kind="windows")
-        spec = json.loads(m["frontend"])["cutting"]["windows"]["window"]
+        spec = m.window_spec["window"]
     short = (ends - starts) < spec - 5e-4
     if as_json:
         out = [{"start": float(a), "end": float(b), "short": bool(c)} for a, b, c in zip(starts, ends, short)]

@@ -22,7 +22,8 @@ from embstore.audio.io import resample
 from embstore.diarize.speakers import check_speaker_counts, cluster_windows
 from embstore.diarize.rttm import Segment, windows_to_segments
 from embstore.models.base import Encoder
-from embstore.segments.vad import NoSpeech, Region, VadConfig, speech_regions, vad_config
+from embstore.errors import NoSpeech
+from embstore.segments.vad import Region, VadConfig, speech_regions, vad_config
 from embstore.vectors import finite_nonzero
 from embstore.segments.window_embed import WindowEmbedder
 from embstore.segments.windows import (

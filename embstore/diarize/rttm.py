@@ -18,9 +18,7 @@ from typing import IO, Iterable, Mapping, Sequence
 
 import numpy as np
 
-
-class RttmError(ValueError):
-    """An RTTM line or value that cannot be read or written; one line."""
+from embstore.errors import RttmError
 
 
 @dataclass(frozen=True)
@@ -69,8 +67,14 @@ def windows_to_segments(
     return [s for s in segments if s.end - s.start > 1e-9]
 
 
+def writable(value: str) -> bool:
+    """Whether `value` can be one RTTM field: readers split lines on whitespace, so an
+    empty value or one containing whitespace would shift every field after it."""
+    return bool(value) and not any(c.isspace() for c in value)
+
+
 def _field(value: str, what: str) -> str:
-    if not value or any(c.isspace() for c in value):
+    if not writable(value):
         raise RttmError(f"RTTM {what} {value!r} is empty or contains whitespace")
     return value
 

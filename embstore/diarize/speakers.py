@@ -28,6 +28,7 @@ import numpy as np
 from embstore.clustering.ahc import average_linkage
 from embstore.clustering.kmeans import kmeans
 from embstore.clustering.labels import first_appearance
+from embstore.errors import ClusteringError
 
 METHODS = ("spectral", "ahc")
 DEFAULT_MAX_SPEAKERS = 8
@@ -39,17 +40,13 @@ DEFAULT_MAX_SPEAKERS = 8
 AHC_MIN_CLUSTER = 8
 
 
-class ClusterError(ValueError):
-    """Bad clustering arguments; one line."""
-
-
 def check_speaker_counts(num_speakers: int | None, max_speakers: int | None) -> None:
     if num_speakers is not None and max_speakers is not None:
-        raise ClusterError("give --num-speakers or --max-speakers, not both")
+        raise ClusteringError("give --num-speakers or --max-speakers, not both")
     if num_speakers is not None and num_speakers < 1:
-        raise ClusterError(f"--num-speakers must be >= 1, got {num_speakers}")
+        raise ClusteringError(f"--num-speakers must be >= 1, got {num_speakers}")
     if max_speakers is not None and max_speakers < 1:
-        raise ClusterError(f"--max-speakers must be >= 1, got {max_speakers}")
+        raise ClusteringError(f"--max-speakers must be >= 1, got {max_speakers}")
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -173,7 +170,7 @@ def cluster_windows(
     elif method == "ahc":
         labels = ahc_cluster(embeddings, num_speakers=num_speakers, max_speakers=max_speakers, **options)
     else:
-        raise ClusterError(f"unknown clustering method {method!r}: use one of {', '.join(METHODS)}")
+        raise ClusteringError(f"unknown clustering method {method!r}: use one of {', '.join(METHODS)}")
     if min_cluster_size > 1 and num_speakers is None and len(labels):
         labels = absorb_small_clusters(embeddings, labels, min_cluster_size)
     return labels

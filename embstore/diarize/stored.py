@@ -13,10 +13,10 @@ import json
 import time
 from typing import Any, Callable
 
-from embstore.diarize.speakers import ClusterError, check_speaker_counts
+from embstore.diarize.speakers import check_speaker_counts
 from embstore.diarize.pipeline import diarize_windows
-from embstore.diarize.rttm import Segment
-from embstore.errors import StoreError
+from embstore.diarize.rttm import Segment, writable
+from embstore.errors import ClusteringError, RttmError, StoreError
 from embstore.manifest import diarization as stored
 from embstore.manifest.database import Manifest
 from embstore.manifest.selection import Selection, select_items
@@ -29,10 +29,26 @@ def check_options(method: str, num_speakers: int | None, max_speakers: int | Non
     """One-line StoreError for settings that cannot work (before any extraction runs)."""
     if method not in METHODS:
         raise StoreError(f"unknown diarization method {method!r}: use {', '.join(METHODS)}")
-    try:
-        check_speaker_counts(num_speakers, max_speakers)
-    except ClusterError as exc:
-        raise StoreError(str(exc)) from None
+    check_speaker_counts(num_speakers, max_speakers)  # ClusteringError, a StoreError
+
+
+def check_rttm_ids(store: Manifest, dataset: str | None = None) -> None:
+    """RttmError (one line) when an item id of the selection cannot be an RTTM file id
+    (it contains whitespace); asked before any extraction or clustering, so a run that
+    must end in an RTTM file does no work it could not write out."""
+    where, params = Selection(dataset=dataset).where()
+    rows = store.conn.execute(f"SELECT i.uid FROM items i WHERE {' AND '.join(where)} ORDER BY i.id", params)
+    first: str | None = None
+    bad = 0
+    for (uid,) in rows:  # counted as they stream: a million ids need no list
+        if not writable(uid):
+            first = uid if first is None else first
+            bad += 1
+    if bad:
+        which = (f"{bad} item ids contain whitespace (the first: {first!r})" if bad > 1
+                 else f"item id {first!r} contains whitespace")
+        raise RttmError(f"{which}, which an RTTM file cannot hold: rename (the files or the ids in the list) and"
+                        " scan again, or diarize without --rttm (--json gives the same segments)")
 
 
 def diarize_store(
@@ -63,7 +79,7 @@ def diarize_store(
             try:
                 _, segments = diarize_windows(starts, ends, matrix, method=method, num_speakers=num_speakers,
                                               max_speakers=max_speakers)
-            except ClusterError as exc:
+            except ClusteringError as exc:
                 failed[r["uid"]] = str(exc)  # this item alone: the others go on
                 continue
             segs = [(s.start, s.end, s.speaker) for s in segments]

@@ -25,8 +25,9 @@ from embstore.eval.norm import (
     symmetric_norm,
     to_unit,
 )
-from embstore.eval.selection import in_chunks, select_items
+from embstore.eval.selection import select_items
 from embstore.eval.trials import TrialList, read_trials
+from embstore.manifest import reads
 from embstore.manifest.database import Manifest
 from embstore.outcome import Outcome
 from embstore.query import resolve_ids
@@ -137,27 +138,13 @@ class ScoreOptions:
             raise StoreError("--c-miss and --c-fa must be positive")
 
 
-def _done_rows_of(store: Manifest, model_id: int, items: list[int]) -> dict[int, int]:
-    """{item id: Zarr row} of the items whose task for the model is done."""
-    out: dict[int, int] = {}
-    for chunk, marks in in_chunks(items):
-        sql = f"SELECT item_id, row FROM tasks WHERE model_id = ? AND status = 'done' AND item_id IN ({marks})"
-        out.update(store.conn.execute(sql, (model_id, *chunk)).fetchall())
-    return out
-
-
 def _ids_outcome(store: Manifest, m: Any, ids: list[str], item_of: dict[str, int | None],
                  row_of_item: dict[int, int]) -> Outcome:
     """What the trial ids have: an embedding (done), a failed task (failed), or neither:
     not extracted yet, or not in the store at all (left, with why)."""
     # counted per trial id: two ids (a stem and a path) may name one item
     waiting = [i for i in ids if item_of[i] is not None and item_of[i] not in row_of_item]
-    failed_items: set[int] = set()
-    for chunk, marks in in_chunks(sorted({item_of[i] for i in waiting})):
-        failed_items.update(r[0] for r in store.conn.execute(
-            f"SELECT item_id FROM tasks WHERE model_id = ? AND status = 'failed' AND item_id IN ({marks})",
-            (m["id"], *chunk),
-        ))
+    failed_items = reads.failed_items(store.conn, m["id"], sorted({item_of[i] for i in waiting}))
     failed = sum(1 for i in waiting if item_of[i] in failed_items)
     unknown = sum(1 for i in ids if item_of[i] is None)
     why = []
@@ -222,7 +209,7 @@ def run_scoring(
     ]
     ids = list(code_of)
     item_of = resolve_ids(store, ids)
-    row_of_item = _done_rows_of(store, m["id"], sorted({i for i in item_of.values() if i is not None}))
+    row_of_item = reads.done_rows_of(store.conn, m["id"], sorted({i for i in item_of.values() if i is not None}))
     rows = np.array(sorted(set(row_of_item.values())), dtype=np.int64)
     slot_of_row = {int(r): k for k, r in enumerate(rows)}
     # the slot (row of `unit`) of each id code, -1 for an id without an embedding

@@ -14,11 +14,11 @@ from __future__ import annotations
 import os
 import sqlite3
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from embstore.errors import StoreError
+from embstore.manifest import reads
 from embstore.manifest.database import Manifest
 from embstore.query import resolve_ids
 
@@ -58,41 +58,20 @@ def _read_lines(path: str, what: str) -> list[str]:
     return list(dict.fromkeys(values))
 
 
-def in_chunks(values: Sequence, size: int = 900) -> Iterator[tuple[Sequence, str]]:
-    """`values` in slices under SQLite's variable limit, each with its `?,?,...` list."""
-    for start in range(0, len(values), size):
-        chunk = values[start : start + size]
-        yield chunk, ",".join("?" * len(chunk))
-
-
-def _done_items(store: Manifest, model_id: int, column: str, values: Iterable) -> list[sqlite3.Row]:
-    """(item id, speaker, row) of live items whose `column` is one of `values` and whose
-    task for the model is done, plus `done` = 0 rows for live items not done yet."""
-    out: list[sqlite3.Row] = []
-    for chunk, marks in in_chunks(list(values)):
-        out += store.query(
-            "SELECT i.id, i.speaker, t.row, t.status = 'done' AS done FROM items i"
-            f" LEFT JOIN tasks t ON t.item_id = i.id AND t.model_id = ? WHERE i.{column} IN ({marks})"
-            " AND i.removed = 0",
-            (model_id, *chunk),
-        )
-    return out
-
-
 def select_items(store: Manifest, model: sqlite3.Row, sel: str, what: str = "selection") -> ItemSelection:
     """The items SEL names that have an embedding of `model`; an error when none does."""
     sel = str(sel)
     warnings: list[str] = []
     if sel.startswith("dataset:"):
         name = sel[len("dataset:") :]
-        rows = _done_items(store, model["id"], "dataset", [name])
+        rows = reads.items_with_task(store.conn, model["id"], "dataset", [name])
         if not rows:
             have = [r[0] for r in store.query("SELECT DISTINCT dataset FROM items WHERE removed = 0 LIMIT 20")]
             raise StoreError(f"{what} {sel}: no dataset {name!r} in the store (it has: {', '.join(map(str, have))})")
     elif sel.startswith("speakers:"):
         path = sel[len("speakers:") :]
         names = _read_lines(path, "speakers")
-        rows = _done_items(store, model["id"], "speaker", names)
+        rows = reads.items_with_task(store.conn, model["id"], "speaker", names)
         found = {r["speaker"] for r in rows}
         unknown = [n for n in names if n not in found]
         if unknown:
@@ -107,7 +86,8 @@ def select_items(store: Manifest, model: sqlite3.Row, sel: str, what: str = "sel
         unknown = [i for i in ids if found_ids[i] is None]
         if unknown:
             warnings.append(f"{what} {sel}: {len(unknown)} of {len(ids)} ids are not in the store ({_first(unknown)})")
-        rows = _done_items(store, model["id"], "id", sorted({v for v in found_ids.values() if v is not None}))
+        known = sorted({v for v in found_ids.values() if v is not None})
+        rows = reads.items_with_task(store.conn, model["id"], "id", known)
     done = [r for r in rows if r["done"]]
     if len(done) < len(rows):
         warnings.append(f"{what} {sel}: {len(rows) - len(done)} of {len(rows)} items have no embedding yet; left out")
@@ -122,4 +102,4 @@ def _first(values: list[str], n: int = 5) -> str:
     return ", ".join(values[:n]) + (", ..." if len(values) > n else "")
 
 
-__all__ = ["ItemSelection", "select_items", "in_chunks", "SEL_HELP"]
+__all__ = ["ItemSelection", "select_items", "SEL_HELP"]

@@ -9,5 +9,6 @@ loading     reading, hashing, decoding and features of claimed items
 batching    grouping loaded items into batches the encoder embeds exactly
 worker      the worker loop: claim -> load -> batch -> embed -> send
 writer      the one writer: Zarr rows first, then done in one transaction
-supervisor  processes, the `runs` row, progress, Ctrl-C
+monitor     the run monitor: the `runs` row, rounds, progress, Ctrl-C, the outcome; drives a launcher
+supervisor  the local launcher: a writer process and worker processes from a fork server
 """

@@ -1,13 +1,21 @@
 """Fault injection for tests: a file that kills its worker, as a decoder's segfault or
-the OOM killer would. A leaf: no embstore imports.
+the OOM killer would; an embedding step that raises. Imports nothing of embstore but
+its exceptions (`embstore.errors`).
 
     EMBSTORE_FAULT_CRASH_PATHS=poison   a worker that starts decoding a file whose path
                                         contains "poison" dies at once (SIGKILL)
     EMBSTORE_FAULT_SLOW_COMPUTE=3       each claim's compute takes 3 s longer, as a long
                                         item on a slow device would
+    EMBSTORE_FAULT_EMBED_PATHS=bad      an embedding step (one forward of a block of items,
+                                        or of windows) holding an item, or a window of an
+                                        item, whose path contains "bad" raises, as a model
+                                        that chokes on one input would
+    EMBSTORE_FAULT_OOM_ABOVE=4          an embedding step of more than 4 units (items, or
+                                        windows of a window model) raises an error the
+                                        worker takes for out of memory, as a device would
 
-Like EMBSTORE_FAULT_ENOSPC_AFTER_ROWS (the writer's full disk), it is read in the
-process that does the work, so tests set it for the workers' environment.
+Like EMBSTORE_FAULT_ENOSPC_AFTER_ROWS (the writer's full disk), they are read in the
+process that does the work, so tests set them for the workers' environment.
 """
 
 from __future__ import annotations
@@ -15,9 +23,14 @@ from __future__ import annotations
 import os
 import signal
 import time
+from typing import Iterable
+
+from embstore.errors import InjectedFault
 
 CRASH_PATHS = "EMBSTORE_FAULT_CRASH_PATHS"
 SLOW_COMPUTE = "EMBSTORE_FAULT_SLOW_COMPUTE"
+EMBED_PATHS = "EMBSTORE_FAULT_EMBED_PATHS"
+OOM_ABOVE = "EMBSTORE_FAULT_OOM_ABOVE"
 
 
 def crash_if_poison(path: str) -> None:
@@ -30,3 +43,15 @@ def slow_compute() -> None:
     seconds = float(os.environ.get(SLOW_COMPUTE) or 0)
     if seconds > 0:
         time.sleep(seconds)
+
+
+def embed_step(paths: Iterable[str], units: int) -> None:
+    """Called inside each embedding step with the paths of its units (one per unit) and
+    their number: raises as EMBSTORE_FAULT_OOM_ABOVE and EMBSTORE_FAULT_EMBED_PATHS say."""
+    limit = os.environ.get(OOM_ABOVE)
+    if limit and units > int(limit):
+        # the worker recognises this text as a device's (torch's own message starts so)
+        raise InjectedFault(f"CUDA out of memory (injected: {units} units, more than {limit})")
+    marker = os.environ.get(EMBED_PATHS)
+    if marker and any(marker in path for path in paths):
+        raise InjectedFault(f"injected embedding fault ({EMBED_PATHS}={marker})")

@@ -14,10 +14,10 @@ from concurrent.futures import Executor
 import numpy as np
 
 from embstore.audio.io import content_hash
-from embstore.errors import AudioError, EnvironmentProblem
+from embstore.errors import AudioError, EnvironmentProblem, ItemCutFailed
 from embstore.extract.batching import Loaded
 from embstore.extract.client import ManifestClient
-from embstore.segments.policy import EAGER_WINDOWS, Cutting, ItemCutFailed
+from embstore.segments.policy import EAGER_WINDOWS, Cutting
 from embstore.extract.faults import crash_if_poison
 from embstore.extract.messages import ClaimedTask
 from embstore.models.base import Encoder

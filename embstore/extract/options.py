@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from embstore.errors import ExtractionError
+from embstore.errors import ExtractionError, VadError, WindowSpecError
 from embstore.models.common import DTYPES
 from embstore.models.registry import DEFAULT_SPEC
-from embstore.segments.vad import VadError, vad_config
-from embstore.segments.windows import WindowSpecError, parse_window_spec
+from embstore.segments.vad import vad_config
+from embstore.segments.windows import parse_window_spec
 
 RUNTIME_CHOICES = ("auto", "torch", "onnx", "openvino")
 FEATURE_CHOICES = ("auto", "cpu", "device")

@@ -4,9 +4,7 @@ the model's fingerprint (its rows), the task list, or "nothing to do"."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,6 +17,7 @@ from embstore.extract.options import ExtractOptions
 from embstore.extract.summary import ExtractSummary
 from embstore.manifest import tasks
 from embstore.manifest.database import Manifest
+from embstore.manifest.registry import ModelRecord, models_of_spec
 from embstore.models import cards
 from embstore.models.base import Capabilities, Encoder, trimmed_fingerprint
 from embstore.models.onnx import cached_export, export_onnx
@@ -85,7 +84,26 @@ def _check_cuda(highest: int) -> None:
         raise ExtractionError(f"GPU {highest} requested but only {torch.cuda.device_count()} visible")
 
 
+def worker_setup(
+    plan: ExtractionPlan, options: ExtractOptions, *, device: str, batch_frames: int | None, claim_items: int,
+    loader_workers: int, threads: int, index: int = 0, workers_per_device: int = 1, device_features: bool = False,
+) -> WorkerSetup:
+    """A worker's setup: what every worker of the run shares (model, dtype, batching,
+    leases, cutting) from the plan and the options, and where and how large it runs (the
+    keywords), which local processes and cluster actors each decide their own way."""
+    return WorkerSetup(
+        model_spec=plan.worker_spec, model_id=plan.model_id, device=device, dtype=options.dtype,
+        batching=plan.batching, batch_frames=batch_frames, claim_items=claim_items, loader_workers=loader_workers,
+        threads=threads, lease_seconds=options.lease_seconds, max_trim_frames=options.max_trim_frames, index=index,
+        device_features=device_features, fingerprint=plan.expected_fingerprint, workers_per_device=workers_per_device,
+        vad=plan.cutting.vad.method if plan.cutting else "none",
+        windows=str(plan.cutting.spec) if plan.cutting and plan.cutting.spec else None,
+        window_mode=plan.window_mode,
+    )
+
+
 def worker_setups(plan: ExtractionPlan, options: ExtractOptions) -> list[WorkerSetup]:
+    """One setup per local worker process: one per device of the plan, on this machine's cores."""
     cpu_count = os.cpu_count() or 1
     n = len(plan.devices)
     on_gpu = plan.devices[0] != "cpu"
@@ -93,19 +111,13 @@ def worker_setups(plan: ExtractionPlan, options: ExtractOptions) -> list[WorkerS
     # a GPU worker's loaders feed a fast model: the cores its compute thread leaves
     loaders = options.loader_workers or (max(6, (cpu_count - n) // n) if on_gpu else 2)
     return [
-        WorkerSetup(
-            model_spec=plan.worker_spec, model_id=plan.model_id, device=device, dtype=options.dtype,
-            batching=plan.batching,
+        worker_setup(
+            plan, options, device=device,
             # None: the worker sizes it from its device (the parent never touches CUDA)
             batch_frames=options.batch_frames or (None if device.startswith("cuda") else default_batch_frames(device, plan.batching)),
             workers_per_device=plan.devices.count(device),
             claim_items=512 if device.startswith("cuda") else 64,
-            loader_workers=loaders,
-            threads=threads, lease_seconds=options.lease_seconds, max_trim_frames=options.max_trim_frames,
-            index=index, device_features=plan.device_features, fingerprint=plan.expected_fingerprint,
-            vad=plan.cutting.vad.method if plan.cutting else "none",
-            windows=str(plan.cutting.spec) if plan.cutting and plan.cutting.spec else None,
-            window_mode=plan.window_mode,
+            loader_workers=loaders, threads=threads, index=index, device_features=plan.device_features,
         )
         for index, device in enumerate(plan.devices)
     ]
@@ -119,33 +131,32 @@ def quick_nothing_to_do(manifest: Manifest, options: ExtractOptions) -> ExtractS
     """
     spec = run_spec(options, devices_of(options))
     cutting = cutting_of(options.vad_method, options.windows)
-    rows = [r for r in manifest.query("SELECT * FROM models WHERE spec = ? ORDER BY id DESC", (spec,))
-            if _same_cutting(r, cutting)]
+    rows = [r for r in models_of_spec(manifest.conn, spec) if _same_cutting(r, cutting)]
     if len(rows) != 1:
         return None
     row = rows[0]
     _, _, target = spec.partition(":")
     if target and os.path.exists(target) and _newest_mtime(target) >= _created(row):
         return None
-    if tasks.has_open_work(manifest.conn, row["id"], options.retry_failed):
+    if tasks.has_open_work(manifest.conn, row.id, options.retry_failed):
         return None
     return ExtractSummary(
-        model=manifest.model_key(row), fingerprint=row["fingerprint"], batching=row["batching"],
-        failed=tasks.failed_count(manifest.conn, row["id"]), nothing_to_do=True, model_id=row["id"],
+        model=manifest.model_key(row), fingerprint=row.fingerprint, batching=row.batching,
+        failed=tasks.failed_count(manifest.conn, row.id), nothing_to_do=True, model_id=row.id,
     )
 
 
-def _same_cutting(row: sqlite3.Row, cutting: Cutting | None) -> bool:
-    """Whether a model row was cut the way this run cuts (VAD and windows settings)."""
-    cut = json.loads(row["frontend"] or "{}").get("cutting")
+def _same_cutting(row: ModelRecord, cutting: Cutting | None) -> bool:
+    """Whether a model was cut the way this run cuts (VAD and windows settings)."""
+    cut = row.cutting
     if cutting is None or cut is None:
         return cutting is None and cut is None
     return cut.get("vad") == cutting.vad.as_dict() and cut.get("windows") == (
         cutting.spec.as_dict() if cutting.spec else None)
 
 
-def _created(row: sqlite3.Row) -> float:
-    return time.mktime(time.strptime(row["created_at"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+def _created(row: ModelRecord) -> float:
+    return time.mktime(time.strptime(row.created_at[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
 
 
 def _newest_mtime(target: str) -> float:
@@ -273,18 +284,18 @@ def plan_extraction(
     if cutting is not None:
         description = cutting.model_description(description, caps.runtime)
     row = manifest.register_model(description)
-    environment = tasks.retry_legacy_environment_failures(manifest.conn, row["id"])
-    prepared = tasks.refresh_tasks(manifest.conn, row["id"], model.card.length_rule, model.card.sample_rate,
+    environment = tasks.retry_legacy_environment_failures(manifest.conn, row.id)
+    prepared = tasks.refresh_tasks(manifest.conn, row.id, model.card.length_rule, model.card.sample_rate,
                                    options.retry_failed)
     prepared["environment"] = environment
-    left, left_seconds = tasks.pending_summary(manifest.conn, row["id"])
+    left, left_seconds = tasks.pending_summary(manifest.conn, row.id)
     worker_spec = _onnx_spec(model) if left and use_onnx else spec
     on_onnx = worker_spec.startswith("onnx:")
     return ExtractionPlan(
-        spec=spec, worker_spec=worker_spec, model_id=row["id"], model_key=manifest.model_key(row),
-        fingerprint=row["fingerprint"], devices=devices, batching="equal" if on_onnx else batching,
+        spec=spec, worker_spec=worker_spec, model_id=row.id, model_key=manifest.model_key(row),
+        fingerprint=row.fingerprint, devices=devices, batching="equal" if on_onnx else batching,
         runtime="onnxruntime" if on_onnx else caps.runtime, device_features=device_features, prepared=prepared,
         left=left, left_seconds=left_seconds, expected_fingerprint=None if on_onnx else model.card.fingerprint,
         cutting=cutting,
-        window_mode=description["frontend"].get("cutting", {}).get("window_embedding", {}).get("mode", "auto"),
+        window_mode=row.window_mode,
     )

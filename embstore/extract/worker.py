@@ -6,8 +6,10 @@ Inside one worker:
 - a feeder thread claims tasks and loads each claim in a pool of loader threads
   (read, hash, dedup lookup, decode, resample, features); loaded claims wait in a
   bounded queue, so memory stays flat and the model never waits on disk;
-- the calling thread groups loaded items into batches the encoder embeds exactly (see
-  `batching`) and sends vectors and per-item failures to the writer;
+- the calling thread embeds each loaded claim with one `ItemEmbedder` (whole items in
+  batches the encoder embeds exactly, see `batching`; or windows in blocks) and sends
+  vectors and per-item failures to the writer as blocks finish: an out-of-memory halves
+  a block, any other error fails only the item whose input raises;
 - a lease thread renews the worker's claims while it works.
 """
 
@@ -21,22 +23,20 @@ import time
 import traceback
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from embstore.extract.batching import Loaded, default_batch_frames, plan_batches
 from embstore.extract.client import ClaimBudget, ManifestClient, SqliteManifestClient
 from embstore.segments.policy import cutting_of
-from embstore.extract.faults import slow_compute
+from embstore.extract.faults import embed_step, slow_compute
 from embstore.extract.loading import load_claim
 from embstore.extract.messages import ItemFailure, ItemOutcome, ItemResult, WorkerFailed, WorkerSetup, WorkerStats
 from embstore.extract.outbox import Outbox, QueueOutbox
 from embstore.manifest.tasks import new_owner
 from embstore.processes import adopt_environment, die_with_parent
-from embstore.errors import ExtractionError
-from embstore.models.base import Encoder, untrimmed_fingerprint
-from embstore.models.registry import load
+from embstore.models.base import Encoder
 from embstore.vectors import finite_nonzero
 from embstore.segments.window_embed import DEFAULT_BATCH, WindowEmbedder
 
@@ -56,22 +56,327 @@ def one_line(exc: BaseException) -> str:
 
 
 def open_encoder(setup: WorkerSetup) -> Encoder:
-    """The worker's model on its device, with its share of the CPU threads; an ONNX
+    """The worker's model on its device, with its share of the CPU threads, refused when
+    it no longer fingerprints as the run's rows (`reference.load_checked`); an ONNX
     worker never imports torch (a second of start-up)."""
-    if setup.model_spec.startswith(("onnx:", "openvino:")):
-        encoder = load(setup.model_spec, device=setup.device, dtype=setup.dtype, threads=max(1, setup.threads))
-    else:
-        encoder = load(setup.model_spec, device=setup.device, dtype=setup.dtype)
+    from embstore.extract.reference import load_checked
+
+    # ONNX Runtime and OpenVINO take their thread count when loaded; torch below
+    threads = max(1, setup.threads) if setup.model_spec.startswith(("onnx:", "openvino:")) else None
+    encoder = load_checked(setup.model_spec, setup.fingerprint, device=setup.device, dtype=setup.dtype,
+                           threads=threads)
     if encoder.capabilities.runtime == "torch" or setup.device_features:
         import torch
 
         torch.set_num_threads(max(1, setup.threads))
-    if setup.fingerprint is not None and encoder.fingerprint != untrimmed_fingerprint(setup.fingerprint):
-        raise ExtractionError(
-            f"{setup.model_spec} loads with fingerprint {encoder.fingerprint[:12]} here, but the run's rows are"
-            f" {setup.fingerprint[:12]}: the model changed during the run; run again"
-        )
     return encoder
+
+
+def _failure_reason(exc: BaseException) -> str:
+    return "out of memory (even alone)" if _is_oom(exc) else f"{type(exc).__name__}: {exc}"
+
+
+class _Strategy:
+    """How one kind of item is embedded, unit by unit: a unit is a whole item, or one
+    window of an item. `ItemEmbedder` runs the blocks and deals with their failures."""
+
+    def blocks(self, unique: list[Loaded]) -> Iterator[list[Any]]:
+        """The units of these items in blocks of one forward each (formed lazily)."""
+        raise NotImplementedError
+
+    def item_of(self, unit: Any) -> Loaded:
+        raise NotImplementedError
+
+    def step(self, block: list[Any]) -> np.ndarray:
+        """One forward: [len(block), dim] rows."""
+        raise NotImplementedError
+
+    def done(self, block: list[Any], out: np.ndarray, computed: dict[int, Any]) -> list[ItemOutcome]:
+        """The outcomes of the items this block completes, each recorded in `computed`
+        (by task id: a vector, or a window item's (rows, spans); None if it failed)."""
+        raise NotImplementedError
+
+    def fail(self, x: Loaded, reason: str, computed: dict[int, Any]) -> list[ItemOutcome]:
+        """The outcome of an item the model failed on (none if it was already settled)."""
+        raise NotImplementedError
+
+
+class ItemEmbedder:
+    """A worker's loaded claims into outcomes, sent as each block finishes (the writer
+    commits while the rest computes; the first rows land early). Two strategies, whole
+    items (`_WholeItems`) and windows (`_Windows`), share everything else:
+
+    - dedup: identical audio is computed once, inside a claim and across this worker's
+      recent claims, whose rows may not be committed yet (no dedup row to point at);
+    - a block that runs out of memory is halved (and later blocks are planned smaller),
+      down to a single unit, which then fails its item ("out of memory (even alone)");
+    - a block that raises anything else is retried item by item, so only the item whose
+      input raises fails, with its reason, and its block neighbours are done.
+    """
+
+    def __init__(self, encoder: Encoder, owner: str, outbox: Outbox, setup: WorkerSetup, batch_frames: int,
+                 windows: WindowEmbedder | None = None) -> None:
+        self.encoder = encoder
+        self.owner = owner
+        self.outbox = outbox
+        self.setup = setup
+        self.batch_frames = batch_frames
+        self.window_batch = windows.batch if windows is not None else DEFAULT_BATCH
+        self.batches = self.batch_items = self.real_frames = self.padded_frames = 0
+        self.recent: OrderedDict[tuple, Any] = OrderedDict()  # vector, or (rows, spans) of a window model
+        self.strategy: _Strategy = _Windows(self, windows) if windows is not None else _WholeItems(self)
+
+    def embed(self, loaded: list[Loaded]) -> None:
+        """Every outcome of one loaded claim: its loading failures, its dedup rows, then
+        the rest computed."""
+        outcomes: list[ItemOutcome] = []
+        good = []
+        for x in loaded:
+            if x.error is not None:
+                outcomes.append(ItemFailure(x.task.task_id, self.owner, x.error[0], x.error[1]))
+            elif x.dup_row is not None:
+                outcomes.append(self.result(x, None, *x.dup_row))
+            else:
+                good.append(x)
+        unique, twins, known = self._split_twins(good)
+        outcomes += [self._reuse(x, done) for x, done in known]
+        if outcomes:
+            self.outbox.results(outcomes)
+        computed: dict[int, Any] = {}
+        self._run(self.strategy.blocks(unique), computed)
+        self._send_twins(twins, computed)
+
+    def _run(self, blocks: Iterator[list[Any]], computed: dict[int, Any]) -> None:
+        retry: list[list[Any]] = []  # the parts of a failed block, the next one last
+        while True:
+            block = retry.pop() if retry else next(blocks, None)
+            if block is None:
+                return
+            try:
+                embed_step((self.strategy.item_of(u).task.path for u in block), len(block))
+                out = self.strategy.step(block)
+            except Exception as exc:
+                parts = self._split(block, exc)
+                if parts:
+                    retry += reversed(parts)
+                    continue
+                reason = _failure_reason(exc)
+                outcomes = [o for part in self._by_item(block)
+                            for o in self.strategy.fail(self.strategy.item_of(part[0]), reason, computed)]
+            else:
+                self.batches += 1
+                self.batch_items += len(block)
+                outcomes = self.strategy.done(block, out, computed)
+            if outcomes:
+                self.outbox.results(outcomes)
+
+    def _split(self, block: list[Any], exc: BaseException) -> list[list[Any]]:
+        """The parts to retry a failed block as; none when its items fail as they are."""
+        if _is_oom(exc):
+            if len(block) == 1:
+                return []
+            self._after_oom()
+            half = len(block) // 2
+            return [block[:half], block[half:]]
+        # one bad input must not fail its neighbours: each item's units alone
+        parts = self._by_item(block)
+        return parts if len(parts) > 1 else []
+
+    def _by_item(self, block: list[Any]) -> list[list[Any]]:
+        """The block's units grouped by item, in order."""
+        groups: dict[int, list[Any]] = {}
+        for unit in block:
+            groups.setdefault(self.strategy.item_of(unit).task.task_id, []).append(unit)
+        return list(groups.values())
+
+    def result(self, x: Loaded, vector: np.ndarray | None, row: int | None = None, row_count: int | None = None,
+               spans: np.ndarray | None = None) -> ItemResult:
+        return ItemResult(x.task.task_id, x.task.item_id, self.owner, x.content_hash, x.task.duration, vector, row,
+                          row_count, spans, x.speech)
+
+    def _reuse(self, x: Loaded, done: Any) -> ItemResult:
+        """An item given what identical audio computed: a vector, or a window item's (rows, spans)."""
+        if isinstance(done, tuple):
+            return self.result(x, done[0], spans=done[1])
+        return self.result(x, done)
+
+    def _split_twins(self, good: list[Loaded]) -> tuple[list[Loaded], list[tuple[Loaded, Loaded]], list[tuple[Loaded, Any]]]:
+        """Identical audio is computed once: inside one claim, and across this worker's
+        recent claims. Returns (items to compute, (twin, its first) pairs, (item, recent
+        result) pairs)."""
+        first_of: dict[tuple, Loaded] = {}
+        twins: list[tuple[Loaded, Loaded]] = []
+        unique = []
+        known: list[tuple[Loaded, Any]] = []
+        for x in good:
+            key = (x.content_hash, x.task.start, x.task.end)
+            if x.content_hash and key in self.recent:
+                known.append((x, self.recent[key]))
+            elif x.content_hash and key in first_of:
+                twins.append((x, first_of[key]))
+            else:
+                first_of[key] = x
+                unique.append(x)
+        return unique, twins, known
+
+    def _send_twins(self, twins: list[tuple[Loaded, Loaded]], computed: dict[int, Any]) -> None:
+        """Each twin gets what its first computed; it fails where its first did."""
+        outcomes: list[ItemOutcome] = []
+        for x, first in twins:
+            done = computed.get(first.task.task_id)
+            if done is None:
+                outcomes.append(ItemFailure(x.task.task_id, self.owner, "model", "identical audio failed to embed"))
+            else:
+                outcomes.append(self._reuse(x, done))
+        if outcomes:
+            self.outbox.results(outcomes)
+
+    def remember(self, x: Loaded, done: Any) -> None:
+        if x.content_hash:
+            self.recent[(x.content_hash, x.task.start, x.task.end)] = done
+            if len(self.recent) > RECENT_VECTORS:
+                self.recent.popitem(last=False)
+
+    def _after_oom(self) -> None:
+        # later blocks are planned smaller too: each would otherwise fail once more first
+        self.batch_frames = max(1, self.batch_frames // 2)
+        self.window_batch = max(1, self.window_batch // 2)
+        try:
+            import torch
+
+            torch.cuda.empty_cache()
+        except Exception:
+            pass
+
+
+class _WholeItems(_Strategy):
+    """One vector per item, in batches the encoder embeds exactly (`plan_batches`)."""
+
+    def __init__(self, host: ItemEmbedder) -> None:
+        self.host = host
+
+    def blocks(self, unique: list[Loaded]) -> Iterator[list[Any]]:
+        host = self.host
+        if host.setup.device_features and unique:
+            feats = host.encoder.device_features([x.wav for x in unique], host.batch_frames)
+            for x, f in zip(unique, feats):
+                x.feats, x.wav = f, None
+        batches, real, padded = plan_batches(unique, host.setup.batching, host.batch_frames,
+                                             host.setup.max_trim_frames)
+        host.real_frames += real
+        host.padded_frames += padded
+        return iter(batches)
+
+    def item_of(self, unit: Any) -> Loaded:
+        return unit
+
+    def step(self, block: list[Any]) -> np.ndarray:
+        return np.asarray(self.host.encoder.embed_batch([x.feats for x in block]), dtype=np.float32)
+
+    def done(self, block: list[Any], out: np.ndarray, computed: dict[int, Any]) -> list[ItemOutcome]:
+        outcomes: list[ItemOutcome] = []
+        for x, vec, fine in zip(block, out, finite_nonzero(out)):
+            if fine:
+                computed[x.task.task_id] = vec
+                self.host.remember(x, vec)
+                outcomes.append(self.host.result(x, vec))
+            else:
+                outcomes.append(ItemFailure(x.task.task_id, self.host.owner, "model", "non-finite or zero embedding"))
+        return outcomes
+
+    def fail(self, x: Loaded, reason: str, computed: dict[int, Any]) -> list[ItemOutcome]:
+        return [ItemFailure(x.task.task_id, self.host.owner, "model", reason)]
+
+
+class _Windows(_Strategy):
+    """A window model's items: every window of a claim's items embedded in blocks of
+    `window_batch` windows (windows of several items share a forward: each window is
+    computed from its own samples only, so its row does not depend on its block). A long
+    item (no `feats`: too many windows to hold) is featurised here, block by block, so
+    memory stays flat. An item's rows are sent once all its windows are done, without
+    the windows that could not be embedded."""
+
+    def __init__(self, host: ItemEmbedder, embedder: WindowEmbedder) -> None:
+        self.host = host
+        self.embedder = embedder
+        self.left: dict[int, int] = {}  # windows still to embed, by task id
+        self.bounds: dict[int, np.ndarray] = {}  # a long item's window sample ranges
+
+    def blocks(self, unique: list[Loaded]) -> Iterator[list[Any]]:
+        units: list[tuple[Loaded, int]] = []
+        for x in unique:
+            x.rows = np.full((len(x.plan), self.embedder.dim), np.nan, dtype=np.float32)
+            self.left[x.task.task_id] = len(x.plan)
+            if x.feats is None:
+                self.bounds[x.task.task_id] = self.embedder.spans(x.plan, len(x.wav))
+            units += [(x, j) for j in range(len(x.plan))]
+        return self._slices(units)
+
+    def _slices(self, units: list[tuple[Loaded, int]]) -> Iterator[list[Any]]:
+        """Blocks of the current `window_batch` (smaller after an out-of-memory), without
+        the windows of items that failed meanwhile."""
+        first = 0
+        while first < len(units):
+            block = []
+            while first < len(units) and len(block) < self.host.window_batch:
+                if units[first][0].error is None:
+                    block.append(units[first])
+                first += 1
+            if block:
+                yield block
+
+    def item_of(self, unit: Any) -> Loaded:
+        return unit[0]
+
+    def step(self, block: list[Any]) -> np.ndarray:
+        feats = [x.feats[j] if x.feats is not None else None for x, j in block]
+        late = [k for k, (x, _) in enumerate(block) if x.feats is None]
+        if late:  # a long item's windows: their features now
+            pieces = []
+            for k in late:
+                x, j = block[k]
+                a, b = self.bounds[x.task.task_id][j]
+                pieces.append(x.wav[a:b])
+            for k, f in zip(late, self.embedder.window_features(pieces)):
+                feats[k] = f
+        return self.embedder.embed_features(feats)
+
+    def done(self, block: list[Any], out: np.ndarray, computed: dict[int, Any]) -> list[ItemOutcome]:
+        outcomes: list[ItemOutcome] = []
+        for (x, j), row in zip(block, out):
+            if x.error is not None:
+                continue  # its item failed in another block: its outcome is sent
+            x.rows[j] = row
+            self.left[x.task.task_id] -= 1
+            if self.left[x.task.task_id] == 0:
+                outcomes.append(self._outcome(x, computed))
+        return outcomes
+
+    def fail(self, x: Loaded, reason: str, computed: dict[int, Any]) -> list[ItemOutcome]:
+        if x.error is not None:
+            return []
+        x.error = ("model", reason)
+        return [self._outcome(x, computed)]
+
+    def _outcome(self, x: Loaded, computed: dict[int, Any]) -> ItemOutcome:
+        """One window item's result (its usable windows) or failure; its memory freed."""
+        task_id = x.task.task_id
+        rows, x.rows = x.rows, None
+        x.feats = x.wav = None
+        self.left.pop(task_id, None)
+        self.bounds.pop(task_id, None)
+        if x.error is not None:
+            computed[task_id] = None
+            return ItemFailure(task_id, self.host.owner, *x.error)
+        keep = finite_nonzero(rows)
+        if not keep.any():
+            computed[task_id] = None
+            return ItemFailure(task_id, self.host.owner, "model", f"none of its {len(rows)} windows could be embedded")
+        spans = np.stack([x.plan.starts, x.plan.ends], axis=1)[keep]
+        rows = np.ascontiguousarray(rows[keep])
+        computed[task_id] = (rows, spans)
+        self.host.remember(x, (rows, spans))
+        return self.host.result(x, rows, spans=spans)
 
 
 class Worker:
@@ -88,15 +393,19 @@ class Worker:
         self.outstanding = 0  # claims loaded and handed to the compute side, not yet sent
         self.outstanding_lock = threading.Lock()
         self.feeder_error: BaseException | None = None
-        self.batch_frames = setup.batch_frames or default_batch_frames(setup.device, setup.batching,
-                                                                     setup.workers_per_device)
-        self.batches = self.batch_items = self.real_frames = self.padded_frames = 0
-        self.recent: OrderedDict[tuple, Any] = OrderedDict()  # vector, or (rows, spans) of a window model
+        batch_frames = setup.batch_frames or default_batch_frames(setup.device, setup.batching, setup.workers_per_device)
         self.cutting = cutting_of(setup.vad, setup.windows)
+        windows = None
         if self.cutting is not None and self.cutting.windowed:
             # made once here, as the fingerprint says; the loader threads share it
-            self.cutting.embedder(encoder, setup.window_mode,
-                                  WINDOW_BATCH_GPU if setup.device.startswith("cuda") else DEFAULT_BATCH)
+            windows = self.cutting.embedder(encoder, setup.window_mode,
+                                            WINDOW_BATCH_GPU if setup.device.startswith("cuda") else DEFAULT_BATCH)
+        self.items = ItemEmbedder(encoder, self.owner, outbox, setup, batch_frames, windows)
+
+    @property
+    def batch_frames(self) -> int:
+        """The frame budget of a batch (claims are sized by it); halved after an out-of-memory."""
+        return self.items.batch_frames
 
     def run(self) -> None:
         lease_thread = threading.Thread(target=self._renew_leases, daemon=True)
@@ -112,7 +421,9 @@ class Worker:
             # sent: freed here, results still in the writer's buffer would be dropped
             self.outbox.finished(self.setup.index, self.owner)
             self.handed_over.set()
-            self.outbox.report(WorkerStats(self.owner, self.batches, self.batch_items, self.real_frames, self.padded_frames))
+            items = self.items
+            self.outbox.report(WorkerStats(self.owner, items.batches, items.batch_items, items.real_frames,
+                                           items.padded_frames))
 
     def _renew_leases(self) -> None:
         # until the worker has handed everything over: claims stay held while the last ones
@@ -198,194 +509,10 @@ class Worker:
                 continue
             slow_compute()
             try:
-                outcomes: list[ItemOutcome] = []
-                good = []
-                for x in loaded:
-                    if x.error is not None:
-                        outcomes.append(ItemFailure(x.task.task_id, self.owner, x.error[0], x.error[1]))
-                    elif x.dup_row is not None:
-                        outcomes.append(self._result(x, None, *x.dup_row))
-                    else:
-                        good.append(x)
-                if outcomes:
-                    self.outbox.results(outcomes)
-                if self.cutting is not None and self.cutting.windowed:
-                    self._embed_windows(good)
-                else:
-                    self._embed_all(good)
+                self.items.embed(loaded)
             finally:
                 with self.outstanding_lock:
                     self.outstanding -= 1
-
-    def _result(self, x: Loaded, vector: np.ndarray | None, row: int | None = None, row_count: int | None = None,
-                spans: np.ndarray | None = None) -> ItemResult:
-        return ItemResult(x.task.task_id, x.task.item_id, self.owner, x.content_hash, x.task.duration, vector, row,
-                          row_count, spans, x.speech)
-
-    def _split_twins(self, good: list[Loaded]) -> tuple[list[Loaded], list[tuple[Loaded, Loaded]], list[tuple[Loaded, Any]]]:
-        """Identical audio is computed once: inside one claim, and across this worker's
-        recent claims whose rows may not be committed yet (no dedup row to point at).
-        Returns (items to compute, (twin, its first) pairs, (item, recent result) pairs)."""
-        first_of: dict[tuple, Loaded] = {}
-        twins: list[tuple[Loaded, Loaded]] = []
-        unique = []
-        known: list[tuple[Loaded, Any]] = []
-        for x in good:
-            key = (x.content_hash, x.task.start, x.task.end)
-            if x.content_hash and key in self.recent:
-                known.append((x, self.recent[key]))
-            elif x.content_hash and key in first_of:
-                twins.append((x, first_of[key]))
-            else:
-                first_of[key] = x
-                unique.append(x)
-        return unique, twins, known
-
-    def _embed_windows(self, good: list[Loaded]) -> None:
-        """A window model's claim: every window of its items embedded in blocks of the
-        embedder's batch (windows of several items share a forward: each window is
-        computed from its own samples only, so its row does not depend on its block);
-        an item's rows are sent once all its windows are done, without the windows that
-        could not be embedded."""
-        embedder = self.cutting.embedder(self.encoder)  # type: ignore[union-attr]
-        unique, twins, known = self._split_twins(good)
-        outcomes: list[ItemOutcome] = [self._result(x, rows, spans=spans) for x, (rows, spans) in known]
-        results: dict[int, tuple[np.ndarray, np.ndarray] | None] = {}
-        eager = [x for x in unique if x.feats is not None]
-        long_items = [x for x in unique if x.feats is None]  # featurised here, block by block
-        for x in eager:
-            x.rows = np.full((len(x.plan), embedder.dim), np.nan, dtype=np.float32)
-        pending = [(x, j) for x in eager for j in range(len(x.plan))]
-        for first in range(0, len(pending), embedder.batch):
-            block = pending[first : first + embedder.batch]
-            try:
-                out = embedder.embed_features([x.feats[j] for x, j in block])
-            except Exception as exc:
-                out = None
-                if _is_oom(exc):
-                    self._after_oom()
-                for x in {id(x): x for x, _ in block}.values():
-                    x.error = ("model", "out of memory" if _is_oom(exc) else f"{type(exc).__name__}: {exc}")
-            if out is not None:
-                for (x, j), row in zip(block, out):
-                    x.rows[j] = row
-            self.batches += 1
-            self.batch_items += len(block)
-            # items whose last window is in this block are complete
-            outcomes += [self._window_outcome(x, results) for x, j in block if j == len(x.plan) - 1]
-            self.outbox.results(outcomes)
-            outcomes = []
-        for x in long_items:
-            x.rows = self._embed_long(embedder, x)
-            self.outbox.results([self._window_outcome(x, results)])
-        if outcomes:
-            self.outbox.results(outcomes)
-        self._send_twins(twins, results)
-
-    def _embed_long(self, embedder: WindowEmbedder, x: Loaded) -> np.ndarray | None:
-        rows = np.full((len(x.plan), embedder.dim), np.nan, dtype=np.float32)
-        try:
-            for first, block in embedder.iter_embed(x.wav, x.plan):
-                rows[first : first + len(block)] = block
-                self.batches += 1
-                self.batch_items += len(block)
-        except Exception as exc:
-            x.error = ("model", "out of memory" if _is_oom(exc) else f"{type(exc).__name__}: {exc}")
-        x.wav = None
-        return rows
-
-    def _window_outcome(self, x: Loaded, results: dict) -> ItemOutcome:
-        """One window item's result (its usable windows) or failure."""
-        rows, x.rows = x.rows, None
-        x.feats = None
-        if x.error is not None:
-            results[x.task.task_id] = None
-            return ItemFailure(x.task.task_id, self.owner, *x.error)
-        keep = finite_nonzero(rows)
-        if not keep.any():
-            results[x.task.task_id] = None
-            return ItemFailure(x.task.task_id, self.owner, "model", f"none of its {len(rows)} windows could be embedded")
-        spans = np.stack([x.plan.starts, x.plan.ends], axis=1)[keep]
-        rows = np.ascontiguousarray(rows[keep])
-        results[x.task.task_id] = (rows, spans)
-        if x.content_hash:
-            self._remember(x, (rows, spans))
-        return self._result(x, rows, spans=spans)
-
-    def _embed_all(self, good: list[Loaded]) -> None:
-        """Embed one claim's loaded items, sending each batch's outcomes as it is done
-        (the writer commits while the rest computes; the first rows land early)."""
-        unique, twins, recent = self._split_twins(good)
-        if recent:
-            self.outbox.results([self._result(x, vector) for x, vector in recent])
-        if self.setup.device_features and unique:
-            feats = self.encoder.device_features([x.wav for x in unique], self.batch_frames)
-            for x, f in zip(unique, feats):
-                x.feats, x.wav = f, None
-        batches, real, padded = plan_batches(unique, self.setup.batching, self.batch_frames, self.setup.max_trim_frames)
-        self.real_frames += real
-        self.padded_frames += padded
-        vectors: dict[int, np.ndarray] = {}
-        todo = list(batches)
-        while todo:
-            batch = todo.pop(0)
-            try:
-                out = np.asarray(self.encoder.embed_batch([x.feats for x in batch]), dtype=np.float32)
-            except Exception as exc:
-                if _is_oom(exc) and len(batch) > 1:
-                    self._after_oom()
-                    half = len(batch) // 2
-                    todo[:0] = [batch[:half], batch[half:]]
-                    continue
-                if len(batch) > 1 and not _is_oom(exc):
-                    # one bad item must not fail its neighbours: retry them one by one
-                    todo[:0] = [[x] for x in batch]
-                    continue
-                reason = "out of memory (even alone)" if _is_oom(exc) else f"{type(exc).__name__}: {exc}"
-                self.outbox.results([ItemFailure(x.task.task_id, self.owner, "model", reason) for x in batch])
-                continue
-            self.batches += 1
-            self.batch_items += len(batch)
-            outcomes: list[ItemOutcome] = []
-            for x, vec, fine in zip(batch, out, finite_nonzero(out)):
-                if fine:
-                    vectors[x.task.task_id] = vec
-                    self._remember(x, vec)
-                    outcomes.append(self._result(x, vec))
-                else:
-                    outcomes.append(ItemFailure(x.task.task_id, self.owner, "model", "non-finite or zero embedding"))
-            self.outbox.results(outcomes)
-        self._send_twins(twins, vectors)
-
-    def _send_twins(self, twins: list[tuple[Loaded, Loaded]], computed: dict[int, Any]) -> None:
-        """Each twin gets what its first computed: a vector, or a window item's (rows,
-        spans); it fails where its first did."""
-        outcomes: list[ItemOutcome] = []
-        for x, first in twins:
-            done = computed.get(first.task.task_id)
-            if done is None:
-                outcomes.append(ItemFailure(x.task.task_id, self.owner, "model", "identical audio failed to embed"))
-            elif isinstance(done, tuple):
-                outcomes.append(self._result(x, done[0], spans=done[1]))
-            else:
-                outcomes.append(self._result(x, done))
-        if outcomes:
-            self.outbox.results(outcomes)
-
-    def _remember(self, x: Loaded, vector: Any) -> None:
-        if x.content_hash:
-            self.recent[(x.content_hash, x.task.start, x.task.end)] = vector
-            if len(self.recent) > RECENT_VECTORS:
-                self.recent.popitem(last=False)
-
-    def _after_oom(self) -> None:
-        self.batch_frames = max(1, self.batch_frames // 2)
-        try:
-            import torch
-
-            torch.cuda.empty_cache()
-        except Exception:
-            pass
 
 
 def worker_main(

@@ -55,6 +55,17 @@ def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         conn.execute("COMMIT")
 
 
+@contextlib.contextmanager
+def read_snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN (deferred) ... COMMIT: every read inside sees one snapshot, so a writer
+    committing meanwhile cannot make two reads disagree. Takes no write lock."""
+    conn.execute("BEGIN")
+    try:
+        yield conn
+    finally:
+        conn.execute("COMMIT")
+
+
 def chunks(values: Sequence[T], size: int = IN_CHUNK) -> Iterator[Sequence[T]]:
     """`values` in slices small enough for one `IN (?, ...)` list."""
     for start in range(0, len(values), size):

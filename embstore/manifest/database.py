@@ -16,6 +16,7 @@ from embstore.arrays.zarr_arrays import ModelArrays
 from embstore.errors import StoreError
 from embstore.manifest import registry
 from embstore.manifest.connection import connect, immediate
+from embstore.manifest.registry import ModelRecord
 from embstore.manifest.schema import migrate
 from embstore.manifest.selection import Selection, select_items
 from embstore.paths import StorePaths
@@ -66,16 +67,16 @@ class Manifest:
 
     # -- models -------------------------------------------------------------------------
 
-    def register_model(self, description: dict[str, Any]) -> sqlite3.Row:
+    def register_model(self, description: dict[str, Any]) -> ModelRecord:
         return registry.register_model(self.conn, description)
 
-    def models(self) -> list[sqlite3.Row]:
+    def models(self) -> list[ModelRecord]:
         return registry.model_rows(self.conn)
 
-    def model_key(self, row: sqlite3.Row) -> str:
+    def model_key(self, row: ModelRecord) -> str:
         return registry.model_key(self.conn, row)
 
-    def resolve_model(self, model: str | None = None, kind: str | None = "item") -> sqlite3.Row:
+    def resolve_model(self, model: str | None = None, kind: str | None = "item") -> ModelRecord:
         """A model by name (see `registry.resolve_model`); `kind` "item", "windows" or None (any)."""
         return registry.resolve_model(self.conn, str(self.path), model, kind)
 
@@ -83,8 +84,8 @@ class Manifest:
     def zarr_path(self) -> Path:
         return self.paths.arrays
 
-    def model_arrays(self, row: sqlite3.Row) -> ModelArrays:
-        return ModelArrays(self.paths.arrays, row["array_path"], row["dim"], spans=row["kind"] == "windows")
+    def model_arrays(self, row: ModelRecord) -> ModelArrays:
+        return ModelArrays(self.paths.arrays, row.array_path, row.dim, spans=row.windowed)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -95,7 +96,7 @@ class Manifest:
         dataset: str | None = None,
         ids: Sequence[str] | None = None,
         kind: str | None = "item",
-    ) -> tuple[sqlite3.Row, list[sqlite3.Row]]:
-        """(model row, rows of `selection.COLUMNS`) of finished, live items, in item order."""
+    ) -> tuple[ModelRecord, list[sqlite3.Row]]:
+        """(model record, rows of `selection.COLUMNS`) of finished, live items, in item order."""
         m = self.resolve_model(model, kind)
-        return m, select_items(self.conn, m["id"], Selection(speaker, dataset, ids))
+        return m, select_items(self.conn, m.id, Selection(speaker, dataset, ids))

@@ -11,6 +11,7 @@ from typing import Any, Iterable
 from embstore.manifest.diarization import diarized_count
 from embstore.manifest import registry
 from embstore.manifest.connection import LIVE_ITEM, scalar, select_in
+from embstore.manifest.registry import ModelRecord
 from embstore.manifest.runs import last_run
 from embstore.manifest.selection import Selection
 from embstore.manifest.tasks import claim_is_live, describe_owner
@@ -43,13 +44,13 @@ def group_reasons(rows: Iterable[tuple[str | None, int]], top: int = 20) -> dict
     return dict(sorted(grouped.items(), key=lambda kv: -kv[1])[:top])
 
 
-def model_progress(conn: sqlite3.Connection, row: sqlite3.Row) -> dict[str, Any]:
+def model_progress(conn: sqlite3.Connection, row: ModelRecord) -> dict[str, Any]:
     """Task counts per state (live items only), failure reasons and the last run of one model."""
     counts: dict[str, Any] = dict.fromkeys(TASK_STATES, 0)
     for state, n in conn.execute(
         "SELECT t.status, count(*) FROM tasks t JOIN items i ON i.id = t.item_id"
         f" WHERE t.model_id = ? AND {LIVE_ITEM} GROUP BY t.status",
-        (row["id"],),
+        (row.id,),
     ):
         counts[state] = n
     # items scanned since the last extract have no task yet: they are pending too
@@ -57,20 +58,20 @@ def model_progress(conn: sqlite3.Connection, row: sqlite3.Row) -> dict[str, Any]
         conn,
         f"SELECT count(*) FROM items i WHERE {LIVE_ITEM} AND NOT EXISTS"
         " (SELECT 1 FROM tasks t WHERE t.item_id = i.id AND t.model_id = ?)",
-        (row["id"],),
+        (row.id,),
     )
-    counts.update({"batching": row["batching"], "dim": row["dim"], "fingerprint": row["fingerprint"], "rows": row["rows"],
-                   "kind": row["kind"]})
-    if row["kind"] == "windows":
-        counts["diarized"] = diarized_count(conn, row["id"])
+    counts.update({"batching": row.batching, "dim": row.dim, "fingerprint": row.fingerprint, "rows": row.rows,
+                   "kind": row.kind})
+    if row.windowed:
+        counts["diarized"] = diarized_count(conn, row.id)
     counts["failures_by_reason"] = group_reasons(conn.execute(
         # live items only, like the counts above: the reasons add up to "failed"
         "SELECT coalesce(t.stage, '?') || ': ' || coalesce(t.error, '?'), count(*) FROM tasks t"
         " JOIN items i ON i.id = t.item_id WHERE t.model_id = ? AND t.status = 'failed'"
         f" AND {LIVE_ITEM} GROUP BY 1 ORDER BY 2 DESC LIMIT 100000",
-        (row["id"],),
+        (row.id,),
     ))
-    last = last_run(conn, row["id"])
+    last = last_run(conn, row.id)
     if last is not None:
         run = json.loads(last["summary"])
         # how the last run batched (masked / equal / any), on what runtime, how well
@@ -101,7 +102,7 @@ def status(conn: sqlite3.Connection, where: str) -> dict[str, Any]:
     return report
 
 
-def errors(conn: sqlite3.Connection, models: list[sqlite3.Row]) -> list[dict[str, Any]]:
+def errors(conn: sqlite3.Connection, models: list[ModelRecord]) -> list[dict[str, Any]]:
     """Failed items of the given models, then files whose header could not be read."""
     out: list[dict[str, Any]] = []
     for m in models:
@@ -110,7 +111,7 @@ def errors(conn: sqlite3.Connection, models: list[sqlite3.Row]) -> list[dict[str
             "SELECT i.uid, r.path AS root, f.path, t.stage, t.error, t.attempts FROM tasks t"
             " JOIN items i ON i.id = t.item_id JOIN files f ON f.id = i.file_id JOIN roots r ON r.id = f.root_id"
             f" WHERE t.model_id = ? AND t.status = 'failed' AND {LIVE_ITEM} ORDER BY i.id",
-            (m["id"],),
+            (m.id,),
         ):
             out.append({
                 "id": r["uid"], "path": os.path.join(r["root"], r["path"]), "stage": r["stage"] or "extract",

@@ -1,4 +1,5 @@
-"""Every statement on `tasks`: one task per (item, model).
+"""Extraction's statements on `tasks`: one task per (item, model). (What queries,
+verify and evaluation read of it is in `reads`.)
 
 Workers take pending tasks in one short BEGIN IMMEDIATE transaction (`claim_batch`),
 holding them under a lease they renew while they work. A lease that runs out, or whose

@@ -44,6 +44,9 @@ class Capabilities:
     onnx_export      `embstore.models.onnx.export_onnx` can export its network
     runtime          where its forward runs: torch, onnxruntime or openvino
     dtypes           compute precisions it accepts
+    packed_windows   `embed_packed_windows(mels)` embeds short windows' mel frames of mixed
+                     lengths in one packed forward, each window over its own frames only
+                     (the "mel" window path of `segments.window_embed`)
     """
 
     batching: str = "equal"
@@ -51,6 +54,7 @@ class Capabilities:
     onnx_export: bool = False
     runtime: str = "torch"
     dtypes: tuple[str, ...] = ("fp32",)
+    packed_windows: bool = False
 
     def __post_init__(self) -> None:
         if self.batching not in BATCHING_MODES:
@@ -97,6 +101,12 @@ class Encoder:
         """Each waveform's features, computed on the model's device in padded passes of
         about `max_frames` feature frames; only when `capabilities.device_features`."""
         raise NotImplementedError(f"{self.name} computes its features on the CPU only")
+
+    def embed_packed_windows(self, mels: Sequence[np.ndarray]) -> np.ndarray:
+        """[len(mels), dim] float32: each window's embedding from its own [frames, mels]
+        matrix (lengths may differ), as a forward of that window alone would give; only
+        when `capabilities.packed_windows`."""
+        raise NotImplementedError(f"{self.name} does not embed packed windows")
 
     def embed_file(self, path: str, start: float | None = None, end: float | None = None) -> np.ndarray:
         raise NotImplementedError

@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from embstore.errors import UnsupportedModel
+
 MaskedAdapter = Callable[[Tensor, Tensor], Tensor]
 
 __all__ = [
@@ -144,10 +146,6 @@ _POINTWISE: tuple[type, ...] = (
     nn.ModuleList,
 )
 _CONVS: tuple[type, ...] = (nn.Conv1d, nn.Conv2d)
-
-
-class UnsupportedModel(Exception):
-    """The model contains something the masked adapter cannot make exact."""
 
 
 def _key(module: nn.Module) -> str:

@@ -38,8 +38,9 @@ from embstore.models.lengths import PartialsLength
 
 class ResemblyzerEncoder(Encoder):
     name = "resemblyzer-ge2e"
-    # fixed 1.6 s partials: items of any lengths batch together exactly
-    capabilities = Capabilities(batching="any", runtime="torch", dtypes=DTYPES)
+    # fixed 1.6 s partials: items of any lengths batch together exactly; its LSTM runs
+    # windows of mixed lengths packed, each over its own frames (window models)
+    capabilities = Capabilities(batching="any", runtime="torch", dtypes=DTYPES, packed_windows=True)
 
     def __init__(self, device: str = "cpu", dtype: str = "fp32", rate: float = 1.3, min_coverage: float = 0.75) -> None:
         import torch
@@ -120,6 +121,31 @@ class ResemblyzerEncoder(Encoder):
         bounds = np.cumsum([0] + counts)
         out = np.stack([self._pool(partials[a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
         return out.astype(np.float32, copy=False)
+
+    def embed_packed_windows(self, mels: Sequence[np.ndarray]) -> np.ndarray:
+        """`VoiceEncoder.forward` of windows of mixed lengths ([frames, 40] mels) in one LSTM call.
+
+        A CPU LSTM costs per time step almost regardless of the batch, so a short window
+        alone costs as much as a whole batch; packed sequences run every window over its
+        own frames only, and the last hidden state of each is exactly what a forward of
+        that window alone gives.
+        """
+        torch = self._torch
+        from torch.nn.utils.rnn import pack_padded_sequence
+
+        if len(mels) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        lengths = torch.tensor([len(m) for m in mels])
+        padded = np.zeros((len(mels), int(lengths.max()), mels[0].shape[1]), dtype=np.float32)
+        for k, m in enumerate(mels):
+            padded[k, : len(m)] = m
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            batch = torch.from_numpy(padded).to(self.model.device)
+            if int(lengths.min()) == int(lengths.max()):
+                rows = self.model(batch)
+            else:  # the LSTM takes the packed sequence; the head reads each one's last state
+                rows = self.model(pack_padded_sequence(batch, lengths, batch_first=True, enforce_sorted=False))
+        return rows.float().cpu().numpy()
 
     def embed_file(self, path: str, start: float | None = None, end: float | None = None) -> np.ndarray:
         mels = self.features(self.load(path, start, end))

@@ -28,9 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from embstore.errors import ItemCutFailed, NoSpeech
 from embstore.models.base import Encoder, variant_fingerprint
 from embstore.vectors import finite_nonzero
-from embstore.segments.vad import NoSpeech, Region, VadConfig, speech_only, speech_regions, vad_config
+from embstore.segments.vad import Region, VadConfig, speech_only, speech_regions, vad_config
 from embstore.segments.window_embed import DEFAULT_BATCH, WindowEmbedder, window_mode
 from embstore.segments.windows import WindowPlan, WindowSpec, parse_window_spec, windows_in_regions
 
@@ -38,15 +39,6 @@ from embstore.segments.windows import WindowPlan, WindowSpec, parse_window_spec,
 # threads; longer ones (a one-hour file is ~4800 windows) are featurised block by block
 # on the compute side, so memory stays flat
 EAGER_WINDOWS = 512
-
-
-class ItemCutFailed(Exception):
-    """An item that cannot be cut: (stage, one-line reason)."""
-
-    def __init__(self, stage: str, reason: str):
-        super().__init__(reason)
-        self.stage = stage
-        self.reason = reason
 
 
 @dataclass
@@ -176,11 +168,10 @@ class Cutting:
         return [wav[a:b] for a, b in bounds[first:stop]]
 
 
-def cutting_of_model(frontend: dict[str, Any] | str | None) -> Cutting | None:
-    """The cutting a model row's rows were made with (its frontend record), or None."""
-    if isinstance(frontend, str) or frontend is None:
-        frontend = json.loads(frontend or "{}")
-    cut = frontend.get("cutting")  # type: ignore[union-attr]
+def cutting_of_model(frontend: dict[str, Any]) -> Cutting | None:
+    """The cutting a model's rows were made with, from its frontend record
+    (`ModelRecord.frontend`), or None for whole items."""
+    cut = frontend.get("cutting")
     if not cut:
         return None
     settings = {k: v for k, v in cut["vad"].items() if k != "model"}

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from embstore.audio.io import resample
-from embstore.errors import EnvironmentProblem
+from embstore.errors import NoSpeech, VadError, VadUnavailable
 
 VAD_METHODS = ("silero", "webrtc", "none")
 SILERO_RATE = 16000
@@ -45,18 +45,6 @@ WEBRTC_RATES = (8000, 16000, 32000, 48000)
 Region = tuple[float, float]
 # silero's `get_speech_timestamps` defaults, for VadConfig(**SILERO_DEFAULTS)
 SILERO_DEFAULTS = {"threshold": 0.5, "min_speech_ms": 250.0, "min_silence_ms": 100.0, "speech_pad_ms": 30.0}
-
-
-class VadError(ValueError):
-    """A VAD that cannot run (unknown method, missing package); one line."""
-
-
-class VadUnavailable(VadError, EnvironmentProblem):
-    """The VAD's package is not installed: the machine's problem, not any item's."""
-
-
-class NoSpeech(ValueError):
-    """An item in which the VAD (or the encoder) finds nothing to embed; says why."""
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,10 @@ Two paths:
   the window would pad it with silence). `gain`: "window" scales each window to
   resemblyzer's -30 dBFS (increase only), as `preprocess_wav` does per utterance;
   "none" keeps the samples as they are. The mel is resemblyzer's
-  (`embstore.models.resemblyzer_frontend`, equal to its `wav_to_mel_spectrogram`); the forward is `VoiceEncoder.forward`, with the short windows
-  packed into the same LSTM call (exact: each window runs over its own frames).
+  (`embstore.models.resemblyzer_frontend`, equal to its `wav_to_mel_spectrogram`); the
+  forward is the encoder's declared `embed_packed_windows` (`Capabilities.packed_windows`):
+  `VoiceEncoder.forward` with the short windows packed into the same LSTM call (exact:
+  each window runs over its own frames).
 - "features": any Encoder: `encoder.features(window samples)` then `embed_batch`,
   batched as the encoder's `batching` allows (equal-length groups for "equal").
   For WeSpeaker models this is WeSpeaker's own per-subsegment fbank + CMN; for
@@ -37,7 +39,6 @@ import numpy as np
 
 from embstore.models import resemblyzer_frontend as rf
 from embstore.models.base import Encoder
-from embstore.models.common import autocast
 from embstore.vectors import finite_nonzero
 from embstore.segments.windows import WindowPlan
 
@@ -76,8 +77,11 @@ class WindowEmbedder:
         runtime = encoder.capabilities.runtime
         if mode == "auto":
             mode = window_mode(frontend, runtime, gain)["mode"]
-        if mode == "mel" and window_mode(frontend, runtime)["mode"] != "mel":
-            raise ValueError(f"window mode 'mel' is Resemblyzer's on torch; {encoder.name} takes 'features'")
+        if mode == "mel" and (window_mode(frontend, runtime)["mode"] != "mel"
+                              or not encoder.capabilities.packed_windows):
+            # the packed forward is declared by the encoder, never reached into
+            raise ValueError(f"window mode 'mel' is Resemblyzer's on torch (an encoder that embeds packed"
+                             f" windows); {encoder.name} takes 'features'")
         self.encoder = encoder
         self.mode = mode
         self.gain = gain
@@ -136,7 +140,7 @@ class WindowEmbedder:
             return out
         present = [feats[i] for i in index]
         if self.mode == "mel":
-            out[index] = self._forward_packed(present)  # type: ignore[arg-type]
+            out[index] = self.encoder.embed_packed_windows(present)  # type: ignore[arg-type]
         elif self.encoder.batching in ("any", "masked"):
             out[index] = self.encoder.embed_batch(present)
         else:
@@ -155,34 +159,6 @@ class WindowEmbedder:
             for i, mel in zip(group, self._mels(np.stack([self._gain(pieces[i]) for i in group]))):
                 out[i] = mel
         return out
-
-    def _forward_packed(self, mels: Sequence[np.ndarray]) -> np.ndarray:
-        """`VoiceEncoder.forward` of windows of mixed lengths in one LSTM call.
-
-        A CPU LSTM costs per time step almost regardless of the batch, so a short window
-        alone costs as much as a whole batch; packed sequences run every window over its
-        own frames only, and the last hidden state of each is exactly what a forward of
-        that window alone gives.
-        """
-        import torch
-        from torch.nn.utils.rnn import pack_padded_sequence
-
-        enc: Any = self.encoder
-        model = enc.model
-        lengths = torch.tensor([len(m) for m in mels])
-        padded = np.zeros((len(mels), int(lengths.max()), mels[0].shape[1]), dtype=np.float32)
-        for k, m in enumerate(mels):
-            padded[k, : len(m)] = m
-        with torch.inference_mode(), autocast(enc.device, enc.dtype):
-            batch = torch.from_numpy(padded).to(model.device)
-            if int(lengths.min()) == int(lengths.max()):
-                rows = model(batch)
-            else:
-                packed = pack_padded_sequence(batch, lengths, batch_first=True, enforce_sorted=False)
-                _, (hidden, _) = model.lstm(packed)
-                raw = model.relu(model.linear(hidden[-1]))
-                rows = raw / torch.norm(raw, dim=1, keepdim=True)
-        return rows.float().cpu().numpy()
 
     def _mels(self, audio: np.ndarray) -> np.ndarray:
         """[B, frames, 40]: resemblyzer's mel spectrogram of each row (`resemblyzer_frontend`,

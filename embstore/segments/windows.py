@@ -24,14 +24,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from embstore.errors import WindowSpecError
+
 DEFAULT_WINDOW = 1.5
 DEFAULT_SHIFT = 0.75
 # float slack when comparing seconds (times are kept at 1 ms resolution)
 _EPS = 1e-6
-
-
-class WindowSpecError(ValueError):
-    """A `--windows` spec that makes no sense; the message is one line."""
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 coordinator  the one process that touches the store: claims, leases, dedup, the writer
 actors       the worker actor (the local worker loop with remote client and outbox)
 nodes        what a worker checks on its node: scan roots, --path-map, naming nodes
-supervisor   the driver: placement, watching actors, lost nodes, replacements, progress
+driver       `RayLauncher`, the run monitor's launcher here: placement, watching actors,
+             lost nodes, replacements
 
 Ray Core actors, not Ray Data: embstore keeps its own scheduler (length-aware claims,
 leases, dedup) and its exactly-once commit. Nothing in this package imports Ray at

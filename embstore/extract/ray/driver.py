@@ -13,17 +13,16 @@ one per node, each taking the node's CPUs). It watches every actor's calls:
 - either way a replacement starts where the cluster has the resources for one.
 
 A driver that crashes takes its actors with it (Ray kills what a dead owner created);
-the next run frees their claims at once (`tasks.ray_run_is_gone`). One progress bar
-counts the whole cluster; the run's summary, and so `status`, keeps its workers per node.
+the next run frees their claims at once (`tasks.ray_run_is_gone`). The run monitor
+(`extract/monitor.py`) drives `RayLauncher` as it drives local processes: one progress
+bar counts the whole cluster, Ctrl-C stops it cleanly; the run's summary, and so
+`status`, keeps its workers per node.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import signal
-import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,11 +32,12 @@ from embstore.extract.ray.actors import remote_classes
 from embstore.extract.ray.coordinator import store_identity
 from embstore.extract.ray.nodes import node_name
 from embstore.extract.messages import (
-    WorkerDied, WorkerDone, WorkerFailed, WorkerFinished, WorkerJoined, WorkerSetup,
+    WorkerDied, WorkerDone, WorkerFailed, WorkerFinished, WorkerJoined, WorkerSetup, WriterFailed,
 )
+from embstore.extract.monitor import Report, monitored_extraction
 from embstore.extract.options import ExtractOptions
+from embstore.extract.plan import ExtractionPlan, worker_setup
 from embstore.extract.summary import ExtractSummary
-from embstore.extract.supervisor import RunProcesses, run_extraction
 from embstore.manifest import tasks
 from embstore.manifest.database import Manifest
 
@@ -46,10 +46,11 @@ CLAIM_ITEMS = {"cpu": 256, "gpu": 512}  # a claim's items, before the end-of-run
 
 
 def run_ray_extraction(manifest: Manifest, options: ExtractOptions) -> ExtractSummary:
-    """`Store.extract(ray=...)`: connect to the cluster, then run as `run_extraction` does."""
+    """`Store.extract(ray=...)`: connect to the cluster, then run as a local run does
+    (`monitor.monitored_extraction`), with the cluster's workers (`RayLauncher`)."""
     connected = connect(options.ray or "auto")
     try:
-        return run_extraction(manifest, options, runner=RayRun)
+        return monitored_extraction(manifest, options, RayLauncher)
     finally:
         if connected:
             import ray
@@ -104,26 +105,51 @@ class NodeTally:
         return {"workers": self.workers, "devices": dict(sorted(self.devices.items())), "lost": self.lost}
 
 
-class RayRun(RunProcesses):
-    """One cluster run: the coordinator, the worker actors, and the driver watching them.
-    Reports fold into the summary as in a local run (`RunProcesses.handle`)."""
+def cluster_setup(plan: ExtractionPlan, options: ExtractOptions, kind: str, workers: int, index: int,
+                  threads: int) -> WorkerSetup:
+    """A worker actor's setup, as the driver knows it: "gpu" or "cpu" (`kind`) among
+    `workers` actors. Its node settles the rest before its first claim (which GPU, batch
+    frames from that GPU's memory, the model's path there, features on the device:
+    `WorkerActor.start`)."""
+    # claims small enough near the end for every worker to get a share
+    share = max(1, math.ceil(plan.left / (4 * max(workers, 1))))
+    return worker_setup(
+        plan, options, device="cuda" if kind == "gpu" else "cpu", batch_frames=options.batch_frames or None,
+        claim_items=min(CLAIM_ITEMS[kind], share), loader_workers=options.loader_workers or (6 if kind == "gpu" else 2),
+        threads=threads, index=index,
+    )
 
-    def __init__(self, manifest: Manifest, plan: Any, options: ExtractOptions, summary: ExtractSummary):
-        super().__init__(manifest, plan, options, summary)
-        self.stop_event = threading.Event()
+
+class RayLauncher:
+    """The launcher of a cluster round (a `monitor.Launcher`): the coordinator actor on
+    this node, the worker actors across the cluster, replacements for lost ones."""
+
+    def __init__(self, manifest: Manifest, plan: ExtractionPlan, options: ExtractOptions, run_id: int):
+        self.manifest = manifest
+        self.plan = plan
+        self.options = options
+        self.run_id = run_id
+        self.ray: Any = None  # the module, imported by `start` (never at import: `embstore --help`)
+        self.coordinator: Any = None
+        self.worker_class: Any = None
+        self.report: Report = lambda message: None
+        self.kind = "cpu"
+        self.placed = 0  # worker actors placed at the start: claims are sized by it
         self.slots: list[Slot] = []
         self.nodes: dict[str, NodeTally] = {}
         self.replacements_left = 0
         self.wanted = 0  # replacements to start once the cluster has room
         self.lost_with_node = self.lost_alone = 0
-        self.stopping = False
+        # asked to stop (from the SIGINT handler: a flag only, `step` tells the actors)
+        self.stop_asked = self.stopping = self.killed = False
         # actor names: unique per run, also across stores sharing the cluster
-        self.token = f"{tasks.HOST}-{summary.run_id}-{uuid.uuid4().hex[:8]}"
+        self.token = f"{tasks.HOST}-{run_id}-{uuid.uuid4().hex[:8]}"
 
     # -- placement ------------------------------------------------------------------
 
-    def _placements(self, ray: Any) -> tuple[str, list[dict[str, Any]]]:
+    def _placements(self) -> tuple[str, list[dict[str, Any]]]:
         """("gpu" | "cpu", actor options per worker)."""
+        ray = self.ray
         if self.options.workers:
             cpus = self.options.threads or 1
             return "cpu", [{"num_cpus": cpus, "scheduling_strategy": "SPREAD"}] * self.options.workers
@@ -139,95 +165,118 @@ class RayRun(RunProcesses):
             for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1
         ]
 
-    def _setup(self, kind: str, n: int) -> WorkerSetup:
-        base: WorkerSetup = self.setups[0]
-        # claims small enough near the end for every worker to get a share
-        share = max(1, math.ceil(self.plan.left / (4 * max(n, 1))))
-        return dataclasses.replace(
-            base, device="cuda" if kind == "gpu" else "cpu", batch_frames=self.options.batch_frames or 0,
-            claim_items=min(CLAIM_ITEMS[kind], share),
-            loader_workers=self.options.loader_workers or (6 if kind == "gpu" else 2),
-            device_features=False,
-        )
+    def _setup(self, index: int, actor_options: dict[str, Any]) -> WorkerSetup:
+        threads = self.options.threads or actor_options.get("num_cpus", 1)
+        return cluster_setup(self.plan, self.options, self.kind, self.placed, index, threads)
 
-    def _start_actor(self, ray: Any, options: dict[str, Any]) -> None:
+    def _start_actor(self, actor_options: dict[str, Any]) -> None:
         index = len(self.slots)
-        threads = self.options.threads or options.get("num_cpus", 1)
-        setup = dataclasses.replace(self.template, index=index, threads=threads)
-        actor = self.Worker.options(**options, name=f"embstore-{self.token}-worker-{index}").remote(
-            setup, self.coordinator, self.summary.run_id, self.options.path_pairs(), self.options.features
+        actor = self.worker_class.options(**actor_options, name=f"embstore-{self.token}-worker-{index}").remote(
+            self._setup(index, actor_options), self.coordinator, self.run_id, self.options.path_pairs(),
+            self.options.features,
         )
-        slot = Slot(index, actor, options)
+        slot = Slot(index, actor, actor_options)
         slot.ref = actor.start.remote()
         self.slots.append(slot)
 
-    # -- the run --------------------------------------------------------------------
+    # -- the round, as the monitor drives it ------------------------------------------
 
-    def run(self) -> None:
+    def start(self, report: Report) -> str | None:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        Coordinator, self.Worker = remote_classes()
+        self.ray, self.report = ray, report
+        self.kind, placements = self._placements()
+        if not placements:
+            return "the Ray cluster has no node with a CPU or GPU to work on"
+        self.placed = len(placements)
+        coordinator_class, self.worker_class = remote_classes()
         here = ray.get_runtime_context().get_node_id()
         store_path = str(self.manifest.path)
-        self.coordinator = Coordinator.options(
+        self.coordinator = coordinator_class.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
             name=f"embstore-{self.token}-coordinator",
-        ).remote(store_path, store_identity(store_path), self.plan.model_id, self.summary.run_id,
-                 self.options.lease_seconds, self.setups[0].claim_order, self.options.limit)
-        kind, placements = self._placements(ray)
-        if not placements:
-            self.summary.error = "the Ray cluster has no node with a CPU or GPU to work on"
-            return
-        self.template = self._setup(kind, len(placements))
+        ).remote(store_path, store_identity(store_path), self.plan.model_id, self.run_id,
+                 self.options.lease_seconds, self._setup(0, placements[0]).claim_order, self.options.limit)
         self.replacements_left = 2 * len(placements) + 2
-        for options in placements:
-            self._start_actor(ray, options)
-        self.open_bar()
-        on_main = threading.current_thread() is threading.main_thread()
-        original_sigint = signal.getsignal(signal.SIGINT)
-        if on_main:
-            signal.signal(signal.SIGINT, self._on_sigint)
+        for actor_options in placements:
+            self._start_actor(actor_options)
+        return None
+
+    def step(self) -> bool:
+        live = {s.ref: s for s in self.slots if s.phase != "done"}
+        if not live and not (self.wanted and self.replacements_left and self._room()):
+            return False
+        if live:
+            ready, _ = self.ray.wait(list(live), num_returns=1, timeout=POLL_SECONDS)
+            if ready:
+                ready, _ = self.ray.wait(list(live), num_returns=len(live), timeout=0)
+            for ref in ready:
+                self._settle(live[ref], ref)
+        self._poll()
+        if self.stop_asked and not self.stopping:
+            self.stopping = True
+            self.wanted = 0
+            for s in self.slots:
+                if s.phase != "done":
+                    s.actor.stop.remote()
+        self._replace()
+        return True
+
+    def stop(self, failing: bool) -> None:
+        self.stop_asked = True
+
+    def kill(self) -> None:
+        self.killed = True
+        for s in self.slots:
+            if s.phase != "done":
+                self.ray.kill(s.actor)
+
+    def close(self) -> None:
+        if self.ray is None:
+            return
+        for s in self.slots:
+            if s.phase != "done":
+                self.ray.kill(s.actor)
+        if self.coordinator is None:
+            return
         try:
-            self._watch(ray)
+            progress = self.ray.get(self.coordinator.close.remote(f"ray:%:{self.run_id}"))
+        except Exception as exc:  # the coordinator is gone: leases and the next run free its claims
+            self.report(WriterFailed(f"the coordinator failed: {_first_line(exc)}"))
+            return
         finally:
-            if on_main:
-                signal.signal(signal.SIGINT, original_sigint)
-            self._close(ray)
-            if self.bar is not None:
-                self.bar.close()
-        self._conclude_cluster()
+            self.ray.kill(self.coordinator)
+        for message in progress.written:
+            self.report(message)
+        if progress.finished is not None:
+            self.report(progress.finished)
 
-    def _watch(self, ray: Any) -> None:
-        while True:
-            live = {s.ref: s for s in self.slots if s.phase != "done"}
-            if not live and not (self.wanted and self._room(ray)):
-                return
-            if live:
-                ready, _ = ray.wait(list(live), num_returns=1, timeout=POLL_SECONDS)
-                if ready:
-                    ready, _ = ray.wait(list(live), num_returns=len(live), timeout=0)
-                for ref in ready:
-                    self._settle(ray, live[ref], ref)
-            self._poll(ray)
-            if self.stop_event.is_set() and not self.stopping:
-                self.stopping = True
-                self.wanted = 0
-                for s in self.slots:
-                    if s.phase != "done":
-                        s.actor.stop.remote()
-            self._replace(ray)
+    def losses(self) -> str | None:
+        lost = self.lost_with_node + self.lost_alone
+        if not lost:
+            return None
+        return f"{lost} worker(s) lost ({self.lost_with_node} with their node; no room left to replace them)"
 
-    def _settle(self, ray: Any, slot: Slot, ref: Any) -> None:
+    def conclude(self, summary: ExtractSummary) -> None:
+        """The workers that joined, and where: the summary's, and so `status`'s."""
+        joined = [s.joined for s in self.slots if s.joined is not None]
+        summary.workers = len(joined)
+        summary.devices = [j.device for j in joined]
+        summary.workers_per_node = {name: tally.as_dict() for name, tally in sorted(self.nodes.items())}
+
+    # -- inside -----------------------------------------------------------------------
+
+    def _settle(self, slot: Slot, ref: Any) -> None:
         from ray.exceptions import RayActorError, RayTaskError
 
         try:
-            value = ray.get(ref)
+            value = self.ray.get(ref)
         except RayActorError as exc:
-            self._lost(ray, slot, exc)
+            self._lost(slot, exc)
             return
         except RayTaskError as exc:  # a bug, not a death: the actor lives and says why
-            self.worker_errors.append(f"{self._where(slot)}: {str(exc).strip().splitlines()[-1]}")
+            self.report(WorkerFailed(self._owner(slot), f"{self._where(slot)}: {str(exc).strip().splitlines()[-1]}"))
             self._finish(slot)
             return
         if isinstance(value, WorkerJoined):
@@ -237,58 +286,64 @@ class RayRun(RunProcesses):
             tally.devices[value.device] = tally.devices.get(value.device, 0) + 1
             slot.phase, slot.ref = "run", slot.actor.run.remote()
         elif isinstance(value, WorkerFailed):  # refused (fingerprint, roots): no replacement
-            self.worker_errors.append(value.error)
+            self.report(value)
             self._finish(slot)
         elif isinstance(value, WorkerDone):
             for report in value.reports:
-                self.handle(report)
+                self.report(report)
             self._finish(slot)
 
     def _finish(self, slot: Slot) -> None:
-        import ray
-
         if slot.joined is not None and slot.phase == "run":
             # whatever it still holds goes back (its own outbox did so unless it failed)
-            ray.get(self.coordinator.finished.remote(WorkerFinished(slot.index, slot.joined.owner)))
+            self.ray.get(self.coordinator.finished.remote(WorkerFinished(slot.index, slot.joined.owner)))
         slot.phase = "done"
-        ray.kill(slot.actor)
+        self.ray.kill(slot.actor)
+
+    def _owner(self, slot: Slot) -> str:
+        return slot.joined.owner if slot.joined else f"worker {slot.index}"
 
     def _where(self, slot: Slot) -> str:
         return node_name(slot.joined.node_id, slot.joined.node_ip) if slot.joined else f"worker {slot.index}"
 
-    def _lost(self, ray: Any, slot: Slot, exc: BaseException) -> None:
+    def _lost(self, slot: Slot, exc: BaseException) -> None:
         """An actor is gone: free what it held at once; blame its items only when its
-        process died on a node that lives on. A lost node (or network) shows first as
-        ActorUnavailableError, seconds before Ray declares the node dead: not the items'
-        fault either way."""
+        process died on a node that lives on, and not by our hand (a second Ctrl-C). A
+        lost node (or network) shows first as ActorUnavailableError, seconds before Ray
+        declares the node dead: not the items' fault either way."""
         from ray.exceptions import ActorDiedError
 
+        ray = self.ray
         slot.phase, slot.lost = "done", True
         # given up on: should an unreachable one come back, it must not claim more
         # (its late results would be dropped at commit anyway: we freed its claims)
         ray.kill(slot.actor)
         joined = slot.joined
-        node_alive = isinstance(exc, ActorDiedError) and joined is not None and any(
-            n["NodeID"] == joined.node_id and n["Alive"] for n in ray.nodes()
-        )
         if joined is not None:
-            where = node_name(joined.node_id, joined.node_ip)
-            self.nodes[where].lost += 1
-            if node_alive:
-                self.lost_alone += 1
-                reason = f"worker on {where} died ({_first_line(exc)})"
+            blamed = not self.killed and isinstance(exc, ActorDiedError) and any(
+                n["NodeID"] == joined.node_id and n["Alive"] for n in ray.nodes())
+            if not self.killed:
+                self._tally_loss(joined, alone=blamed)
+            if blamed:
+                reason = f"worker on {node_name(joined.node_id, joined.node_ip)} died ({_first_line(exc)})"
                 ray.get(self.coordinator.died.remote(WorkerDied(slot.index, joined.owner, joined.owner, reason)))
             else:
-                self.lost_with_node += 1
                 ray.get(self.coordinator.finished.remote(WorkerFinished(slot.index, joined.owner)))
         if not self.stopping and self.replacements_left > 0:
             self.wanted += 1
 
-    def _room(self, ray: Any) -> bool:
+    def _tally_loss(self, joined: WorkerJoined, alone: bool) -> None:
+        self.nodes[node_name(joined.node_id, joined.node_ip)].lost += 1
+        if alone:
+            self.lost_alone += 1
+        else:
+            self.lost_with_node += 1
+
+    def _room(self) -> bool:
         """Whether the live nodes have a GPU (or CPU) that no worker of this run holds:
         counted from the nodes Ray says are alive, not from its resource view, which
         keeps a lost node's GPUs for a while."""
-        alive = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+        alive = [n["Resources"] for n in self.ray.nodes() if n["Alive"]]
         live = [s.options for s in self.slots if s.phase != "done"]
         need = self._replacement_options()
         for key, option in (("GPU", "num_gpus"), ("CPU", "num_cpus")):
@@ -303,64 +358,22 @@ class RayRun(RunProcesses):
             options.update(num_cpus=1, scheduling_strategy="SPREAD")
         return options
 
-    def _replace(self, ray: Any) -> None:
+    def _replace(self) -> None:
         if not self.wanted or self.stopping:
             return
         left, _ = tasks.pending_summary(self.manifest.conn, self.plan.model_id)
         if not left:
             self.wanted = 0
             return
-        while self.wanted and self.replacements_left and self._room(ray):
+        while self.wanted and self.replacements_left and self._room():
             self.wanted -= 1
             self.replacements_left -= 1
-            self._start_actor(ray, self._replacement_options())
+            self._start_actor(self._replacement_options())
 
-    def _poll(self, ray: Any) -> None:
-        progress = ray.get(self.coordinator.poll.remote())
+    def _poll(self) -> None:
+        progress = self.ray.get(self.coordinator.poll.remote())
         for message in progress.written:
-            self.handle(message)
-
-    def _close(self, ray: Any) -> None:
-        for s in self.slots:
-            if s.phase != "done":
-                ray.kill(s.actor)
-        try:
-            progress = ray.get(self.coordinator.close.remote(f"ray:%:{self.summary.run_id}"))
-        except Exception as exc:  # the coordinator is gone: leases and the next run free its claims
-            if not self.summary.error:
-                self.summary.error = f"the coordinator failed: {_first_line(exc)}"
-            return
-        finally:
-            ray.kill(self.coordinator)
-        for message in progress.written:
-            self.handle(message)
-        if progress.finished is not None:
-            self.handle(progress.finished)
-
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        import ray
-
-        self.interrupts += 1
-        self.summary.interrupted = True
-        self.stop_event.set()
-        if self.interrupts > 1:
-            for s in self.slots:
-                if s.phase != "done":
-                    ray.kill(s.actor)
-
-    def _conclude_cluster(self) -> None:
-        summary = self.summary
-        self.conclude_workers()
-        joined = [s.joined for s in self.slots if s.joined is not None]
-        summary.workers = len(joined)
-        summary.devices = [j.device for j in joined]
-        summary.workers_per_node = {name: tally.as_dict() for name, tally in sorted(self.nodes.items())}
-        lost = self.lost_with_node + self.lost_alone
-        if lost and not summary.error and not summary.interrupted:
-            left, _ = tasks.pending_summary(self.manifest.conn, self.plan.model_id)
-            if left:
-                summary.error = (f"{lost} worker(s) lost ({self.lost_with_node} with their node) with {left} items "
-                                 "left and no room for replacements; run again")
+            self.report(message)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -368,4 +381,4 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-__all__ = ["run_ray_extraction", "connect", "RayRun"]
+__all__ = ["run_ray_extraction", "connect", "RayLauncher", "cluster_setup"]
