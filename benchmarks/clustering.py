@@ -190,7 +190,7 @@ def store_child(path: str) -> dict:
     seconds = time.perf_counter() - t
     rss.stop()
     anon.stop()
-    labelled = st.query("SELECT count(*) FROM items WHERE cluster IS NOT NULL")[0][0]
+    labelled = st.manifest.query("SELECT count(*) FROM items WHERE cluster IS NOT NULL")[0][0]
     st.close()
     return {
         "items": report["items"], "clustered": report["clustered"], "labelled_in_store": labelled,

@@ -344,7 +344,7 @@ def reference_of(store: Path, root: Path, work: Path, model: str | None, windows
         clean = embstore.open(work / "clean-store")
         clean.scan([root])
         summary = clean.extract(model=model, windows=windows, vad=vad, progress=False)
-        out = {uid: clean.windows(uid, summary.model) for (uid,) in clean.query(
+        out = {uid: clean.windows(uid, model=summary.model) for (uid,) in clean.manifest.query(
             "SELECT i.uid FROM items i JOIN tasks t ON t.item_id = i.id WHERE t.status = 'done'")}
         clean.close()
         return out, "a clean run"
@@ -352,7 +352,7 @@ def reference_of(store: Path, root: Path, work: Path, model: str | None, windows
 
     st = embstore.open(store)
     spec = st.models()[0]["spec"]
-    items = st.query("SELECT i.uid, r.path AS root, f.path FROM items i JOIN files f ON f.id = i.file_id"
+    items = st.manifest.query("SELECT i.uid, r.path AS root, f.path FROM items i JOIN files f ON f.id = i.file_id"
                      " JOIN roots r ON r.id = f.root_id WHERE i.removed = 0")
     st.close()
     encoder = load(spec)
@@ -366,7 +366,7 @@ def check_store(store: Path, reference: dict[str, Any], windowed: bool) -> dict[
 
     st = embstore.open(store, create=False)
     try:
-        tasks = st.query(
+        tasks = st.manifest.query(
             "SELECT i.uid, t.status, t.row, coalesce(t.row_count, 1) AS n FROM items i LEFT JOIN tasks t"
             " ON t.item_id = i.id WHERE i.removed = 0"
         )
@@ -384,7 +384,7 @@ def check_store(store: Path, reference: dict[str, Any], windowed: bool) -> dict[
             for uid, (starts, ends, rows) in reference.items():
                 if uid in missing:
                     continue
-                got = st.windows(uid, key)
+                got = st.windows(uid, model=key)
                 if not (np.array_equal(got[0], starts) and np.array_equal(got[1], ends)):
                     cosines.append(-1.0)
                     continue
@@ -395,9 +395,9 @@ def check_store(store: Path, reference: dict[str, Any], windowed: bool) -> dict[
                 if uid in reference:
                     cosines.append(float(cosine_rows(vector[None], reference[uid][None])[0]))
         verify = st.verify()
-        blamed = st.query("SELECT count(*) FROM tasks WHERE suspect = 1 OR crashed_workers IS NOT NULL")[0][0]
-        crash_failed = st.query("SELECT count(*) FROM tasks WHERE stage = 'crash'")[0][0]
-        runs = {s: n for s, n in st.query("SELECT status, count(*) FROM runs GROUP BY status")}
+        blamed = st.manifest.query("SELECT count(*) FROM tasks WHERE suspect = 1 OR crashed_workers IS NOT NULL")[0][0]
+        crash_failed = st.manifest.query("SELECT count(*) FROM tasks WHERE stage = 'crash'")[0][0]
+        runs = {s: n for s, n in st.manifest.query("SELECT status, count(*) FROM runs GROUP BY status")}
         result = {
             "done": len(spans),
             "not_done": not_done[:20],

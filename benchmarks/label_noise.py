@@ -40,7 +40,7 @@ def ready_store(path: Path):
 
 
 def one_trial(st, rng: np.random.Generator, fraction: float, ks: list[int]) -> dict:
-    items = st.query("SELECT uid, speaker FROM items WHERE removed = 0 ORDER BY uid")
+    items = st.manifest.query("SELECT uid, speaker FROM items WHERE removed = 0 ORDER BY uid")
     speakers = sorted({r["speaker"] for r in items})
     n = max(1, round(fraction * len(items)))
     chosen = rng.choice(len(items), n, replace=False)
@@ -49,11 +49,11 @@ def one_trial(st, rng: np.random.Generator, fraction: float, ks: list[int]) -> d
         true = items[k]["speaker"]
         planted[items[k]["uid"]] = (true, str(rng.choice([s for s in speakers if s != true])))
     try:
-        with st.write() as conn:
+        with st.manifest.write() as conn:
             conn.executemany("UPDATE items SET speaker = ? WHERE uid = ?", [(w, u) for u, (_, w) in planted.items()])
         ranked = st.outliers(top=max(ks))
     finally:
-        with st.write() as conn:
+        with st.manifest.write() as conn:
             conn.executemany("UPDATE items SET speaker = ? WHERE uid = ?", [(t, u) for u, (t, _) in planted.items()])
     out = {"planted": n}
     for k in ks:
@@ -85,7 +85,7 @@ def main() -> None:
     runs = [one_trial(st, rng, args.fraction, ks) for _ in range(args.trials)]
     seconds = time.perf_counter() - started
     results = {
-        "items": items, "speakers": st.status()["speakers"], "model": st.model_key(st.models()[0]),
+        "items": items, "speakers": st.status()["speakers"], "model": st.manifest.model_key(st.models()[0]),
         "fraction": args.fraction, "planted_per_trial": n, "trials": args.trials,
         "mean": {key: round(float(np.mean([r[key] for r in runs])), 3) for key in runs[0] if key != "planted"},
         "min": {key: round(float(np.min([r[key] for r in runs])), 3) for key in runs[0] if key != "planted"},

@@ -37,7 +37,7 @@ def speaker_of(index: int, per_speaker: int) -> str:
 def build(path: Path, rows: int, dim: int, per_speaker: int, seed: int = 0):
     """A store holding `rows` done items of one synthetic model (reused if already built)."""
     st = embstore.open(path)
-    model = st.register_model(fake_model_description(dim, name="synthetic"))
+    model = st.manifest.register_model(fake_model_description(dim, name="synthetic"))
     if model["rows"] == rows:
         return st
     if model["rows"]:
@@ -46,8 +46,8 @@ def build(path: Path, rows: int, dim: int, per_speaker: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     speakers = (rows + per_speaker - 1) // per_speaker
     centres = rng.standard_normal((speakers, dim), dtype=np.float32)
-    arrays = st.model_arrays(model)
-    with st.write() as conn:
+    arrays = st.manifest.model_arrays(model)
+    with st.manifest.write() as conn:
         root_id = conn.execute(
             "INSERT INTO roots (kind, path, layout, created_at, scanned_at) VALUES ('tree', ?, 'dataset', ?, ?)",
             (str(path / "audio"), now, now),
@@ -63,7 +63,7 @@ def build(path: Path, rows: int, dim: int, per_speaker: int, seed: int = 0):
                           "PCM_16", "ok", now))
             items.append((i + 1, rel[:-4], i + 1, "vox", spk, 4.0))
             tasks.append((i + 1, model["id"], 398, i, time.time()))
-        with st.write() as conn:
+        with st.manifest.write() as conn:
             conn.executemany(
                 "INSERT INTO files (id, root_id, dir, path, dataset, speaker, size, mtime_ns, sample_rate, channels,"
                 " frames, duration, subtype, status, scanned_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", files)
@@ -75,7 +75,7 @@ def build(path: Path, rows: int, dim: int, per_speaker: int, seed: int = 0):
         spk_idx = np.arange(start, stop) // per_speaker
         vectors = centres[spk_idx] + 0.5 * rng.standard_normal((stop - start, dim), dtype=np.float32)
         arrays.write_rows(start, vectors, np.arange(start + 1, stop + 1, dtype=np.int64))
-        with st.write() as conn:
+        with st.manifest.write() as conn:
             conn.execute("UPDATE models SET rows = ? WHERE id = ?", (stop, model["id"]))
         print(f"\rbuilt {stop}/{rows} rows", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)

@@ -48,7 +48,7 @@ def build_store(path: Path, items: int, dim: int) -> int:
     shutil.rmtree(path, ignore_errors=True)
     st = embstore.open(path)
     now = utcnow()
-    with st.write() as conn:
+    with st.manifest.write() as conn:
         root = conn.execute(
             "INSERT INTO roots (kind, path, layout, created_at) VALUES ('tree', '/bench', 'speaker', ?)", (now,)
         ).lastrowid
@@ -63,8 +63,8 @@ def build_store(path: Path, items: int, dim: int) -> int:
             ((i + 1, f"ds/spk{i // 100}/{i}", i + 1, f"spk{i // 100}") for i in range(items)),
         )
     encoder = NullEncoder(dim)
-    model = st.register_model(encoder.describe())
-    tasks.refresh_tasks(st.conn, model["id"], encoder.feature_length, encoder.sample_rate)
+    model = st.manifest.register_model(encoder.describe())
+    tasks.refresh_tasks(st.manifest.conn, model["id"], encoder.feature_length, encoder.sample_rate)
     st.close()
     return int(model["id"])
 
@@ -176,7 +176,7 @@ def run_cluster(store: Path, model_id: int, claim: int, dim: int, on_head: bool 
     from embstore.manifest import runs
 
     st = embstore.open(store)
-    run_id = runs.start_run(st.conn, model_id, {"benchmark": "ray_scale"})
+    run_id = runs.start_run(st.manifest.conn, model_id, {"benchmark": "ray_scale"})
     Coordinator, _ = remote_classes()
     head = ray.get_runtime_context().get_node_id()
     coordinator = Coordinator.options(scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote(
@@ -194,7 +194,7 @@ def run_cluster(store: Path, model_id: int, claim: int, dim: int, on_head: bool 
     results = ray.get([f.run.remote(claim, dim) for f in feeders])
     closed: CoordinatorProgress = ray.get(coordinator.close.remote(f"ray:%:{run_id}"))
     seconds = time.monotonic() - started
-    runs.end_run(st.conn, run_id, "finished", {"done": closed.finished.done})
+    runs.end_run(st.manifest.conn, run_id, "finished", {"done": closed.finished.done})
     verify = st.verify()
     st.close()
     done = closed.finished.done

@@ -70,8 +70,8 @@ def nothing_to_do_at_scale(store: str) -> float:
 
     encoder = load("resemblyzer")
     with embstore.open(store) as st:
-        model = st.register_model(encoder.describe())
-        with st.write() as conn:
+        model = st.manifest.register_model(encoder.describe())
+        with st.manifest.write() as conn:
             conn.execute(
                 "INSERT OR IGNORE INTO tasks (item_id, model_id, status, length, row)"
                 " SELECT id, ?, 'done', 0, id - 1 FROM items WHERE removed = 0",

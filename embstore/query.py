@@ -252,18 +252,18 @@ def similar(
 def embed_audio(store: Manifest, model: ModelRecord, path: str | os.PathLike) -> np.ndarray:
     """Embed one file with the model the store recorded (same spec, same fingerprint, cut
     the same way: `extract.reference`). For a cut model (speech only, windows): the mean
-    of its rows made unit."""
+    of its vectors made unit."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such audio file")
     try:
-        rows = embed_as_stored(model, path)
+        vectors = embed_as_stored(model, path)
     except ItemCutFailed as exc:
         raise StoreError(f"{path}: {exc.reason}") from None
     if model.cutting is None:
-        return rows[0]
-    if not len(rows):
+        return vectors[0]
+    if not len(vectors):
         raise StoreError(f"{path}: none of its windows could be embedded")
-    return l2_normalise(rows).mean(axis=0)
+    return l2_normalise(vectors).mean(axis=0)
 
 
 def _top_rows(source: UnitRows, query: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -315,13 +315,13 @@ def _windows_at_rows(
 ) -> list[dict[str, Any]]:
     """Windows of live items at the given rows of a window model: id, speaker, dataset,
     path, start, end, score (one entry per item sharing the row through dedup)."""
-    spans = store.model_arrays(model)
+    arrays = store.model_arrays(model)
     out = []
     for row, score in zip(rows.tolist(), scores.tolist()):
         owners = reads.window_owners(store.conn, model.id, row)
         if not owners:
             continue
-        start, end = (float(x) for x in spans.read_spans(row, row + 1)[0])
+        start, end = (float(x) for x in arrays.read_spans(row, row + 1)[0])
         out += [
             {"id": o["uid"], "speaker": o["speaker"], "dataset": o["dataset"], "path": os.path.join(o["root"], o["path"]),
              "start": round(start, 3), "end": round(end, 3), "window": row - o["row"], "score": score}

@@ -1,24 +1,38 @@
 """The front door: `embstore.open(path)` gives a `Store`.
 
-A `Store` is the store's `Manifest` (SQLite + its arrays) with every capability of the
+A `Store` holds the store's `Manifest` (`store.manifest`: SQLite, the model registry and
+the arrays; the plumbing the library works on) and offers every capability of the
 library as a method that delegates downward: scanning, extraction, status, queries,
 scoring, exports, verification. Nothing in the library imports this module.
+
+The API's rules: positional arguments are what a method works on (roots, trial lists,
+an output folder, an item id); everything else is keyword-only. Methods with many
+options take them as `**options`, checked by their option object (`ExtractOptions`,
+`ScanOptions`, `ScoreOptions`, `ReportOptions`, `ExportOptions`, `OutlierOptions`), so a
+misspelled name is a one-line `StoreError`. Results are `embstore.api.Report`s
+(`as_dict()` is their JSON) or plain data (ids, vectors, rows of dicts).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from embstore.api import options_from
 from embstore.errors import StoreError
 from embstore.manifest import reports
 from embstore.manifest.database import Manifest
 
 if TYPE_CHECKING:
+    from embstore.eval.report import HtmlReport
+    from embstore.export.files import MatrixExport
     from embstore.export.pkl import ExportReport
     from embstore.extract.summary import ExtractSummary
+    from embstore.manifest.registry import ModelRecord
     from embstore.scan.sync import ScanReport
     from embstore.verify import VerifyReport
 
@@ -26,20 +40,43 @@ if TYPE_CHECKING:
 # its own imports only (`embstore extract` starts ~0.3 s sooner than with all of them).
 
 
-class Store(Manifest):
-    """Open with `embstore.open(path)`; creates or upgrades the store as needed."""
+class Store(contextlib.AbstractContextManager):
+    """Open with `embstore.open(path)`; creates (`create`) or upgrades the store as needed."""
+
+    def __init__(self, path: str | os.PathLike, create: bool = True):
+        self.manifest = Manifest(path, create=create)
+
+    @property
+    def path(self) -> Path:
+        return self.manifest.path
+
+    @property
+    def db(self) -> Any:
+        """The manifest as a `sqlite_utils.Database`, for ad-hoc inspection."""
+        return self.manifest.db
+
+    def models(self) -> list[ModelRecord]:
+        """The store's models, oldest first."""
+        return self.manifest.models()
+
+    def close(self) -> None:
+        self.manifest.close()
+
+    def __exit__(self, *exc: object) -> None:  # `with embstore.open(...) as store:` closes it
+        self.close()
 
     # -- scanning and extraction ---------------------------------------------------------
 
     def scan(self, roots: Sequence[str | os.PathLike] = (), **options: Any) -> ScanReport:
-        """Add or refresh files; see `embstore.scan.sync.scan_into` for the options."""
-        from embstore.scan.sync import scan_into
+        """Add or refresh files; `options`: `embstore.scan.sync.ScanOptions`' fields
+        (layout, kaldi, lists, jobs, progress)."""
+        from embstore.scan.sync import ScanOptions, scan_into
 
-        return scan_into(self, roots, **options)
+        return scan_into(self.manifest, roots, options_from(ScanOptions, "scan", options))
 
     def extract(self, **options: Any) -> ExtractSummary:
-        """Embed every pending item; the options are `ExtractOptions`' fields (`ray=`
-        runs on a Ray cluster: see docs/ray.md)."""
+        """Embed every pending item; `options`: `ExtractOptions`' fields (`ray=` runs on a
+        Ray cluster: see docs/ray.md)."""
         from embstore.extract.options import ExtractOptions
         from embstore.extract.supervisor import run_extraction
 
@@ -47,99 +84,112 @@ class Store(Manifest):
         if opts.ray is not None:
             from embstore.extract.ray.driver import run_ray_extraction
 
-            return run_ray_extraction(self, opts)
-        return run_extraction(self, opts)
+            return run_ray_extraction(self.manifest, opts)
+        return run_extraction(self.manifest, opts)
 
     # -- reports ------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         """Files, items, speakers, audio and each model's progress."""
-        return reports.status(self.conn, str(self.path))
+        return reports.status(self.manifest.conn, str(self.path))
 
-    def errors(self, model: str | None = None) -> list[dict[str, Any]]:
+    def errors(self, *, model: str | None = None) -> list[dict[str, Any]]:
         """Failed items (per model) and files whose header could not be read."""
-        models = [self.resolve_model(model, kind=None)] if model or len(self.models()) == 1 else self.models()
-        return reports.errors(self.conn, models)
+        known = self.manifest.models()
+        models = [self.manifest.resolve_model(model, kind=None)] if model or len(known) == 1 else known
+        return reports.errors(self.manifest.conn, models)
 
-    def verify(self, model: str | None = None, deep: int = 0, seed: int | None = None) -> VerifyReport:
+    def verify(self, *, model: str | None = None, deep: int = 0, seed: int | None = None) -> VerifyReport:
         """Check that the manifest and the arrays agree; see `embstore.verify`."""
         from embstore.verify import verify_store
 
-        return verify_store(self, model=model, deep=deep, seed=seed)
+        return verify_store(self.manifest, model=model, deep=deep, seed=seed)
 
     # -- reading ------------------------------------------------------------------------
 
     def embeddings(
-        self,
-        model: str | None = None,
-        speaker: str | None = None,
-        dataset: str | None = None,
+        self, *, model: str | None = None, speaker: str | None = None, dataset: str | None = None,
     ) -> tuple[list[str], np.ndarray]:
         """(item ids, float32 [n, dim] vectors in the same order) of finished items."""
-        m, rows = self.done_rows(model, speaker, dataset)
-        vectors = self.model_arrays(m).read_rows(np.array([r["row"] for r in rows], dtype=np.int64))
+        m, rows = self.manifest.done_rows(model, speaker, dataset)
+        vectors = self.manifest.model_arrays(m).read_rows(np.array([r["row"] for r in rows], dtype=np.int64))
         return [r["uid"] for r in rows], vectors
 
-    def speakers(self, model: str | None = None, by: str = "speaker") -> list[dict[str, Any]]:
+    def speakers(self, *, model: str | None = None, by: str = "speaker") -> list[dict[str, Any]]:
         """Speakers with their datasets, live items and done items; by="cluster": the
         pseudo-speakers of `cluster` (`<dataset>/<label>`)."""
         from embstore import query
 
-        return query.speakers(self, model, by)
+        return query.speakers(self.manifest, model, by)
 
-    def speaker_items(self, speaker: str, model: str | None = None, vectors: bool = False) -> list[dict[str, Any]]:
+    def speaker_items(self, speaker: str, *, model: str | None = None, vectors: bool = False) -> list[dict[str, Any]]:
         """One speaker's items (with embeddings when `vectors`)."""
         from embstore import query
 
-        return query.speaker_items(self, speaker, model, vectors)
+        return query.speaker_items(self.manifest, speaker, model, vectors)
 
     def similar(
         self,
         item_id: str | None = None,
+        *,
         audio: str | os.PathLike | None = None,
+        vector: np.ndarray | None = None,
         k: int = 10,
         model: str | None = None,
-        vector: np.ndarray | None = None,
     ) -> list[dict[str, Any]]:
-        """Cosine nearest neighbours [{id, speaker, dataset, path, score}]; of a window
-        model (by audio or vector), windows, with their `start`, `end` and index."""
+        """Cosine nearest neighbours [{id, speaker, dataset, path, score}] of an item, an
+        audio file or a vector; of a window model (by audio or vector), windows, with their
+        `start`, `end` and index."""
         from embstore import query
 
-        return query.similar(self, item_id=item_id, audio=audio, k=k, model=model, vector=vector)
+        return query.similar(self.manifest, item_id=item_id, audio=audio, k=k, model=model, vector=vector)
 
-    def windows(self, item_id: str, model: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def windows(self, item_id: str, *, model: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(starts, ends, float32 [n, dim] rows) of one item's windows, from a window model
         (`extract(windows="1.5:0.75")`), in time order; seconds from the item's start."""
         from embstore import query
 
-        return query.windows(self, item_id, model)
+        return query.windows(self.manifest, item_id, model)
 
-    def diarize(self, model: str | None = None, num_speakers: int | None = None, max_speakers: int | None = None,
-                method: str = "spectral", windows: str = "1.5:0.75", vad: str | None = None,
-                extract: dict[str, Any] | None = None, rttm: bool = False) -> dict[str, Any]:
+    def centroids(self, *, model: str | None = None, by: str = "speaker") -> tuple[list[str], np.ndarray]:
+        """(speakers, float32 [n, dim] mean L2-normalised embedding per speaker); by="cluster":
+        per pseudo-speaker."""
+        from embstore import query
+
+        return query.centroids(self.manifest, model, by)
+
+    # -- through time -------------------------------------------------------------------
+
+    def diarize(self, *, model: str | None = None, embedder: str | None = None, num_speakers: int | None = None,
+                max_speakers: int | None = None, method: str = "spectral", windows: str = "1.5:0.75",
+                vad: str | None = None, rttm: bool = False, **extract_options: Any) -> dict[str, Any]:
         """Who spoke when in every item: window embeddings are extracted first where they
-        are missing (resumable, like `extract`; `extract` takes its other options), then
-        each item's windows are clustered. Returns the report with `segments` per item,
-        `failed` (items whose windows could not be clustered), `extraction` (the extract
-        summary) and `outcome` (done, failed and left over every item: the exit status).
-        `rttm`: the segments go to an RTTM file, so an item id it cannot hold is an error
-        before any work."""
+        are missing (resumable, like `extract`; `extract_options` are its other options,
+        e.g. workers=, device=), then each item's windows are clustered. `model`: a window
+        model the store holds (its windows and VAD are reused); otherwise `embedder` (a
+        model spec; the default model when None) with `windows` and `vad`. Returns the report
+        with `segments` per item, `failed` (items whose windows could not be clustered),
+        `extraction` (the extract summary) and `outcome` (done, failed and left over every
+        item: the exit status). `rttm`: the segments go to an RTTM file, so an item id it
+        cannot hold is an error before any work."""
         from embstore.diarize import stored as diarization
         from embstore.segments.policy import cutting_of_model
 
         diarization.check_options(method, num_speakers, max_speakers)
         if rttm:
-            diarization.check_rttm_ids(self)
+            diarization.check_rttm_ids(self.manifest)
+        if model is not None and embedder is not None:
+            raise StoreError("give model (a window model in the store) or embedder (a spec to extract with), not both")
         if model is not None:
-            m = self.resolve_model(model, kind="windows")
+            m = self.manifest.resolve_model(model, kind="windows")
             cutting = cutting_of_model(m.frontend)
             if cutting is None or cutting.spec is None:
-                raise StoreError(f"{self.model_key(m)} records no window settings; extract it again")
+                raise StoreError(f"{self.manifest.model_key(m)} records no window settings; extract it again")
             run = dict(model=m.spec, windows=str(cutting.spec), vad=cutting.vad.method, dtype=m.compute_dtype)
         else:
-            run = dict(windows=windows, vad=vad)
-        summary = self.extract(**{**(extract or {}), **run})
-        report = diarization.diarize_store(self, summary.model, num_speakers, max_speakers, method)
+            run = dict(model=embedder, windows=windows, vad=vad)
+        summary = self.extract(**{**extract_options, **run})
+        report = diarization.diarize_store(self.manifest, summary.model, num_speakers, max_speakers, method)
         report["extraction"] = summary.as_dict()
         # items whose windows could not be clustered failed too, though their windows are done
         outcome = summary.outcome
@@ -151,61 +201,63 @@ class Store(Manifest):
         report["outcome"] = outcome
         return report
 
-    def cluster(self, dataset: str, model: str | None = None, threshold: float | None = None,
+    def cluster(self, dataset: str, *, model: str | None = None, threshold: float | None = None,
                 num_speakers: int | None = None) -> dict[str, Any]:
         """Pseudo-speaker labels (`items.cluster`) for the embedded items of an unlabelled
         dataset: average-linkage clustering (staged, in bounded memory, for large ones)."""
         from embstore.clustering import stored as clustering
 
-        return clustering.cluster_dataset(self, dataset, model, threshold, num_speakers)
+        return clustering.cluster_dataset(self.manifest, dataset, model, threshold, num_speakers)
 
-    def centroids(self, model: str | None = None, by: str = "speaker") -> tuple[list[str], np.ndarray]:
-        """(speakers, float32 [n, dim] mean L2-normalised embedding per speaker); by="cluster":
-        per pseudo-speaker."""
-        from embstore import query
+    # -- evaluation ---------------------------------------------------------------------
 
-        return query.centroids(self, model, by)
-
-    def score(self, trials: str | os.PathLike | Sequence[str | os.PathLike], model: str | None = None,
+    def score(self, trials: str | os.PathLike | Sequence[str | os.PathLike], *, model: str | None = None,
+              scores: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
               **options: Any) -> dict[str, Any]:
         """EER, minDCF, actual DCF of trial lists under none/mean/S-norm/AS-norm; score files
-        and plots. See `embstore.eval.scoring.score` for the options."""
+        (`scores`) and plots (`plot`). `options`: `ScoreOptions`' fields (norm, mean_from,
+        cohort, top_n, p_target, c_miss, c_fa)."""
         from embstore.eval import scoring
 
-        return scoring.score(self, trials, model=model, **options)
+        opts = options_from(scoring.ScoreOptions, "score", options)
+        return scoring.score(self.manifest, trials, model=model, scores=scores, plot=plot, options=opts)
 
-    def outliers(self, model: str | None = None, **options: Any) -> list[dict[str, Any]]:
-        """Items furthest from their own speaker; see `embstore.eval.outliers.find_outliers`."""
+    def outliers(self, **options: Any) -> list[dict[str, Any]]:
+        """Items furthest from their own speaker; `options`: `OutlierOptions`' fields
+        (model, dataset, speaker, top, below)."""
         from embstore.eval import outliers
 
-        return outliers.find_outliers(self, model=model, **options)
+        return outliers.find_outliers(self.manifest, options_from(outliers.OutlierOptions, "outliers", options))
 
-    def report(self, out: str | os.PathLike, **options: Any) -> dict[str, Any]:
-        """Write the self-contained HTML report; see `embstore.eval.report.build_report`."""
-        from embstore.eval import report
+    def report(self, out: str | os.PathLike, **options: Any) -> HtmlReport:
+        """Write the self-contained HTML report; `options`: `ReportOptions`' fields
+        (trials, model, outliers) and `ScoreOptions`' (for the scoring sections)."""
+        from embstore.eval import report, scoring
 
-        return report.build_report(self, out, **options)
+        own = {name: options.pop(name) for name in report.REPORT_OPTIONS if name in options}
+        scoring_options = options_from(scoring.ScoreOptions, "report", options)
+        return report.build_report(self.manifest, out, report.ReportOptions(**own, scoring=scoring_options))
 
     # -- exports ------------------------------------------------------------------------
 
     def export_pkl(self, out: str | os.PathLike, **options: Any) -> ExportReport:
-        """One pickle per item under OUT; see `embstore.export.pkl.export_pkl`."""
+        """One pickle per item under OUT; `options`: `ExportOptions`' fields (model,
+        dataset, speaker, fmt, threads, force, by, progress)."""
         from embstore.export import pkl
 
-        return pkl.export_pkl(self, out, **options)
+        return pkl.export_pkl(self.manifest, out, options_from(pkl.ExportOptions, "export", options))
 
-    def export_kaldi(self, out: str | os.PathLike, model: str | None = None, by: str = "speaker") -> dict[str, Any]:
+    def export_kaldi(self, out: str | os.PathLike, *, model: str | None = None, by: str = "speaker") -> MatrixExport:
+        """Kaldi tables (xvector.ark/scp, utt2spk, spk2utt) in OUT."""
         from embstore.export import kaldi
 
-        return kaldi.export_kaldi(self, out, model, by)
+        return kaldi.export_kaldi(self.manifest, out, model, by)
 
-    def export_npy(self, out: str | os.PathLike, model: str | None = None, by: str = "speaker") -> dict[str, Any]:
+    def export_npy(self, out: str | os.PathLike, *, model: str | None = None, by: str = "speaker") -> MatrixExport:
+        """One float32 matrix (OUT/embeddings.npy) and its row labels."""
         from embstore.export import npy
 
-        return npy.export_npy(self, out, model, by)
-
-    def __enter__(self) -> "Store":
-        return self
+        return npy.export_npy(self.manifest, out, model, by)
 
 
 __all__ = ["Store"]

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from embstore.api import Report
 from embstore.audio.io import content_hash
 from embstore.extract.reference import ReferenceEmbedder
 from embstore.manifest import reads
@@ -58,7 +59,7 @@ class Finding:
 
 
 @dataclass
-class VerifyReport:
+class VerifyReport(Report):
     store: str
     problems: list[Finding] = field(default_factory=list)
     warnings: list[Finding] = field(default_factory=list)
@@ -88,9 +89,9 @@ def verify_store(store: Manifest, model: str | None = None, deep: int = 0, seed:
     if not report.ok:
         report.seconds = time.monotonic() - started
         return report
-    rows = [store.resolve_model(model, kind=None)] if model else store.models()
-    for row in rows:
-        _ModelCheck(store, row, report).run(deep, seed)
+    records = [store.resolve_model(model, kind=None)] if model else store.models()
+    for record in records:
+        _ModelCheck(store, record, report).run(deep, seed)
     report.seconds = time.monotonic() - started
     return report
 
@@ -160,7 +161,7 @@ class _ModelCheck:
             # numpy blocks, not Python lists: 10 M done items stay ~160 MB
             blocks = [np.zeros((0, 2), dtype=np.int64)]
             self.tasks_done = 0
-            for batch in reads.done_row_spans(conn, model_id):
+            for batch in reads.done_row_ranges(conn, model_id):
                 block = np.array(batch, dtype=np.int64)
                 self.tasks_done += len(block)
                 blocks.append(_one_pair_per_row(block))

@@ -76,6 +76,7 @@ def fill_embeddings(
     Returns the model row."""
     if vector_of is None:
         vector_of = lambda uid, speaker: synthetic_vector(uid, speaker, dim, seed)  # noqa: E731
+    store = getattr(store, "manifest", store)  # a Store holds its Manifest
     model = store.register_model(fake_model_description(dim, name))
     owner = new_owner()
     client = SqliteManifestClient(store.path, model["id"], owner, 600, "item", lambda n: max(1, n // 160), 16000)

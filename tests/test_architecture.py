@@ -120,6 +120,7 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("leaves", ("embstore.errors", "embstore.paths", "embstore.progress", "embstore.vectors",
                 "embstore.processes", "embstore.outcome")),
+    ("api", ("embstore.api",)),  # option checking and the Report base: above errors only
     ("audio", ("embstore.audio",)),
     ("clustering algorithms", ("embstore.clustering",)),  # kmeans, ahc, labels, corpus (not .stored)
     ("arrays", ("embstore.arrays",)),

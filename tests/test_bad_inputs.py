@@ -141,7 +141,7 @@ def test_the_run_completes_and_counts_add_up(result):
     assert summary.failed == extract_fails
     embedded = len(CONVERTED) + len(ODD_NAMES) + 3  # ref16, link, one hour
     assert summary.done == embedded, sorted(result["vec"])
-    assert result["st"].query("SELECT count(*) FROM tasks WHERE status IN ('pending', 'claimed')")[0][0] == 0
+    assert result["st"].manifest.query("SELECT count(*) FROM tasks WHERE status IN ('pending', 'claimed')")[0][0] == 0
 
 
 @pytest.mark.slow
@@ -169,7 +169,7 @@ def test_odd_names_symlink_and_folder(result):
         assert stem in vec and np.isfinite(vec[stem]).all()
     # a symlink is read through: the same audio, the same vector
     assert cos(vec["link"], vec["ref16"]) >= 0.99999
-    uids = [r[0] for r in result["st"].query("SELECT uid FROM items")]
+    uids = [r[0] for r in result["st"].manifest.query("SELECT uid FROM items")]
     assert not any("folder" in u for u in uids)
     assert "folder.wav" not in result["errors"]
 
@@ -177,7 +177,7 @@ def test_odd_names_symlink_and_folder(result):
 @pytest.mark.slow
 def test_one_hour_item_is_embedded(result):
     st = result["st"]
-    duration = st.query("SELECT duration FROM items WHERE uid LIKE '%one_hour_8k'")[0][0]
+    duration = st.manifest.query("SELECT duration FROM items WHERE uid LIKE '%one_hour_8k'")[0][0]
     assert duration == pytest.approx(3600.0)
     v = result["vec"]["one_hour_8k"]
     assert np.isfinite(v).all() and np.linalg.norm(v) == pytest.approx(1.0, abs=1e-4)

@@ -31,11 +31,11 @@ def test_cluster_labels_stored_and_replaced(store):
     assert report["clusters"] == 3 and report["clustered"] == 12 and report["algorithm"] == "ahc"
     assert report["purity"] >= 0.9, report
     st = embstore.open(store)
-    labels = st.query("SELECT cluster, count(*) FROM items GROUP BY cluster")
+    labels = st.manifest.query("SELECT cluster, count(*) FROM items GROUP BY cluster")
     assert sorted(r[1] for r in labels) == [4, 4, 4] and all(r[0].startswith("c") for r in labels)
     again = st.cluster("ds", num_speakers=2)
     assert again["clusters"] == 2
-    assert len(st.query("SELECT DISTINCT cluster FROM items")) == 2
+    assert len(st.manifest.query("SELECT DISTINCT cluster FROM items")) == 2
     st.close()
 
 
@@ -80,14 +80,14 @@ def test_export_pkl_by_cluster_moves_files_and_leaves_unclustered_out(store, tmp
     # the same folder regrouped: every file moves, the speaker folders are gone
     assert report.items == 12 and report.written == 12 and report.moved == 12, report
     files = sorted(out.rglob("*.pkl"))
-    assert {p.parent.name for p in files} == {r[0] for r in st.query("SELECT DISTINCT cluster FROM items")}
+    assert {p.parent.name for p in files} == {r[0] for r in st.manifest.query("SELECT DISTINCT cluster FROM items")}
     assert not speakers & {p.name for p in (out / "ds").iterdir()}
     for f in files:
         payload = pickle.loads(f.read_bytes())
         assert payload["cluster"] == f.parent.name and payload["speaker"] in speakers
     assert st.export_pkl(out, by="cluster").unchanged == 12
-    with st.conn:
-        uid = st.conn.execute("UPDATE items SET cluster = NULL WHERE id = (SELECT min(id) FROM items) RETURNING uid")\
+    with st.manifest.conn:
+        uid = st.manifest.conn.execute("UPDATE items SET cluster = NULL WHERE id = (SELECT min(id) FROM items) RETURNING uid")\
             .fetchone()[0]
     report = st.export_pkl(out, by="cluster")
     assert report.left_out == 1 and report.removed == 1 and report.items == 11, report

@@ -75,7 +75,7 @@ class Reader(threading.Thread):
                     self.seen_done.append(len(ids))
                     self.reads += 1
                     if self.reads % 10 == 0:
-                        report = verify_store(st)
+                        report = verify_store(st.manifest)
                         self.verifies += 1
                         if not report.ok:
                             self.errors.append(f"verify during the run: {[p.message for p in report.problems]}")
@@ -138,7 +138,7 @@ def test_readers_and_scan_while_extract_runs(tmp_path):
     with embstore.open(store) as st:
         ids, _ = st.embeddings()
         assert {f"ds/spk7/{p.stem}" for p in late} <= set(ids)
-        assert verify_store(st).ok
+        assert verify_store(st.manifest).ok
 
 
 def test_writer_commits_a_finished_workers_results_before_freeing_its_claims(tmp_path):
@@ -156,7 +156,7 @@ def test_writer_commits_a_finished_workers_results_before_freeing_its_claims(tmp
     tiny_tree(tmp_path / "audio", speakers=1, per_speaker=5)
     st = embstore.open(tmp_path / "s")
     st.scan([tmp_path / "audio"])
-    model = st.register_model(fake_model_description(dim=8))
+    model = st.manifest.register_model(fake_model_description(dim=8))
     owner = new_owner()
     client = SqliteManifestClient(st.path, model["id"], owner, 600, "length", lambda n: 1, 16000)
     client.refresh()
@@ -170,7 +170,7 @@ def test_writer_commits_a_finished_workers_results_before_freeing_its_claims(tmp
                            for t in claimed[:4]]))
     inbox.put(WorkerFinished(0, owner))
     writer_main(str(st.path), model["id"], None, inbox, progress, 1)
-    states = dict(st.query("SELECT item_id, status FROM tasks"))
+    states = dict(st.manifest.query("SELECT item_id, status FROM tasks"))
     assert [states[t.item_id] for t in claimed] == ["done"] * 4 + ["pending"]
-    assert verify_store(st).ok
+    assert verify_store(st.manifest).ok
     st.close()

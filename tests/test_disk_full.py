@@ -49,16 +49,16 @@ def assert_clean_stop(proc: subprocess.CompletedProcess, *words: str) -> None:
 
 def state(store: Path) -> dict[str, int]:
     with embstore.open(store) as st:
-        out = {s: n for s, n in st.query("SELECT status, count(*) FROM tasks GROUP BY status")}
-        out["ok"] = verify_store(st).ok
+        out = {s: n for s, n in st.manifest.query("SELECT status, count(*) FROM tasks GROUP BY status")}
+        out["ok"] = verify_store(st.manifest).ok
     return out
 
 
 def assert_done_once(store: Path) -> None:
     with embstore.open(store) as st:
-        report = verify_store(st)
+        report = verify_store(st.manifest)
         assert report.ok, report.as_dict()
-        rows = st.query("SELECT item_id, row, status FROM tasks")
+        rows = st.manifest.query("SELECT item_id, row, status FROM tasks")
         assert len(rows) == ITEMS and all(r["status"] == "done" for r in rows)
         assert len({r["row"] for r in rows}) == ITEMS  # nothing computed twice
         assert st.models()[0]["rows"] == ITEMS
@@ -94,7 +94,7 @@ def test_injected_enospc_stops_cleanly_then_resumes(tmp_path, corpus):
     after = state(store)
     assert after["ok"] and after.get("claimed", 0) == 0 and after.get("done", 0) <= 2
     with embstore.open(store) as st:
-        assert st.query("SELECT status FROM runs")[0][0] == "crashed"
+        assert st.manifest.query("SELECT status FROM runs")[0][0] == "crashed"
     # space is back: the rest is done, nothing twice
     summary = embstore.open(store).extract(device="cpu", workers=1)
     assert summary.error is None and summary.done == ITEMS - after.get("done", 0)

@@ -161,7 +161,7 @@ def spaced_store(tmp_path: Path) -> Path:
 def _counts(store: Path) -> dict[str, int]:
     st = embstore.open(store)
     try:
-        return {table: st.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        return {table: st.manifest.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
                 for table in ("items", "models", "tasks", "runs", "speech", "diarization")}
     finally:
         st.close()
@@ -170,7 +170,7 @@ def _counts(store: Path) -> dict[str, int]:
 def _spaced_ids(store: Path) -> list[str]:
     st = embstore.open(store)
     try:
-        return [uid for (uid,) in st.conn.execute("SELECT uid FROM items ORDER BY id") if " " in uid]
+        return [uid for (uid,) in st.manifest.conn.execute("SELECT uid FROM items ORDER BY id") if " " in uid]
     finally:
         st.close()
 
@@ -196,8 +196,8 @@ def test_the_library_call_refuses_them_too_and_only_with_rttm(spaced_store):
     st = embstore.open(spaced_store)
     try:
         with pytest.raises(errors.RttmError, match=r"2 item ids contain whitespace .*'ds/spk 1/"):
-            st.diarize(rttm=True, vad="none", extract={"model": "null:16", "workers": 1})
-        assert st.conn.execute("SELECT count(*) FROM tasks").fetchone()[0] == 0
+            st.diarize(rttm=True, vad="none", embedder="null:16", workers=1)
+        assert st.manifest.conn.execute("SELECT count(*) FROM tasks").fetchone()[0] == 0
     finally:
         st.close()
 
@@ -218,9 +218,9 @@ def test_one_bad_id_is_named_alone(tmp_path):
 def test_without_rttm_ids_with_whitespace_still_diarize(spaced_store):
     st = embstore.open(spaced_store)
     try:
-        report = st.diarize(windows="1.5:0.75", vad="none", extract={"model": "null:16", "workers": 1})
+        report = st.diarize(windows="1.5:0.75", vad="none", embedder="null:16", workers=1)
         assert report["outcome"].exit_status == 0, report["outcome"]
         assert set(report["segments"]) == {"ds/spk0/utt0", "ds/spk 1/a b", "ds/spk 1/c"}
-        assert st.conn.execute("SELECT count(*) FROM diarization").fetchone()[0] == 3  # stored
+        assert st.manifest.conn.execute("SELECT count(*) FROM diarization").fetchone()[0] == 3  # stored
     finally:
         st.close()

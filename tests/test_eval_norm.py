@@ -106,20 +106,20 @@ def test_every_norm_matches_the_recipe(norm_store):
     # the offset is large: subtracting the mean changes every score
     assert np.abs(plain - centred).max() > 0.05 and np.abs(snorm - asnorm3).max() > 0.05
 
-    got = by_norm(run_scoring(st, trials, norm="none,snorm,asnorm", cohort="dataset:cohort", top_n=3))
+    got = by_norm(run_scoring(st.manifest, trials, norm="none,snorm,asnorm", cohort="dataset:cohort", top_n=3))
     assert set(got) == {"none", "snorm", "asnorm3"}
     np.testing.assert_allclose(got["none"], plain, atol=2e-6)
     np.testing.assert_allclose(got["snorm"], snorm, atol=2e-5)
     np.testing.assert_allclose(got["asnorm3"], asnorm3, atol=2e-5)
 
-    got = by_norm(run_scoring(st, trials, norm=["mean", "snorm", "asnorm"], mean_from="dataset:cohort",
+    got = by_norm(run_scoring(st.manifest, trials, norm=["mean", "snorm", "asnorm"], mean_from="dataset:cohort",
                               cohort="dataset:cohort", top_n=3))
     assert set(got) == {"mean", "mean+snorm", "mean+asnorm3"}
     np.testing.assert_allclose(got["mean"], centred, atol=2e-6)
     np.testing.assert_allclose(got["mean+snorm"], mean_snorm, atol=2e-5)
     np.testing.assert_allclose(got["mean+asnorm3"], mean_asnorm3, atol=2e-5)
     # --mean-from applies under --norm none too: it is then the mean norm
-    got = by_norm(run_scoring(st, trials, norm="none", mean_from="dataset:cohort"))
+    got = by_norm(run_scoring(st.manifest, trials, norm="none", mean_from="dataset:cohort"))
     np.testing.assert_allclose(got["mean"], centred, atol=2e-6)
 
 
@@ -134,26 +134,26 @@ def test_cohort_and_mean_from_item_files_and_speaker_files(norm_store, tmp_path)
     # cohort products' rounding (~1e-7): relative tolerances below
     mean_file = tmp_path / "mean_ids.txt"
     mean_file.write_text("\n".join(chosen[:5]) + "\n")
-    got = by_norm(run_scoring(st, trials, norm="asnorm", cohort=str(ids_file), mean_from=str(mean_file), top_n=2))
+    got = by_norm(run_scoring(st.manifest, trials, norm="asnorm", cohort=str(ids_file), mean_from=str(mean_file), top_n=2))
     np.testing.assert_allclose(got["mean+asnorm2"], want, rtol=1e-3, atol=2e-5)
     # spk1/utt0 ends both datasets' ids: ambiguous, one line
     bad = tmp_path / "amb.txt"
     bad.write_text("spk1/utt0\n")
     with pytest.raises(StoreError, match="ambiguous"):
-        run_scoring(st, trials, norm="snorm", cohort=str(bad))
+        run_scoring(st.manifest, trials, norm="snorm", cohort=str(bad))
     # speakers: from every dataset (here both), one mean per speaker name
     speakers = tmp_path / "spk.txt"
     speakers.write_text("spk1\nspk3\nnobody\n")
     both = [i for i in vec if i.split("/")[1] in ("spk1", "spk3")]
     _, want = expected(vec, trials, None, both, None)
-    scoring = run_scoring(st, trials, norm="snorm", cohort=f"speakers:{speakers}")
+    scoring = run_scoring(st.manifest, trials, norm="snorm", cohort=f"speakers:{speakers}")
     np.testing.assert_allclose(by_norm(scoring)["snorm"], want, rtol=1e-4, atol=2e-5)
     assert any("1 of 3 speakers are not in the store (nobody)" in w for w in scoring.warnings)
 
 
 def test_top_n_larger_than_the_cohort_falls_back_to_all_of_it(norm_store):
     st, _, trials = norm_store
-    scoring = run_scoring(st, trials, norm="asnorm,snorm", cohort="dataset:cohort", top_n=300)
+    scoring = run_scoring(st.manifest, trials, norm="asnorm,snorm", cohort="dataset:cohort", top_n=300)
     got = by_norm(scoring)
     assert any("--top-n 300 is more than the cohort's 5 speakers" in w for w in scoring.warnings)
     np.testing.assert_allclose(got["asnorm5"], got["snorm"])
@@ -191,15 +191,15 @@ def test_cohort_with_one_speaker_or_no_embedded_item(norm_store, tmp_path):
     one = tmp_path / "one.txt"
     one.write_text("spk2\n")
     with pytest.raises(StoreError, match="holds 1 speaker .*at least 2"):
-        run_scoring(st, trials, norm="snorm", cohort=f"speakers:{one}")
+        run_scoring(st.manifest, trials, norm="snorm", cohort=f"speakers:{one}")
     nobody = tmp_path / "nobody.txt"
     nobody.write_text("nobody\n")
     with pytest.raises(StoreError, match="is empty"):
-        run_scoring(st, trials, norm="snorm", cohort=f"speakers:{nobody}")
+        run_scoring(st.manifest, trials, norm="snorm", cohort=f"speakers:{nobody}")
     blank = tmp_path / "blank.txt"
     blank.write_text("\n# nothing\n")
     with pytest.raises(StoreError, match="no item ids in the file"):
-        run_scoring(st, trials, norm="snorm", cohort=str(blank))
+        run_scoring(st.manifest, trials, norm="snorm", cohort=str(blank))
 
 
 def test_cohort_stats_on_arrays_known_answer():

@@ -17,7 +17,7 @@ PLANTED = {"ds/spk0/utt2": ("spk0", "spk3"), "ds/spk2/utt5": ("spk2", "spk1")}  
 @pytest.fixture()
 def noisy_store(tmp_path):
     st = make_store(tmp_path, speakers=5, per_speaker=6, dim=16)
-    with st.write() as conn:
+    with st.manifest.write() as conn:
         for uid, (_, wrong) in PLANTED.items():
             conn.execute("UPDATE items SET speaker = ? WHERE uid = ?", (wrong, uid))
     yield st
@@ -41,7 +41,7 @@ def test_planted_label_errors_come_first(noisy_store):
 def test_scores_are_leave_one_out_cosines(noisy_store):
     ids, vectors = noisy_store.embeddings()
     unit = {i: v / np.linalg.norm(v) for i, v in zip(ids, vectors.astype(np.float64))}
-    speaker = {r["uid"]: r["speaker"] for r in noisy_store.query("SELECT uid, speaker FROM items")}
+    speaker = {r["uid"]: r["speaker"] for r in noisy_store.manifest.query("SELECT uid, speaker FROM items")}
     everything = noisy_store.outliers(below=1.0)
     assert len(everything) == 30
     for o in everything[:5]:

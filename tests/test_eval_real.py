@@ -35,14 +35,14 @@ def test_real_corpus_norms_report_and_label_noise(shared_data, tmp_path):
     assert len(list((tmp_path / "plots").iterdir())) == 4
 
     # 5 % of the items relabelled to a wrong speaker: the top 5 outliers are exactly those
-    items = st.query("SELECT uid, speaker FROM items ORDER BY uid")
+    items = st.manifest.query("SELECT uid, speaker FROM items ORDER BY uid")
     speakers = sorted({r["speaker"] for r in items})
     rng = np.random.default_rng(7)
     planted = {}
     for k in rng.choice(len(items), 5, replace=False):
         true = items[k]["speaker"]
         planted[items[k]["uid"]] = (true, str(rng.choice([s for s in speakers if s != true])))
-    with st.write() as conn:
+    with st.manifest.write() as conn:
         conn.executemany("UPDATE items SET speaker = ? WHERE uid = ?", [(w, u) for u, (_, w) in planted.items()])
     found = st.outliers(top=5)
     assert {o["id"] for o in found} == set(planted)

@@ -90,7 +90,7 @@ def check_page(path):
 def add_runs_and_failures(st):
     """Two extraction runs as the supervisor records them, a failed task, a scan failure."""
     model_id = st.models()[0]["id"]
-    with st.write() as conn:
+    with st.manifest.write() as conn:
         for k, (started, rt) in enumerate([("2026-11-01T10:00:00+00:00", 180.0), ("2026-11-02T09:30:00+00:00", 240.5)]):
             summary = {"x_realtime": rt, "items_per_second": rt / 8, "mean_batch_items": 12.5 + k,
                        "padding_overhead": 0.03 * k, "failed": k, "done": 6, "batching": "any", "runtime": "torch"}
@@ -117,9 +117,9 @@ def report_store(tmp_path_factory):
     broken.write_bytes(b"RIFF....not audio")
     st.scan([tmp / "audio"])
     # a planted label error for the outliers section
-    with st.write() as conn:
+    with st.manifest.write() as conn:
         conn.execute("UPDATE items SET speaker = 'spk2' WHERE uid = 'ds/spk0/utt4'")
-    ids = [r["uid"] for r in st.query("SELECT uid FROM items WHERE removed = 0 ORDER BY uid")]
+    ids = [r["uid"] for r in st.manifest.query("SELECT uid FROM items WHERE removed = 0 ORDER BY uid")]
     trials = tmp / "trials.txt"
     trials.write_text("".join(
         f"{a} {b} {'target' if a.split('/')[1] == b.split('/')[1] else 'nontarget'}\n"
@@ -155,7 +155,7 @@ def test_report_with_trials_and_norms(report_store, tmp_path):
     st, trials = report_store
     out = tmp_path / "r.html"
     result = st.report(out, trials=[trials], norm="none,asnorm", cohort="dataset:ds", top_n=2)
-    assert result["sections"][-2:] == ["scoring", "outliers"]
+    assert result.sections[-2:] == ["scoring", "outliers"]
     page = check_page(out)
     # the four store pictures + one DET + one histogram figure for the list
     assert page.svgs == 6

@@ -25,7 +25,7 @@ def store_and_lists(tmp_path_factory):
 
     # a second model whose speakers overlap, so the metrics are not all zero
     fill_embeddings(st, dim=8, name="noisy", vector_of=lambda uid, spk: synthetic_vector(uid, spk, 8, noise=1.2))
-    ids = [r["uid"] for r in st.query("SELECT uid FROM items ORDER BY uid")]
+    ids = [r["uid"] for r in st.manifest.query("SELECT uid FROM items ORDER BY uid")]
     lists = []
     for name, speakers in (("vox_O.txt", {"spk0", "spk1", "spk2"}), ("vox_E.txt", {"spk3", "spk4", "spk5"})):
         mine = [i for i in ids if i.split("/")[1] in speakers]

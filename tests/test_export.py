@@ -143,7 +143,7 @@ def test_hostile_ids_and_speakers_never_leave_out(tmp_path):
     st = embstore.open(tmp_path / "store")
     st.scan(kaldi=[kaldi_dir(tmp_path, utts, recording_seconds=3.0)])
     # names a scanner might never produce, written straight into the manifest
-    with st.write() as conn:
+    with st.manifest.write() as conn:
         conn.execute("UPDATE items SET dataset = '../..' WHERE uid = 'ok-1'")
         conn.execute("UPDATE items SET speaker = '' WHERE uid = 'ok-2'")
         conn.execute("UPDATE items SET dataset = '/', speaker = '/' WHERE uid = 'ok-3'")

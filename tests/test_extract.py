@@ -28,7 +28,7 @@ def encoder():
 
 
 def done_tasks(st):
-    return st.query(
+    return st.manifest.query(
         "SELECT t.item_id, t.row, t.status FROM tasks t JOIN items i ON i.id = t.item_id WHERE i.removed = 0"
     )
 
@@ -41,7 +41,7 @@ def check_consistent(st):
     row_numbers = [r["row"] for r in rows]
     assert len(set(row_numbers)) == len(row_numbers)
     assert max(row_numbers) < model["rows"]
-    _, ids = st.model_arrays(model).arrays()
+    _, ids = st.manifest.model_arrays(model).arrays()
     stored = ids[: model["rows"]]
     for r in rows:
         assert stored[r["row"]] == r["item_id"]
@@ -66,7 +66,7 @@ def test_batched_pipeline_equals_embed_file(tmp_path, encoder):
     started = time.monotonic()
     again = st.extract(device="cpu")
     assert again.nothing_to_do and time.monotonic() - started < 2
-    run = st.query("SELECT * FROM runs")[0]
+    run = st.manifest.query("SELECT * FROM runs")[0]
     assert run["status"] == "finished" and run["items_done"] == 9
 
 
@@ -103,6 +103,11 @@ def test_bad_files_fail_alone_with_reasons_then_retry(tmp_path):
     rows = json.loads(result.output)
     assert {Path(r["path"]).name for r in rows} == {"nan.wav", "truncated.wav"}
     assert all({"id", "path", "stage", "error"} <= set(r) for r in rows)
+    # nothing to do: this run failed nothing; the model's failures are the outcome's
+    third = st.extract(device="cpu")
+    assert third.nothing_to_do and third.failed == 0 and third.outcome.failed == 2, third
+    result = CliRunner().invoke(cli, ["extract", str(tmp_path / "s"), "--device", "cpu"])
+    assert "has every item it can embed (2 failed;" in result.output and result.exit_code == 3, result.output
 
 
 @pytest.mark.slow
@@ -194,7 +199,7 @@ def test_two_workers_one_killed_then_restart(tmp_path, corpus):
     workers = [p for p in _children(proc.pid)]
     assert proc.poll() is None, proc.communicate()
     # the spawn context's resource tracker is a child too; kill a real worker (it holds claims)
-    owners = [r[0] for r in st.query("SELECT DISTINCT owner FROM tasks WHERE status = 'claimed'")]
+    owners = [r[0] for r in st.manifest.query("SELECT DISTINCT owner FROM tasks WHERE status = 'claimed'")]
     pids = {int(o.split(":")[1]) for o in owners if o}
     victim = next((p for p in workers if p in pids), None)
     if victim is not None:
@@ -285,8 +290,8 @@ def test_sigint_stops_cleanly_and_releases_claims(tmp_path, corpus):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     st = embstore.open(store)
-    assert st.query("SELECT count(*) FROM tasks WHERE status = 'claimed'")[0][0] == 0
-    assert st.query("SELECT status FROM runs")[0][0] == "interrupted"
+    assert st.manifest.query("SELECT count(*) FROM tasks WHERE status = 'claimed'")[0][0] == 0
+    assert st.manifest.query("SELECT status FROM runs")[0][0] == "interrupted"
     check_consistent_partial(st)
 
 

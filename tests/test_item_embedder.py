@@ -52,7 +52,7 @@ def _store(tmp_path: Path, seconds: dict[str, float]):
 
 def _statuses(st) -> dict[str, str]:
     """Each item's task status, by file name (uids are ds/spk/<name>)."""
-    return {uid.rsplit("/", 1)[-1]: status for uid, status in st.query(
+    return {uid.rsplit("/", 1)[-1]: status for uid, status in st.manifest.query(
         "SELECT i.uid, t.status FROM tasks t JOIN items i ON i.id = t.item_id")}
 
 
@@ -173,7 +173,7 @@ def test_a_long_window_item_keeps_its_lease_while_it_computes(tmp_path, monkeypa
     (summary,) = out
     assert summary.dropped == 0 and summary.done == 2, summary
     assert second.returncode == 5 and "held by another run still running" in second.stderr, second.stderr
-    assert st.query("SELECT max(attempts) FROM tasks")[0][0] == 1  # nothing claimed twice
+    assert st.manifest.query("SELECT max(attempts) FROM tasks")[0][0] == 1  # nothing claimed twice
     assert _statuses(st) == {"long": "done", "short": "done"}
     assert len(st.windows("long", model=summary.model)[0]) > EAGER_WINDOWS  # it took the long path
     st.close()

@@ -86,25 +86,25 @@ def test_claims_and_runs_of_a_zombie_are_freed_at_once(zombie, tmp_path):
     make_tree(tmp_path / "corpus", speakers=2, per_speaker=3)
     st = embstore.open(tmp_path / "s")
     st.scan([tmp_path / "corpus"])
-    model_id = st.register_model(fake_model_description())["id"]
-    tasks.refresh_tasks(st.conn, model_id, lambda n: n // 160, 16000)
+    model_id = st.manifest.register_model(fake_model_description())["id"]
+    tasks.refresh_tasks(st.manifest.conn, model_id, lambda n: n // 160, 16000)
     dead = tasks.process_owner(pid, mark) + "abcd1234"
     live = tasks.new_owner()
-    assert len(tasks.claim_batch(st.conn, model_id, dead, 3600, 4, 10**9)) == 4
-    assert len(tasks.claim_batch(st.conn, model_id, live, 3600, 1, 10**9)) == 1
-    with st.write() as conn:
+    assert len(tasks.claim_batch(st.manifest.conn, model_id, dead, 3600, 4, 10**9)) == 4
+    assert len(tasks.claim_batch(st.manifest.conn, model_id, live, 3600, 1, 10**9)) == 1
+    with st.manifest.write() as conn:
         run_id = conn.execute(
             "INSERT INTO runs (model_id, host, pid, pid_start, options, started_at, status)"
             " VALUES (?, ?, ?, ?, '{}', '2026-01-01', 'running')", (model_id, processes.HOST, pid, mark),
         ).lastrowid
-    counts = tasks.refresh_tasks(st.conn, model_id, lambda n: n // 160, 16000)
+    counts = tasks.refresh_tasks(st.manifest.conn, model_id, lambda n: n // 160, 16000)
     assert counts["released"] == 4  # the zombie's claims, not the live owner's one
-    assert tasks.claimable_count(st.conn, model_id) == 5
-    runs.start_run(st.conn, model_id, {})
-    assert st.query("SELECT status FROM runs WHERE id = ?", (run_id,))[0][0] == "crashed"
+    assert tasks.claimable_count(st.manifest.conn, model_id) == 5
+    runs.start_run(st.manifest.conn, model_id, {})
+    assert st.manifest.query("SELECT status FROM runs WHERE id = ?", (run_id,))[0][0] == "crashed"
     # a cluster actor's claims die with its driver's run, zombie or not
     actor = tasks.ray_owner("node", "actor", run_id)
-    assert tasks.ray_run_is_gone(st.conn, actor)
+    assert tasks.ray_run_is_gone(st.manifest.conn, actor)
     st.close()
 
 

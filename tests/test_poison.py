@@ -32,7 +32,7 @@ def poisoned_store(tmp_path, monkeypatch):
 
 def task_states(st) -> dict[str, tuple]:
     return {r["uid"].rsplit("/", 1)[1]: (r["status"], r["suspect"], r["crashed_workers"], r["stage"])
-            for r in st.query("SELECT i.uid, t.status, t.suspect, t.crashed_workers, t.stage FROM tasks t"
+            for r in st.manifest.query("SELECT i.uid, t.status, t.suspect, t.crashed_workers, t.stage FROM tasks t"
                               " JOIN items i ON i.id = t.item_id")}
 
 
@@ -74,16 +74,16 @@ def test_a_death_held_with_others_makes_suspects_and_blames_no_one(tmp_path):
     make_tree(tmp_path / "root", speakers=1, per_speaker=3, seconds=0.3)
     st = embstore.open(tmp_path / "store")
     st.scan([tmp_path / "root"])
-    model = st.register_model(fake_model_description())
-    tasks.refresh_tasks(st.conn, model["id"], lambda n: n // 160, 16000)
-    tasks.claim_batch(st.conn, model["id"], "h:1:a", 60, 10, 10**9)
-    assert tasks.record_death(st.conn, "h:1:", "h:1", "killed", None, prefix=True) == (3, 0)
+    model = st.manifest.register_model(fake_model_description())
+    tasks.refresh_tasks(st.manifest.conn, model["id"], lambda n: n // 160, 16000)
+    tasks.claim_batch(st.manifest.conn, model["id"], "h:1:a", 60, 10, 10**9)
+    assert tasks.record_death(st.manifest.conn, "h:1:", "h:1", "killed", None, prefix=True) == (3, 0)
     # suspects are never batched: one at a time, alone
-    assert tasks.claim_batch(st.conn, model["id"], "h:2:b", 60, 10, 10**9) == []
-    one = tasks.claim_suspect(st.conn, model["id"], "h:2:b", 60)
+    assert tasks.claim_batch(st.manifest.conn, model["id"], "h:2:b", 60, 10, 10**9) == []
+    one = tasks.claim_suspect(st.manifest.conn, model["id"], "h:2:b", 60)
     assert len(one) == 1
-    assert tasks.record_death(st.conn, "h:2:b", "h:2", "killed", None) == (1, 0)
+    assert tasks.record_death(st.manifest.conn, "h:2:b", "h:2", "killed", None) == (1, 0)
     # the same worker dying twice is not two workers
-    tasks.claim_suspect(st.conn, model["id"], "h:2:c", 60)
-    assert tasks.record_death(st.conn, "h:2:c", "h:2", "killed", None) == (1, 0)
+    tasks.claim_suspect(st.manifest.conn, model["id"], "h:2:c", 60)
+    assert tasks.record_death(st.manifest.conn, "h:2:c", "h:2", "killed", None) == (1, 0)
     st.close()

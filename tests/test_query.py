@@ -70,14 +70,14 @@ def test_speaker_items_and_vectors(store):
 def test_one_speaker_is_read_through_the_speaker_index(store):
     # at 1 M items, walking every done task instead costs ~0.4 s; the index takes ~1 ms
     statements = []
-    store.conn.set_trace_callback(statements.append)
+    store.manifest.conn.set_trace_callback(statements.append)
     try:
         ids, _ = store.embeddings(speaker="spk1")
     finally:
-        store.conn.set_trace_callback(None)
+        store.manifest.conn.set_trace_callback(None)
     assert len(ids) == 5
     select = next(s for s in statements if s.lstrip().upper().startswith("SELECT") and "i.speaker" in s)
-    plan = " ".join(r[3] for r in store.query("EXPLAIN QUERY PLAN " + select))
+    plan = " ".join(r[3] for r in store.manifest.query("EXPLAIN QUERY PLAN " + select))
     assert "USING INDEX items_speaker" in plan, plan
     assert plan.index("items_speaker") < plan.index("SEARCH t")
 
@@ -99,7 +99,7 @@ def test_similar_matches_brute_force_and_lists_shared_rows(store):
     # a short id: the unique ending of an item id, with or without extension
     assert store.similar(item_id="spk1/utt3.wav", k=6) == store.similar(item_id="ds/spk1/utt3", k=6)
     # the streaming path (read-only store, no cache) gives the same answer
-    assert query.similar(store, item_id="ds/spk1/utt3", k=6, use_cache=False) == store.similar(
+    assert query.similar(store.manifest, item_id="ds/spk1/utt3", k=6, use_cache=False) == store.similar(
         item_id="ds/spk1/utt3", k=6
     )
     assert len(store.similar(item_id="ds/spk1/utt3", k=100)) == len(ids) - 1
@@ -121,7 +121,7 @@ def test_similar_never_returns_removed_items_or_orphan_rows(store):
     opposite = -dict(zip(ids, vectors))[target]
     # re-extract utt3 opposite to the target; its old row still holds the old one, never returned
     fill_embeddings(store, vector_of=lambda uid, spk: opposite)
-    assert store.resolve_model()["rows"] == old_rows + 1
+    assert store.manifest.resolve_model()["rows"] == old_rows + 1
     found = store.similar(item_id=target, k=30)
     assert [f["id"] for f in found].count("ds/spk2/utt3") == 1
     assert found[-1]["id"] == "ds/spk2/utt3"  # the new far-away vector ranks last
@@ -197,7 +197,7 @@ def test_centroids_are_means_of_unit_vectors(store, tmp_path):
     for name, centroid in zip(names, matrix):
         _, vectors = store.embeddings(speaker=name)
         assert np.allclose(centroid, unit(vectors).mean(axis=0), atol=1e-6)
-    assert np.allclose(query.centroid_table(store, use_cache=False)[1], matrix, atol=1e-6)
+    assert np.allclose(query.centroid_table(store.manifest, use_cache=False)[1], matrix, atol=1e-6)
     out = tmp_path / "c.npz"
     runner = CliRunner()
     result = runner.invoke(cli, ["centroids", str(store.path), "--out", str(out)])
@@ -215,12 +215,12 @@ def test_centroids_are_means_of_unit_vectors(store, tmp_path):
 
 def test_resolve_ids_rules(tmp_path):
     st = make_store(tmp_path, speakers=2, per_speaker=2, videos=2)
-    got = query.resolve_ids(st, ["ds/spk0/vid1/00000", "spk0/vid1/00000.wav", "missing"])
-    internal = st.query("SELECT id FROM items WHERE uid = 'ds/spk0/vid1/00000'")[0][0]
+    got = query.resolve_ids(st.manifest, ["ds/spk0/vid1/00000", "spk0/vid1/00000.wav", "missing"])
+    internal = st.manifest.query("SELECT id FROM items WHERE uid = 'ds/spk0/vid1/00000'")[0][0]
     assert got["ds/spk0/vid1/00000"] == internal and got["spk0/vid1/00000.wav"] == internal
     assert got["missing"] is None
     with pytest.raises(StoreError, match="'vid1/00000.flac' is ambiguous"):
-        query.resolve_ids(st, ["vid1/00000.flac"])
+        query.resolve_ids(st.manifest, ["vid1/00000.flac"])
     many = [f"spk{s}/vid{v}/{n:05d}" for s in range(2) for v in range(2) for n in range(1)] + [f"x{i}" for i in range(10)]
-    resolved = query.resolve_ids(st, many)  # more than a few: the in-Python suffix index
+    resolved = query.resolve_ids(st.manifest, many)  # more than a few: the in-Python suffix index
     assert sum(v is not None for v in resolved.values()) == 4

@@ -143,11 +143,11 @@ def check_exactly_once(st, files: list[Path], root: Path, spec: str) -> None:
     vector equal to `embed_file`, `verify` clean, and a rerun has nothing to do."""
     from embstore.models import load
 
-    rows = st.query("SELECT t.item_id, t.row, t.status FROM tasks t JOIN items i ON i.id = t.item_id")
+    rows = st.manifest.query("SELECT t.item_id, t.row, t.status FROM tasks t JOIN items i ON i.id = t.item_id")
     assert len(rows) == len(files) and all(r["status"] == "done" for r in rows)
     model = st.models()[0]
     assert len({r["row"] for r in rows}) == len(rows) and max(r["row"] for r in rows) < model["rows"]
-    _, ids = st.model_arrays(model).arrays()
+    _, ids = st.manifest.model_arrays(model).arrays()
     assert all(ids[r["row"]] == r["item_id"] for r in rows)
     uids, vectors = st.embeddings()
     encoder = load(spec)
@@ -184,13 +184,13 @@ def test_missing_root_refused_then_path_map_honoured(cluster, tmp_path):
     assert refused.done == 0 and refused.error.startswith("workers failed: node 127.0.0.1 (")
     assert f"scan root(s) missing there: {tmp_path / 'root'}" in refused.error
     assert "--path-map" in refused.error and "\n" not in refused.error
-    assert st.query("SELECT count(*) FROM tasks WHERE status = 'claimed'")[0][0] == 0
+    assert st.manifest.query("SELECT count(*) FROM tasks WHERE status = 'claimed'")[0][0] == 0
     mapped = st.extract(model="null:16", ray="auto", workers=2, path_map=(f"{tmp_path / 'root'}={moved}",))
     assert mapped.done == len(files) and not mapped.error
     # the hashes the workers read are those of the files where the map pointed
     from embstore.audio.io import content_hash
 
-    stored = {r["path"]: r["content_hash"] for r in st.query("SELECT path, content_hash FROM files")}
+    stored = {r["path"]: r["content_hash"] for r in st.manifest.query("SELECT path, content_hash FROM files")}
     assert stored == {str(f.relative_to(tmp_path / "root")): content_hash(str(moved / f.relative_to(tmp_path / "root")))
                       for f in files}
     st.close()
@@ -212,7 +212,7 @@ def test_a_poison_item_is_quarantined_on_the_cluster(cluster, tmp_path):
     assert summary.workers >= 3 and lost in (2, 3), summary.workers_per_node
     (error,) = st.errors()
     assert error["stage"] == "crash" and error["id"].endswith(POISON) and "2 different workers" in error["error"]
-    workers = json.loads(st.query("SELECT crashed_workers FROM tasks WHERE stage = 'crash'")[0][0])
+    workers = json.loads(st.manifest.query("SELECT crashed_workers FROM tasks WHERE stage = 'crash'")[0][0])
     assert len(set(workers)) == 2 and all(w.startswith("ray:") for w in workers)
     st.close()
 
@@ -266,7 +266,7 @@ def test_driver_killed_then_next_run_frees_its_claims_at_once(cluster, tmp_path)
     # freed at the start of the next run, not when the leases run out
     assert summary.prepared["released"] == held[0]
     assert not summary.error and summary.left == 0
-    assert st.query("SELECT status FROM runs ORDER BY id")[0][0] == "crashed"
+    assert st.manifest.query("SELECT status FROM runs ORDER BY id")[0][0] == "crashed"
     proc.wait()
     check_exactly_once(st, files, tmp_path / "root", "resemblyzer")
     st.close()
@@ -304,12 +304,12 @@ def test_window_model_on_the_cluster_equals_a_local_run(cluster, tmp_path, speec
     st.scan([root])
     summary = st.extract(windows="1.5:0.75", ray="auto")
     assert not summary.error and summary.done == 4 and summary.failed == 0, summary
-    for (uid,) in st.query("SELECT uid FROM items"):
+    for (uid,) in st.manifest.query("SELECT uid FROM items"):
         starts, ends, rows = st.windows(uid)
         want = local.windows(uid)
         assert len(starts) > 1 and np.array_equal(starts, want[0]) and np.array_equal(ends, want[1])
         assert cosine_rows(rows, want[2]).min() >= 0.99999
-    spans = sorted(tuple(r) for r in st.query("SELECT row, row + row_count FROM tasks"))
+    spans = sorted(tuple(r) for r in st.manifest.query("SELECT row, row + row_count FROM tasks"))
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
     assert st.verify().ok
     assert st.extract(windows="1.5:0.75", ray="auto").nothing_to_do
@@ -342,7 +342,7 @@ def test_node_lost_mid_run_every_item_done_exactly_once(cluster, tmp_path, model
     assert tallies[f"node 127.0.0.1 ({cluster.nodes[1].node_id[:8]})"] == {"workers": 1, "devices": {"cpu": 1},
                                                                           "lost": 1}
     # a lost node blames no item
-    assert st.query("SELECT count(*) FROM tasks WHERE suspect = 1 OR crashed_workers IS NOT NULL")[0][0] == 0
+    assert st.manifest.query("SELECT count(*) FROM tasks WHERE suspect = 1 OR crashed_workers IS NOT NULL")[0][0] == 0
     check_exactly_once(st, files, tmp_path / "root", spec)
     from click.testing import CliRunner
 

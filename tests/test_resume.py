@@ -95,10 +95,10 @@ import sys, time
 import embstore
 from embstore.manifest import runs, tasks
 st = embstore.open(sys.argv[1])
-model_id = st.query("SELECT id FROM models")[0][0]
+model_id = st.manifest.query("SELECT id FROM models")[0][0]
 owner = tasks.new_owner()
-runs.start_run(st.conn, model_id, {"holder": True})
-held = tasks.claim_batch(st.conn, model_id, owner, 3600, 3, 10**9)
+runs.start_run(st.manifest.conn, model_id, {"holder": True})
+held = tasks.claim_batch(st.manifest.conn, model_id, owner, 3600, 3, 10**9)
 print(len(held), flush=True)
 time.sleep(600)
 """
@@ -153,7 +153,7 @@ def test_live_claims_of_another_run_are_neither_taken_nor_reported_done(tmp_path
     holder.wait()
     assert again.returncode == 0, again.stderr
     st = embstore.open(store)
-    assert st.query("SELECT count(*) FROM tasks WHERE status = 'done'")[0][0] == 10
+    assert st.manifest.query("SELECT count(*) FROM tasks WHERE status = 'done'")[0][0] == 10
     st.close()
 
 
@@ -191,7 +191,7 @@ def test_diarize_without_the_vad_package_stops_at_plan_time(tmp_path, two_files,
                      " pip install 'silero-vad>=6' (or reinstall embstore), then run the command again"]
     assert not rttm.exists()
     st = embstore.open(store)
-    assert st.query("SELECT count(*) FROM tasks WHERE status != 'pending'")[0][0] == 0
+    assert st.manifest.query("SELECT count(*) FROM tasks WHERE status != 'pending'")[0][0] == 0
     assert st.errors() == []
     st.close()
     # the same for `extract --vad silero`, and the library raises it as an environment problem
@@ -204,9 +204,9 @@ def test_failures_stored_for_a_missing_package_are_retried_unasked(tmp_path, two
     st = embstore.open(store)
     st.scan([two_files])
     st.extract(vad="silero", progress=False)
-    assert st.query("SELECT count(*) FROM tasks WHERE status = 'done'")[0][0] == 2
+    assert st.manifest.query("SELECT count(*) FROM tasks WHERE status = 'done'")[0][0] == 2
     # what an older version stored when silero-vad was missing: both items "failed"
-    with st.write() as conn:
+    with st.manifest.write() as conn:
         conn.execute("UPDATE tasks SET status = 'failed', stage = 'vad', row = NULL, error = 'VadError: --vad silero"
                      " needs the silero-vad package: pip install --no-deps silero-vad'")
     summary = st.extract(vad="silero", progress=False)
@@ -271,7 +271,7 @@ def test_a_vad_package_that_fails_to_import_stops_the_run_before_any_claim(tmp_p
     assert res.exit_code == 4, res.output
     assert "the webrtc VAD needs the webrtcvad package, which cannot be imported" in res.output
     st = embstore.open(store)
-    assert st.query("SELECT count(*) FROM tasks WHERE status != 'pending'")[0][0] == 0
+    assert st.manifest.query("SELECT count(*) FROM tasks WHERE status != 'pending'")[0][0] == 0
     st.close()
 
 
@@ -353,5 +353,5 @@ def test_claims_stay_held_while_their_last_batch_computes(tmp_path, shared_data,
     (summary,) = out
     assert summary.dropped == 0 and summary.done == 2, summary
     assert second.returncode == 5 and "held by another run still running" in second.stderr, second.stderr
-    assert st.query("SELECT max(attempts) FROM tasks")[0][0] == 1  # nothing claimed twice
+    assert st.manifest.query("SELECT max(attempts) FROM tasks")[0][0] == 1  # nothing claimed twice
     st.close()

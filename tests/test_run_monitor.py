@@ -109,8 +109,9 @@ class Rig:
 
     def __init__(self, tmp_path: Path):
         make_tree(tmp_path / "root", speakers=1, per_speaker=ITEMS, seconds=0.3)
-        self.store = embstore.open(tmp_path / "store")
-        self.store.scan([tmp_path / "root"])
+        self.opened = embstore.open(tmp_path / "store")
+        self.opened.scan([tmp_path / "root"])
+        self.store = self.opened.manifest  # the plumbing the monitor works on
         model = self.store.register_model(fake_model_description())
         tasks.refresh_tasks(self.store.conn, model["id"], length_rule, 16000)
         left, left_seconds = tasks.pending_summary(self.store.conn, model["id"])

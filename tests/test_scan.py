@@ -9,7 +9,7 @@ from tests.audio_factory import make_tree, write
 
 
 def items(st):
-    return {r["uid"]: dict(r) for r in st.query("SELECT * FROM items WHERE removed = 0")}
+    return {r["uid"]: dict(r) for r in st.manifest.query("SELECT * FROM items WHERE removed = 0")}
 
 
 def test_dataset_layout_reads_headers_and_ignores_non_audio(tmp_path):
@@ -23,7 +23,7 @@ def test_dataset_layout_reads_headers_and_ignores_non_audio(tmp_path):
     got = items(st)
     assert "ds/spk0/spk0-0" in got and "ds/spk1/video7/00001" in got
     assert got["ds/spk1/video7/00001"]["speaker"] == "spk1"
-    f = st.query("SELECT * FROM files WHERE path = ?", ("ds/spk0/spk0-1.wav",))[0]
+    f = st.manifest.query("SELECT * FROM files WHERE path = ?", ("ds/spk0/spk0-1.wav",))[0]
     assert f["sample_rate"] == 16000 and f["channels"] == 1 and f["frames"] == int(1.13 * 16000)
     assert f["duration"] == pytest.approx(1.13, abs=1e-3)
 
@@ -68,10 +68,10 @@ def test_changed_file_marks_done_tasks_stale(tmp_path):
     files = make_tree(tmp_path / "root", speakers=1, per_speaker=1)
     st = embstore.open(tmp_path / "s")
     st.scan([tmp_path / "root"])
-    model = st.register_model({"name": "m", "spec": "m", "fingerprint": "f" * 24, "dim": 4, "sample_rate": 16000,
+    model = st.manifest.register_model({"name": "m", "spec": "m", "fingerprint": "f" * 24, "dim": 4, "sample_rate": 16000,
                                "batching": "equal", "frontend": {}})
-    item_id = st.query("SELECT id FROM items")[0][0]
-    st.conn.execute("INSERT INTO tasks (item_id, model_id, status, length, row) VALUES (?, ?, 'done', 1, 0)",
+    item_id = st.manifest.query("SELECT id FROM items")[0][0]
+    st.manifest.conn.execute("INSERT INTO tasks (item_id, model_id, status, length, row) VALUES (?, ?, 'done', 1, 0)",
                     (item_id, model["id"]))
     write(files[0], 1.5, seed=3)
     os.utime(files[0], ns=(time.time_ns(), time.time_ns() + 10**9))

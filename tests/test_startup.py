@@ -85,7 +85,7 @@ from embstore.extract.options import ExtractOptions
 from embstore.extract.plan import plan_extraction
 st = embstore.open({str(tmp_path / 's2')!r})
 st.scan([{str(tmp_path / 'audio')!r}])
-plan = plan_extraction(st, ExtractOptions(model={f'wespeaker:{model_dir}'!r}))
+plan = plan_extraction(st.manifest, ExtractOptions(model={f'wespeaker:{model_dir}'!r}))
 print(json.dumps({{"torch": "torch" in sys.modules, "spec": plan.worker_spec, "left": plan.left}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=os.environ,

@@ -9,8 +9,8 @@ def test_fresh_store_has_every_migration_and_wal(tmp_path):
     st = embstore.open(tmp_path / "s")
     applied = [m.name for m in migrations.applied(st.db)]
     assert applied == LATEST
-    assert st.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert st.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert st.manifest.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert st.manifest.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     tables = set(st.db.table_names())
     assert {"files", "items", "models", "tasks", "runs", "roots"} <= tables
 
@@ -29,12 +29,12 @@ def test_store_from_first_migration_upgrades_in_place(tmp_path):
     db.close()
     st = embstore.open(tmp_path / "s")
     assert "stage" in st.db["tasks"].columns_dict
-    assert st.query("SELECT path FROM roots")[0][0] == "/x"  # data kept
+    assert st.manifest.query("SELECT path FROM roots")[0][0] == "/x"  # data kept
 
 
 def test_store_from_newer_version_is_refused_clearly(tmp_path):
     st = embstore.open(tmp_path / "s")
-    st.conn.execute(
+    st.manifest.conn.execute(
         "INSERT INTO _sqlite_migrations (migration_set, name, applied_at) VALUES ('embstore', 'm999_future', 'x')"
     )
     st.close()

@@ -32,7 +32,7 @@ def _rechunk(store: Path) -> None:
     st = embstore.open(store)
     model = st.models()[0]
     rows = model["rows"]
-    group = zarr.open_group(str(st.zarr_path), mode="a", zarr_format=3)[model["array_path"]]
+    group = zarr.open_group(str(st.manifest.zarr_path), mode="a", zarr_format=3)[model["array_path"]]
     vec, ids = group["vectors"], group["item_ids"]
     shape, dim = vec.shape, vec.shape[1]
     data, item_ids = vec[:rows], ids[:rows]
@@ -69,7 +69,7 @@ def base_store(tmp_path_factory) -> Path:
     st = embstore.open(store)
     st.scan([root])
     encoder = _load_model()
-    model = st.register_model(encoder.describe())
+    model = st.manifest.register_model(encoder.describe())
     owner = new_owner()
     client = SqliteManifestClient(store, model["id"], owner, 600, "item", encoder.feature_length, encoder.sample_rate)
     client.refresh()
@@ -80,7 +80,7 @@ def base_store(tmp_path_factory) -> Path:
     writer.flush()
     writer.close()
     client.close()
-    assert st.query("SELECT count(*) FROM tasks WHERE status = 'done'")[0][0] == 6
+    assert st.manifest.query("SELECT count(*) FROM tasks WHERE status = 'done'")[0][0] == 6
     st.close()
     _rechunk(store)
     return store
@@ -114,7 +114,7 @@ def group_dir(store: Path) -> Path:
 
 def checks(store: Path) -> dict[str, list[str]]:
     with embstore.open(store) as st:
-        report = verify_store(st)
+        report = verify_store(st.manifest)
     out: dict[str, list[str]] = {}
     for p in report.problems:
         out.setdefault(p.check, []).append(p.message)
@@ -247,7 +247,7 @@ def test_nan_and_zero_rows_are_caught(store):
     vec[row_a] = bad
     vec[row_b] = np.zeros(vec.shape[1], dtype=np.float32)
     with embstore.open(store) as st:
-        report = verify_store(st)
+        report = verify_store(st.manifest)
     [finding] = [p for p in report.problems if p.check == "bad-vector"]
     assert finding.count == 2
     assert {(e["row"], e["why"]) for e in finding.examples} == {(row_a, "non-finite"), (row_b, "zero")}
@@ -272,7 +272,7 @@ def test_dedup_shared_row_passes_and_a_changed_twin_only_warns(store):
     sql(store, "UPDATE files SET content_hash = ? WHERE id = (SELECT file_id FROM items WHERE id = ?)", (hash_a, b))
     sql(store, "UPDATE tasks SET row = ? WHERE item_id = ?", (ra, b))
     with embstore.open(store) as st:
-        report = verify_store(st)
+        report = verify_store(st.manifest)
     assert report.ok, report.as_dict()
     info = report.models["resemblyzer-ge2e"]
     assert info["shared_rows"] == 1 and info["dedup_rows_checked"] == 1
@@ -280,7 +280,7 @@ def test_dedup_shared_row_passes_and_a_changed_twin_only_warns(store):
     sql(store, "UPDATE files SET content_hash = 'changed' WHERE id = (SELECT file_id FROM items WHERE id = ?)", (a,))
     sql(store, "UPDATE tasks SET status = 'stale' WHERE item_id = ?", (a,))
     with embstore.open(store) as st:
-        report = verify_store(st)
+        report = verify_store(st.manifest)
     assert report.ok and [w.check for w in report.warnings] == ["row-owner-changed"]
 
 
@@ -310,7 +310,7 @@ def test_real_dedup_rows_pass(tmp_path):
     from tests.store_factory import make_store
 
     st = make_store(tmp_path, speakers=2, per_speaker=2, copies=2)
-    report = verify_store(st)
+    report = verify_store(st.manifest)
     assert report.ok, report.as_dict()
     info = report.models["fake"]
     assert info["shared_rows"] == 1 and info["dedup_rows_checked"] == 2 and info["done"] == 6

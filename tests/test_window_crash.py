@@ -28,7 +28,7 @@ def corpus(speech_corpus, tmp_path_factory):
     st.scan([root])
     summary = st.extract(windows=SPEC)
     assert summary.done == 12 and summary.failed == 0
-    clean = {uid: st.windows(uid) for (uid,) in st.query("SELECT uid FROM items ORDER BY uid")}
+    clean = {uid: st.windows(uid) for (uid,) in st.manifest.query("SELECT uid FROM items ORDER BY uid")}
     st.close()
     return root, clean
 

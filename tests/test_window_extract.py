@@ -124,7 +124,7 @@ def test_cli_windows_exports_and_search(store, corpus, names, tmp_path):
     kaldi = tmp_path / "k"
     out = runner.invoke(cli, ["export-kaldi", str(path), str(kaldi), "--model", WIN])
     # two items of the corpus have no speech to window: failed, so not in the export (exit 3)
-    failed = embstore.open(path).query("SELECT count(*) FROM tasks t JOIN models m ON m.id = t.model_id"
+    failed = embstore.open(path).manifest.query("SELECT count(*) FROM tasks t JOIN models m ON m.id = t.model_id"
                                        " WHERE t.status = 'failed' AND m.kind = 'windows'")[0][0]
     assert failed and out.exit_code == 3, out.output
     assert f"{failed} items failed: see `embstore errors" in out.output

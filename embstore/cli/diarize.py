@@ -47,9 +47,8 @@ def diarize(store, model, num_speakers, max_speakers, method, windows, vad, work
 
     with open_store(store) as st:
         report = st.diarize(model=model, num_speakers=num_speakers, max_speakers=max_speakers, method=method,
-                            windows=windows, vad=vad, extract={"workers": workers, "device": device,
-                                                               "progress": not as_json and rttm_out != "-"},
-                            rttm=rttm_out is not None)
+                            windows=windows, vad=vad, rttm=rttm_out is not None, workers=workers, device=device,
+                            progress=not as_json and rttm_out != "-")
     segments = report.pop("segments")
     outcome = report.pop("outcome")
     if rttm_out == "-":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
@@ -10,6 +10,9 @@ from embstore.cli.common import (
     by_option, conclude, exit_status_documented,
     echo_json, json_option, library_errors, model_option, open_store, stderr_is_tty, store_argument,
 )
+
+if TYPE_CHECKING:
+    from embstore.export.files import MatrixExport
 
 out_argument = click.argument("out", type=click.Path(file_okay=False))
 
@@ -109,9 +112,9 @@ def export_kaldi(store, out, model, by, as_json):
         embstore export-kaldi store/ exp/xvectors --model resemblyzer-ge2e
         embstore export-kaldi store/ exp/subsegments --model resemblyzer-ge2e+w1.5:0.75+silero
     """
-    def echo(info: dict[str, Any]) -> None:
-        what = f"{info['windows']} windows of {info['items']} items" if "windows" in info else f"{info['items']} items"
-        click.echo(f"{what} of {info['speakers']} speakers -> {info['out']} ({', '.join(info['files'])})")
+    def echo(info: MatrixExport) -> None:
+        what = f"{info.windows} windows of {info.items} items" if info.windows is not None else f"{info.items} items"
+        click.echo(f"{what} of {info.speakers} speakers -> {info.out} ({', '.join(info.files)})")
 
     _export(store, as_json, lambda st: st.export_kaldi(out, model=model, by=by), echo)
 
@@ -133,24 +136,23 @@ def export_npy(store, out, model, by, as_json):
         embstore export-npy store/ matrix/
         python -c "import numpy as np; print(np.load('matrix/embeddings.npy', mmap_mode='r').shape)"
     """
-    def echo(info: dict[str, Any]) -> None:
-        what = f"{info['windows']} windows of {info['items']} items" if "windows" in info else f"{info['items']}"
-        click.echo(f"{what} x {info['dim']} float32 -> {info['out']}/embeddings.npy (+ {', '.join(info['files'][1:])})")
+    def echo(info: MatrixExport) -> None:
+        what = f"{info.windows} windows of {info.items} items" if info.windows is not None else f"{info.items}"
+        click.echo(f"{what} x {info.dim} float32 -> {info.out}/embeddings.npy (+ {', '.join(info.files[1:])})")
 
     _export(store, as_json, lambda st: st.export_npy(out, model=model, by=by), echo)
 
 
-def _export(store: str, as_json: bool, run: Callable[[Any], dict[str, Any]],
-            echo: Callable[[dict[str, Any]], None]) -> None:
-    """Run one export, print its info (`echo`, or JSON) and end as its outcome says."""
+def _export(store: str, as_json: bool, run: Callable[[Any], MatrixExport],
+            echo: Callable[[MatrixExport], None]) -> None:
+    """Run one export, print its report (`echo`, or JSON) and end as its outcome says."""
     with open_store(store) as st:
         info = run(st)
-    outcome = info.pop("outcome")
     if as_json:
-        echo_json(info | {"outcome": outcome.as_dict()})
+        echo_json(info.as_dict())
     else:
         echo(info)
-    conclude(outcome, store)
+    conclude(info.outcome, store)
 
 
 def register(cli: click.Group) -> None:

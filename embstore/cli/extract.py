@@ -86,8 +86,8 @@ def extract(store, model, gpus, device, workers, batch_frames, loader_workers, d
         )
     if as_json:
         echo_json(summary.as_dict())
-    elif summary.nothing_to_do and summary.failed:
-        click.echo(f"nothing to do: {summary.model} has every item it can embed ({summary.failed} failed;"
+    elif summary.nothing_to_do and summary.outcome.failed:  # the model's failures, earlier runs'
+        click.echo(f"nothing to do: {summary.model} has every item it can embed ({summary.outcome.failed} failed;"
                    " --retry-failed to try again)")
     elif summary.nothing_to_do:
         click.echo(f"nothing to do: every item has an embedding from {summary.model}")

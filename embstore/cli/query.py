@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import click
 
 from embstore.cli.common import by_option, echo_json, echo_table, json_option, library_errors, model_option, open_store, store_argument
 
 
 
-def model_vectors_json(fn):
-    """--model, --vectors, --json: the options of commands that list embeddings."""
-    fn = json_option(fn)
-    fn = click.option("--vectors", is_flag=True, help="Include the embeddings (lists of floats in --json).")(fn)
-    return model_option(fn)
+def embeddings_of(argument: str, metavar: str) -> Callable[[Callable], click.Command]:
+    """A command listing the embeddings of one thing: STORE <argument>, --model,
+    --vectors, --json, library errors as one line."""
+    def decorate(fn: Callable) -> click.Command:
+        fn = library_errors(fn)
+        fn = json_option(fn)
+        fn = click.option("--vectors", is_flag=True, help="Include the embeddings (lists of floats in --json).")(fn)
+        fn = model_option(fn)
+        fn = click.argument(argument, metavar=metavar)(fn)
+        return click.command()(store_argument(fn))
+
+    return decorate
 
 
 @click.command()
@@ -47,11 +56,7 @@ def speakers(store, model, by, as_json):
     echo_table(table, ["speaker", "datasets", "items", "done"])
 
 
-@click.command()
-@store_argument
-@click.argument("speaker_id", metavar="ID")
-@model_vectors_json
-@library_errors
+@embeddings_of("speaker_id", "ID")
 def speaker(store, speaker_id, model, vectors, as_json):
     """One speaker's items: id, dataset, audio path, whether embedded.
 
@@ -121,11 +126,7 @@ def similar(store, item_id, audio, k, model, as_json):
     )
 
 
-@click.command()
-@store_argument
-@click.argument("item_id", metavar="ITEM_ID")
-@model_vectors_json
-@library_errors
+@embeddings_of("item_id", "ITEM_ID")
 def windows(store, item_id, model, vectors, as_json):
     """One item's windows from a window model: start, end (seconds), and embedding.
 
@@ -141,7 +142,7 @@ def windows(store, item_id, model, vectors, as_json):
 
     with open_store(store) as st:
         starts, ends, matrix = st.windows(item_id, model=model)
-        m = st.resolve_model(model, kind="windows")
+        m = st.manifest.resolve_model(model, kind="windows")
         spec = m.window_spec["window"]
     short = (ends - starts) < spec - 5e-4
     if as_json:
@@ -187,7 +188,7 @@ def centroids(store, model, by, as_json, out_file):
     from embstore.query import centroid_table
 
     with open_store(store) as st:
-        names, matrix, counts = centroid_table(st, model, by=by)
+        names, matrix, counts = centroid_table(st.manifest, model, by=by)
     if out_file:
         with open(out_file, "wb") as f:  # an open file: np.savez would otherwise append .npz
             np.savez(f, speakers=np.array(names, dtype=str), centroids=matrix, counts=counts)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from embstore.cli.common import conclude, exit_status_documented, library_errors, model_option, open_store, store_argument
-from embstore.cli.score import echo_warnings, norm_options
+from embstore.cli.score import norm_options
 
 
 @click.command()
@@ -39,9 +39,8 @@ def report(store, out, trials, model, norm, mean_from, cohort, top_n, p_target, 
             out, trials=list(trials), model=model, norm=list(norm), mean_from=mean_from, cohort=cohort,
             top_n=top_n, p_target=p_target, outliers=outliers,
         )
-    echo_warnings(result.get("warnings", []))
-    click.echo(f"wrote {result['path']} ({result['bytes'] / 1e6:.2f} MB; {', '.join(result['sections'])})")
-    conclude(result["outcome"], store)
+    click.echo(f"wrote {result.path} ({result.bytes / 1e6:.2f} MB; {', '.join(result.sections)})")
+    conclude(result.outcome, store)
 
 
 def register(cli: click.Group) -> None:

@@ -69,7 +69,7 @@ def errors(store, model, as_json):
         embstore errors store/ --json
     """
     with open_store(store) as st:
-        rows = st.errors(model)
+        rows = st.errors(model=model)
     if as_json:
         echo_json(rows)
         return

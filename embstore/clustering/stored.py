@@ -95,12 +95,8 @@ def _names(labels: np.ndarray, count: int) -> list[str]:
 
 
 def cluster_dataset(
-    store: Manifest,
-    dataset: str,
-    model: str | None = None,
-    threshold: float | None = None,
-    num_speakers: int | None = None,
-    progress: Progress | None = None,
+    store: Manifest, dataset: str, model: str | None = None, threshold: float | None = None,
+    num_speakers: int | None = None, progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Cluster the dataset's embedded items and store their labels; returns the report:
     dataset, model, items (live), embedded, rows (distinct vectors), clustered,

@@ -8,6 +8,7 @@ centroid towards itself; speakers with a single item have no score. Crawled corp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -46,14 +47,26 @@ def nearest_other(unit: np.ndarray, centroids: np.ndarray, own: np.ndarray) -> t
     return best, best_score
 
 
-def find_outliers(
-    store: Manifest,
-    model: str | None = None,
-    dataset: str | None = None,
-    speaker: str | None = None,
-    top: int | None = 20,
-    below: float | None = None,
-) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class OutlierOptions:
+    """Which items `find_outliers` ranks and how many it returns; checked when made.
+    model: the model (the only one by default); dataset / speaker: only those items; top:
+    the lowest `top`; below: instead, every item scoring under this cosine."""
+
+    model: str | None = None
+    dataset: str | None = None
+    speaker: str | None = None
+    top: int | None = 20
+    below: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.below is None and (self.top is None or self.top < 1):
+            raise StoreError(f"--top must be at least 1 (got {self.top})")
+        if self.below is not None and not -1.0 <= self.below <= 1.0:
+            raise StoreError(f"--below is a cosine, between -1 and 1 (got {self.below})")
+
+
+def find_outliers(store: Manifest, options: OutlierOptions | None = None) -> list[dict[str, Any]]:
     """Items of the store (or of one dataset / speaker) by how far they sit from their
     own speaker, worst first: the `top` lowest, or all with a score under `below`.
 
@@ -61,10 +74,8 @@ def find_outliers(
     that speaker), nearest_speaker, nearest_score (cosine to that speaker's centroid),
     margin (score - nearest_score; negative = closer to another speaker)}. Centroids are
     over every dataset: a speaker label means one person store-wide."""
-    if below is None and (top is None or top < 1):
-        raise StoreError(f"--top must be at least 1 (got {top})")
-    if below is not None and not -1.0 <= below <= 1.0:
-        raise StoreError(f"--below is a cosine, between -1 and 1 (got {below})")
+    opts = options or OutlierOptions()
+    model, dataset, speaker, top, below = opts.model, opts.dataset, opts.speaker, opts.top, opts.below
     m, rows = store.done_rows(model, speaker, dataset)
     if not rows:
         parts = [f"speaker {speaker!r}" if speaker else "", f"dataset {dataset!r}" if dataset else ""]
@@ -104,4 +115,4 @@ def find_outliers(
     return out
 
 
-__all__ = ["find_outliers", "leave_one_out_scores", "nearest_other"]
+__all__ = ["find_outliers", "OutlierOptions", "leave_one_out_scores", "nearest_other"]

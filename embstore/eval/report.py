@@ -12,13 +12,15 @@ from __future__ import annotations
 import html
 import json
 import os
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Sequence
 
 import numpy as np
 
+from embstore.api import Report
 from embstore.errors import StoreError
-from embstore.eval.outliers import find_outliers
+from embstore.eval.outliers import OutlierOptions, find_outliers
 
 # matplotlib itself is only imported when the first figure is drawn
 from embstore.eval.plots import (
@@ -271,7 +273,7 @@ def scoring_section(store: Manifest, model_key: str, trials: Sequence[str], opti
 
 def outliers_section(store: Manifest, model_key: str, top: int) -> str:
     try:
-        found = find_outliers(store, model=model_key, top=top)
+        found = find_outliers(store, OutlierOptions(model=model_key, top=top))
     except StoreError as exc:
         return f"<p class='note'>{_e(exc)}</p>"
     rows = [[o["id"], o["speaker"], o["dataset"], round(o["score"], 4), o["items"], o["nearest_speaker"],
@@ -287,27 +289,46 @@ def outliers_section(store: Manifest, model_key: str, top: int) -> str:
 # -- the page -----------------------------------------------------------------------------
 
 
-def build_report(
-    store: Manifest,
-    out: str | os.PathLike,
-    trials: Sequence[str | os.PathLike] = (),
-    model: str | None = None,
-    outliers: int = 20,
-    **options: Any,
-) -> dict[str, Any]:
-    """Write the report to `out`; returns {"path", "bytes", "sections"}.
+REPORT_OPTIONS = ("trials", "model", "outliers")
 
-    With `trials`, each model (or only `model`) gets a scoring section with those lists;
-    `options` are `ScoreOptions`' (norm, mean_from, cohort, top_n, p_target...)."""
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """What the report holds; checked when made. trials: lists scored per model (a
+    scoring section each, under `scoring`'s norms and priors); model: only this model;
+    outliers: speaker outliers listed per model."""
+
+    trials: Sequence[str | os.PathLike] = ()
+    model: str | None = None
+    outliers: int = 20
+    scoring: ScoreOptions = field(default_factory=ScoreOptions)
+
+    def __post_init__(self) -> None:
+        if self.outliers < 1:
+            raise StoreError(f"--outliers must be at least 1 (got {self.outliers})")
+
+
+@dataclass
+class HtmlReport(Report):
+    """The page written (`path`, its `bytes`), its `sections`, and what it covered of
+    every model's items (`outcome`: failed or not extracted items are missing from it)."""
+
+    path: str
+    bytes: int
+    sections: list[str]
+    outcome: Outcome
+
+
+def build_report(store: Manifest, out: str | os.PathLike, options: ReportOptions | None = None) -> HtmlReport:
+    """Write the report to `out` (see `ReportOptions` for what it holds)."""
     from embstore.eval.trials import read_trials
 
+    opts = options or ReportOptions()
     pyplot()  # fail before any work when matplotlib is missing
-    score_options = ScoreOptions(**options)
-    trials = [str(t) for t in trials]
+    score_options, model, outliers = opts.scoring, opts.model, opts.outliers
+    trials = [str(t) for t in opts.trials]
     for t in trials:
         read_trials(t)  # a bad list fails now, not after minutes of charts
-    if outliers < 1:
-        raise StoreError(f"--outliers must be at least 1 (got {outliers})")
     models = [store.resolve_model(model)] if model else [m for m in store.models() if m["kind"] == "item"]
     keys = [store.model_key(m) for m in models]
     status = reports.status(store.conn, str(store.path))
@@ -346,8 +367,7 @@ def build_report(
     outcome = Outcome(noun="items" if len(models) < 2 else "item embeddings")
     for m, key in zip(models, keys):
         outcome = outcome.add(reports.coverage(store.conn, m["id"], model_key=key))
-    return {"path": out, "bytes": len(page.encode("utf-8")), "sections": [sid for sid, _, _ in sections],
-            "outcome": outcome}
+    return HtmlReport(out, len(page.encode("utf-8")), [sid for sid, _, _ in sections], outcome)
 
 
-__all__ = ["build_report", "table"]
+__all__ = ["build_report", "table", "ReportOptions", "HtmlReport", "REPORT_OPTIONS"]

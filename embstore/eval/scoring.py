@@ -25,7 +25,7 @@ from embstore.eval.norm import (
     symmetric_norm,
     to_unit,
 )
-from embstore.eval.selection import select_items
+from embstore.eval.selection import resolve_selection
 from embstore.eval.trials import TrialList, read_trials
 from embstore.manifest import reads
 from embstore.manifest.database import Manifest
@@ -172,7 +172,7 @@ def _norm_labels(norms: list[str], has_mean: bool, top_n: int) -> list[tuple[str
 def _cohort(
     store: Manifest, m: sqlite3.Row, sel: str, mean: np.ndarray | None, read, warnings: list[str]
 ) -> np.ndarray:
-    chosen = select_items(store, m, sel, what="--cohort")
+    chosen = resolve_selection(store, m, sel, what="--cohort")
     warnings += chosen.warnings
     names, index = chosen.speaker_index()
     if len(names) < 2:
@@ -220,7 +220,7 @@ def run_scoring(
     mean = None
     options: dict[str, Any] = {"mean_from": mean_from, "cohort": cohort}
     if mean_from is not None:
-        chosen = select_items(store, m, mean_from, what="--mean-from")
+        chosen = resolve_selection(store, m, mean_from, what="--mean-from")
         warnings += chosen.warnings
         sums, counts = grouped_sums(read, chosen.rows, np.zeros(len(chosen), np.int64), 1, int(m["dim"]))
         mean = sums[0] / counts[0]
@@ -320,12 +320,12 @@ def score(
     model: str | None = None,
     scores: str | os.PathLike | None = None,
     plot: str | os.PathLike | None = None,
-    **options: Any,
+    options: ScoreOptions | None = None,
 ) -> dict[str, Any]:
     """Score one or several trial lists with the store's embeddings.
 
-    options: those of `ScoreOptions` (norm, mean_from, cohort, top_n, p_target, c_miss,
-    c_fa). scores: a file (one result) or a folder (one `<list>[.<norm>].score` file
+    options: a `ScoreOptions` (norm, mean_from, cohort, top_n, p_target, c_miss, c_fa;
+    the defaults when None). scores: a file (one result) or a folder (one `<list>[.<norm>].score` file
     each) of `<enroll> <test> <score> <target|nontarget>` lines. plot: a folder for DET
     curves and score histograms (PNG and SVG; needs matplotlib, `embstore[plot]`).
 
@@ -333,7 +333,7 @@ def score(
     targets, nontargets, missing, missing_ids, eer, eer_threshold, min_dcf {p: v},
     act_dcf {p: v}, ...], "warnings", "options", "score_files", "plots", "outcome"} (outcome: an
     `embstore.outcome.Outcome` over the trial ids: with an embedding, failed, or left)."""
-    scoring = run_scoring(store, trials, model, ScoreOptions(**options))
+    scoring = run_scoring(store, trials, model, options or ScoreOptions())
     out: dict[str, Any] = {
         "model": scoring.model, "results": [r.row() for r in scoring.results], "warnings": scoring.warnings,
         "options": scoring.options | {"p_targets": scoring.p_targets}, "score_files": [], "plots": [],

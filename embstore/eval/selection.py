@@ -58,7 +58,7 @@ def _read_lines(path: str, what: str) -> list[str]:
     return list(dict.fromkeys(values))
 
 
-def select_items(store: Manifest, model: sqlite3.Row, sel: str, what: str = "selection") -> ItemSelection:
+def resolve_selection(store: Manifest, model: sqlite3.Row, sel: str, what: str = "selection") -> ItemSelection:
     """The items SEL names that have an embedding of `model`; an error when none does."""
     sel = str(sel)
     warnings: list[str] = []
@@ -102,4 +102,4 @@ def _first(values: list[str], n: int = 5) -> str:
     return ", ".join(values[:n]) + (", ..." if len(values) > n else "")
 
 
-__all__ = ["ItemSelection", "select_items", "SEL_HELP"]
+__all__ = ["ItemSelection", "resolve_selection", "SEL_HELP"]

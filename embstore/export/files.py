@@ -7,10 +7,12 @@ import hashlib
 import os
 import re
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from embstore.api import Report
 from embstore.arrays.zarr_arrays import ModelArrays
 from embstore.errors import StoreError
 from embstore.manifest.clusters import check_by
@@ -42,6 +44,34 @@ def inside(out_real: str, rel_dir: str) -> str:
     if target != out_real and not target.startswith(out_real + os.sep):
         raise StoreError(f"refusing to write into {rel_dir!r}: it resolves to {target}, outside {out_real}")
     return target
+
+
+@dataclass
+class MatrixExport(Report):
+    """What `export-kaldi` or `export-npy` wrote to `out`: `items` done items (`windows`
+    rows of a window model), the `files` written; `spec` and `dim` (npy), `speakers`
+    (kaldi); `left_out`: unclustered items with by="cluster"."""
+
+    out: str
+    model: str
+    fingerprint: str
+    items: int
+    files: list[str]
+    seconds: float = 0.0
+    outcome: Outcome = field(default_factory=Outcome)
+    spec: str | None = None
+    dim: int | None = None
+    speakers: int | None = None
+    windows: int | None = None
+    by: str = "speaker"
+    left_out: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        # the keys a kind of export has no value for are left out, as in 0.1's dicts
+        d = {k: v for k, v in super().as_dict().items() if v is not None}
+        if self.by == "speaker":
+            del d["by"], d["left_out"]
+        return d
 
 
 @dataclass

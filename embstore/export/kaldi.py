@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 
 from embstore.errors import StoreError
-from embstore.export.files import export_outcome, export_rows, group_of, grouped
+from embstore.export.files import MatrixExport, export_outcome, export_rows, group_of, grouped
 from embstore.paths import write_atomic
 from embstore.manifest.database import Manifest
 
@@ -25,7 +25,7 @@ def _batches(rows: list, size: int = 65536) -> Iterator[list]:
         yield rows[start : start + size]
 
 
-def export_kaldi(store: Manifest, out: str | os.PathLike, model: str | None = None, by: str = "speaker") -> dict[str, Any]:
+def export_kaldi(store: Manifest, out: str | os.PathLike, model: str | None = None, by: str = "speaker") -> MatrixExport:
     """OUT/xvector.ark + xvector.scp (kaldiio), utt2spk, spk2utt; keys are item ids
     (whitespace turned into `_`), sorted, so Kaldi tools and kaldiio read them as tables.
     A window model's keys are subsegment ids `<item>-<start_ms:07d>-<end_ms:07d>`, with
@@ -80,13 +80,8 @@ def export_kaldi(store: Manifest, out: str | os.PathLike, model: str | None = No
             f"{k} {_kaldi_token(owner_of[k]['uid'])} {starts[keyed[k]]:.3f} {ends[keyed[k]]:.3f}\n"
             for k in keys).encode("utf-8"))
         files.append("segments")
-    report = {
-        "out": out_path, "model": store.model_key(m), "fingerprint": m["fingerprint"], "items": len(items),
-        "speakers": len(by_speaker), "files": files, "seconds": round(time.monotonic() - started, 3),
-    }
-    if entries.windowed:
-        report["windows"] = len(keys)
-    if by != "speaker":
-        report.update(by=by, left_out=left_out)
-    report["outcome"] = export_outcome(store, m, left_out=left_out)
-    return report
+    return MatrixExport(
+        out_path, store.model_key(m), m["fingerprint"], len(items), files, round(time.monotonic() - started, 3),
+        export_outcome(store, m, left_out=left_out), speakers=len(by_speaker),
+        windows=len(keys) if entries.windowed else None, by=by, left_out=left_out,
+    )

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from embstore.export.files import export_outcome, export_rows, group_of, grouped
+from embstore.export.files import MatrixExport, export_outcome, export_rows, group_of, grouped
 from embstore.paths import write_atomic
 from embstore.manifest.database import Manifest
 
@@ -19,7 +19,7 @@ def _line(text: str | None) -> str:
     return (text or "").replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
 
 
-def export_npy(store: Manifest, out: str | os.PathLike, model: str | None = None, by: str = "speaker") -> dict[str, Any]:
+def export_npy(store: Manifest, out: str | os.PathLike, model: str | None = None, by: str = "speaker") -> MatrixExport:
     """OUT/embeddings.npy (float32 [n, dim]) with ids.txt, speakers.txt and datasets.txt
     (line i describes row i; backslash and newline escaped as \\\\, \\n), plus export.json.
     A window model: one row per window, ids are Kaldi subsegment ids
@@ -67,5 +67,8 @@ def export_npy(store: Manifest, out: str | os.PathLike, model: str | None = None
     if by != "speaker":
         info.update(by=by, left_out=left_out)
     write_atomic(os.path.join(out_path, "export.json"), (json.dumps(info, indent=2) + "\n").encode("utf-8"))
-    info.update(out=out_path, seconds=round(time.monotonic() - started, 3), outcome=export_outcome(store, m, left_out=left_out))
-    return info
+    return MatrixExport(
+        out_path, info["model"], m["fingerprint"], len(items), files, round(time.monotonic() - started, 3),
+        export_outcome(store, m, left_out=left_out), spec=m["spec"], dim=int(m["dim"]),
+        windows=n if entries.windowed else None, by=by, left_out=left_out,
+    )

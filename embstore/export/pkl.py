@@ -36,6 +36,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from embstore.api import Report
 from embstore.errors import StoreError
 from embstore.export.files import export_outcome, group_of, grouped, inside, safe_component
 from embstore.manifest.clusters import check_by
@@ -191,7 +192,7 @@ class _ExportIndex:
 
 
 @dataclass
-class ExportReport:
+class ExportReport(Report):
     out: str
     model: str
     fingerprint: str
@@ -215,29 +216,42 @@ class ExportReport:
         return asdict(self) | {"files_per_second": round(self.files_per_second, 1), "outcome": self.outcome.as_dict()}
 
 
-def export_pkl(
-    store: Manifest,
-    out: str | os.PathLike,
-    model: str | None = None,
-    dataset: str | None = None,
-    speaker: str | None = None,
-    fmt: str = "dict",
-    threads: int | None = None,
-    force: bool = False,
-    progress: bool = False,
-    by: str = "speaker",
-) -> ExportReport:
-    """Write one pickle per done item under OUT (see the module docstring for paths).
+@dataclass(frozen=True)
+class ExportOptions:
+    """What `export_pkl` writes; checked when made.
 
+    model: the model (the only one by default). dataset / speaker: only those items.
     fmt="dict": {"embedding": float32 array, "id", "speaker", "dataset", "cluster"
     (pseudo-speaker label or None), "path" (source audio), "start", "end" (seconds, None
     for whole files), "model", "fingerprint"}; fmt="array": the bare float32 array.
-    `force` rewrites every file."""
-    if fmt not in FORMATS:
-        raise StoreError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
-    if check_by(by) == "cluster" and speaker is not None:
-        # a speaker filter would cut pseudo-speaker folders apart, and names could collide unseen
-        raise StoreError("--speaker selects a real speaker; with --by cluster select a --dataset instead")
+    threads: writing files (default 2 per CPU, at most 16). force: rewrite every file.
+    by="cluster": folders by pseudo-speaker. progress: a bar on stderr."""
+
+    model: str | None = None
+    dataset: str | None = None
+    speaker: str | None = None
+    fmt: str = "dict"
+    threads: int | None = None
+    force: bool = False
+    progress: bool = False
+    by: str = "speaker"
+
+    def __post_init__(self) -> None:
+        if self.fmt not in FORMATS:
+            raise StoreError(f"unknown format {self.fmt!r}: use one of {', '.join(FORMATS)}")
+        if check_by(self.by) == "cluster" and self.speaker is not None:
+            # a speaker filter would cut pseudo-speaker folders apart, and names could collide unseen
+            raise StoreError("--speaker selects a real speaker; with --by cluster select a --dataset instead")
+        if self.threads is not None and self.threads < 1:
+            raise StoreError(f"threads must be at least 1 (got {self.threads})")
+
+
+def export_pkl(store: Manifest, out: str | os.PathLike, options: ExportOptions | None = None) -> ExportReport:
+    """Write one pickle per done item under OUT (see the module docstring for paths and
+    `ExportOptions` for what is written)."""
+    opts = options or ExportOptions()
+    model, dataset, speaker, fmt, by = opts.model, opts.dataset, opts.speaker, opts.fmt, opts.by
+    threads, force, progress = opts.threads, opts.force, opts.progress
     started = time.monotonic()
     m = store.resolve_model(model)
     out_path = os.path.abspath(os.fspath(out))

@@ -33,7 +33,8 @@ class Loaded:
     error: tuple[str, str] | None = None  # (stage, message)
     wav: np.ndarray | None = None  # kept only when features are computed on the device (or windowed later)
     plan: Any = None  # a window model's WindowPlan; feats is then one entry per window
-    rows: np.ndarray | None = None  # a window model's rows, filled block by block
+    # a window model's window vectors [windows, dim], filled block by block (not row numbers)
+    window_vectors: np.ndarray | None = None
     speech: tuple[str, list[tuple[float, float]]] | None = None  # (VAD key, regions) the VAD found here
 
 

@@ -142,7 +142,7 @@ def quick_nothing_to_do(manifest: Manifest, options: ExtractOptions) -> ExtractS
         return None
     return ExtractSummary(
         model=manifest.model_key(row), fingerprint=row.fingerprint, batching=row.batching,
-        failed=tasks.failed_count(manifest.conn, row.id), nothing_to_do=True, model_id=row.id,
+        nothing_to_do=True, model_id=row.id,  # the model's failures: the caller's `outcome`
     )
 
 

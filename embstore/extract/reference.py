@@ -63,8 +63,8 @@ class ReferenceEmbedder:
         for a window model. ItemCutFailed when the cutting leaves nothing to embed."""
         if self.cutting is None:
             return np.asarray(self.encoder.embed_file(str(path), start, end), dtype=np.float32).reshape(1, -1)
-        rows, _ = self.cutting.embed(self.encoder, self.encoder.load(str(path), start, end))
-        return rows
+        vectors, _ = self.cutting.embed(self.encoder, self.encoder.load(str(path), start, end))
+        return vectors
 
 
 def embed_as_stored(

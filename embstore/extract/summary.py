@@ -5,15 +5,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from embstore.api import Report
 from embstore.outcome import Outcome
 from embstore.progress import rate
 
 
 @dataclass
-class ExtractSummary:
+class ExtractSummary(Report):
     model: str
     fingerprint: str
     batching: str
+    # this run's items: embedded, and failed (by this run only; the model's failures
+    # over every item, earlier runs' too, are `outcome.failed`)
     done: int = 0
     failed: int = 0
     audio_seconds: float = 0.0
@@ -35,8 +38,9 @@ class ExtractSummary:
     workers_per_node: dict[str, dict[str, Any]] = field(default_factory=dict)
     model_id: int | None = None
     rounds: int = 0  # times the workers were started (again when dead runs' claims came free at the end)
-    # the model's work after the run, over every live item (earlier runs' failures too):
-    # what the exit status says (`embstore.outcome`)
+    # the model's work after the run, over every live item (earlier runs' failures too,
+    # so "nothing to do" runs report the failures here): what the exit status says
+    # (`embstore.outcome`)
     outcome: Outcome = field(default_factory=Outcome)
 
     @property

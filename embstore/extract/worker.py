@@ -88,12 +88,12 @@ class _Strategy:
         raise NotImplementedError
 
     def step(self, block: list[Any]) -> np.ndarray:
-        """One forward: [len(block), dim] rows."""
+        """One forward: [len(block), dim] vectors."""
         raise NotImplementedError
 
     def done(self, block: list[Any], out: np.ndarray, computed: dict[int, Any]) -> list[ItemOutcome]:
         """The outcomes of the items this block completes, each recorded in `computed`
-        (by task id: a vector, or a window item's (rows, spans); None if it failed)."""
+        (by task id: a vector, or a window item's (vectors, spans); None if it failed)."""
         raise NotImplementedError
 
     def fail(self, x: Loaded, reason: str, computed: dict[int, Any]) -> list[ItemOutcome]:
@@ -123,7 +123,7 @@ class ItemEmbedder:
         self.batch_frames = batch_frames
         self.window_batch = windows.batch if windows is not None else DEFAULT_BATCH
         self.batches = self.batch_items = self.real_frames = self.padded_frames = 0
-        self.recent: OrderedDict[tuple, Any] = OrderedDict()  # vector, or (rows, spans) of a window model
+        self.recent: OrderedDict[tuple, Any] = OrderedDict()  # vector, or (vectors, spans) of a window model
         self.strategy: _Strategy = _Windows(self, windows) if windows is not None else _WholeItems(self)
 
     def embed(self, loaded: list[Loaded]) -> None:
@@ -195,7 +195,7 @@ class ItemEmbedder:
                           row_count, spans, x.speech)
 
     def _reuse(self, x: Loaded, done: Any) -> ItemResult:
-        """An item given what identical audio computed: a vector, or a window item's (rows, spans)."""
+        """An item given what identical audio computed: a vector, or a window item's (vectors, spans)."""
         if isinstance(done, tuple):
             return self.result(x, done[0], spans=done[1])
         return self.result(x, done)
@@ -293,7 +293,7 @@ class _Windows(_Strategy):
     `window_batch` windows (windows of several items share a forward: each window is
     computed from its own samples only, so its row does not depend on its block). A long
     item (no `feats`: too many windows to hold) is featurised here, block by block, so
-    memory stays flat. An item's rows are sent once all its windows are done, without
+    memory stays flat. An item's vectors are sent once all its windows are done, without
     the windows that could not be embedded."""
 
     def __init__(self, host: ItemEmbedder, embedder: WindowEmbedder) -> None:
@@ -305,7 +305,7 @@ class _Windows(_Strategy):
     def blocks(self, unique: list[Loaded]) -> Iterator[list[Any]]:
         units: list[tuple[Loaded, int]] = []
         for x in unique:
-            x.rows = np.full((len(x.plan), self.embedder.dim), np.nan, dtype=np.float32)
+            x.window_vectors = np.full((len(x.plan), self.embedder.dim), np.nan, dtype=np.float32)
             self.left[x.task.task_id] = len(x.plan)
             if x.feats is None:
                 self.bounds[x.task.task_id] = self.embedder.spans(x.plan, len(x.wav))
@@ -343,10 +343,10 @@ class _Windows(_Strategy):
 
     def done(self, block: list[Any], out: np.ndarray, computed: dict[int, Any]) -> list[ItemOutcome]:
         outcomes: list[ItemOutcome] = []
-        for (x, j), row in zip(block, out):
+        for (x, j), vector in zip(block, out):
             if x.error is not None:
                 continue  # its item failed in another block: its outcome is sent
-            x.rows[j] = row
+            x.window_vectors[j] = vector
             self.left[x.task.task_id] -= 1
             if self.left[x.task.task_id] == 0:
                 outcomes.append(self._outcome(x, computed))
@@ -361,22 +361,22 @@ class _Windows(_Strategy):
     def _outcome(self, x: Loaded, computed: dict[int, Any]) -> ItemOutcome:
         """One window item's result (its usable windows) or failure; its memory freed."""
         task_id = x.task.task_id
-        rows, x.rows = x.rows, None
+        vectors, x.window_vectors = x.window_vectors, None
         x.feats = x.wav = None
         self.left.pop(task_id, None)
         self.bounds.pop(task_id, None)
         if x.error is not None:
             computed[task_id] = None
             return ItemFailure(task_id, self.host.owner, *x.error)
-        keep = finite_nonzero(rows)
+        keep = finite_nonzero(vectors)
         if not keep.any():
             computed[task_id] = None
-            return ItemFailure(task_id, self.host.owner, "model", f"none of its {len(rows)} windows could be embedded")
+            return ItemFailure(task_id, self.host.owner, "model", f"none of its {len(vectors)} windows could be embedded")
         spans = np.stack([x.plan.starts, x.plan.ends], axis=1)[keep]
-        rows = np.ascontiguousarray(rows[keep])
-        computed[task_id] = (rows, spans)
-        self.host.remember(x, (rows, spans))
-        return self.host.result(x, rows, spans=spans)
+        vectors = np.ascontiguousarray(vectors[keep])
+        computed[task_id] = (vectors, spans)
+        self.host.remember(x, (vectors, spans))
+        return self.host.result(x, vectors, spans=spans)
 
 
 class Worker:

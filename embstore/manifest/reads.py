@@ -149,7 +149,7 @@ def done_without_row(conn: sqlite3.Connection, model_id: int) -> list[int]:
     )]
 
 
-def done_row_spans(conn: sqlite3.Connection, model_id: int, batch: int = 100_000) -> Iterator[list[tuple[int, int, int]]]:
+def done_row_ranges(conn: sqlite3.Connection, model_id: int, batch: int = 100_000) -> Iterator[list[tuple[int, int, int]]]:
     """(item id, first row, row count) of every done live task with a row, by row then
     item, in batches of `batch` (10 M tasks never sit in one Python list)."""
     cur = conn.execute(

@@ -398,10 +398,6 @@ def claimable_count(conn: sqlite3.Connection, model_id: int) -> int:
     ))
 
 
-def failed_count(conn: sqlite3.Connection, model_id: int) -> int:
-    return int(scalar(conn, "SELECT count(*) FROM tasks WHERE model_id = ? AND status = 'failed'", (model_id,)))
-
-
 def has_open_work(conn: sqlite3.Connection, model_id: int, retry_failed: bool) -> bool:
     """Whether a run could find anything to do, answered from the tasks alone."""
     states = OPEN_STATES + (("failed",) if retry_failed else ())
@@ -497,7 +493,7 @@ def mark_failed(conn: sqlite3.Connection, failed: Sequence[tuple[int, str, str]]
 
 __all__ = [
     "HOST", "new_owner", "process_owner", "owner_is_dead", "claim_is_live", "describe_owner", "refresh_tasks", "release_lost", "claim_batch", "renew_lease",
-    "release_claims", "pending_summary", "claimable_count", "retry_legacy_environment_failures", "failed_count", "has_open_work", "rows_of_identical_audio",
+    "release_claims", "pending_summary", "claimable_count", "retry_legacy_environment_failures", "has_open_work", "rows_of_identical_audio",
     "claim_suspect", "record_death", "ray_owner", "ray_run_is_gone", "roots_with_open_work",
     "still_held", "committed_rows", "set_committed_rows", "mark_done", "mark_failed", "mark_items_stale",
 ]

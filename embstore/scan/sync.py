@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from embstore.api import Report
 from embstore.audio.io import probe
 from embstore.errors import AudioError, ScanError
 from embstore.manifest.connection import LIVE_ITEM, execute_in, utcnow
@@ -26,7 +27,7 @@ from embstore.scan.sources import Candidate, kaldi_candidates, list_candidates, 
 BATCH_FILES = 2000
 
 @dataclass
-class ScanReport:
+class ScanReport(Report):
     added: int = 0
     changed: int = 0
     removed: int = 0
@@ -314,24 +315,40 @@ def _root_row(store: Manifest, kind: str, path: str, layout: str | None, dataset
         return cur.lastrowid
 
 
+@dataclass(frozen=True)
+class ScanOptions:
+    """What a scan reads besides its roots; checked when made.
+
+    layout: how a root's folders name things ("dataset": ROOT/<dataset>/<speaker>/...;
+    "speaker": ROOT/<speaker>/..., the root naming the dataset). kaldi: Kaldi data dirs
+    (wav.scp, utt2spk, segments). lists: list files (one audio path per line, optional
+    speaker). jobs: threads reading headers (default: up to 2). progress: a bar on stderr."""
+
+    layout: str = "dataset"
+    kaldi: Sequence[str | os.PathLike] = ()
+    lists: Sequence[str | os.PathLike] = ()
+    jobs: int | None = None
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("dataset", "speaker"):
+            raise ScanError(f"unknown layout {self.layout!r}: use dataset or speaker")
+        if self.jobs is not None and self.jobs < 1:
+            raise ScanError(f"jobs must be at least 1 (got {self.jobs})")
+
+
 def scan_into(
-    store: Manifest,
-    roots: Sequence[str | os.PathLike] = (),
-    layout: str = "dataset",
-    kaldi: Sequence[str | os.PathLike] = (),
-    lists: Sequence[str | os.PathLike] = (),
-    jobs: int | None = None,
-    progress: bool = False,
+    store: Manifest, roots: Sequence[str | os.PathLike] = (), options: ScanOptions | None = None,
 ) -> ScanReport:
-    """Scan trees (`roots`, in `layout`), Kaldi data dirs and list files into the store."""
-    if layout not in ("dataset", "speaker"):
-        raise ScanError(f"unknown layout {layout!r}: use dataset or speaker")
+    """Scan trees (`roots`, in `options.layout`), Kaldi data dirs and list files into the store."""
+    opts = options or ScanOptions()
+    layout, kaldi, lists = opts.layout, opts.kaldi, opts.lists
     if not (roots or kaldi or lists):
         raise ScanError("nothing to scan: give a ROOT folder, --kaldi DATADIR or --list FILE")
     started = time.monotonic()
     report = ScanReport()
-    prober = _Prober(jobs if jobs is not None else min(2, os.cpu_count() or 1))
-    bar = progress_bar(progress, unit=" files", desc="scan", smoothing=0.1)
+    prober = _Prober(opts.jobs if opts.jobs is not None else min(2, os.cpu_count() or 1))
+    bar = progress_bar(opts.progress, unit=" files", desc="scan", smoothing=0.1)
     sources: list[tuple[str, str, str | None, str | None, Iterable[tuple[str, list[Candidate]]]]] = []
     for root in roots:
         path = os.path.abspath(os.fspath(root))
