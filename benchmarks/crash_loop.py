@@ -45,7 +45,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -63,10 +63,9 @@ def become_subreaper() -> bool:
         return False
 
 
-def zombie_children(besides: int = 0) -> int:
-    """Our children that have died and wait to be reaped (`besides`: not counting that
-    one, the killed parent, so that what is left are its writer and workers)."""
-    me, n = os.getpid(), 0
+def _proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/<pid>/stat after the command name: state, ppid, pgrp...)
+    of every process that is still there when read."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -75,8 +74,15 @@ def zombie_children(besides: int = 0) -> int:
                 text = f.read()
         except OSError:
             continue
-        fields = text[text.rindex(")") + 2:].split()
-        if fields[0] == "Z" and int(fields[1]) == me and int(entry) != besides:
+        yield int(entry), text[text.rindex(")") + 2:].split()
+
+
+def zombie_children(besides: int = 0) -> int:
+    """Our children that have died and wait to be reaped (`besides`: not counting that
+    one, the killed parent, so that what is left are its writer and workers)."""
+    me, n = os.getpid(), 0
+    for pid, fields in _proc_stats():
+        if fields[0] == "Z" and int(fields[1]) == me and pid != besides:
             n += 1
     return n
 
@@ -215,15 +221,7 @@ def kill_while_claimed(cmd: list[str], store: Path, env: dict[str, str], delay: 
 
 def _group_alive(pgid: int) -> bool:
     """Whether a process of the group is not yet dead (SIGKILL takes a moment to land)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                text = f.read()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2:].split()
+    for _, fields in _proc_stats():
         if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             return True
     return False
