@@ -11,6 +11,7 @@ per-speaker centre plus item noise, so speakers cluster and every vector is know
 from __future__ import annotations
 
 import hashlib
+import subprocess
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -158,3 +159,11 @@ def kaldi_dir(tmp_path: Path, utts: dict[str, str], recording_seconds: float = 2
 
 
 __all__ = ["fake_model_description", "synthetic_vector", "make_tree", "fill_embeddings", "make_store", "kaldi_dir"]
+
+
+def assert_second_run_held_off(st: Store, summary: object, second: subprocess.CompletedProcess) -> None:
+    """A first run whose claims outlived their lease finished both items (nothing dropped),
+    while a second run started meanwhile found them held (exit 5) and claimed none twice."""
+    assert summary.dropped == 0 and summary.done == 2, summary  # type: ignore[attr-defined]
+    assert second.returncode == 5 and "held by another run still running" in second.stderr, second.stderr
+    assert st.manifest.query("SELECT max(attempts) FROM tasks")[0][0] == 1  # nothing claimed twice

@@ -30,6 +30,7 @@ from click.testing import CliRunner
 import embstore
 from embstore import processes
 from embstore.cli import cli
+from tests.store_factory import assert_second_run_held_off
 from tests.wespeaker_dirs import make_wespeaker_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -351,7 +352,5 @@ def test_claims_stay_held_while_their_last_batch_computes(tmp_path, shared_data,
                             env=env, capture_output=True, text=True, timeout=120)
     first.join(timeout=120)
     (summary,) = out
-    assert summary.dropped == 0 and summary.done == 2, summary
-    assert second.returncode == 5 and "held by another run still running" in second.stderr, second.stderr
-    assert st.manifest.query("SELECT max(attempts) FROM tasks")[0][0] == 1  # nothing claimed twice
+    assert_second_run_held_off(st, summary, second)
     st.close()
