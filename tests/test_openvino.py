@@ -325,3 +325,29 @@ def test_three_processes_fill_an_empty_cache_at_once(tmp_path, resnet34_dir, sha
     assert all(np.allclose(r[1], results[0][1], atol=1e-6) for r in results)
     exports = list((tmp_path / "fresh" / "onnx").iterdir())
     assert [p.name for p in exports if p.is_dir()] and len([p for p in exports if p.is_dir()]) == 1
+
+
+_SIGNAL_STACK_PROBE = """
+import faulthandler, gc, os, signal, sys
+from embstore.models import load
+
+faulthandler.enable()  # as pytest and PYTHONFAULTHANDLER do: Python's own alternate stack
+first = load("openvino:" + sys.argv[1], threads=1)
+second = load("openvino:" + sys.argv[1], threads=1)
+del first  # first in, first out: OpenVINO frees the first model's stack ...
+gc.collect()
+del second  # ... and the second puts that freed stack back as the thread's
+gc.collect()
+signal.signal(signal.SIGINT, lambda *_: print("interrupted"))
+os.kill(os.getpid(), signal.SIGINT)  # runs on the alternate stack: freed memory segfaults
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sigaltstack via glibc")
+def test_ctrl_c_after_openvino_models_come_and_go_is_not_a_segfault(small_dir, ov_small):
+    # OpenVINO's CPU plugin installs its own alternate signal stack on the compiling thread
+    # and frees such stacks out of order: left in place, a later Ctrl-C segfaulted the
+    # process. A fresh process: this one has loaded OpenVINO models already.
+    done = subprocess.run([sys.executable, "-c", _SIGNAL_STACK_PROBE, str(small_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (0, "interrupted\n"), done.stderr[-2000:]

@@ -69,12 +69,16 @@ Wiring note for extraction (`embstore/extract/plan.py`; not wired here):
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import hashlib
 import io
 import json
 import os
+import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -131,12 +135,59 @@ def cpu_bf16_support() -> tuple[bool, str]:
     except ImportError:
         return False, f"OpenVINO is not installed ({_INSTALL})"
     try:
-        capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        with signal_stack_kept():
+            capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     except Exception as exc:  # OpenVINO raises plain RuntimeErrors for plugin problems
         return False, f"OpenVINO cannot query the CPU ({short_error(exc, 120)})"
     if "BF16" not in capabilities:
         return False, "OpenVINO reports no BF16 capability for this CPU"
     return True, f"{' and '.join(native) or 'BF16'} (OpenVINO capability BF16)"
+
+
+class _SignalStack(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def signal_stack_kept() -> Iterator[None]:
+    """Puts the calling thread's alternate signal stack back as it was after an OpenVINO call.
+
+    OpenVINO's CPU plugin (2025-2026) installs a stack of its own on the compiling thread
+    and later frees stacks out of order, which can leave the thread's current stack freed
+    memory: the next signal with a Python handler (Ctrl-C in the main process) then
+    segfaults instead of raising KeyboardInterrupt. Restoring the caller's stack after
+    each load keeps it the one Python (faulthandler) or nobody installed."""
+    libc = _libc()
+    if libc is None:
+        yield
+        return
+    before = _SignalStack()
+    if libc.sigaltstack(None, ctypes.byref(before)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        after = _SignalStack()
+        if libc.sigaltstack(None, ctypes.byref(after)) == 0 and (after.ss_sp, after.ss_flags) != (before.ss_sp, before.ss_flags):
+            if before.ss_flags & _SS_DISABLE:
+                before.ss_sp, before.ss_size = None, 0
+            libc.sigaltstack(ctypes.byref(before), None)
+
+
+_SS_DISABLE = 2  # <signal.h> on Linux
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.sigaltstack.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 def _check_dtype(dtype: str, where: str) -> str:
@@ -191,17 +242,18 @@ class Runner:
         }
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        core = ov.Core()
-        stages: list[tuple[Any, str]] = [(path, precision)]
-        if f32_stem and precision == "bf16":
-            stages = _split_stem(core, path, cache_key, where)
-        compiled = [_compile(core, model, {**config, "INFERENCE_PRECISION_HINT": p}, cache_key, where)
-                    for model, p in stages]
+        with signal_stack_kept():
+            core = ov.Core()
+            stages: list[tuple[Any, str]] = [(path, precision)]
+            if f32_stem and precision == "bf16":
+                stages = _split_stem(core, path, cache_key, where)
+            compiled = [_compile(core, model, {**config, "INFERENCE_PRECISION_HINT": p}, cache_key, where)
+                        for model, p in stages]
+            self._requests = [c.create_infer_request() for c in compiled]
         self.stages = [p for _, p in stages]
         self.inputs = [i.get_partial_shape() for i in compiled[0].inputs]
         self._output = compiled[-1].outputs[-1]
         self.output_dim = self._output.get_partial_shape()[-1]
-        self._requests = [c.create_infer_request() for c in compiled]
         self._lock = threading.Lock()  # one set of infer requests: calls from several threads take turns
         self.shapes_seen: dict[tuple[int, ...], int] = {}
 
