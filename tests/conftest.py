@@ -1,4 +1,5 @@
 import os
+import shutil
 from pathlib import Path
 
 # one thread per library in every test process, set before any test module imports torch
@@ -44,15 +45,54 @@ def speech_corpus(tmp_path_factory):
     return write_speech_corpus(tmp_path_factory.mktemp("speech") / "synthetic-speech")
 
 
+def _developer_cache() -> Path:
+    from embstore.paths import user_cache_dir
+
+    return user_cache_dir()  # read before any test points EMBSTORE_CACHE elsewhere
+
+
+DEVELOPER_CACHE = _developer_cache()
+
+
+def pretrained_weights(name: str = "campplus") -> Path | None:
+    """The developer's fetched weights of a pretrained model (`make setup` fetches the
+    default), or None; tests that need them skip without."""
+    from embstore.models.pretrained import find
+
+    model = find(name)
+    path = DEVELOPER_CACHE / "pretrained" / model.name / model.filename
+    return path if path.is_file() and path.stat().st_size == model.size else None
+
+
 @pytest.fixture(scope="session")
 def _user_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("embstore-user-cache")
+    cache = tmp_path_factory.mktemp("embstore-user-cache")
+    # the default model's fetched weights, copied (a test that damages its own cache's copy
+    # must never reach the developer's file)
+    from embstore.models.pretrained import KNOWN
+
+    for model in KNOWN:
+        source = DEVELOPER_CACHE / "pretrained" / model.name
+        if (source / model.filename).is_file():
+            shutil.copytree(source, cache / "pretrained" / model.name)
+    return cache
 
 
 @pytest.fixture(autouse=True)
 def _isolated_user_cache(monkeypatch, _user_cache):
-    # model cards and exports go to a per-session cache, never the developer's ~/.cache
+    # model cards and exports go to a per-session cache, never the developer's ~/.cache;
+    # pretrained weights only from that cache or a file: no test reaches for the network
     monkeypatch.setenv("EMBSTORE_CACHE", str(_user_cache))
+    monkeypatch.setenv("EMBSTORE_MODEL_SOURCES", "cache,file")
+
+
+@pytest.fixture
+def campplus_weights() -> Path:
+    """The real CAM++ weights file (from the developer's cache), or skip."""
+    path = pretrained_weights("campplus")
+    if path is None:
+        pytest.skip("CAM++ weights not fetched (make setup, or embstore models fetch campplus)")
+    return path
 
 
 @pytest.fixture(autouse=True)

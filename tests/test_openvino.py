@@ -142,7 +142,8 @@ def test_batches_are_cut_into_few_shapes_exactly(ov_small):
 
 
 def test_openvino_spec_names_the_worker_spec(tmp_path):
-    assert ovm.openvino_spec(None) == ovm.openvino_spec("resemblyzer") == "openvino:resemblyzer"
+    assert ovm.openvino_spec("resemblyzer") == "openvino:resemblyzer"
+    assert ovm.openvino_spec(None) == ovm.openvino_spec("campplus") == "openvino:campplus"  # the default
     assert ovm.openvino_spec(f"wespeaker:{tmp_path}") == f"openvino:{tmp_path}"
     assert ovm.openvino_spec("onnx:x.onnx") == f"openvino:{Path('x.onnx').absolute()}"
     assert ovm.openvino_spec("openvino:resemblyzer") == "openvino:resemblyzer"

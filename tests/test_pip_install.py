@@ -29,7 +29,7 @@ def _run(cmd: list, cwd: Path, env: dict, timeout: float = 600) -> subprocess.Co
     return proc
 
 
-def test_plain_pip_install_in_a_clean_venv_gives_working_defaults(tmp_path, shared_data):
+def test_plain_pip_install_in_a_clean_venv_gives_working_defaults(tmp_path, shared_data, campplus_weights):
     if not (WHEELS / ".complete").exists():
         pytest.skip("no wheelhouse: `make wheels` collects it (make test does)")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "PIP_"))}
@@ -51,6 +51,10 @@ def test_plain_pip_install_in_a_clean_venv_gives_working_defaults(tmp_path, shar
     for f in sorted(shared_data.rglob("*.flac"), key=lambda p: p.stat().st_size)[:2]:  # the shortest two
         os.symlink(f, root / f.name)
     embstore = bin_dir / "embstore"
+    # the default model's weights into the empty cache, as on an offline machine (the
+    # suite reaches no hub: EMBSTORE_MODEL_SOURCES=cache,file)
+    fetched = _run([embstore, "models", "fetch", "campplus", "--from-file", campplus_weights], tmp_path, env)
+    assert "sha256 verified" in fetched.stdout
     store = tmp_path / "s"
     _run([embstore, "scan", store, tmp_path / "root"], tmp_path, env)
     out = _run([embstore, "extract", store], tmp_path, env).stdout

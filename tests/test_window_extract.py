@@ -18,7 +18,7 @@ from embstore.segments.vad import speech_regions, vad_config
 from embstore.segments.window_embed import WindowEmbedder
 from embstore.segments.windows import windows_in_regions
 
-WIN = "resemblyzer-ge2e+w1.5:0.75+silero"
+WIN = "campplus-zh-en-common+w1.5:0.75+silero"  # the default model's windows
 # one xdist worker for the module: its store fixture is built once
 pytestmark = pytest.mark.xdist_group("window-store")
 
@@ -73,7 +73,7 @@ def test_windows_equal_the_embedder_on_each_item(store, corpus, names):
     path, first, rest = store
     assert first.done + first.failed == 3 and rest.model == WIN
     st = embstore.open(path)
-    encoder = load("resemblyzer")
+    encoder = load("campplus")
     for name in names[:2]:
         starts, ends, matrix = st.windows(name, model=WIN)
         wav = encoder.load(str(_path(corpus, name)))
@@ -82,7 +82,8 @@ def test_windows_equal_the_embedder_on_each_item(store, corpus, names):
         np.testing.assert_allclose(starts, plan.starts, atol=1e-3)
         np.testing.assert_allclose(ends, plan.ends, atol=1e-3)
         expected = WindowEmbedder(encoder).embed(wav, plan)
-        assert np.abs(matrix - expected).max() < 1e-5
+        # the run used ONNX Runtime (auto on CPU), the reference torch: equal to float noise
+        assert np.abs(matrix - expected).max() <= 1e-5 * np.abs(expected).max()
     # both models live side by side; item queries pick the whole-item one
     kinds = sorted(m["kind"] for m in st.models())
     assert kinds == ["item", "windows"]
@@ -157,7 +158,7 @@ def test_whole_items_of_speech_only(corpus, tmp_path):
     st = embstore.open(tmp_path / "s")
     st.scan([corpus])
     summary = st.extract(vad="webrtc")
-    assert summary.model == "resemblyzer-ge2e+webrtc"
+    assert summary.model == "campplus-zh-en-common+webrtc"
     errors = {e["id"].rsplit("/", 1)[-1]: e for e in st.errors()}
     assert "hiss" in errors and "no speech" in errors["hiss"]["error"]
     assert st.extract(vad="webrtc").nothing_to_do

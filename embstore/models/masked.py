@@ -148,9 +148,27 @@ _POINTWISE: tuple[type, ...] = (
 _CONVS: tuple[type, ...] = (nn.Conv1d, nn.Conv2d)
 
 
+# embstore's own CAM++ (embstore.models.campplus): the same computation as the zoo's
+# classes, module for module (tests/test_campplus.py), so it is audited under their keys
+_OWN_CAMPPLUS = {
+    "CAMPPlus": "campplus.CAMPPlus",
+    "FrequencyFrontEnd": "campplus.FCM",
+    "ResidualBlock2d": "campplus.BasicResBlock",
+    "StridedTdnn": "campplus.TDNNLayer",
+    "DenseTdnnBlock": "campplus.CAMDenseTDNNBlock",
+    "DenseTdnnLayer": "campplus.CAMDenseTDNNLayer",
+    "ContextMask": "campplus.CAMLayer",
+    "Transition": "campplus.TransitLayer",
+    "EmbeddingLayer": "campplus.DenseLayer",
+    "StatisticsPooling": "pooling_layers.TSTP",
+}
+
+
 def _key(module: nn.Module) -> str:
     cls = type(module)
     mod = cls.__module__
+    if mod == "embstore.models.campplus" and cls.__qualname__ in _OWN_CAMPPLUS:
+        return _OWN_CAMPPLUS[cls.__qualname__]
     return mod[len(_WS):] + "." + cls.__qualname__ if mod.startswith(_WS) else mod + "." + cls.__qualname__
 
 

@@ -1,4 +1,4 @@
-"""`openvino:FILE.onnx`, `openvino:DIR`, `openvino:resemblyzer`: models run with OpenVINO
+"""`openvino:FILE.onnx`, `openvino:DIR`, `openvino:campplus`, `openvino:resemblyzer`: models run with OpenVINO
 on the CPU, fp32 or bf16 (`pip install embstore[openvino]`).
 
 FILE.onnx is an ONNX export as `onnx:FILE` takes it (one [B, T, F] input, config.yaml
@@ -93,6 +93,9 @@ from embstore.models.fbank_encoder import (
     long_item_windows,
 )
 from embstore.models.onnx import export_settings, file_digest
+from embstore.models.pretrained import CAMPPLUS as DEFAULT_PRETRAINED
+from embstore.models.pretrained import fetch as fetch_pretrained
+from embstore.models.pretrained import find as find_pretrained
 from embstore.models.resemblyzer import ResemblyzerEncoder
 
 __all__ = [
@@ -546,6 +549,12 @@ def load_openvino(target: str, device: str = "cpu", dtype: str = "fp32", **optio
     target = _strip(target.strip())
     if target == "resemblyzer":
         return _load_resemblyzer(device, dtype, options)
+    name, _, weights = target.partition(":")
+    known = find_pretrained(name)
+    if known is not None:  # openvino:campplus[:FILE.pt]: the fetched weights' directory
+        folder = fetch_pretrained(known, explicit=weights or None)
+        return from_wespeaker(str(folder / known.filename), device=device, dtype=dtype, name=known.name,
+                              spec=f"openvino:{known.spec}", **options)
     takes = {k: v for k, v in options.items() if _is_onnx(target) or k != "config_overrides"}
     try:  # an option neither form takes: one line, before any export
         inspect.signature(OpenVINOEncoder).bind(target, device=device, dtype=dtype, **takes)
@@ -635,13 +644,15 @@ def from_wespeaker(
 def openvino_spec(spec: str | None) -> str:
     """The worker spec that runs `wespeaker:DIR`, `onnx:FILE` or `resemblyzer` (also the
     default, None or "") with OpenVINO; ModelError for any other source."""
-    spec = (spec or "").strip() or "resemblyzer"
+    spec = (spec or "").strip() or DEFAULT_PRETRAINED.spec
     kind, _, target = spec.partition(":")
     if spec == "resemblyzer" or kind == "openvino":
         return spec if kind == "openvino" else "openvino:resemblyzer"
+    if find_pretrained(kind) is not None:
+        return f"openvino:{spec}"
     if kind not in ("wespeaker", "onnx") or not target.strip():
         raise ModelError(
-            f"{spec}: OpenVINO runs resemblyzer, wespeaker:DIR and onnx:FILE models "
+            f"{spec}: OpenVINO runs campplus, resemblyzer, wespeaker:DIR and onnx:FILE models "
             "(for a hub model, use wespeaker:DIR on its downloaded directory)")
     return f"openvino:{abspath(target.strip())}"
 

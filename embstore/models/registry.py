@@ -1,7 +1,11 @@
 """Model sources by spec prefix: `load(spec)` finds the adapter and builds the encoder.
 
-    resemblyzer            GE2E weights shipped in the resemblyzer wheel (the default;
-                           None or "" mean this too)
+    campplus               3D-Speaker's CAM++ (the default; None or "" mean this too), its
+                           weights fetched once into the user cache and checked by sha256
+                           (`embstore.models.pretrained`); campplus:PATH.pt takes them from
+                           a file; campplus-zh-en-common is the same model's full name
+    resemblyzer            GE2E weights shipped in the resemblyzer wheel (the default
+                           before 0.3)
     wespeaker:DIR          a WeSpeaker model directory (config.yaml + avg_model.pt), or
                            wespeaker:DIR/some.pt to pick one checkpoint of several
     wespeaker-hub:NAME     a WeSpeaker hub name (english, chinese, campplus, eres2net,
@@ -27,6 +31,7 @@ fails a whole batch.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -38,10 +43,11 @@ from embstore.models.hub import load_hub
 from embstore.models.null import NullEncoder
 from embstore.models.onnx import OnnxEncoder
 from embstore.models.openvino import load_openvino
+from embstore.models.pretrained import KNOWN, load_pretrained
 from embstore.models.resemblyzer import ResemblyzerEncoder
 from embstore.models.wespeaker import WeSpeakerEncoder
 
-DEFAULT_SPEC = "resemblyzer"
+DEFAULT_SPEC = "campplus"
 
 
 @dataclass(frozen=True)
@@ -52,11 +58,21 @@ class ModelSource:
     factory: Callable[..., Encoder]
     takes_argument: bool
     form: str  # how users write it
+    optional_argument: bool = False  # `prefix` alone or `prefix:ARG`
+
+
+def _pretrained_sources() -> list[ModelSource]:
+    return [
+        ModelSource(name, functools.partial(load_pretrained, model), takes_argument=False,
+                    form=f"{name}[:FILE.pt]", optional_argument=True)
+        for model in KNOWN for name in (*model.aliases, model.name)
+    ]
 
 
 SOURCES: dict[str, ModelSource] = {
     source.prefix: source
     for source in (
+        *_pretrained_sources(),
         ModelSource("resemblyzer", ResemblyzerEncoder, takes_argument=False, form="resemblyzer"),
         ModelSource("wespeaker", WeSpeakerEncoder, takes_argument=True, form="wespeaker:DIR"),
         ModelSource("wespeaker-hub", load_hub, takes_argument=True, form="wespeaker-hub:NAME"),
@@ -73,9 +89,10 @@ def parse_spec(spec: str | None) -> tuple[ModelSource, str | None]:
     spec = (spec or "").strip() or DEFAULT_SPEC
     kind, sep, arg = spec.partition(":")
     source = SOURCES.get(kind.strip().lower())
-    if source is None or (source.takes_argument and not arg.strip()) or (not source.takes_argument and sep):
+    if source is None or (source.takes_argument and not arg.strip()) or (
+            not source.takes_argument and not source.optional_argument and sep):
         raise ModelError(f"unknown model spec {spec!r}: use one of {SPEC_FORMS}")
-    return source, arg.strip() if source.takes_argument else None
+    return source, arg.strip() if (source.takes_argument or source.optional_argument) and arg.strip() else None
 
 
 def load(spec: str | None = None, device: str = "cpu", dtype: str = "fp32", **options: Any) -> Encoder:

@@ -2,7 +2,9 @@
 
 DIR holds `config.yaml` (WeSpeaker's training config) and `avg_model.pt` (or one other
 `.pt`; `wespeaker:DIR/name.pt` picks one of several). The network is built by WeSpeaker's
-own zoo (`get_speaker_model(config['model'])(**config['model_args'])`) and the weights
+own zoo (`get_speaker_model(config['model'])(**config['model_args'])`), except CAM++,
+which embstore implements itself (`embstore.models.campplus`, equal to the zoo's), so the
+default model runs without WeSpeaker installed. The weights
 are loaded with `torch.load(weights_only=True)`; training-only tensors (the `projection`
 head, margins) are ignored as WeSpeaker's `load_checkpoint` does, but weights the network
 needs and the checkpoint lacks are an error, not a silently random layer.
@@ -114,6 +116,13 @@ def build_model(config: dict[str, Any], where: str) -> Any:
     frontend_type = (config.get("dataset_args") or {}).get("frontend", "fbank")
     if frontend_type != "fbank":
         raise ModelError(f"{where}: frontend {frontend_type!r} (pretrained SSL features) is not supported; only fbank models")
+    if model_name == "CAMPPlus":  # embstore's own CAM++: no WeSpeaker needed (models/campplus.py)
+        from embstore.models.campplus import build_campplus
+
+        try:
+            return build_campplus(config.get("model_args") or {})
+        except (ValueError, TypeError) as exc:
+            raise ModelError(f"{where}: cannot build CAMPPlus from model_args ({exc})") from None
     speaker_model = import_wespeaker("models.speaker_model")
     try:
         factory = speaker_model.get_speaker_model(model_name)
