@@ -349,7 +349,7 @@ def reference_of(store: Path, root: Path, work: Path, model: str | None, windows
     from embstore.models import load
 
     st = embstore.open(store)
-    spec = st.models()[0]["spec"]
+    spec = st.models()[0].spec
     items = st.manifest.query("SELECT i.uid, r.path AS root, f.path FROM items i JOIN files f ON f.id = i.file_id"
                      " JOIN roots r ON r.id = f.root_id WHERE i.removed = 0")
     st.close()
@@ -378,7 +378,7 @@ def check_store(store: Path, reference: dict[str, Any], windowed: bool) -> dict[
         overlapping = sum(1 for a, b in zip(distinct, distinct[1:]) if a[1] > b[0])
         cosines, missing = [], sorted(set(reference) - {r["uid"] for r in tasks if r["status"] == "done"})
         if windowed:
-            key = st.models()[0]["name"]
+            key = st.models()[0].name
             for uid, (starts, ends, rows) in reference.items():
                 if uid in missing:
                     continue

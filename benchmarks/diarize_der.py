@@ -3,12 +3,14 @@
     python benchmarks/diarize_der.py --count 20 --seed 1 --out bench-out/diarize_der.json --markdown bench-out/diarize_der.md
 
 Builds `--count` conversations (2-4 speakers, turns of 2-5 s cut from real LibriSpeech
-utterances, 0.2-0.8 s gaps over a -60 dBFS noise floor, no overlap; see
-`embstore.synthetic`), diarizes each with `diarize_audio` (default: Resemblyzer,
+utterances, 0.2-0.8 s gaps over a -60 dBFS noise floor, no overlap unless `--overlap P`; see
+`embstore.synthetic`), diarizes each with `diarize_audio` (default: the default model,
 silero VAD, 1.5:0.75 windows, spectral clustering with eigengap count) and scores:
 
-- DER, collar 0.25 s each side of reference boundaries, overlap scored (our scorer;
-  pyannote.metrics' DiarizationErrorRate(collar=0.5) beside it when installed);
+- DER, collar 0.25 s each side of reference boundaries, and with no collar, overlap
+  scored (our scorer; pyannote.metrics' DiarizationErrorRate(collar=0.5) beside it when
+  installed); the pipeline gives one speaker per instant, so overlapped speech beyond
+  the first speaker counts as missed;
 - the same with the speaker count given (--num-speakers oracle), to separate counting
   from clustering errors;
 - speaker-count accuracy;
@@ -68,7 +70,8 @@ def pyannote_der(reference, hypothesis) -> float | None:
 
 def run(args: argparse.Namespace) -> dict:
     corpus = corpus_by_speaker(args.data)
-    convs = make_conversations(corpus, args.count, seed=args.seed, durations=(args.min_duration, args.max_duration))
+    convs = make_conversations(corpus, args.count, seed=args.seed, durations=(args.min_duration, args.max_duration),
+                               overlap=args.overlap)
     encoder = models.load(args.model)
     embedder = WindowEmbedder(encoder, mode=args.embedding)
     spec = parse_window_spec(args.windows)
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> dict:
     encoder.embed_batch([encoder.features(convs[0].wav[:48000])])
 
     clock = {"vad": 0.0, "embed": 0.0, "cluster": 0.0, "baseline_whole_item": 0.0}
-    total, oracle_total = EMPTY, EMPTY
+    total, oracle_total, no_collar = EMPTY, EMPTY, EMPTY
     rows, hyps, refs = [], [], []
     for conv in convs:
         t = time.perf_counter()
@@ -100,6 +103,7 @@ def run(args: argparse.Namespace) -> dict:
         score = diarization_error(conv.reference, segments, collar=0.25)
         oracle_score = diarization_error(conv.reference, oracle, collar=0.25)
         total, oracle_total = total + score, oracle_total + oracle_score
+        no_collar = no_collar + diarization_error(conv.reference, segments, collar=0.0)
         hyps.append(segments)
         refs.append(conv.reference)
         rows.append({
@@ -118,6 +122,10 @@ def run(args: argparse.Namespace) -> dict:
         "missed": round(total.missed / total.total, 4),
         "false_alarm": round(total.false_alarm / total.total, 4),
         "confusion": round(total.confusion / total.total, 4),
+        "der_no_collar": round(no_collar.der, 4),
+        "no_collar": {k: round(getattr(no_collar, k) / no_collar.total, 4) for k in ("missed", "false_alarm", "confusion")},
+        "overlap": args.overlap,
+        "overlap_share": round(_overlap_share(convs), 4),
         "der_pyannote": None if (p := pyannote_der(refs, hyps)) is None else round(p, 4),
         "der_oracle_count": round(oracle_total.der, 4),
         "speaker_count_accuracy": round(sum(r["speakers"] == r["found"] for r in rows) / len(rows), 3),
@@ -129,6 +137,18 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def _overlap_share(convs) -> float:
+    """Share of the reference speech (speaker-weighted) where two or more speak at once."""
+    overlapped = total = 0.0
+    for conv in convs:
+        bounds = sorted({t for s in conv.reference for t in (s.start, s.end)})
+        for a, b in zip(bounds, bounds[1:]):
+            active = sum(1 for s in conv.reference if s.start <= a and s.end >= b)
+            total += active * (b - a)
+            overlapped += active * (b - a) if active > 1 else 0.0
+    return overlapped / total if total else 0.0
+
+
 def markdown(result: dict) -> str:
     stage = result["x_realtime_stage"]
     lines = [
@@ -136,12 +156,15 @@ def markdown(result: dict) -> str:
         "",
         (f"{result['conversations']} conversations (seed {result['seed']}, {result['audio_seconds'] / 60:.1f} min, "
          f"2-4 speakers), model `{result['model']}`, VAD {result['vad']['method']}, windows {result['windows']}, "
-         f"{result['method']} clustering; DER with a 0.25 s collar, overlap scored."),
+         f"{result['method']} clustering; overlap scored; {result['overlap_share']:.1%} of the reference speech "
+         f"overlapped (--overlap {result['overlap']})."),
         "",
-        "| DER | missed | false alarm | confusion | DER, count given | speaker count right | x realtime |",
-        "|---|---|---|---|---|---|---|",
-        (f"| {result['der']:.1%} | {result['missed']:.1%} | {result['false_alarm']:.1%} | {result['confusion']:.1%} "
+        "| collar | DER | missed | false alarm | confusion | DER, count given | speaker count right | x realtime |",
+        "|---|---|---|---|---|---|---|---|",
+        (f"| 0.25 s | {result['der']:.1%} | {result['missed']:.1%} | {result['false_alarm']:.1%} | {result['confusion']:.1%} "
          f"| {result['der_oracle_count']:.1%} | {result['speaker_count_accuracy']:.0%} | {result['x_realtime']} |"),
+        (f"| none | {result['der_no_collar']:.1%} | {result['no_collar']['missed']:.1%} "
+         f"| {result['no_collar']['false_alarm']:.1%} | {result['no_collar']['confusion']:.1%} | | | |"),
         "",
         (f"pyannote.metrics DER: {result['der_pyannote'] if result['der_pyannote'] is not None else 'not installed'}. "
          f"Stages (x realtime): VAD {stage.get('vad')}, window embeddings {stage.get('embed')}, clustering "
@@ -159,7 +182,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--min-duration", type=float, default=60.0)
     parser.add_argument("--max-duration", type=float, default=180.0)
-    parser.add_argument("--model", default="resemblyzer")
+    parser.add_argument("--model", default=None, help="default: the default model (campplus)")
+    parser.add_argument("--overlap", type=float, default=0.0, help="probability that a turn overlaps the previous one")
     parser.add_argument("--vad", default="silero")
     parser.add_argument("--windows", default="1.5:0.75")
     parser.add_argument("--embedding", default="auto", choices=["auto", "mel", "features"])

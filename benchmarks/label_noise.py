@@ -32,7 +32,7 @@ def ready_store(path: Path):
     st = embstore.open(path)
     st.scan([DATA])
     models = st.models()
-    status = st.status()["models"]
+    status = st.status().models
     if not models or next(iter(status.values()))["pending"]:
         summary = st.extract(device="cpu", workers=1)
         print(f"extracted {summary.done} items in {summary.seconds:.0f} s", file=sys.stderr)
@@ -51,18 +51,18 @@ def one_trial(st, rng: np.random.Generator, fraction: float, ks: list[int]) -> d
     try:
         with st.manifest.write() as conn:
             conn.executemany("UPDATE items SET speaker = ? WHERE uid = ?", [(w, u) for u, (_, w) in planted.items()])
-        ranked = st.outliers(top=max(ks))
+        ranked = st.outliers(top=max(ks)).outliers
     finally:
         with st.manifest.write() as conn:
             conn.executemany("UPDATE items SET speaker = ? WHERE uid = ?", [(t, u) for u, (t, _) in planted.items()])
     out = {"planted": n}
     for k in ks:
-        hits = sum(o["id"] in planted for o in ranked[:k])
+        hits = sum(o.id in planted for o in ranked[:k])
         out[f"precision@{k}"] = hits / k
         out[f"recall@{k}"] = hits / n
     # of the planted items found in the top n, how many name their true speaker as nearest
-    found = [o for o in ranked[:n] if o["id"] in planted]
-    out["true_speaker_named"] = sum(o["nearest_speaker"] == planted[o["id"]][0] for o in found) / max(1, len(found))
+    found = [o for o in ranked[:n] if o.id in planted]
+    out["true_speaker_named"] = sum(o.nearest_speaker == planted[o.id][0] for o in found) / max(1, len(found))
     return out
 
 
@@ -77,7 +77,7 @@ def main() -> None:
     if not (DATA / "librispeech-test-other" / "trials.txt").exists():
         raise SystemExit(f"{DATA} is absent")
     st = ready_store(args.store)
-    items = st.status()["items"]
+    items = st.status().items
     n = max(1, round(args.fraction * items))
     ks = sorted({n, 2 * n, 10})
     rng = np.random.default_rng(args.seed)
@@ -85,7 +85,7 @@ def main() -> None:
     runs = [one_trial(st, rng, args.fraction, ks) for _ in range(args.trials)]
     seconds = time.perf_counter() - started
     results = {
-        "items": items, "speakers": st.status()["speakers"], "model": st.manifest.model_key(st.models()[0]),
+        "items": items, "speakers": st.status().speakers, "model": st.manifest.model_key(st.models()[0]),
         "fraction": args.fraction, "planted_per_trial": n, "trials": args.trials,
         "mean": {key: round(float(np.mean([r[key] for r in runs])), 3) for key in runs[0] if key != "planted"},
         "min": {key: round(float(np.min([r[key] for r in runs])), 3) for key in runs[0] if key != "planted"},

@@ -38,9 +38,9 @@ def build(path: Path, rows: int, dim: int, per_speaker: int, seed: int = 0):
     """A store holding `rows` done items of one synthetic model (reused if already built)."""
     st = embstore.open(path)
     model = st.manifest.register_model(fake_model_description(dim, name="synthetic"))
-    if model["rows"] == rows:
+    if model.rows == rows:
         return st
-    if model["rows"]:
+    if model.rows:
         raise SystemExit(f"{path} holds a store of another size; remove it first")
     now = utcnow()
     rng = np.random.default_rng(seed)
@@ -62,7 +62,7 @@ def build(path: Path, rows: int, dim: int, per_speaker: int, seed: int = 0):
             files.append((i + 1, root_id, os.path.dirname(rel), rel, "vox", spk, 64000, 0, 16000, 1, 64000, 4.0,
                           "PCM_16", "ok", now))
             items.append((i + 1, rel[:-4], i + 1, "vox", spk, 4.0))
-            tasks.append((i + 1, model["id"], 398, i, time.time()))
+            tasks.append((i + 1, model.id, 398, i, time.time()))
         with st.manifest.write() as conn:
             conn.executemany(
                 "INSERT INTO files (id, root_id, dir, path, dataset, speaker, size, mtime_ns, sample_rate, channels,"
@@ -76,7 +76,7 @@ def build(path: Path, rows: int, dim: int, per_speaker: int, seed: int = 0):
         vectors = centres[spk_idx] + 0.5 * rng.standard_normal((stop - start, dim), dtype=np.float32)
         arrays.write_rows(start, vectors, np.arange(start + 1, stop + 1, dtype=np.int64))
         with st.manifest.write() as conn:
-            conn.execute("UPDATE models SET rows = ? WHERE id = ?", (stop, model["id"]))
+            conn.execute("UPDATE models SET rows = ? WHERE id = ?", (stop, model.id))
         print(f"\rbuilt {stop}/{rows} rows", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return st

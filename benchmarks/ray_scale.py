@@ -64,9 +64,9 @@ def build_store(path: Path, items: int, dim: int) -> int:
         )
     encoder = NullEncoder(dim)
     model = st.manifest.register_model(encoder.describe())
-    tasks.refresh_tasks(st.manifest.conn, model["id"], encoder.feature_length, encoder.sample_rate)
+    tasks.refresh_tasks(st.manifest.conn, model.id, encoder.feature_length, encoder.sample_rate)
     st.close()
-    return int(model["id"])
+    return int(model.id)
 
 
 def outcomes_of(claimed: list, owner: str, vector: Any) -> list:

@@ -75,9 +75,9 @@ def nothing_to_do_at_scale(store: str) -> float:
             conn.execute(
                 "INSERT OR IGNORE INTO tasks (item_id, model_id, status, length, row)"
                 " SELECT id, ?, 'done', 0, id - 1 FROM items WHERE removed = 0",
-                (model["id"],),
+                (model.id,),
             )
-    seconds, out, _ = timed([sys.executable, "-m", "embstore", "extract", store, "--json"])
+    seconds, out, _ = timed([sys.executable, "-m", "embstore", "extract", store, "--model", "resemblyzer", "--json"])
     if not json.loads(out)["nothing_to_do"]:
         raise SystemExit("expected nothing to do")
     return seconds

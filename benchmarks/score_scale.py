@@ -107,9 +107,9 @@ def main() -> None:
     seconds, out = timed(lambda: st.score(trials, **asnorm))
     results["asnorm_seconds"] = round(seconds, 2)
     results["asnorm_over_none"] = round(results["asnorm_seconds"] / results["none_seconds"], 2)
-    results["eer_none"] = raw["results"][0]["eer"]
-    results["eer_asnorm"] = out["results"][0]["eer"]
-    results["scored"] = out["results"][0]["trials"]
+    results["eer_none"] = raw.results[0]["eer"]
+    results["eer_asnorm"] = out.results[0]["eer"]
+    results["scored"] = out.results[0]["trials"]
     seconds, out = timed(lambda: st.score(trials, scores=work / "scores.txt", **asnorm))
     results["asnorm_with_score_file_seconds"] = round(seconds, 2)
 

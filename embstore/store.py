@@ -9,20 +9,26 @@ The API's rules: positional arguments are what a method works on (roots, trial l
 an output folder, an item id); everything else is keyword-only. Methods with many
 options take them as `**options`, checked by their option object (`ExtractOptions`,
 `ScanOptions`, `ScoreOptions`, `ReportOptions`, `ExportOptions`, `OutlierOptions`), so a
-misspelled name is a one-line `StoreError`. Results are `embstore.api.Report`s
-(`as_dict()` is their JSON) or plain data (ids, vectors, rows of dicts).
+misspelled name is a one-line `StoreError`. The results of operations and analyses are
+`embstore.api.Report`s (`as_dict()` is their JSON, `as_json()` their `--json`); the
+reading methods return plain data (ids, vectors, rows of dicts). Where a library
+function returns a dict, its method wraps it in its report here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from embstore.api import options_from
+from embstore.api import (
+    ClusterReport, DiarizeReport, ErrorsReport, Failure, Outlier, OutliersReport, ScoreReport, StatusReport,
+    options_from,
+)
 from embstore.errors import StoreError
 from embstore.manifest import reports
 from embstore.manifest.database import Manifest
@@ -89,15 +95,15 @@ class Store(contextlib.AbstractContextManager):
 
     # -- reports ------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> StatusReport:
         """Files, items, speakers, audio and each model's progress."""
-        return reports.status(self.manifest.conn, str(self.path))
+        return StatusReport(**reports.status(self.manifest.conn, str(self.path)))
 
-    def errors(self, *, model: str | None = None) -> list[dict[str, Any]]:
+    def errors(self, *, model: str | None = None) -> ErrorsReport:
         """Failed items (per model) and files whose header could not be read."""
         known = self.manifest.models()
         models = [self.manifest.resolve_model(model, kind=None)] if model or len(known) == 1 else known
-        return reports.errors(self.manifest.conn, models)
+        return ErrorsReport([Failure(**row) for row in reports.errors(self.manifest.conn, models)])
 
     def verify(self, *, model: str | None = None, deep: int = 0, seed: int | None = None) -> VerifyReport:
         """Check that the manifest and the arrays agree; see `embstore.verify`."""
@@ -162,16 +168,16 @@ class Store(contextlib.AbstractContextManager):
 
     def diarize(self, *, model: str | None = None, embedder: str | None = None, num_speakers: int | None = None,
                 max_speakers: int | None = None, method: str = "spectral", windows: str = "1.5:0.75",
-                vad: str | None = None, rttm: bool = False, **extract_options: Any) -> dict[str, Any]:
+                vad: str | None = None, rttm: bool = False, **extract_options: Any) -> DiarizeReport:
         """Who spoke when in every item: window embeddings are extracted first where they
         are missing (resumable, like `extract`; `extract_options` are its other options,
         e.g. workers=, device=), then each item's windows are clustered. `model`: a window
         model the store holds (its windows and VAD are reused); otherwise `embedder` (a
-        model spec; the default model when None) with `windows` and `vad`. Returns the report
-        with `segments` per item, `failed` (items whose windows could not be clustered),
-        `extraction` (the extract summary) and `outcome` (done, failed and left over every
-        item: the exit status). `rttm`: the segments go to an RTTM file, so an item id it
-        cannot hold is an error before any work."""
+        model spec; the default model when None) with `windows` and `vad`. Returns a
+        `DiarizeReport`: `segments` per item, `failed` (items whose windows could not be
+        clustered), `extraction` (the extract summary) and `outcome` (done, failed and left
+        over every item: the exit status). `rttm`: the segments go to an RTTM file, so an
+        item id it cannot hold is an error before any work."""
         from embstore.diarize import stored as diarization
         from embstore.segments.policy import cutting_of_model
 
@@ -189,45 +195,45 @@ class Store(contextlib.AbstractContextManager):
         else:
             run = dict(model=embedder, windows=windows, vad=vad)
         summary = self.extract(**{**extract_options, **run})
-        report = diarization.diarize_store(self.manifest, summary.model, num_speakers, max_speakers, method)
-        report["extraction"] = summary.as_dict()
-        # items whose windows could not be clustered failed too, though their windows are done
-        outcome = summary.outcome
-        failed = len(report["failed"])
+        found = diarization.diarize_store(self.manifest, summary.model, num_speakers, max_speakers, method)
+        # items whose windows could not be clustered failed too, though their windows are
+        # done; a copy, so the extraction's own outcome still says what it did
+        outcome = dataclasses.replace(summary.outcome)
+        failed = len(found["failed"])
         outcome.done -= failed
         outcome.failed += failed
         if failed and outcome.reason is None:
-            outcome.reason = "clustering: " + next(iter(report["failed"].values()))
-        report["outcome"] = outcome
-        return report
+            outcome.reason = "clustering: " + next(iter(found["failed"].values()))
+        return DiarizeReport(**found, extraction=summary, outcome=outcome)
 
     def cluster(self, dataset: str, *, model: str | None = None, threshold: float | None = None,
-                num_speakers: int | None = None) -> dict[str, Any]:
+                num_speakers: int | None = None) -> ClusterReport:
         """Pseudo-speaker labels (`items.cluster`) for the embedded items of an unlabelled
         dataset: average-linkage clustering (staged, in bounded memory, for large ones)."""
         from embstore.clustering import stored as clustering
 
-        return clustering.cluster_dataset(self.manifest, dataset, model, threshold, num_speakers)
+        return ClusterReport(**clustering.cluster_dataset(self.manifest, dataset, model, threshold, num_speakers))
 
     # -- evaluation ---------------------------------------------------------------------
 
     def score(self, trials: str | os.PathLike | Sequence[str | os.PathLike], *, model: str | None = None,
               scores: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
-              **options: Any) -> dict[str, Any]:
+              **options: Any) -> ScoreReport:
         """EER, minDCF, actual DCF of trial lists under none/mean/S-norm/AS-norm; score files
         (`scores`) and plots (`plot`). `options`: `ScoreOptions`' fields (norm, mean_from,
         cohort, top_n, p_target, c_miss, c_fa)."""
         from embstore.eval import scoring
 
         opts = options_from(scoring.ScoreOptions, "score", options)
-        return scoring.score(self.manifest, trials, model=model, scores=scores, plot=plot, options=opts)
+        return ScoreReport(**scoring.score(self.manifest, trials, model=model, scores=scores, plot=plot, options=opts))
 
-    def outliers(self, **options: Any) -> list[dict[str, Any]]:
-        """Items furthest from their own speaker; `options`: `OutlierOptions`' fields
-        (model, dataset, speaker, top, below)."""
+    def outliers(self, **options: Any) -> OutliersReport:
+        """Items furthest from their own speaker, worst first; `options`: `OutlierOptions`'
+        fields (model, dataset, speaker, top, below)."""
         from embstore.eval import outliers
 
-        return outliers.find_outliers(self.manifest, options_from(outliers.OutlierOptions, "outliers", options))
+        found = outliers.find_outliers(self.manifest, options_from(outliers.OutlierOptions, "outliers", options))
+        return OutliersReport([Outlier(**row) for row in found])
 
     def report(self, out: str | os.PathLike, **options: Any) -> HtmlReport:
         """Write the self-contained HTML report; `options`: `ReportOptions`' fields

@@ -19,7 +19,12 @@
   a random +-2 dB jitter, so the recording level of a source chapter is not a clue
   to who speaks;
 - turns are separated by `gap` = (0.2, 0.8) s and the whole conversation sits on
-  white noise at `noise_dbfs` (-60 dBFS): silence with a low noise floor, no overlap.
+  white noise at `noise_dbfs` (-60 dBFS): silence with a low noise floor;
+- with `overlap` = p > 0, each turn after the first starts, with probability p,
+  `overlap_seconds` = (0.3, 1.0) s before the previous turn ends instead (but never
+  in its first half): both speakers talk at once there, and the reference has both.
+  p = 0 (the default) gives no overlap and exactly the conversations of earlier
+  versions for the same seed.
 
 The reference is one segment per turn, exactly where its samples were placed.
 Everything follows from `seed`: equal seeds give equal audio and references.
@@ -177,12 +182,16 @@ def make_conversation(
     gap: tuple[float, float] = (0.2, 0.8),
     noise_dbfs: float = -60.0,
     pause: float = 0.5,
+    overlap: float = 0.0,
+    overlap_seconds: tuple[float, float] = (0.3, 1.0),
     item: str | None = None,
     _sources: _Sources | None = None,
 ) -> Conversation:
     """One conversation (see the module docstring) of about `duration` seconds."""
     if not 1 <= num_speakers <= len(corpus):
         raise ValueError(f"num_speakers must be in 1..{len(corpus)}, got {num_speakers}")
+    if not 0.0 <= overlap <= 1.0:
+        raise ValueError(f"overlap must be a probability in [0, 1], got {overlap}")
     rng = np.random.default_rng(seed)
     sources = _sources or _Sources(corpus)
     speakers = [str(s) for s in rng.choice(sorted(corpus), size=num_speakers, replace=False)]
@@ -200,9 +209,14 @@ def make_conversation(
         placed.append((position, piece))
         for a, b in _speech_spans(piece, pause):
             reference.append(Segment(round((position + a) / SAMPLE_RATE, 6), round((position + b) / SAMPLE_RATE, 6), speaker))
-        position += len(piece) + int(rng.uniform(*gap) * SAMPLE_RATE)
+        advance = len(piece) + int(rng.uniform(*gap) * SAMPLE_RATE)
+        # drawn only when asked, so overlap=0 keeps every earlier seed's conversation
+        if overlap > 0 and rng.random() < overlap:
+            advance = max(len(piece) // 2, len(piece) - int(rng.uniform(*overlap_seconds) * SAMPLE_RATE))
+        position += advance
         last = speaker
-    wav = (rng.standard_normal(position) * 10 ** (noise_dbfs / 20)).astype(np.float32)
+    end = max(position, max(start + len(piece) for start, piece in placed))  # an overlapped last turn
+    wav = (rng.standard_normal(end) * 10 ** (noise_dbfs / 20)).astype(np.float32)
     for start, piece in placed:
         wav[start : start + len(piece)] += piece
     name = item or f"conv{seed:05d}-{num_speakers}spk"

@@ -22,6 +22,7 @@ from embstore.audio.io import content_hash
 from embstore.extract.client import SqliteManifestClient
 from embstore.extract.messages import ItemResult
 from embstore.extract.writer import ZarrWriter
+from embstore.manifest.registry import ModelRecord, model_row
 from embstore.manifest.tasks import new_owner
 from embstore.store import Store
 from tests.audio_factory import write
@@ -71,19 +72,19 @@ def fill_embeddings(
     name: str = "fake",
     vector_of: Callable[[str, str], np.ndarray] | None = None,
     dedup: bool = True,
-) -> dict:
+) -> ModelRecord:
     """Mark every pending item of a fake model done with a synthetic vector, through the
     claim + writer path; items with identical audio share one row, as extraction does.
-    Returns the model row."""
+    Returns the model's record, read after the writes (its row count is current)."""
     if vector_of is None:
         vector_of = lambda uid, speaker: synthetic_vector(uid, speaker, dim, seed)  # noqa: E731
     store = getattr(store, "manifest", store)  # a Store holds its Manifest
     model = store.register_model(fake_model_description(dim, name))
     owner = new_owner()
-    client = SqliteManifestClient(store.path, model["id"], owner, 600, "item", lambda n: max(1, n // 160), 16000)
+    client = SqliteManifestClient(store.path, model.id, owner, 600, "item", lambda n: max(1, n // 160), 16000)
     client.refresh()
     speaker_of = {r["id"]: r["speaker"] for r in store.query("SELECT id, speaker FROM items")}
-    writer = ZarrWriter(str(store.path), model["id"], None)
+    writer = ZarrWriter(str(store.path), model.id, None)
     try:
         twins: list[tuple[object, str]] = []
         first_item_of: dict[tuple, int] = {}
@@ -105,14 +106,14 @@ def fill_embeddings(
         for task, digest in twins:
             first = first_item_of[(digest, task.start, task.end)]
             row = store.conn.execute(
-                "SELECT row FROM tasks WHERE item_id = ? AND model_id = ?", (first, model["id"])
+                "SELECT row FROM tasks WHERE item_id = ? AND model_id = ?", (first, model.id)
             ).fetchone()[0]
             writer.add(ItemResult(task.task_id, task.item_id, owner, digest, task.duration, None, row))
         writer.flush()
     finally:
         writer.close()
         client.close()
-    return store.conn.execute("SELECT * FROM models WHERE id = ?", (model["id"],)).fetchone()
+    return model_row(store.conn, model.id)
 
 
 def make_store(

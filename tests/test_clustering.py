@@ -34,7 +34,7 @@ def test_cluster_labels_stored_and_replaced(store):
     labels = st.manifest.query("SELECT cluster, count(*) FROM items GROUP BY cluster")
     assert sorted(r[1] for r in labels) == [4, 4, 4] and all(r[0].startswith("c") for r in labels)
     again = st.cluster("ds", num_speakers=2)
-    assert again["clusters"] == 2
+    assert again.clusters == 2
     assert len(st.manifest.query("SELECT DISTINCT cluster FROM items")) == 2
     st.close()
 

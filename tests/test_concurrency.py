@@ -57,11 +57,11 @@ class Reader(threading.Thread):
             while not self.stop.is_set():
                 try:
                     status = st.status()
-                    done = sum(m["done"] for m in status["models"].values())
+                    done = sum(m["done"] for m in status.models.values())
                     if done < last_done:
                         self.errors.append(f"done went back from {last_done} to {done}")
                     last_done = done
-                    if not status["models"]:
+                    if not status.models:
                         time.sleep(0.05)
                         continue
                     ids, vectors = st.embeddings()
@@ -158,7 +158,7 @@ def test_writer_commits_a_finished_workers_results_before_freeing_its_claims(tmp
     st.scan([tmp_path / "audio"])
     model = st.manifest.register_model(fake_model_description(dim=8))
     owner = new_owner()
-    client = SqliteManifestClient(st.path, model["id"], owner, 600, "length", lambda n: 1, 16000)
+    client = SqliteManifestClient(st.path, model.id, owner, 600, "length", lambda n: 1, 16000)
     client.refresh()
     claimed = client.claim(100, 10**9)
     client.close()
@@ -169,7 +169,7 @@ def test_writer_commits_a_finished_workers_results_before_freeing_its_claims(tmp
     inbox.put(ResultBatch([ItemResult(t.task_id, t.item_id, owner, None, 1.0, rng.standard_normal(8).astype(np.float32))
                            for t in claimed[:4]]))
     inbox.put(WorkerFinished(0, owner))
-    writer_main(str(st.path), model["id"], None, inbox, progress, 1)
+    writer_main(str(st.path), model.id, None, inbox, progress, 1)
     states = dict(st.manifest.query("SELECT item_id, status FROM tasks"))
     assert [states[t.item_id] for t in claimed] == ["done"] * 4 + ["pending"]
     assert verify_store(st.manifest).ok

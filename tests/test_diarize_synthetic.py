@@ -1,4 +1,4 @@
-"""Synthetic conversations: deterministic, no overlap, reference where the speech is."""
+"""Synthetic conversations: deterministic, no overlap unless asked, reference where the speech is."""
 
 from __future__ import annotations
 
@@ -73,3 +73,18 @@ def test_many_conversations_mix_speaker_counts(corpus):
     assert len({c.item for c in convs}) == 6
     with pytest.raises(ValueError, match=f"num_speakers must be in 1..{len(corpus)}"):
         make_conversation(corpus, len(corpus) + 1, seed=0)
+
+
+def test_overlapping_turns_when_asked_and_none_by_default(corpus):
+    plain = make_conversation(corpus, 3, seed=4, duration=30)
+    same = make_conversation(corpus, 3, seed=4, duration=30, overlap=0.0)
+    assert np.array_equal(plain.wav, same.wav) and plain.reference == same.reference  # earlier seeds unchanged
+    mixed = make_conversation(corpus, 3, seed=4, duration=30, overlap=1.0)
+    ref = mixed.reference
+    # every turn after the first starts before the previous speaker's last segment ends
+    crossings = [(x, y) for x, y in zip(ref, ref[1:]) if y.start < x.end]
+    assert crossings and all(x.speaker != y.speaker for x, y in crossings)
+    assert all(x.end - y.start <= 1.0 + 1e-6 for x, y in crossings)  # at most overlap_seconds' 1.0 s
+    assert max(s.end for s in ref) <= mixed.duration + 1e-6  # rounding of the segment times
+    with pytest.raises(ValueError, match="overlap must be a probability"):
+        make_conversation(corpus, 2, seed=0, overlap=1.5)

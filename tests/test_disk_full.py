@@ -61,7 +61,7 @@ def assert_done_once(store: Path) -> None:
         rows = st.manifest.query("SELECT item_id, row, status FROM tasks")
         assert len(rows) == ITEMS and all(r["status"] == "done" for r in rows)
         assert len({r["row"] for r in rows}) == ITEMS  # nothing computed twice
-        assert st.models()[0]["rows"] == ITEMS
+        assert st.models()[0].rows == ITEMS
 
 
 @pytest.fixture

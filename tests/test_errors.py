@@ -219,8 +219,8 @@ def test_without_rttm_ids_with_whitespace_still_diarize(spaced_store):
     st = embstore.open(spaced_store)
     try:
         report = st.diarize(windows="1.5:0.75", vad="none", embedder="null:16", workers=1)
-        assert report["outcome"].exit_status == 0, report["outcome"]
-        assert set(report["segments"]) == {"ds/spk0/utt0", "ds/spk 1/a b", "ds/spk 1/c"}
+        assert report.outcome.exit_status == 0, report.outcome
+        assert set(report.segments) == {"ds/spk0/utt0", "ds/spk 1/a b", "ds/spk 1/c"}
         assert st.manifest.conn.execute("SELECT count(*) FROM diarization").fetchone()[0] == 3  # stored
     finally:
         st.close()

@@ -25,29 +25,29 @@ def noisy_store(tmp_path):
 
 
 def test_planted_label_errors_come_first(noisy_store):
-    found = noisy_store.outliers(top=4)
-    assert {o["id"] for o in found[:2]} == set(PLANTED)
+    found = noisy_store.outliers(top=4).outliers
+    assert {o.id for o in found[:2]} == set(PLANTED)
     for o in found[:2]:
-        true, wrong = PLANTED[o["id"]]
-        assert o["speaker"] == wrong and o["nearest_speaker"] == true
-        assert o["margin"] < 0 < o["nearest_score"]
+        true, wrong = PLANTED[o.id]
+        assert o.speaker == wrong and o.nearest_speaker == true
+        assert o.margin < 0 < o.nearest_score
     # the rest are genuine items: close to their own speaker
-    assert all(o["score"] > found[1]["score"] + 0.3 for o in found[2:])
-    assert [o["score"] for o in found] == sorted(o["score"] for o in found)
+    assert all(o.score > found[1].score + 0.3 for o in found[2:])
+    assert [o.score for o in found] == sorted(o.score for o in found)
     # the wrong label's speaker now has 7 items
-    assert {o["items"] for o in found[:2]} == {7}
+    assert {o.items for o in found[:2]} == {7}
 
 
 def test_scores_are_leave_one_out_cosines(noisy_store):
     ids, vectors = noisy_store.embeddings()
     unit = {i: v / np.linalg.norm(v) for i, v in zip(ids, vectors.astype(np.float64))}
     speaker = {r["uid"]: r["speaker"] for r in noisy_store.manifest.query("SELECT uid, speaker FROM items")}
-    everything = noisy_store.outliers(below=1.0)
+    everything = noisy_store.outliers(below=1.0).outliers
     assert len(everything) == 30
     for o in everything[:5]:
-        others = [unit[i] for i in ids if speaker[i] == o["speaker"] and i != o["id"]]
+        others = [unit[i] for i in ids if speaker[i] == o.speaker and i != o.id]
         centre = np.mean(others, axis=0)
-        assert o["score"] == pytest.approx(unit[o["id"]] @ centre / np.linalg.norm(centre), abs=1e-5)
+        assert o.score == pytest.approx(unit[o.id] @ centre / np.linalg.norm(centre), abs=1e-5)
     # the array function on a hand-made case: two items, each the other's centroid
     unit2 = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     sums = np.array([[1.0, 1.0], [1.0, 0.0]])
@@ -65,8 +65,8 @@ def test_cli_filters_and_json(noisy_store):
     result = runner.invoke(cli, ["outliers", str(noisy_store.path), "--speaker", "spk3", "--json"])
     found = json.loads(result.output)
     assert len(found) == 7 and found[0]["id"] == "ds/spk0/utt2" and {o["speaker"] for o in found} == {"spk3"}
-    ranked = noisy_store.outliers(top=3)
-    cut = (ranked[1]["score"] + ranked[2]["score"]) / 2
+    ranked = noisy_store.outliers(top=3).outliers
+    cut = (ranked[1].score + ranked[2].score) / 2
     below = json.loads(runner.invoke(cli, ["outliers", str(noisy_store.path), "--below", str(cut), "--json"]).output)
     assert {o["id"] for o in below} == set(PLANTED)
     assert runner.invoke(cli, ["outliers", str(noisy_store.path), "--dataset", "ds", "--json"]).exit_code == 0

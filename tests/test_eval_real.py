@@ -28,7 +28,7 @@ def test_real_corpus_norms_report_and_label_noise(shared_data, tmp_path):
     rows = {r["norm"]: r for r in json.loads(result.output[result.output.index("["):])}
     assert set(rows) == {"mean", "mean+snorm", "mean+asnorm5"}
     assert all(r["trials"] == 4950 and r["missing"] == 0 for r in rows.values())
-    raw = st.score(trials)["results"][0]
+    raw = st.score(trials).results[0]
     assert raw["eer"] <= 0.01
     # normalisation against the corpus's own speakers separates them at least as well
     assert rows["mean+asnorm5"]["eer"] <= raw["eer"] and rows["mean+snorm"]["eer"] <= raw["eer"]
@@ -44,9 +44,9 @@ def test_real_corpus_norms_report_and_label_noise(shared_data, tmp_path):
         planted[items[k]["uid"]] = (true, str(rng.choice([s for s in speakers if s != true])))
     with st.manifest.write() as conn:
         conn.executemany("UPDATE items SET speaker = ? WHERE uid = ?", [(w, u) for u, (_, w) in planted.items()])
-    found = st.outliers(top=5)
-    assert {o["id"] for o in found} == set(planted)
-    assert all(o["nearest_speaker"] == planted[o["id"]][0] for o in found)
+    found = st.outliers(top=5).outliers
+    assert {o.id for o in found} == set(planted)
+    assert all(o.nearest_speaker == planted[o.id][0] for o in found)
 
     out = tmp_path / "report.html"
     st.report(out, trials=[trials], norm="none,asnorm", cohort=everything, top_n=5)

@@ -89,7 +89,7 @@ def check_page(path):
 
 def add_runs_and_failures(st):
     """Two extraction runs as the supervisor records them, a failed task, a scan failure."""
-    model_id = st.models()[0]["id"]
+    model_id = st.models()[0].id
     with st.manifest.write() as conn:
         for k, (started, rt) in enumerate([("2026-11-01T10:00:00+00:00", 180.0), ("2026-11-02T09:30:00+00:00", 240.5)]):
             summary = {"x_realtime": rt, "items_per_second": rt / 8, "mean_batch_items": 12.5 + k,

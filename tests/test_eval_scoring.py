@@ -67,7 +67,7 @@ def test_several_lists_one_table_and_a_json_list(store_and_lists):
     assert body[0][4] == f"{100 * rows[0]['eer']:.3f}"
     # two norms x two lists: four rows, list-major
     out = st.score(lists, model="noisy", norm="none,snorm", cohort="dataset:ds")
-    assert [(r["list"], r["norm"]) for r in out["results"]] == [
+    assert [(r["list"], r["norm"]) for r in out.results] == [
         ("vox_O.txt", "none"), ("vox_O.txt", "snorm"), ("vox_E.txt", "none"), ("vox_E.txt", "snorm")]
 
 
@@ -76,7 +76,7 @@ def test_score_files_read_back(store_and_lists, tmp_path):
     # one list, one norm: --scores is a file
     single = tmp_path / "one.score"
     out = st.score(lists[0], model="noisy", scores=single)
-    assert out["score_files"] == [str(single)]
+    assert out.score_files == [str(single)]
     ids, vectors = st.embeddings(model="noisy")
     vec = dict(zip(ids, vectors.astype(np.float64)))
     written = [line.split() for line in single.read_text().splitlines()]
@@ -88,7 +88,7 @@ def test_score_files_read_back(store_and_lists, tmp_path):
     # the scores give back the reported EER
     scores = np.array([float(w[2]) for w in written])
     labels = np.array([w[3] == "target" for w in written])
-    assert evaluate(scores, labels).eer == pytest.approx(out["results"][0]["eer"], abs=1e-5)
+    assert evaluate(scores, labels).eer == pytest.approx(out.results[0]["eer"], abs=1e-5)
 
     # several lists and norms: one file each in a folder
     folder = tmp_path / "scores"
@@ -120,7 +120,7 @@ def test_missing_ids_are_counted_and_listed(store_and_lists, tmp_path):
     trials = tmp_path / "t.txt"
     trials.write_text(lists[0].read_text() + "ds/spk0/utt0 ds/spk9/utt1 target\nnobody ds/spk1/utt0 nontarget\n")
     out = st.score(trials, model="noisy")
-    row = out["results"][0]
+    row = out.results[0]
     assert row["missing"] == 2 and row["trials"] == 105
     assert row["missing_ids"] == ["nobody", "ds/spk9/utt1"] and row["missing_ids_total"] == 2
     result = CliRunner().invoke(cli, ["score", str(st.path), str(trials), "--model", "noisy"])

@@ -45,7 +45,7 @@ def test_flat_layout_dict_contents_and_array_format(tmp_path):
     model = st.models()[0]
     assert obj["id"] == "ds/spk1/utt2" and obj["speaker"] == "spk1" and obj["dataset"] == "ds"
     assert obj["path"] == str(tmp_path / "audio/ds/spk1/utt2.wav")
-    assert obj["model"] == "fake" and obj["fingerprint"] == model["fingerprint"]
+    assert obj["model"] == "fake" and obj["fingerprint"] == model.fingerprint
     assert obj["start"] is None and obj["end"] is None
     emb = obj["embedding"]
     assert emb.dtype == np.float32 and emb.shape == (16,) and emb.flags.writeable

@@ -40,9 +40,9 @@ def check_consistent(st):
     model = st.models()[0]
     row_numbers = [r["row"] for r in rows]
     assert len(set(row_numbers)) == len(row_numbers)
-    assert max(row_numbers) < model["rows"]
+    assert max(row_numbers) < model.rows
     _, ids = st.manifest.model_arrays(model).arrays()
-    stored = ids[: model["rows"]]
+    stored = ids[: model.rows]
     for r in rows:
         assert stored[r["row"]] == r["item_id"]
 
@@ -89,11 +89,11 @@ def test_bad_files_fail_alone_with_reasons_then_retry(tmp_path):
         f.truncate(44)
     summary = st.extract(device="cpu")
     assert summary.done == 2 and summary.failed == 3
-    errors = {Path(e["path"]).name: e for e in st.errors()}
-    assert "non-finite" in errors["nan.wav"]["error"]
-    assert errors["vanishes.wav"]["stage"] == "read" and "not found" in errors["vanishes.wav"]["error"]
-    assert errors["truncated.wav"]["stage"] == "decode"
-    reasons = st.status()["models"]["resemblyzer-ge2e"]["failures_by_reason"]
+    errors = {Path(e.path).name: e for e in st.errors().failures}
+    assert "non-finite" in errors["nan.wav"].error
+    assert errors["vanishes.wav"].stage == "read" and "not found" in errors["vanishes.wav"].error
+    assert errors["truncated.wav"].stage == "decode"
+    reasons = st.status().models["campplus-zh-en-common"]["failures_by_reason"]
     assert sum(reasons.values()) == 3
     # the file comes back: --retry-failed embeds it
     write(good, 1.0, seed=5)
@@ -126,15 +126,15 @@ def test_dedup_and_stale_reextraction(tmp_path):
     copy2 = tmp_path / "root" / "ds" / "spk9" / "copy2.wav"
     copy2.write_bytes(files[1].read_bytes())
     st.scan([tmp_path / "root"])
-    rows_before = st.models()[0]["rows"]
+    rows_before = st.models()[0].rows
     summary = st.extract(device="cpu")
     assert summary.done == 1
-    assert st.models()[0]["rows"] == rows_before  # no new row: it points at the twin's
+    assert st.models()[0].rows == rows_before  # no new row: it points at the twin's
     # a changed file is re-extracted
     write(files[2], 1.9, seed=42)
     os.utime(files[2], ns=(time.time_ns(), time.time_ns() + 10**9))
     st.scan([tmp_path / "root"])
-    assert st.status()["models"]["resemblyzer-ge2e"]["stale"] == 1
+    assert st.status().models["campplus-zh-en-common"]["stale"] == 1
     summary = st.extract(device="cpu")
     assert summary.done == 1
     ids2, vectors2 = st.embeddings()
@@ -299,4 +299,4 @@ def check_consistent_partial(st):
     rows = [r for r in done_tasks(st) if r["status"] == "done"]
     model = st.models()[0]
     assert len({r["row"] for r in rows}) == len(rows)
-    assert all(r["row"] < model["rows"] for r in rows)
+    assert all(r["row"] < model.rows for r in rows)

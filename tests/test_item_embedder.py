@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 import embstore
+from embstore.api import Failure
 from embstore.extract.faults import EMBED_PATHS, OOM_ABOVE, SLOW_COMPUTE
 from embstore.models.registry import load
 from embstore.segments.policy import EAGER_WINDOWS
@@ -57,8 +58,8 @@ def _statuses(st) -> dict[str, str]:
         "SELECT i.uid, t.status FROM tasks t JOIN items i ON i.id = t.item_id")}
 
 
-def _errors(st, model: str) -> dict[str, dict]:
-    return {e["id"].rsplit("/", 1)[-1]: e for e in st.errors(model=model)}
+def _errors(st, model: str) -> dict[str, Failure]:
+    return {e.id.rsplit("/", 1)[-1]: e for e in st.errors(model=model).failures}
 
 
 def test_one_bad_item_in_a_window_block_fails_alone(tmp_path, monkeypatch):
@@ -70,7 +71,7 @@ def test_one_bad_item_in_a_window_block_fails_alone(tmp_path, monkeypatch):
     assert (summary.done, summary.failed) == (3, 1), summary
     errors = _errors(st, summary.model)
     assert set(errors) == {"chokes"}, errors
-    assert errors["chokes"]["stage"] == "model" and "injected embedding fault" in errors["chokes"]["error"]
+    assert errors["chokes"].stage == "model" and "injected embedding fault" in errors["chokes"].error
     for name in ("a", "c", "d"):
         starts, _, rows = st.windows(name, model=summary.model)
         assert len(starts) == 3 and np.isfinite(rows).all()
@@ -113,7 +114,7 @@ def test_a_window_out_of_memory_alone_fails_its_item(tmp_path, monkeypatch):
     summary = st.extract(model=NULL, windows=f"{TINY[0]}:{TINY[1]}", vad="none", workers=1, progress=False)
     assert (summary.done, summary.failed) == (0, 3), summary
     errors = _errors(st, summary.model)
-    assert {e["error"] for e in errors.values()} == {"out of memory (even alone)"}, errors
+    assert {e.error for e in errors.values()} == {"out of memory (even alone)"}, errors
     st.close()
 
 
@@ -128,7 +129,7 @@ def test_whole_items_keep_their_failure_behaviour(tmp_path, monkeypatch, fault, 
     summary = st.extract(model=NULL, workers=1, progress=False)
     assert (summary.done, summary.failed) == (done, 4 - done), summary
     errors = _errors(st, summary.model)
-    assert len(errors) == 4 - done and all(reason in e["error"] for e in errors.values()), errors
+    assert len(errors) == 4 - done and all(reason in e.error for e in errors.values()), errors
     if fault == OOM_ABOVE and done:
         assert summary.mean_batch_items == 1, summary
     if fault == EMBED_PATHS:

@@ -86,7 +86,7 @@ def test_claims_and_runs_of_a_zombie_are_freed_at_once(zombie, tmp_path):
     make_tree(tmp_path / "corpus", speakers=2, per_speaker=3)
     st = embstore.open(tmp_path / "s")
     st.scan([tmp_path / "corpus"])
-    model_id = st.manifest.register_model(fake_model_description())["id"]
+    model_id = st.manifest.register_model(fake_model_description()).id
     tasks.refresh_tasks(st.manifest.conn, model_id, lambda n: n // 160, 16000)
     dead = tasks.process_owner(pid, mark) + "abcd1234"
     live = tasks.new_owner()

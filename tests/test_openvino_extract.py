@@ -53,7 +53,7 @@ def test_fp32_on_openvino_when_asked(store):
     summary = store.extract(runtime="openvino")
     assert summary.runtime == "openvino" and summary.done == 4
     assert "openvino" in summary.model
-    assert store.status()["models"][summary.model]["last_run"]["runtime"] == "openvino"
+    assert store.status().models[summary.model]["last_run"]["runtime"] == "openvino"
 
 
 def test_bf16_where_the_cpu_lacks_it_says_why(store, monkeypatch):

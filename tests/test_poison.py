@@ -60,9 +60,9 @@ def test_a_poison_item_fails_after_two_solo_deaths_and_nothing_else_does(poisone
     assert all(s[0] == "done" for name, s in states.items() if name != "kills-its-worker"), states
     assert states["kills-its-worker"][0] == "failed" and states["kills-its-worker"][3] == "crash"
     assert len(set(json.loads(states["kills-its-worker"][2]))) == tasks.CRASHES_TO_FAIL
-    (error,) = st.errors()
-    assert error["stage"] == "crash" and "killed 2 different workers" in error["error"]
-    assert "SIGKILL" in error["error"] and error["id"].endswith("kills-its-worker")
+    (error,) = st.errors().failures
+    assert error.stage == "crash" and "killed 2 different workers" in error.error
+    assert "SIGKILL" in error.error and error.id.endswith("kills-its-worker")
     # and it is not retried by every run for ever
     assert st.extract(model="null:8", workers=1).nothing_to_do
     assert st.verify().ok
@@ -75,15 +75,15 @@ def test_a_death_held_with_others_makes_suspects_and_blames_no_one(tmp_path):
     st = embstore.open(tmp_path / "store")
     st.scan([tmp_path / "root"])
     model = st.manifest.register_model(fake_model_description())
-    tasks.refresh_tasks(st.manifest.conn, model["id"], lambda n: n // 160, 16000)
-    tasks.claim_batch(st.manifest.conn, model["id"], "h:1:a", 60, 10, 10**9)
+    tasks.refresh_tasks(st.manifest.conn, model.id, lambda n: n // 160, 16000)
+    tasks.claim_batch(st.manifest.conn, model.id, "h:1:a", 60, 10, 10**9)
     assert tasks.record_death(st.manifest.conn, "h:1:", "h:1", "killed", None, prefix=True) == (3, 0)
     # suspects are never batched: one at a time, alone
-    assert tasks.claim_batch(st.manifest.conn, model["id"], "h:2:b", 60, 10, 10**9) == []
-    one = tasks.claim_suspect(st.manifest.conn, model["id"], "h:2:b", 60)
+    assert tasks.claim_batch(st.manifest.conn, model.id, "h:2:b", 60, 10, 10**9) == []
+    one = tasks.claim_suspect(st.manifest.conn, model.id, "h:2:b", 60)
     assert len(one) == 1
     assert tasks.record_death(st.manifest.conn, "h:2:b", "h:2", "killed", None) == (1, 0)
     # the same worker dying twice is not two workers
-    tasks.claim_suspect(st.manifest.conn, model["id"], "h:2:c", 60)
+    tasks.claim_suspect(st.manifest.conn, model.id, "h:2:c", 60)
     assert tasks.record_death(st.manifest.conn, "h:2:c", "h:2", "killed", None) == (1, 0)
     st.close()

@@ -116,12 +116,12 @@ def test_similar_never_returns_removed_items_or_orphan_rows(store):
     found = {f["id"] for f in store.similar(item_id=target, k=30)}
     assert "ds/spk2/utt2" not in found and "ds/spk2/utt3" not in found
     model = store.models()[0]
-    old_rows = model["rows"]
+    old_rows = model.rows
     ids, vectors = store.embeddings()
     opposite = -dict(zip(ids, vectors))[target]
     # re-extract utt3 opposite to the target; its old row still holds the old one, never returned
     fill_embeddings(store, vector_of=lambda uid, spk: opposite)
-    assert store.manifest.resolve_model()["rows"] == old_rows + 1
+    assert store.manifest.resolve_model().rows == old_rows + 1
     found = store.similar(item_id=target, k=30)
     assert [f["id"] for f in found].count("ds/spk2/utt3") == 1
     assert found[-1]["id"] == "ds/spk2/utt3"  # the new far-away vector ranks last
@@ -134,7 +134,7 @@ def test_similar_by_audio_uses_the_stored_model(store, monkeypatch):
 
     ids, vectors = store.embeddings()
     wanted = dict(zip(ids, vectors))["ds/spk3/utt2"]
-    fingerprint = store.models()[0]["fingerprint"]
+    fingerprint = store.models()[0].fingerprint
     loaded = []
 
     class FakeEncoder:

@@ -77,18 +77,18 @@ def test_claims_of_a_dead_drivers_actors_are_freed_at_the_next_refresh(tmp_path)
     st.scan([tmp_path / "root"])
     model = st.manifest.register_model(fake_model_description())
     length = lambda n: n // 160  # noqa: E731
-    tasks.refresh_tasks(st.manifest.conn, model["id"], length, 16000)
-    run_id = runs.start_run(st.manifest.conn, model["id"], {})
+    tasks.refresh_tasks(st.manifest.conn, model.id, length, 16000)
+    run_id = runs.start_run(st.manifest.conn, model.id, {})
     owner = tasks.ray_owner("node1234", "actor567", run_id)
-    assert len(tasks.claim_batch(st.manifest.conn, model["id"], owner, 3600, 2, 10**9)) == 2
+    assert len(tasks.claim_batch(st.manifest.conn, model.id, owner, 3600, 2, 10**9)) == 2
     # the driver is alive (this process): its actors keep their claims
-    assert tasks.refresh_tasks(st.manifest.conn, model["id"], length, 16000)["released"] == 0
+    assert tasks.refresh_tasks(st.manifest.conn, model.id, length, 16000)["released"] == 0
     # the driver died (a pid that no longer runs): freed at once, leases or not
     st.manifest.conn.execute("UPDATE runs SET pid = ? WHERE id = ?", (2**22 + 12345, run_id))
     assert not os.path.exists(f"/proc/{2**22 + 12345}")
-    assert tasks.refresh_tasks(st.manifest.conn, model["id"], length, 16000)["released"] == 2
+    assert tasks.refresh_tasks(st.manifest.conn, model.id, length, 16000)["released"] == 2
     # a run that ended leaves no claim behind either
-    tasks.claim_batch(st.manifest.conn, model["id"], owner, 3600, 1, 10**9)
+    tasks.claim_batch(st.manifest.conn, model.id, owner, 3600, 1, 10**9)
     runs.end_run(st.manifest.conn, run_id, "finished", {})
-    assert tasks.refresh_tasks(st.manifest.conn, model["id"], length, 16000)["released"] == 1
+    assert tasks.refresh_tasks(st.manifest.conn, model.id, length, 16000)["released"] == 1
     st.close()

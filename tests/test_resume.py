@@ -193,7 +193,7 @@ def test_diarize_without_the_vad_package_stops_at_plan_time(tmp_path, two_files,
     assert not rttm.exists()
     st = embstore.open(store)
     assert st.manifest.query("SELECT count(*) FROM tasks WHERE status != 'pending'")[0][0] == 0
-    assert st.errors() == []
+    assert st.errors().failures == []
     st.close()
     # the same for `extract --vad silero`, and the library raises it as an environment problem
     res = runner.invoke(cli, ["extract", str(store), "--vad", "silero"])

@@ -113,11 +113,11 @@ class Rig:
         self.opened.scan([tmp_path / "root"])
         self.store = self.opened.manifest  # the plumbing the monitor works on
         model = self.store.register_model(fake_model_description())
-        tasks.refresh_tasks(self.store.conn, model["id"], length_rule, 16000)
-        left, left_seconds = tasks.pending_summary(self.store.conn, model["id"])
+        tasks.refresh_tasks(self.store.conn, model.id, length_rule, 16000)
+        left, left_seconds = tasks.pending_summary(self.store.conn, model.id)
         self.plan = ExtractionPlan(
-            spec="fake:fake", worker_spec="fake:fake", model_id=model["id"], model_key=self.store.model_key(model),
-            fingerprint=model["fingerprint"], devices=["cpu"], batching="any", runtime="torch",
+            spec="fake:fake", worker_spec="fake:fake", model_id=model.id, model_key=self.store.model_key(model),
+            fingerprint=model.fingerprint, devices=["cpu"], batching="any", runtime="torch",
             device_features=False, left=left, left_seconds=left_seconds,
         )
         self.made: list[StoreLauncher] = []

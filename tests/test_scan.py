@@ -61,7 +61,7 @@ def test_incremental_rescan_add_change_remove(tmp_path):
     (tmp_path / "root" / "ds" / "spk1").rmdir()
     report = st.scan([tmp_path / "root"])
     assert report.removed == 2
-    assert st.status()["speakers"] == 1
+    assert st.status().speakers == 1
 
 
 def test_changed_file_marks_done_tasks_stale(tmp_path):
@@ -72,12 +72,12 @@ def test_changed_file_marks_done_tasks_stale(tmp_path):
                                "batching": "equal", "frontend": {}})
     item_id = st.manifest.query("SELECT id FROM items")[0][0]
     st.manifest.conn.execute("INSERT INTO tasks (item_id, model_id, status, length, row) VALUES (?, ?, 'done', 1, 0)",
-                    (item_id, model["id"]))
+                    (item_id, model.id))
     write(files[0], 1.5, seed=3)
     os.utime(files[0], ns=(time.time_ns(), time.time_ns() + 10**9))
     report = st.scan([tmp_path / "root"])
     assert report.changed == 1 and report.items_stale == 1
-    assert st.status()["models"]["m"]["stale"] == 1
+    assert st.status().models["m"]["stale"] == 1
 
 
 def test_unreadable_headers_are_recorded_and_scan_goes_on(tmp_path):
@@ -91,12 +91,12 @@ def test_unreadable_headers_are_recorded_and_scan_goes_on(tmp_path):
     st = embstore.open(tmp_path / "s")
     report = st.scan([tmp_path / "root"])
     assert report.added == 6 and report.failed == 4
-    errors = {os.path.basename(e["path"]): e["error"] for e in st.errors()}
+    errors = {os.path.basename(e.path): e.error for e in st.errors().failures}
     assert "empty" in errors["empty.wav"]
     assert errors["broken.wav"] == "broken symlink"
     assert "dir.wav" not in errors  # a folder is walked, not read
-    assert st.status()["scan_failed"] == 4
-    assert sum(st.status()["scan_failures_by_reason"].values()) == 4
+    assert st.status().scan_failed == 4
+    assert sum(st.status().scan_failures_by_reason.values()) == 4
 
 
 def test_kaldi_dir_with_segments(tmp_path):
@@ -161,8 +161,8 @@ def test_real_speech_tree(shared_data, tmp_path):
     report = st.scan([shared_data.parent])
     assert report.added == 100
     status = st.status()
-    assert status["speakers"] == 10 and status["items"] == 100
-    assert 700 < status["audio_seconds"] < 800
+    assert status.speakers == 10 and status.items == 100
+    assert 700 < status.audio_seconds < 800
     assert "librispeech-test-other/1688/1688-142285-0000" in items(st)
 
 

@@ -106,7 +106,7 @@ def test_score_store_vox_style_ids_missing_and_scores_out(vox_store, tmp_path):
     a, b, score, label = written[0].split()
     assert (a, b, label) == ("spk0/vid0/00000.wav", "spk0/vid0/00001.wav", "target") and -1 <= float(score) <= 1
     # the same numbers through the API, and the text output
-    api = vox_store.score(trials)["results"][0]
+    api = vox_store.score(trials).results[0]
     assert api["eer"] == out["eer"] and api["targets"] + api["nontargets"] == out["trials"]
     result = CliRunner().invoke(cli, ["score", str(vox_store.path), str(trials), "--p-target", "0.05"])
     assert result.exit_code == 5, result.output

@@ -50,5 +50,5 @@ def test_open_without_create_needs_a_store(tmp_path):
 def test_status_of_empty_store(tmp_path):
     status = embstore.open(tmp_path / "s").status()
     for key in ("files", "items", "speakers", "datasets", "audio_seconds", "scan_failed", "models"):
-        assert key in status
-    assert status["files"] == 0 and status["models"] == {}
+        assert key in status.as_dict()
+    assert status.files == 0 and status.models == {}

@@ -31,8 +31,8 @@ def _rechunk(store: Path) -> None:
 
     st = embstore.open(store)
     model = st.models()[0]
-    rows = model["rows"]
-    group = zarr.open_group(str(st.manifest.zarr_path), mode="a", zarr_format=3)[model["array_path"]]
+    rows = model.rows
+    group = zarr.open_group(str(st.manifest.zarr_path), mode="a", zarr_format=3)[model.array_path]
     vec, ids = group["vectors"], group["item_ids"]
     shape, dim = vec.shape, vec.shape[1]
     data, item_ids = vec[:rows], ids[:rows]
@@ -71,9 +71,9 @@ def base_store(tmp_path_factory) -> Path:
     encoder = _load_model()
     model = st.manifest.register_model(encoder.describe())
     owner = new_owner()
-    client = SqliteManifestClient(store, model["id"], owner, 600, "item", encoder.feature_length, encoder.sample_rate)
+    client = SqliteManifestClient(store, model.id, owner, 600, "item", encoder.feature_length, encoder.sample_rate)
     client.refresh()
-    writer = ZarrWriter(str(store), model["id"], None)
+    writer = ZarrWriter(str(store), model.id, None)
     for task in client.claim(100, 10**9):
         vector = encoder.embed_file(task.path)
         writer.add(ItemResult(task.task_id, task.item_id, owner, content_hash(task.path), task.duration, vector))

@@ -85,7 +85,7 @@ def test_windows_equal_the_embedder_on_each_item(store, corpus, names):
         # the run used ONNX Runtime (auto on CPU), the reference torch: equal to float noise
         assert np.abs(matrix - expected).max() <= 1e-5 * np.abs(expected).max()
     # both models live side by side; item queries pick the whole-item one
-    kinds = sorted(m["kind"] for m in st.models())
+    kinds = sorted(m.kind for m in st.models())
     assert kinds == ["item", "windows"]
     assert len(st.similar(item_id=names[0], k=2)) == 2
     st.close()
@@ -94,10 +94,10 @@ def test_windows_equal_the_embedder_on_each_item(store, corpus, names):
 def test_bad_and_short_items_fail_with_reasons(store):
     path, _, _ = store
     st = embstore.open(path)
-    errors = {e["id"].rsplit("/", 1)[-1]: e for e in st.errors(model=WIN)}
+    errors = {e.id.rsplit("/", 1)[-1]: e for e in st.errors(model=WIN).failures}
     assert set(errors) == {"tiny", "hiss"}, errors
-    assert "shorter than one window" in errors["tiny"]["error"]
-    assert errors["hiss"]["stage"] == "vad" and "no speech" in errors["hiss"]["error"]
+    assert "shorter than one window" in errors["tiny"].error
+    assert errors["hiss"].stage == "vad" and "no speech" in errors["hiss"].error
     starts, ends, _ = st.windows("short", model=WIN)
     assert len(starts) == 1 and ends[0] - starts[0] < 1.5
     st.close()
@@ -159,7 +159,7 @@ def test_whole_items_of_speech_only(corpus, tmp_path):
     st.scan([corpus])
     summary = st.extract(vad="webrtc")
     assert summary.model == "campplus-zh-en-common+webrtc"
-    errors = {e["id"].rsplit("/", 1)[-1]: e for e in st.errors()}
-    assert "hiss" in errors and "no speech" in errors["hiss"]["error"]
+    errors = {e.id.rsplit("/", 1)[-1]: e for e in st.errors().failures}
+    assert "hiss" in errors and "no speech" in errors["hiss"].error
     assert st.extract(vad="webrtc").nothing_to_do
     st.close()

@@ -12,7 +12,8 @@ from embstore.cli.common import conclude, echo_json, exit_status_documented, jso
 @click.option("--dataset", required=True, help="The dataset whose items get pseudo-speaker labels.")
 @model_option
 @click.option("--threshold", type=float, default=None,
-              help="Average cosine similarity above which clusters merge (default: tuned for the default model).")
+              help="Average cosine similarity above which clusters merge (default: the value tuned for the "
+                   "store's model: 0.5 for campplus, 0.725 for resemblyzer; 0.725 for others).")
 @click.option("--num-speakers", type=click.IntRange(1), default=None, help="Exactly this many clusters.")
 @json_option
 @library_errors
@@ -29,19 +30,18 @@ def cluster(store, dataset, model, threshold, num_speakers, as_json):
     \b
     Examples:
         embstore cluster store/ --dataset podcasts
-        embstore cluster store/ --dataset podcasts --threshold 0.7 --json
+        embstore cluster store/ --dataset podcasts --threshold 0.55 --json
         embstore cluster store/ --dataset interviews --num-speakers 40
     """
     with open_store(store) as st:
         report = st.cluster(dataset, model=model, threshold=threshold, num_speakers=num_speakers)
-    outcome = report.pop("outcome")
     if as_json:
-        echo_json(report | {"outcome": outcome.as_dict()})
+        echo_json(report.as_json())
     else:
-        extra = f", purity {report['purity']:.3f}, coverage {report['coverage']:.3f}" if "purity" in report else ""
-        click.echo(f"{report['dataset']}: {report['clustered']} items in {report['clusters']} clusters "
-                   f"({report['unlabelled']} unlabelled; {report['algorithm']}, {report['seconds']:.1f}s){extra}")
-    conclude(outcome, store)
+        extra = "" if report.purity is None else f", purity {report.purity:.3f}, coverage {report.coverage:.3f}"
+        click.echo(f"{report.dataset}: {report.clustered} items in {report.clusters} clusters "
+                   f"({report.unlabelled} unlabelled; {report.algorithm}, {report.seconds:.1f}s){extra}")
+    conclude(report.outcome, store)
 
 
 def register(cli: click.Group) -> None:

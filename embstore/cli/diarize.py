@@ -49,23 +49,20 @@ def diarize(store, model, num_speakers, max_speakers, method, windows, vad, work
         report = st.diarize(model=model, num_speakers=num_speakers, max_speakers=max_speakers, method=method,
                             windows=windows, vad=vad, rttm=rttm_out is not None, workers=workers, device=device,
                             progress=not as_json and rttm_out != "-")
-    segments = report.pop("segments")
-    outcome = report.pop("outcome")
+    segments = report.segments
     if rttm_out == "-":
         write_rttm(sys.stdout, segments)
     elif rttm_out:
         write_rttm(rttm_out, segments)
     if as_json:
-        report["segments"] = {k: [[s.start, s.end, s.speaker] for s in v] for k, v in segments.items()}
-        report["outcome"] = outcome.as_dict()
-        echo_json(report)
+        echo_json(report.as_json())
     elif rttm_out != "-" and segments:
-        echo_table([{"id": k, "speakers": report["speakers"][k], "turns": len(v)} for k, v in segments.items()],
+        echo_table([{"id": k, "speakers": report.speakers[k], "turns": len(v)} for k, v in segments.items()],
                    ["id", "speakers", "turns"])
     if not as_json and rttm_out != "-" and segments:
-        click.echo(f"{report['items']} items ({report['computed']} diarized now, {report['reused']} stored) with "
-                   f"{report['model']}" + (f" -> {rttm_out}" if rttm_out else ""), err=True)
-    conclude(outcome, store)
+        click.echo(f"{report.items} items ({report.computed} diarized now, {report.reused} stored) with "
+                   f"{report.model}" + (f" -> {rttm_out}" if rttm_out else ""), err=True)
+    conclude(report.outcome, store)
 
 
 def register(cli: click.Group) -> None:

@@ -109,8 +109,8 @@ def export_kaldi(store, out, model, by, as_json):
     \b
     Examples:
         embstore export-kaldi store/ exp/xvectors
-        embstore export-kaldi store/ exp/xvectors --model resemblyzer-ge2e
-        embstore export-kaldi store/ exp/subsegments --model resemblyzer-ge2e+w1.5:0.75+silero
+        embstore export-kaldi store/ exp/xvectors --model campplus-zh-en-common
+        embstore export-kaldi store/ exp/subsegments --model campplus-zh-en-common+w1.5:0.75+silero
     """
     def echo(info: MatrixExport) -> None:
         what = f"{info.windows} windows of {info.items} items" if info.windows is not None else f"{info.items} items"

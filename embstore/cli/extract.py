@@ -16,7 +16,7 @@ DTYPE_CHOICES = ["fp32", "tf32", "bf16", "fp16"]
 @click.command()
 @store_argument
 @click.option("--model", "model", default=None, metavar="SPEC",
-              help="resemblyzer (default), wespeaker:DIR, wespeaker-hub:NAME or onnx:FILE.")
+              help="campplus (default; `embstore models`), resemblyzer, wespeaker:DIR, wespeaker-hub:NAME, onnx:FILE or openvino:....")
 @click.option("--gpus", default=None, metavar="0,1", help="One extraction process per listed GPU.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (ignored with --gpus).")
 @click.option("--workers", type=click.IntRange(1, 256), default=None,

@@ -38,14 +38,14 @@ def outliers(store, model, dataset, speaker, top, below, as_json):
         found = st.outliers(model=model, dataset=dataset, speaker=speaker,
                             top=20 if top is None else top, below=below)
     if as_json:
-        echo_json(found)
+        echo_json(found.as_json())
         return
     rows = [
-        {"item": o["id"], "speaker": o["speaker"], "cos own": f"{o['score']:.4f}", "n": o["items"],
-         "nearest other": o["nearest_speaker"] or "-",
-         "cos other": "-" if o["nearest_score"] is None else f"{o['nearest_score']:.4f}",
-         "margin": "-" if o["margin"] is None else f"{o['margin']:+.4f}"}
-        for o in found
+        {"item": o.id, "speaker": o.speaker, "cos own": f"{o.score:.4f}", "n": o.items,
+         "nearest other": o.nearest_speaker or "-",
+         "cos other": "-" if o.nearest_score is None else f"{o.nearest_score:.4f}",
+         "margin": "-" if o.margin is None else f"{o.margin:+.4f}"}
+        for o in found.outliers
     ]
     echo_table(rows, ["item", "speaker", "cos own", "n", "nearest other", "cos other", "margin"])
 

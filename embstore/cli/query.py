@@ -109,7 +109,7 @@ def similar(store, item_id, audio, k, model, as_json):
         embstore similar store/ vox1/id10001/1zcIwhmdeo4/00001
         embstore similar store/ 1688-142285-0000 -k 5 --json
         embstore similar store/ --audio query.wav
-        embstore similar store/ --audio query.wav --model resemblyzer-ge2e+w1.5:0.75+silero
+        embstore similar store/ --audio query.wav --model campplus-zh-en-common+w1.5:0.75+silero
     """
     if (item_id is None) == (audio is None):
         raise click.UsageError("give either ITEM_ID or --audio FILE")

@@ -3,12 +3,15 @@ normalisation (mean subtraction, S-norm, AS-norm), score files and DET plots."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import click
 
 from embstore.cli.common import conclude, echo_json, echo_table, exit_status_documented, json_option, library_errors
 from embstore.cli.common import model_option, open_store, store_argument
+
+if TYPE_CHECKING:
+    from embstore.api import ScoreReport
 
 SEL = "SEL"
 
@@ -86,31 +89,31 @@ def score(store, trials, model, norm, mean_from, cohort, top_n, p_target, scores
             --scores scores/ --plot plots/ --json
     """
     with open_store(store) as st:
-        out = st.score(
+        report = st.score(
             list(trials), model=model, norm=list(norm), mean_from=mean_from, cohort=cohort, top_n=top_n,
             p_target=p_target, c_miss=c_miss, c_fa=c_fa, scores=scores or scores_out, plot=plot,
         )
-    echo_warnings(out["warnings"])
+    echo_warnings(report.warnings)
     if as_json:
-        echo_json([dict(r, model=out["model"]) for r in out["results"]])
+        echo_json(report.as_json())
     else:
-        _echo_results(out, plot)
-    conclude(out["outcome"], store)
+        _echo_results(report, plot)
+    conclude(report.outcome, store)
 
 
-def _echo_results(out: dict, plot: str | None) -> None:
+def _echo_results(report: ScoreReport, plot: str | None) -> None:
     from embstore.eval.scoring import result_table
 
-    headers, rows = result_table(out["results"], out["options"]["p_targets"])
-    click.echo(f"model      {out['model']}")
+    headers, rows = result_table(report.results, report.options["p_targets"])
+    click.echo(f"model      {report.model}")
     for key in ("mean_from", "cohort", "top_n"):
-        if out["options"].get(key) is not None:
-            click.echo(f"{key.replace('_', '-'):<10} {out['options'][key]}")
+        if report.options.get(key) is not None:
+            click.echo(f"{key.replace('_', '-'):<10} {report.options[key]}")
     echo_table([dict(zip(headers, r)) for r in rows], headers)
-    if out["score_files"]:
-        click.echo(f"scores     {', '.join(out['score_files'])}")
-    if out["plots"]:
-        click.echo(f"plots      {len(out['plots'])} files in {plot}")
+    if report.score_files:
+        click.echo(f"scores     {', '.join(report.score_files)}")
+    if report.plots:
+        click.echo(f"plots      {len(report.plots)} files in {plot}")
 
 
 def register(cli: click.Group) -> None:

@@ -22,16 +22,14 @@ def status(store, as_json):
     with open_store(store) as st:
         info = st.status()
     if as_json:
-        echo_json(info)
+        echo_json(info.as_json())
         return
-    hours = info["audio_seconds"] / 3600
-    click.echo(f"store      {info['store']}")
-    click.echo(
-        f"files      {info['files']}  ({info['scan_failed']} unreadable, {info['removed_files']} removed)"
-    )
-    click.echo(f"items      {info['items']}  ({hours:.2f} h of audio)")
-    click.echo(f"speakers   {info['speakers']} in {info['datasets']} datasets")
-    for name, counts in info["models"].items():
+    hours = info.audio_seconds / 3600
+    click.echo(f"store      {info.store}")
+    click.echo(f"files      {info.files}  ({info.scan_failed} unreadable, {info.removed_files} removed)")
+    click.echo(f"items      {info.items}  ({hours:.2f} h of audio)")
+    click.echo(f"speakers   {info.speakers} in {info.datasets} datasets")
+    for name, counts in info.models.items():
         click.echo(
             f"model      {name} [{counts['batching']} batching, dim {counts['dim']}]: "
             + ", ".join(f"{counts[k]} {k}" for k in ("done", "pending", "claimed", "stale", "failed"))
@@ -51,7 +49,7 @@ def status(store, as_json):
                 click.echo(f"           {node}: {tally['workers']} worker(s) on {devices}{lost}")
         for reason, n in list(counts["failures_by_reason"].items())[:5]:
             click.echo(f"           {n} x {reason}")
-    for reason, n in list(info["scan_failures_by_reason"].items())[:5]:
+    for reason, n in list(info.scan_failures_by_reason.items())[:5]:
         click.echo(f"scan       {n} x {reason}")
 
 
@@ -69,11 +67,11 @@ def errors(store, model, as_json):
         embstore errors store/ --json
     """
     with open_store(store) as st:
-        rows = st.errors(model=model)
+        report = st.errors(model=model)
     if as_json:
-        echo_json(rows)
+        echo_json(report.as_json())
         return
-    echo_table(rows, ["id", "stage", "error", "path"])
+    echo_table([vars(f) for f in report.failures], ["id", "stage", "error", "path"])
 
 
 def register(cli: click.Group) -> None:

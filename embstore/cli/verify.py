@@ -31,7 +31,7 @@ def verify(store, deep, seed, model, as_json):
         embstore verify store/
         embstore verify store/ --deep 20            # recompute 20 random items
         embstore verify store/ --json | jq .problems
-        embstore verify store/ --model resemblyzer-ge2e
+        embstore verify store/ --model campplus-zh-en-common
     """
     with open_store(store) as st:
         report = st.verify(model=model, deep=deep, seed=seed)

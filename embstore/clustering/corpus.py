@@ -50,10 +50,9 @@ from embstore.clustering.ahc import average_linkage
 from embstore.clustering.kmeans import kmeans
 from embstore.errors import ClusteringError
 
-# Resemblyzer (the default model), whole utterances: the middle of the plateau of best
-# purity + coverage on 5 of the 10 shared LibriSpeech speakers (0.675-0.775); the other 5
-# scored purity 1.0 / coverage 1.0 with it (benchmarks/clustering.py real). Other
-# models need their own threshold.
+# The cut when neither a threshold nor a count is given and the caller knows no better:
+# Resemblyzer's tuned value. Each model has its own (`embstore.models.thresholds`: 0.725
+# for Resemblyzer, 0.5 for CAM++); `clustering.stored` passes the store model's.
 DEFAULT_THRESHOLD = 0.725
 MAX_DIRECT = 4096
 CELL_SIZE = 1024
@@ -184,8 +183,11 @@ def cluster_corpus(
     probe: int = PROBE,
     seed: int = 0,
     progress: Callable[[str, int, int], None] | None = None,
+    default_threshold: float = DEFAULT_THRESHOLD,
 ) -> CorpusClusters:
-    """Cluster labels of the rows of an [n, dim] matrix (see the module docstring)."""
+    """Cluster labels of the rows of an [n, dim] matrix (see the module docstring);
+    `default_threshold` is the cut without `threshold` (and the local clusters' cut
+    of the staged path with `num_speakers`): the model's tuned value."""
     if threshold is not None and num_speakers is not None:
         raise ClusteringError("give --threshold or --num-speakers, not both")
     if num_speakers is not None and num_speakers < 1:
@@ -203,11 +205,11 @@ def cluster_corpus(
         vectors, valid = _normalized_block(matrix, 0, n)
         labels = np.full(n, -1, dtype=np.int32)
         if valid.any():
-            cut = threshold if threshold is not None or num_speakers is not None else DEFAULT_THRESHOLD
+            cut = threshold if threshold is not None or num_speakers is not None else default_threshold
             labels[valid] = _ahc(vectors[valid], cut, num_speakers)
         timings["ahc"] = time.perf_counter() - t0
         return CorpusClusters(labels, int(labels.max()) + 1, timings=timings)
-    local_threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    local_threshold = default_threshold if threshold is None else threshold
     # stage 1: cells
     k = int(min(n, max(2, math.ceil(n / cell_size))))
     centroids = _seed_centroids(matrix, n, k, np.random.default_rng(seed))

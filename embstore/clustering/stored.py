@@ -13,18 +13,19 @@ not a usable vector, are left without a label.
 from __future__ import annotations
 
 import difflib
-import sqlite3
 import time
 from typing import Any, Callable
 
 import numpy as np
 
 from embstore.clustering.corpus import DEFAULT_THRESHOLD, cluster_corpus
+from embstore.models.thresholds import tuned_for
 from embstore.clustering.labels import purity_coverage
 from embstore.errors import ClusteringError
 from embstore.manifest import clusters as cluster_sql
 from embstore.manifest import reports
 from embstore.manifest.database import Manifest
+from embstore.manifest.registry import ModelRecord
 from embstore.manifest.selection import Selection
 from embstore.query import UnitRows, unit_rows
 
@@ -49,10 +50,10 @@ class _RowView:
         return self.source.take(self.rows[key])
 
 
-def whole_item_model(store: Manifest, model: str | None) -> sqlite3.Row:
+def whole_item_model(store: Manifest, model: str | None) -> ModelRecord:
     """The model to cluster: the one named, or the store's only whole-item model."""
     if model is None:
-        items = [m for m in store.models() if m["kind"] != "windows"]
+        items = [m for m in store.models() if not m.windowed]
         if len(items) == 1:
             return items[0]
         if not items and store.models():
@@ -61,14 +62,14 @@ def whole_item_model(store: Manifest, model: str | None) -> sqlite3.Row:
                 " (`embstore extract` without --windows)"
             )
     m = store.resolve_model(model)
-    if m["kind"] == "windows":
+    if m.windowed:
         raise ClusteringError(
             f"model {store.model_key(m)} holds window embeddings; corpus clustering needs a whole-item model"
         )
     return m
 
 
-def _matrix(store: Manifest, m: sqlite3.Row, rows: np.ndarray) -> Any:
+def _matrix(store: Manifest, m: ModelRecord, rows: np.ndarray) -> Any:
     """The distinct rows (sorted) as the clustering's input, without loading more than needed."""
     source = unit_rows(store, m)
     if len(rows) and rows[-1] >= source.rows:
@@ -115,7 +116,7 @@ def cluster_dataset(
         close = difflib.get_close_matches(dataset, names, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else f" (it has: {', '.join(names[:10]) or 'none'})"
         raise ClusteringError(f"no dataset {dataset!r} in the store{hint}")
-    done = cluster_sql.dataset_done_rows(store.conn, m["id"], dataset)
+    done = cluster_sql.dataset_done_rows(store.conn, m.id, dataset)
     key = store.model_key(m)
     if not len(done.item_ids):
         raise ClusteringError(f"dataset {dataset!r} has no items embedded with {key} yet; run `embstore extract`")
@@ -125,7 +126,10 @@ def cluster_dataset(
         raise ClusteringError(
             f"--num-speakers {num_speakers} is more than the {len(rows)} distinct embedded items of {dataset!r}"
         )
-    result = cluster_corpus(_matrix(store, m, rows), threshold=threshold, num_speakers=num_speakers, progress=progress)
+    tuned = tuned_for(m.name)
+    default = tuned.corpus_cluster if tuned is not None else DEFAULT_THRESHOLD
+    result = cluster_corpus(_matrix(store, m, rows), threshold=threshold, num_speakers=num_speakers, progress=progress,
+                            default_threshold=default)
     item_labels = result.labels[row_of_item]
     names = _names(result.labels, result.num_clusters)
     labelled = np.flatnonzero(item_labels >= 0)
@@ -144,13 +148,13 @@ def cluster_dataset(
         "dataset": dataset, "model": key, "items": total, "embedded": int(len(done.item_ids)), "rows": int(len(rows)),
         "clustered": int(len(labelled)), "unlabelled": int(total - len(labelled)), "clusters": result.num_clusters,
         "algorithm": "cells" if result.cells else "ahc",
-        "threshold": threshold if threshold is not None else (DEFAULT_THRESHOLD if num_speakers is None else None),
+        "threshold": threshold if threshold is not None else (default if num_speakers is None else None),
         "num_speakers": num_speakers,
     }
     if result.cells:
         report.update(cells=result.cells, local_clusters=result.local_clusters, passes=result.passes)
         if num_speakers is not None:
-            report["threshold"] = DEFAULT_THRESHOLD  # the local clusters' cut before merging down
+            report["threshold"] = default  # the local clusters' cut before merging down
     if len(done.speakers) > 1:
         # a dataset with real speaker labels: how well the clusters match them
         purity, coverage = purity_coverage(item_labels, done.speaker)
@@ -158,7 +162,7 @@ def cluster_dataset(
     report["seconds"] = round(time.perf_counter() - started, 3)
     report["stage_seconds"] = {k: round(v, 3) for k, v in result.timings.items()}
     # the dataset's items not embedded (failed, or not extracted yet) have no label
-    report["outcome"] = reports.coverage(store.conn, m["id"], Selection(dataset=dataset), key)
+    report["outcome"] = reports.coverage(store.conn, m.id, Selection(dataset=dataset), key)
     return report
 
 

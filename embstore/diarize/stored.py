@@ -20,6 +20,7 @@ from embstore.errors import ClusteringError, RttmError, StoreError
 from embstore.manifest import diarization as stored
 from embstore.manifest.database import Manifest
 from embstore.manifest.selection import Selection, select_items
+from embstore.models.thresholds import diarize_ahc_threshold
 from embstore.query import windows
 
 METHODS = ("spectral", "ahc")
@@ -66,9 +67,13 @@ def diarize_store(
     check_options(method, num_speakers, max_speakers)
     started = time.monotonic()
     m = store.resolve_model(model, kind="windows")
-    params = json.dumps({"method": method, "num_speakers": num_speakers, "max_speakers": max_speakers}, sort_keys=True)
-    items = select_items(store.conn, m["id"], Selection(dataset=dataset))
-    known = stored.results_of(store.conn, m["id"], params, [r["item_id"] for r in items])
+    settings: dict[str, Any] = {"method": method, "num_speakers": num_speakers, "max_speakers": max_speakers}
+    options: dict[str, float] = {}
+    if method == "ahc":  # its cut is a cosine: the model's own (models/thresholds.py), and part of the result's key
+        options["threshold"] = settings["threshold"] = diarize_ahc_threshold(m.name)
+    params = json.dumps(settings, sort_keys=True)
+    items = select_items(store.conn, m.id, Selection(dataset=dataset))
+    known = stored.results_of(store.conn, m.id, params, [r["item_id"] for r in items])
     fresh: list[tuple[int, int, stored.Segments]] = []
     out: dict[str, list[Segment]] = {}
     failed: dict[str, str] = {}  # item uid -> why its windows could not be clustered
@@ -78,20 +83,20 @@ def diarize_store(
             starts, ends, matrix = windows(store, r["uid"], store.model_key(m))
             try:
                 _, segments = diarize_windows(starts, ends, matrix, method=method, num_speakers=num_speakers,
-                                              max_speakers=max_speakers)
+                                              max_speakers=max_speakers, **options)
             except ClusteringError as exc:
                 failed[r["uid"]] = str(exc)  # this item alone: the others go on
                 continue
             segs = [(s.start, s.end, s.speaker) for s in segments]
             fresh.append((r["item_id"], len({s for _, _, s in segs}), segs))
             if len(fresh) >= 256:
-                stored.save_results(store.conn, m["id"], params, fresh)
+                stored.save_results(store.conn, m.id, params, fresh)
                 fresh = []
         out[r["uid"]] = [Segment(a, b, s) for a, b, s in segs]
         if progress is not None:
             progress(n + 1, len(items))
     if fresh:
-        stored.save_results(store.conn, m["id"], params, fresh)
+        stored.save_results(store.conn, m.id, params, fresh)
     speech = sum(s.end - s.start for segs in out.values() for s in segs)
     return {
         "model": store.model_key(m), "items": len(out), "computed": len(items) - len(known) - len(failed),

@@ -329,7 +329,7 @@ def build_report(store: Manifest, out: str | os.PathLike, options: ReportOptions
     trials = [str(t) for t in opts.trials]
     for t in trials:
         read_trials(t)  # a bad list fails now, not after minutes of charts
-    models = [store.resolve_model(model)] if model else [m for m in store.models() if m["kind"] == "item"]
+    models = [store.resolve_model(model)] if model else [m for m in store.models() if m.kind == "item"]
     keys = [store.model_key(m) for m in models]
     status = reports.status(store.conn, str(store.path))
 
@@ -366,7 +366,7 @@ def build_report(store: Manifest, out: str | os.PathLike, options: ReportOptions
     # the report describes every item of each model: those failed or not extracted yet are missing from it
     outcome = Outcome(noun="items" if len(models) < 2 else "item embeddings")
     for m, key in zip(models, keys):
-        outcome = outcome.add(reports.coverage(store.conn, m["id"], model_key=key))
+        outcome = outcome.add(reports.coverage(store.conn, m.id, model_key=key))
     return HtmlReport(out, len(page.encode("utf-8")), [sid for sid, _, _ in sections], outcome)
 
 

@@ -8,7 +8,6 @@ many lists and norms use it. See `embstore.eval.norm` for the recipe.
 from __future__ import annotations
 
 import os
-import sqlite3
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -29,6 +28,7 @@ from embstore.eval.selection import resolve_selection
 from embstore.eval.trials import TrialList, read_trials
 from embstore.manifest import reads
 from embstore.manifest.database import Manifest
+from embstore.manifest.registry import ModelRecord
 from embstore.outcome import Outcome
 from embstore.query import resolve_ids
 
@@ -138,13 +138,13 @@ class ScoreOptions:
             raise StoreError("--c-miss and --c-fa must be positive")
 
 
-def _ids_outcome(store: Manifest, m: Any, ids: list[str], item_of: dict[str, int | None],
+def _ids_outcome(store: Manifest, m: ModelRecord, ids: list[str], item_of: dict[str, int | None],
                  row_of_item: dict[int, int]) -> Outcome:
     """What the trial ids have: an embedding (done), a failed task (failed), or neither:
     not extracted yet, or not in the store at all (left, with why)."""
     # counted per trial id: two ids (a stem and a path) may name one item
     waiting = [i for i in ids if item_of[i] is not None and item_of[i] not in row_of_item]
-    failed_items = reads.failed_items(store.conn, m["id"], sorted({item_of[i] for i in waiting}))
+    failed_items = reads.failed_items(store.conn, m.id, sorted({item_of[i] for i in waiting}))
     failed = sum(1 for i in waiting if item_of[i] in failed_items)
     unknown = sum(1 for i in ids if item_of[i] is None)
     why = []
@@ -170,7 +170,7 @@ def _norm_labels(norms: list[str], has_mean: bool, top_n: int) -> list[tuple[str
 
 
 def _cohort(
-    store: Manifest, m: sqlite3.Row, sel: str, mean: np.ndarray | None, read, warnings: list[str]
+    store: Manifest, m: ModelRecord, sel: str, mean: np.ndarray | None, read, warnings: list[str]
 ) -> np.ndarray:
     chosen = resolve_selection(store, m, sel, what="--cohort")
     warnings += chosen.warnings
@@ -179,7 +179,7 @@ def _cohort(
         raise StoreError(
             f"--cohort {sel} holds {len(names)} speaker ({names[0]!r}); S-norm and AS-norm need at least 2"
         )
-    sums, counts = grouped_sums(read, chosen.rows, index, len(names), int(m["dim"]))
+    sums, counts = grouped_sums(read, chosen.rows, index, len(names), m.dim)
     return cohort_vectors(sums, counts, mean)
 
 
@@ -209,7 +209,7 @@ def run_scoring(
     ]
     ids = list(code_of)
     item_of = resolve_ids(store, ids)
-    row_of_item = reads.done_rows_of(store.conn, m["id"], sorted({i for i in item_of.values() if i is not None}))
+    row_of_item = reads.done_rows_of(store.conn, m.id, sorted({i for i in item_of.values() if i is not None}))
     rows = np.array(sorted(set(row_of_item.values())), dtype=np.int64)
     slot_of_row = {int(r): k for k, r in enumerate(rows)}
     # the slot (row of `unit`) of each id code, -1 for an id without an embedding
@@ -222,7 +222,7 @@ def run_scoring(
     if mean_from is not None:
         chosen = resolve_selection(store, m, mean_from, what="--mean-from")
         warnings += chosen.warnings
-        sums, counts = grouped_sums(read, chosen.rows, np.zeros(len(chosen), np.int64), 1, int(m["dim"]))
+        sums, counts = grouped_sums(read, chosen.rows, np.zeros(len(chosen), np.int64), 1, m.dim)
         mean = sums[0] / counts[0]
         options["mean_items"] = len(chosen)
     unit = to_unit(read(rows), mean)

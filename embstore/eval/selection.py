@@ -12,7 +12,6 @@ a warning, so a cohort with a few failed items still works.
 from __future__ import annotations
 
 import os
-import sqlite3
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +19,7 @@ import numpy as np
 from embstore.errors import StoreError
 from embstore.manifest import reads
 from embstore.manifest.database import Manifest
+from embstore.manifest.registry import ModelRecord
 from embstore.query import resolve_ids
 
 SEL_HELP = "a file of item ids, dataset:NAME or speakers:FILE"
@@ -58,20 +58,20 @@ def _read_lines(path: str, what: str) -> list[str]:
     return list(dict.fromkeys(values))
 
 
-def resolve_selection(store: Manifest, model: sqlite3.Row, sel: str, what: str = "selection") -> ItemSelection:
+def resolve_selection(store: Manifest, model: ModelRecord, sel: str, what: str = "selection") -> ItemSelection:
     """The items SEL names that have an embedding of `model`; an error when none does."""
     sel = str(sel)
     warnings: list[str] = []
     if sel.startswith("dataset:"):
         name = sel[len("dataset:") :]
-        rows = reads.items_with_task(store.conn, model["id"], "dataset", [name])
+        rows = reads.items_with_task(store.conn, model.id, "dataset", [name])
         if not rows:
             have = [r[0] for r in store.query("SELECT DISTINCT dataset FROM items WHERE removed = 0 LIMIT 20")]
             raise StoreError(f"{what} {sel}: no dataset {name!r} in the store (it has: {', '.join(map(str, have))})")
     elif sel.startswith("speakers:"):
         path = sel[len("speakers:") :]
         names = _read_lines(path, "speakers")
-        rows = reads.items_with_task(store.conn, model["id"], "speaker", names)
+        rows = reads.items_with_task(store.conn, model.id, "speaker", names)
         found = {r["speaker"] for r in rows}
         unknown = [n for n in names if n not in found]
         if unknown:
@@ -87,7 +87,7 @@ def resolve_selection(store: Manifest, model: sqlite3.Row, sel: str, what: str =
         if unknown:
             warnings.append(f"{what} {sel}: {len(unknown)} of {len(ids)} ids are not in the store ({_first(unknown)})")
         known = sorted({v for v in found_ids.values() if v is not None})
-        rows = reads.items_with_task(store.conn, model["id"], "id", known)
+        rows = reads.items_with_task(store.conn, model.id, "id", known)
     done = [r for r in rows if r["done"]]
     if len(done) < len(rows):
         warnings.append(f"{what} {sel}: {len(rows) - len(done)} of {len(rows)} items have no embedding yet; left out")

@@ -17,6 +17,7 @@ from embstore.arrays.zarr_arrays import ModelArrays
 from embstore.errors import StoreError
 from embstore.manifest.clusters import check_by
 from embstore.manifest.database import Manifest
+from embstore.manifest.registry import ModelRecord
 from embstore.manifest.reports import coverage
 from embstore.manifest.selection import Selection
 from embstore.outcome import Outcome
@@ -129,11 +130,11 @@ def grouped(items: list[sqlite3.Row], by: str) -> tuple[list[sqlite3.Row], int]:
     return kept, len(items) - len(kept)
 
 
-def export_outcome(store: Manifest, model: sqlite3.Row, selection: Selection = Selection(), left_out: int = 0) -> Outcome:
+def export_outcome(store: Manifest, model: ModelRecord, selection: Selection = Selection(), left_out: int = 0) -> Outcome:
     """What an export covered of its selected items: done (written), failed, and left:
     not extracted yet, held by a running extraction, or (grouped by cluster) not
     clustered yet."""
-    outcome = coverage(store.conn, model["id"], selection, store.model_key(model))
+    outcome = coverage(store.conn, model.id, selection, store.model_key(model))
     if left_out:
         outcome.done -= left_out
         outcome.left += left_out

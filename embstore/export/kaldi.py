@@ -41,7 +41,7 @@ def export_kaldi(store: Manifest, out: str | os.PathLike, model: str | None = No
         raise StoreError(f"{out_path}: Kaldi write specifiers cannot hold commas or spaces; pick another folder")
     os.makedirs(out_path, exist_ok=True)
     arrays = store.model_arrays(m)
-    entries = export_rows(arrays, items, m["kind"] == "windows")
+    entries = export_rows(arrays, items, m.windowed)
     keyed: dict[str, int] = {}  # key -> entry
     for k, owner in enumerate(entries.owners.tolist()):
         key = _kaldi_token(entries.key(k, items[owner]["uid"]))
@@ -81,7 +81,7 @@ def export_kaldi(store: Manifest, out: str | os.PathLike, model: str | None = No
             for k in keys).encode("utf-8"))
         files.append("segments")
     return MatrixExport(
-        out_path, store.model_key(m), m["fingerprint"], len(items), files, round(time.monotonic() - started, 3),
+        out_path, store.model_key(m), m.fingerprint, len(items), files, round(time.monotonic() - started, 3),
         export_outcome(store, m, left_out=left_out), speakers=len(by_speaker),
         windows=len(keys) if entries.windowed else None, by=by, left_out=left_out,
     )

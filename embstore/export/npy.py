@@ -32,11 +32,11 @@ def export_npy(store: Manifest, out: str | os.PathLike, model: str | None = None
     out_path = os.path.abspath(os.fspath(out))
     os.makedirs(out_path, exist_ok=True)
     arrays = store.model_arrays(m)
-    entries = export_rows(arrays, items, m["kind"] == "windows")
+    entries = export_rows(arrays, items, m.windowed)
     n = len(entries.rows)
     target = os.path.join(out_path, "embeddings.npy")
     tmp = os.path.join(out_path, ".embeddings.npy.tmp")
-    matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, int(m["dim"])))
+    matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, m.dim))
     for start in range(0, n, 65536):
         matrix[start : start + 65536] = arrays.read_rows(entries.rows[start : start + 65536])
     matrix.flush()
@@ -59,7 +59,7 @@ def export_npy(store: Manifest, out: str | os.PathLike, model: str | None = None
                 np.save(f, np.asarray(values, dtype=np.float64))
             files.append(name)
     info = {
-        "model": store.model_key(m), "spec": m["spec"], "fingerprint": m["fingerprint"], "dim": int(m["dim"]),
+        "model": store.model_key(m), "spec": m.spec, "fingerprint": m.fingerprint, "dim": m.dim,
         "items": len(items), "files": files,
     }
     if entries.windowed:
@@ -68,7 +68,7 @@ def export_npy(store: Manifest, out: str | os.PathLike, model: str | None = None
         info.update(by=by, left_out=left_out)
     write_atomic(os.path.join(out_path, "export.json"), (json.dumps(info, indent=2) + "\n").encode("utf-8"))
     return MatrixExport(
-        out_path, info["model"], m["fingerprint"], len(items), files, round(time.monotonic() - started, 3),
-        export_outcome(store, m, left_out=left_out), spec=m["spec"], dim=int(m["dim"]),
+        out_path, info["model"], m.fingerprint, len(items), files, round(time.monotonic() - started, 3),
+        export_outcome(store, m, left_out=left_out), spec=m.spec, dim=m.dim,
         windows=n if entries.windowed else None, by=by, left_out=left_out,
     )

@@ -43,6 +43,7 @@ from embstore.manifest.clusters import check_by
 from embstore.paths import write_atomic
 from embstore.manifest.connection import immediate
 from embstore.manifest.database import Manifest
+from embstore.manifest.registry import ModelRecord
 from embstore.manifest.selection import Selection, select_items
 from embstore.outcome import Outcome
 from embstore.progress import progress_bar, rate
@@ -259,18 +260,18 @@ def export_pkl(store: Manifest, out: str | os.PathLike, options: ExportOptions |
         raise StoreError(f"{out_path} exists and is not a folder")
     os.makedirs(out_path, exist_ok=True)
     out_real = os.path.realpath(out_path)
-    report = ExportReport(out_path, store.model_key(m), m["fingerprint"], fmt, by=by)
+    report = ExportReport(out_path, store.model_key(m), m.fingerprint, fmt, by=by)
     index = _ExportIndex(out_real)
     try:
         meta = index.meta()
-        if meta.get("fingerprint") not in (None, m["fingerprint"]):
+        if meta.get("fingerprint") not in (None, m.fingerprint):
             raise StoreError(
                 f"{out_path} holds an export of model {meta.get('model')} ({meta['fingerprint'][:12]});"
                 f" export {report.model} into another folder"
             )
-        index.set_meta({"fingerprint": m["fingerprint"], "model": report.model, "format": fmt})
+        index.set_meta({"fingerprint": m.fingerprint, "model": report.model, "format": fmt})
         known = index.entries()
-        selected = select_items(store.conn, m["id"], Selection(speaker=speaker, dataset=dataset), done_only=False)
+        selected = select_items(store.conn, m.id, Selection(speaker=speaker, dataset=dataset), done_only=False)
         # an unclustered item is out of this export's scope: its old file (if any) is removed
         items, _ = grouped(selected, by)
         report.left_out = sum(1 for it in selected if _is_done(it) and group_of(it, by) is None)
@@ -287,7 +288,7 @@ def export_pkl(store: Manifest, out: str | os.PathLike, options: ExportOptions |
         for it in done:
             digest = _digest(it, fmt, report.model)
             entry = known.get(it["uid"])
-            if not force and entry is not None and entry[:3] == (m["fingerprint"], it["row"], paths[it["uid"]]) and (
+            if not force and entry is not None and entry[:3] == (m.fingerprint, it["row"], paths[it["uid"]]) and (
                 entry[5] == digest
             ):
                 report.unchanged += 1
@@ -329,7 +330,7 @@ def _digest(item: sqlite3.Row, fmt: str, model_name: str) -> str:
 
 
 def _write_all(
-    store: Manifest, m: sqlite3.Row, out_real: str, todo: list[tuple], fmt: str, report: ExportReport,
+    store: Manifest, m: ModelRecord, out_real: str, todo: list[tuple], fmt: str, report: ExportReport,
     index: _ExportIndex, threads: int | None, progress: bool,
 ) -> None:
     try:
@@ -352,7 +353,7 @@ def _write_files(store, m, out_real, todo, fmt, report, index, threads, progress
     bar = progress_bar(progress, total=len(todo), unit="file", desc="export")
     # file creation is filesystem-bound; past ~2 threads per core they only contend for the GIL
     threads = threads or min(16, 2 * (os.cpu_count() or 1))
-    fingerprint, model_name = m["fingerprint"], report.model
+    fingerprint, model_name = m.fingerprint, report.model
 
     def payload(item: sqlite3.Row, vector: np.ndarray) -> bytes:
         if fmt == "array":

@@ -1,6 +1,7 @@
 """Fault injection for tests: a file that kills its worker, as a decoder's segfault or
 the OOM killer would; an embedding step that raises. Imports nothing of embstore but
-its exceptions (`embstore.errors`).
+its exceptions (`embstore.errors`) and the out-of-memory hook, which lives with the
+halving it tests (`embstore.segments.oom`: `WindowEmbedder` below extract meets it too).
 
     EMBSTORE_FAULT_CRASH_PATHS=poison   a worker that starts decoding a file whose path
                                         contains "poison" dies at once (SIGKILL)
@@ -26,11 +27,11 @@ import time
 from typing import Iterable
 
 from embstore.errors import InjectedFault
+from embstore.segments.oom import OOM_ABOVE, oom_fault
 
 CRASH_PATHS = "EMBSTORE_FAULT_CRASH_PATHS"
 SLOW_COMPUTE = "EMBSTORE_FAULT_SLOW_COMPUTE"
 EMBED_PATHS = "EMBSTORE_FAULT_EMBED_PATHS"
-OOM_ABOVE = "EMBSTORE_FAULT_OOM_ABOVE"
 
 
 def crash_if_poison(path: str) -> None:
@@ -48,10 +49,11 @@ def slow_compute() -> None:
 def embed_step(paths: Iterable[str], units: int) -> None:
     """Called inside each embedding step with the paths of its units (one per unit) and
     their number: raises as EMBSTORE_FAULT_OOM_ABOVE and EMBSTORE_FAULT_EMBED_PATHS say."""
-    limit = os.environ.get(OOM_ABOVE)
-    if limit and units > int(limit):
-        # the worker recognises this text as a device's (torch's own message starts so)
-        raise InjectedFault(f"CUDA out of memory (injected: {units} units, more than {limit})")
+    oom_fault(units)
     marker = os.environ.get(EMBED_PATHS)
     if marker and any(marker in path for path in paths):
         raise InjectedFault(f"injected embedding fault ({EMBED_PATHS}={marker})")
+
+
+# OOM_ABOVE is named here with the other hooks, for the tests that set them
+__all__ = ["CRASH_PATHS", "SLOW_COMPUTE", "EMBED_PATHS", "OOM_ABOVE", "crash_if_poison", "slow_compute", "embed_step"]

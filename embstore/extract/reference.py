@@ -59,8 +59,10 @@ class ReferenceEmbedder:
 
     def embed(self, path: str | os.PathLike, start: float | None = None, end: float | None = None) -> np.ndarray:
         """float32 [n, dim]: `path` (or its [start, end) span) embedded as the store
-        embedded its items: one row for a whole-item model, one per window that embeds
-        for a window model. ItemCutFailed when the cutting leaves nothing to embed."""
+        embedded its items: one vector for a whole-item model, one per window that
+        embeds for a window model (a block of windows that runs out of device memory is
+        embedded in halves, as the workers do). ItemCutFailed when the cutting leaves
+        nothing to embed."""
         if self.cutting is None:
             return np.asarray(self.encoder.embed_file(str(path), start, end), dtype=np.float32).reshape(1, -1)
         vectors, _ = self.cutting.embed(self.encoder, self.encoder.load(str(path), start, end))

@@ -38,6 +38,7 @@ from embstore.manifest.tasks import new_owner
 from embstore.processes import adopt_environment, die_with_parent
 from embstore.models.base import Encoder
 from embstore.vectors import finite_nonzero
+from embstore.segments.oom import is_out_of_memory, release_cached_memory
 from embstore.segments.window_embed import DEFAULT_BATCH, WindowEmbedder
 
 
@@ -45,10 +46,6 @@ from embstore.segments.window_embed import DEFAULT_BATCH, WindowEmbedder
 RECENT_VECTORS = 4096
 # windows per forward on a GPU (on CPU the embedder's default: larger blocks do not pay there)
 WINDOW_BATCH_GPU = 1024
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
 
 
 def one_line(exc: BaseException) -> str:
@@ -73,7 +70,7 @@ def open_encoder(setup: WorkerSetup) -> Encoder:
 
 
 def _failure_reason(exc: BaseException) -> str:
-    return "out of memory (even alone)" if _is_oom(exc) else f"{type(exc).__name__}: {exc}"
+    return "out of memory (even alone)" if is_out_of_memory(exc) else f"{type(exc).__name__}: {exc}"
 
 
 class _Strategy:
@@ -172,7 +169,7 @@ class ItemEmbedder:
 
     def _split(self, block: list[Any], exc: BaseException) -> list[list[Any]]:
         """The parts to retry a failed block as; none when its items fail as they are."""
-        if _is_oom(exc):
+        if is_out_of_memory(exc):
             if len(block) == 1:
                 return []
             self._after_oom()
@@ -241,12 +238,7 @@ class ItemEmbedder:
         # later blocks are planned smaller too: each would otherwise fail once more first
         self.batch_frames = max(1, self.batch_frames // 2)
         self.window_batch = max(1, self.window_batch // 2)
-        try:
-            import torch
-
-            torch.cuda.empty_cache()
-        except Exception:
-            pass
+        release_cached_memory()
 
 
 class _WholeItems(_Strategy):
@@ -300,7 +292,7 @@ class _Windows(_Strategy):
         self.host = host
         self.embedder = embedder
         self.left: dict[int, int] = {}  # windows still to embed, by task id
-        self.bounds: dict[int, np.ndarray] = {}  # a long item's window sample ranges
+        self.ranges: dict[int, np.ndarray] = {}  # a long item's window sample ranges
 
     def blocks(self, unique: list[Loaded]) -> Iterator[list[Any]]:
         units: list[tuple[Loaded, int]] = []
@@ -308,7 +300,7 @@ class _Windows(_Strategy):
             x.window_vectors = np.full((len(x.plan), self.embedder.dim), np.nan, dtype=np.float32)
             self.left[x.task.task_id] = len(x.plan)
             if x.feats is None:
-                self.bounds[x.task.task_id] = self.embedder.spans(x.plan, len(x.wav))
+                self.ranges[x.task.task_id] = self.embedder.sample_ranges(x.plan, len(x.wav))
             units += [(x, j) for j in range(len(x.plan))]
         return self._slices(units)
 
@@ -335,7 +327,7 @@ class _Windows(_Strategy):
             pieces = []
             for k in late:
                 x, j = block[k]
-                a, b = self.bounds[x.task.task_id][j]
+                a, b = self.ranges[x.task.task_id][j]
                 pieces.append(x.wav[a:b])
             for k, f in zip(late, self.embedder.window_features(pieces)):
                 feats[k] = f
@@ -364,7 +356,7 @@ class _Windows(_Strategy):
         vectors, x.window_vectors = x.window_vectors, None
         x.feats = x.wav = None
         self.left.pop(task_id, None)
-        self.bounds.pop(task_id, None)
+        self.ranges.pop(task_id, None)
         if x.error is not None:
             computed[task_id] = None
             return ItemFailure(task_id, self.host.owner, *x.error)

@@ -48,7 +48,7 @@ class ZarrWriter:
         model = model_row(self.conn, model_id)
         self.model_id = model_id
         self.run_id = run_id
-        self.arrays = ModelArrays(paths.arrays, model["array_path"], model["dim"], spans=model["kind"] == "windows")
+        self.arrays = ModelArrays(paths.arrays, model.array_path, model.dim, spans=model.windowed)
         self.results: list[ItemResult] = []
         self.failures: list[ItemFailure] = []
         self.totals = WriterFinished(0, 0, 0, 0.0, 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from embstore.errors import StoreError
@@ -27,8 +27,8 @@ class ModelRecord:
     read (the writer advances it; read the record again for the current count).
     `frontend` is the parsed JSON: every setting of the encoder that changes the rows,
     plus the run's cutting (`cutting`), `compute_dtype`, `runtime`, `max_trim_frames`.
-    Indexing by column name (`record["dim"]`) answers like the `sqlite3.Row` it
-    replaces, for callers that have not moved to the attributes yet."""
+    Columns are attributes only: `record["dim"]` is a TypeError, so a plain SQL row
+    cannot pass for a record (or a record for a row) unnoticed."""
 
     id: int
     name: str
@@ -78,14 +78,6 @@ class ModelRecord:
     @property
     def windowed(self) -> bool:
         return self.kind == "windows"
-
-    def __getitem__(self, column: str) -> Any:
-        if column not in _COLUMNS:
-            raise KeyError(column)
-        return getattr(self, column)
-
-
-_COLUMNS = frozenset(f.name for f in fields(ModelRecord))
 
 
 def model_record(row: sqlite3.Row) -> ModelRecord:

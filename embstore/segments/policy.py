@@ -117,17 +117,17 @@ class Cutting:
         return self._embedder
 
     def embed(self, encoder: Encoder, wav: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """One item as a worker embeds it, all at once: (rows [n, dim], spans [n, 2] or
-        None for a whole item); for `verify --deep` and queries by audio. ItemCutFailed
-        when the item has nothing to embed."""
+        """One item as a worker embeds it, all at once: (vectors [n, dim], the windows'
+        (start, end) seconds [n, 2], or None for a whole item); for `verify --deep` and
+        queries by audio. ItemCutFailed when the item has nothing to embed."""
         cut = self.cut(encoder, wav)
         if cut.plan is None:
             feats = encoder.features(cut.wav)
             return np.asarray(encoder.embed_batch([feats]), dtype=np.float32).reshape(1, -1), None
-        rows = self.embedder(encoder).embed(cut.wav, cut.plan)
-        keep = finite_nonzero(rows)
-        spans = np.stack([cut.plan.starts, cut.plan.ends], axis=1)
-        return rows[keep], spans[keep]
+        vectors = self.embedder(encoder).embed(cut.wav, cut.plan)
+        keep = finite_nonzero(vectors)
+        times = np.stack([cut.plan.starts, cut.plan.ends], axis=1)
+        return vectors[keep], times[keep]
 
     def cut(self, encoder: Encoder, wav: np.ndarray, known: list[Region] | None = None) -> CutItem:
         """One decoded, non-silent waveform cut for the model; ItemCutFailed says why not."""
@@ -163,9 +163,9 @@ class Cutting:
     def window_pieces(self, encoder: Encoder, wav: np.ndarray, plan: WindowPlan, first: int = 0,
                       count: int | None = None) -> list[np.ndarray]:
         """The samples of windows [first, first + count) of an item."""
-        bounds = self.embedder(encoder).spans(plan, len(wav))
+        ranges = self.embedder(encoder).sample_ranges(plan, len(wav))
         stop = len(plan) if count is None else min(len(plan), first + count)
-        return [wav[a:b] for a, b in bounds[first:stop]]
+        return [wav[a:b] for a, b in ranges[first:stop]]
 
 
 def cutting_of_model(frontend: dict[str, Any]) -> Cutting | None:

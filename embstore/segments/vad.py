@@ -153,11 +153,11 @@ def speech_only(wav: np.ndarray, sample_rate: int, regions: Sequence[Region], me
     `NoSpeech` when there are no regions (an item that must fail with that reason).
     """
     wav = _mono(wav)
-    spans = [(int(round(a * sample_rate)), int(round(b * sample_rate))) for a, b in regions]
-    spans = [(max(a, 0), min(b, len(wav))) for a, b in spans if min(b, len(wav)) > max(a, 0)]
-    if not spans:
+    ranges = [(int(round(a * sample_rate)), int(round(b * sample_rate))) for a, b in regions]
+    ranges = [(max(a, 0), min(b, len(wav))) for a, b in ranges if min(b, len(wav)) > max(a, 0)]
+    if not ranges:
         raise NoSpeech(f"no speech found by the {method} VAD")
-    return np.concatenate([wav[a:b] for a, b in spans])
+    return np.concatenate([wav[a:b] for a, b in ranges])
 
 
 def _mono(wav: np.ndarray) -> np.ndarray:
@@ -335,8 +335,8 @@ def _jit_batched_probs(wavs: Sequence[np.ndarray], batch: int = 64) -> list[np.n
             continue
         counts = [-(-len(wavs[i]) // SILERO_FRAME) for i in group]
         audio = np.zeros((len(group), max(counts) * SILERO_FRAME), dtype=np.float32)
-        for row, i in enumerate(group):
-            audio[row, : len(wavs[i])] = wavs[i]
+        for slot, i in enumerate(group):
+            audio[slot, : len(wavs[i])] = wavs[i]
         tensor = torch.from_numpy(audio)
         probs = np.zeros((len(group), max(counts)), dtype=np.float32)
         model.reset_states()
@@ -344,8 +344,8 @@ def _jit_batched_probs(wavs: Sequence[np.ndarray], batch: int = 64) -> list[np.n
             for f in range(max(counts)):
                 chunk = tensor[:, f * SILERO_FRAME : (f + 1) * SILERO_FRAME]
                 probs[:, f] = model(chunk, SILERO_RATE)[:, 0].numpy()
-        for row, i in enumerate(group):
-            out[i] = probs[row, : counts[row]]
+        for slot, i in enumerate(group):
+            out[i] = probs[slot, : counts[slot]]
     return out
 
 

@@ -26,8 +26,13 @@ The two halves follow the Encoder split, for the extraction pipeline's loader an
 compute sides: `window_features(pieces)` (CPU, any thread) and `embed_features(feats)`
 (one forward per block); `iter_embed`/`embed` chain them for one waveform.
 
+Out of memory: `iter_embed` halves a block's forward until it fits, and plans later
+blocks at the size that fitted (`embstore.segments.oom`, as the extraction worker
+does), so a long item on a small GPU embeds to the same vectors as on a large one.
+`embed_features` alone does not: the worker's `ItemEmbedder` halves around it itself.
+
 A window the encoder cannot embed (its `features` raise ValueError, e.g. Resemblyzer's
-own VAD found nothing in it) or that embeds to NaN/inf gets a NaN row: callers drop
+own VAD found nothing in it) or that embeds to NaN/inf gets a NaN vector: callers drop
 those with `embstore.vectors.finite_nonzero`.
 """
 
@@ -39,6 +44,7 @@ import numpy as np
 
 from embstore.models import resemblyzer_frontend as rf
 from embstore.models.base import Encoder
+from embstore.segments.oom import embed_halving
 from embstore.vectors import finite_nonzero
 from embstore.segments.windows import WindowPlan
 
@@ -99,24 +105,34 @@ class WindowEmbedder:
         return int(self.encoder.dim)
 
     def embed(self, wav: np.ndarray, plan: WindowPlan) -> np.ndarray:
+        """[len(plan), dim] vectors of the windows (NaN for those without one)."""
         out = np.full((len(plan), self.dim), np.nan, dtype=np.float32)
-        for first, rows in self.iter_embed(wav, plan):
-            out[first : first + len(rows)] = rows
+        for first, vectors in self.iter_embed(wav, plan):
+            out[first : first + len(vectors)] = vectors
         return out
 
-    def spans(self, plan: WindowPlan, num_samples: int) -> np.ndarray:
-        """[len(plan), 2] sample ranges of the windows at the encoder's rate."""
+    def sample_ranges(self, plan: WindowPlan, num_samples: int) -> np.ndarray:
+        """[len(plan), 2] (first, end) sample of each window at the encoder's rate."""
         rate = self.encoder.sample_rate
-        bounds = np.stack([np.round(plan.starts * rate), np.round(plan.ends * rate)], axis=1).astype(np.int64)
-        return np.clip(bounds, 0, num_samples)
+        ranges = np.stack([np.round(plan.starts * rate), np.round(plan.ends * rate)], axis=1).astype(np.int64)
+        return np.clip(ranges, 0, num_samples)
 
     def iter_embed(self, wav: np.ndarray, plan: WindowPlan) -> Iterator[tuple[int, np.ndarray]]:
-        """(index of the block's first window, [block, dim] rows), block by block."""
+        """(index of the block's first window, [block, dim] vectors), block by block; a
+        block that runs out of memory is embedded in halves (see the module docstring)."""
         wav = np.asarray(wav, dtype=np.float32)
-        bounds = self.spans(plan, len(wav))
-        for first in range(0, len(plan), self.batch):
-            pieces = [wav[a:b] for a, b in bounds[first : first + self.batch]]
-            yield first, self.embed_features(self.window_features(pieces))
+        ranges = self.sample_ranges(plan, len(wav))
+        first = 0
+        while first < len(plan):
+            size = self.batch  # read per block: an out-of-memory lowers it for the rest
+            pieces = [wav[a:b] for a, b in ranges[first : first + size]]
+            feats = self.window_features(pieces)
+            yield first, embed_halving(self.embed_features, feats, self._fitted)
+            first += len(pieces)
+
+    def _fitted(self, failed: int) -> None:
+        # later blocks start at half the size that failed: each would otherwise fail once first
+        self.batch = max(1, min(self.batch, failed // 2))
 
     def window_features(self, pieces: Sequence[np.ndarray]) -> list[np.ndarray | None]:
         """Loader side (CPU, any thread): each window's model input, None where there is
@@ -128,12 +144,12 @@ class WindowEmbedder:
             try:
                 out.append(self.encoder.features(piece))
             except ValueError:
-                out.append(None)  # e.g. no speech for the encoder's own VAD: a NaN row
+                out.append(None)  # e.g. no speech for the encoder's own VAD: a NaN vector
         return out
 
     def embed_features(self, feats: Sequence[np.ndarray | None]) -> np.ndarray:
-        """Compute side: [len(feats), dim] rows in as few forwards as the encoder allows;
-        NaN rows for None and for non-finite embeddings."""
+        """Compute side: [len(feats), dim] vectors in as few forwards as the encoder
+        allows; NaN vectors for None and for non-finite embeddings."""
         out = np.full((len(feats), self.dim), np.nan, dtype=np.float32)
         index = [i for i, f in enumerate(feats) if f is not None]
         if not index:
@@ -161,9 +177,9 @@ class WindowEmbedder:
         return out
 
     def _mels(self, audio: np.ndarray) -> np.ndarray:
-        """[B, frames, 40]: resemblyzer's mel spectrogram of each row (`resemblyzer_frontend`,
+        """[B, frames, 40]: resemblyzer's mel spectrogram of each clip (`resemblyzer_frontend`,
         equal to its `wav_to_mel_spectrogram`)."""
-        return np.stack([rf.mel_spectrogram(row) for row in audio])
+        return np.stack([rf.mel_spectrogram(clip) for clip in audio])
 
     def _gain(self, piece: np.ndarray) -> np.ndarray:
         if self.gain == "none" or not np.any(piece):

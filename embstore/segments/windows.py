@@ -100,6 +100,7 @@ class WindowPlan:
         return self.ends - self.starts
 
     def spans(self) -> list[tuple[float, float]]:
+        """(start, end) of each window in seconds (sample ranges: `WindowEmbedder.sample_ranges`)."""
         return list(self)
 
 

@@ -74,9 +74,9 @@ class Coordinator:
     # -- what workers ask -----------------------------------------------------------
 
     def model(self) -> RayModel:
-        row = model_row(self.conn, self.model_id)
+        record = model_row(self.conn, self.model_id)
         roots = tuple(tasks.roots_with_open_work(self.conn, self.model_id))
-        return RayModel(self.model_id, untrimmed_fingerprint(row["fingerprint"]), roots)
+        return RayModel(self.model_id, untrimmed_fingerprint(record.fingerprint), roots)
 
     def claim(self, request: ClaimRequest) -> list[ClaimedTask]:
         if self.failed:

@@ -1,0 +1,63 @@
+"""Similarity thresholds tuned per model.
+
+A cosine threshold means nothing without its model: Resemblyzer's GE2E puts two
+different LibriSpeech speakers near cosine 0.5-0.7 and one speaker's utterances near
+0.8-0.9; CAM++ puts different speakers near 0.0-0.3 and one speaker near 0.5-0.8. A
+threshold tuned on one and used with the other merges every speaker or splits each
+one. So each clustering default is looked up here by the model's name, and a model
+without an entry gets the caller's fallback, reported as untuned.
+
+How each number was tuned (benchmarks, BENCHMARKS.md):
+  corpus_cluster  `embstore cluster`, average-linkage AHC over whole items: the middle
+                  of the plateau of best purity + coverage on speakers 0-4 of the
+                  shared data (`benchmarks/clustering.py real --model M`), reported on
+                  speakers 5-9
+  diarize_ahc     `embstore diarize --method ahc`, window AHC: best DER on the tuning
+                  seeds of `benchmarks/diarize_der.py`, reported on other seeds
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["TunedThresholds", "TUNED", "tuned_for", "diarize_ahc_threshold"]
+
+# without a tuned value: Resemblyzer's, the values these defaults had before models had their own
+FALLBACK_DIARIZE_AHC = 0.6
+
+
+@dataclass(frozen=True)
+class TunedThresholds:
+    corpus_cluster: float
+    diarize_ahc: float
+
+
+TUNED: dict[str, TunedThresholds] = {
+    # plateaus (BENCHMARKS.md): corpus 0.675-0.775; window AHC tuned on the seeds of 0.1
+    "resemblyzer-ge2e": TunedThresholds(corpus_cluster=0.725, diarize_ahc=0.6),
+    # corpus: purity = coverage = 1 on speakers 0-4 from 0.325 to 0.65, the middle 0.5
+    # (speakers 5-9 at 0.5: 1 and 1); window AHC: DER 3.4 %, count right 100 % from 0.25
+    # to 0.35 on 60 conversations of tuning seeds 7-12 (0.4: 4.0 %, 0.45: 6.1 %)
+    "campplus-zh-en-common": TunedThresholds(corpus_cluster=0.5, diarize_ahc=0.3),
+}
+
+# what a runtime or a window policy adds to a model's name; the embedding space is the same
+_SUFFIX = re.compile(r"(\+.*)$|(-openvino-(fp32|bf16))$|(-onnx)$")
+
+
+def tuned_for(model_name: str) -> TunedThresholds | None:
+    """The thresholds tuned for this model (its windows and runtimes share them), or None."""
+    base = model_name
+    while True:
+        stripped = _SUFFIX.sub("", base)
+        if stripped == base:
+            break
+        base = stripped
+    return TUNED.get(base)
+
+
+def diarize_ahc_threshold(model_name: str) -> float:
+    """The window-AHC cut for `diarize --method ahc` with this model."""
+    tuned = tuned_for(model_name)
+    return tuned.diarize_ahc if tuned is not None else FALLBACK_DIARIZE_AHC
