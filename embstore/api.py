@@ -110,15 +110,22 @@ class Failure:
     model: str | None
 
 
+class _RowsReport(Report):
+    """A report whose `--json` has always been a bare list: its `ROWS` field's rows."""
+
+    ROWS: ClassVar[str]
+
+    def as_json(self) -> list[dict[str, Any]]:
+        return [plain(row) for row in getattr(self, self.ROWS)]
+
+
 @dataclass
-class ErrorsReport(Report):
+class ErrorsReport(_RowsReport):
     """What went wrong (`Store.errors`): failed items per model, then unreadable files.
     `--json` prints the list of failures."""
 
+    ROWS: ClassVar[str] = "failures"
     failures: list[Failure] = field(default_factory=list)
-
-    def as_json(self) -> list[dict[str, Any]]:
-        return [plain(f) for f in self.failures]
 
 
 # -- evaluation ---------------------------------------------------------------------------
@@ -161,14 +168,12 @@ class Outlier:
 
 
 @dataclass
-class OutliersReport(Report):
+class OutliersReport(_RowsReport):
     """Items by how far they sit from their own speaker, worst first (`Store.outliers`).
     `--json` prints the list of outliers."""
 
+    ROWS: ClassVar[str] = "outliers"
     outliers: list[Outlier] = field(default_factory=list)
-
-    def as_json(self) -> list[dict[str, Any]]:
-        return [plain(o) for o in self.outliers]
 
 
 # -- through time -------------------------------------------------------------------------
