@@ -168,8 +168,9 @@ def test_real_eer_and_audio_search_with_the_default_model(real_store, shared_dat
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)[0]
     assert out["trials"] == 4950 and out["missing"] == 0
-    assert out["eer"] <= 0.01, out
-    assert 0 <= out["min_dcf"]["0.01"] <= 1
+    # CAM++, real weights: 0.25 % at most (measured 0.000 %, minDCF 0.0000; Resemblyzer 0.444 %)
+    assert out["model"] == "campplus-zh-en-common" and out["eer"] <= 0.0025, out
+    assert 0 <= out["min_dcf"]["0.01"] <= 0.05
     # --audio embeds with the store's model: the file itself comes back first, at ~1.0
     audio = sorted(shared_data.glob("*/*.flac"))[0]
     found = real_store.similar(audio=audio, k=5)
