@@ -103,3 +103,23 @@ def test_bf16_on_openvino_is_within_cosine_0_9999(campplus, speech_corpus):
 
 # The default model's EER on the shared trials through `embstore score`: tests/test_score.py
 # (test_real_eer_and_audio_search_with_the_default_model), which extracts the corpus once.
+
+
+def test_the_store_with_device_features_and_masked_batches_equals_embed_file(tmp_path, campplus, speech_corpus):
+    import embstore
+
+    root = tmp_path / "root" / "ds" / "spk"
+    root.mkdir(parents=True)
+    files = sorted(speech_corpus.files(), key=lambda p: p.stat().st_size)[:6]  # the shortest: mixed lengths
+    for f in files:
+        (root / f.name).symlink_to(f)
+    st = embstore.open(tmp_path / "s")
+    st.scan([tmp_path / "root"])
+    # torch on the "device" (the CPU here): fbank computed by torch, mixed lengths padded and masked
+    summary = st.extract(device="cpu", features="device", runtime="torch", batch_frames=3000, workers=1)
+    assert summary.failed == 0 and summary.features == "device" and summary.batching == "masked"
+    assert summary.mean_batch_items > 1 and summary.padding_overhead > 0
+    ids, vectors = st.embeddings()
+    reference = np.stack([campplus.embed_file(str(root / (i.rsplit("/", 1)[-1] + ".flac"))) for i in ids])
+    assert cosine_rows(vectors, reference).min() >= 0.99999
+    st.close()
