@@ -149,11 +149,11 @@ class FbankEncoder(Encoder):
             return self._embed_pieces(feats)
         owners = [i for i, w in enumerate(windows) for _ in w]
         pieces = [feats[i][a:b] for i, w in enumerate(windows) for a, b in w]
-        rows: list[np.ndarray] = []
+        vectors: list[np.ndarray] = []
         step = max(self.window_batch, len(feats))
         for k in range(0, len(pieces), step):
-            rows.append(self._embed_pieces(pieces[k : k + step]))
-        return _average(np.concatenate(rows), owners, len(feats))
+            vectors.append(self._embed_pieces(pieces[k : k + step]))
+        return _average(np.concatenate(vectors), owners, len(feats))
 
     def features_batch(self, wavs: Sequence[np.ndarray]) -> "torch.Tensor":
         """[B, T, F] features of equal-length waveforms computed on the model's device
@@ -195,8 +195,8 @@ class FbankEncoder(Encoder):
     def embed_file(self, path: str, start: float | None = None, end: float | None = None) -> np.ndarray:
         """The reference: one item, one piece per forward, batch size 1."""
         feats = self.features(self.load(path, start, end))
-        rows = [self._forward(feats[None, a:b]) for a, b in long_item_windows(len(feats), self.max_frames)]
-        return np.concatenate(rows).mean(axis=0, dtype=np.float64).astype(np.float32)
+        vectors = [self._forward(feats[None, a:b]) for a, b in long_item_windows(len(feats), self.max_frames)]
+        return np.concatenate(vectors).mean(axis=0, dtype=np.float64).astype(np.float32)
 
 
 def _stack(pieces: Sequence[Any]) -> Any:
@@ -208,9 +208,9 @@ def _stack(pieces: Sequence[Any]) -> Any:
     return np.stack([np.asarray(p, dtype=np.float32) for p in pieces])
 
 
-def _average(rows: np.ndarray, owners: list[int], count: int) -> np.ndarray:
-    out = np.zeros((count, rows.shape[1]), dtype=np.float64)
-    np.add.at(out, owners, rows)
+def _average(vectors: np.ndarray, owners: list[int], count: int) -> np.ndarray:
+    out = np.zeros((count, vectors.shape[1]), dtype=np.float64)
+    np.add.at(out, owners, vectors)
     out /= np.bincount(owners, minlength=count)[:, None]
     return out.astype(np.float32)
 
