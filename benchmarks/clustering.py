@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+# no network in benchmarks: pretrained weights from the user cache (`make setup`) or nowhere
+os.environ.setdefault("EMBSTORE_MODEL_SOURCES", "cache,file")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from embstore.clustering.corpus import DEFAULT_THRESHOLD, cluster_corpus  # noqa: E402

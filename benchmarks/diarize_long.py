@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+# no network in benchmarks: pretrained weights from the user cache (`make setup`) or nowhere
+os.environ.setdefault("EMBSTORE_MODEL_SOURCES", "cache,file")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

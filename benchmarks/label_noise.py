@@ -12,6 +12,7 @@ ranks, and puts the true labels back.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+# no network in benchmarks: pretrained weights from the user cache (`make setup`) or nowhere
+os.environ.setdefault("EMBSTORE_MODEL_SOURCES", "cache,file")
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 

@@ -60,6 +60,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+# no network in benchmarks: pretrained weights from the user cache (`make setup`) or nowhere
+os.environ.setdefault("EMBSTORE_MODEL_SOURCES", "cache,file")
 sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data" / "librispeech-test-other"
 AUDIO_EXT = (".wav", ".flac")

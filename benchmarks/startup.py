@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# no network in benchmarks: pretrained weights from the user cache (`make setup`) or nowhere
+os.environ.setdefault("EMBSTORE_MODEL_SOURCES", "cache,file")
 sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data" / "librispeech-test-other"
 
