@@ -42,19 +42,14 @@ TUNED: dict[str, TunedThresholds] = {
     "campplus-zh-en-common": TunedThresholds(corpus_cluster=0.5, diarize_ahc=0.3),
 }
 
-# what a runtime or a window policy adds to a model's name; the embedding space is the same
-_SUFFIX = re.compile(r"(\+.*)$|(-openvino-(fp32|bf16))$|(-onnx)$")
+# a model's name, then what a runtime and a window/VAD policy add to it (the same embedding space)
+_NAME = re.compile(r"^(?P<base>.*?)(-openvino-(fp32|bf16)|-onnx)?(\+.*)?$")
 
 
 def tuned_for(model_name: str) -> TunedThresholds | None:
     """The thresholds tuned for this model (its windows and runtimes share them), or None."""
-    base = model_name
-    while True:
-        stripped = _SUFFIX.sub("", base)
-        if stripped == base:
-            break
-        base = stripped
-    return TUNED.get(base)
+    match = _NAME.match(model_name)
+    return TUNED.get(match.group("base") if match else model_name)
 
 
 def diarize_ahc_threshold(model_name: str) -> float:
