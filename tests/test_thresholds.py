@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from embstore.clustering.corpus import DEFAULT_THRESHOLD, cluster_corpus
-from embstore.models.thresholds import FALLBACK_DIARIZE_AHC, TUNED, diarize_ahc_threshold, tuned_for
+from embstore.models.thresholds import FALLBACK, TUNED, thresholds_for, tuned_for
 
 
 @pytest.mark.parametrize("name", [
@@ -19,9 +19,10 @@ def test_windows_and_runtimes_share_the_models_thresholds(name):
 
 def test_an_unknown_model_has_no_tuned_values_and_falls_back():
     assert tuned_for("wespeaker-resnet34-x") is None
-    assert diarize_ahc_threshold("wespeaker-resnet34-x") == FALLBACK_DIARIZE_AHC
-    assert diarize_ahc_threshold("resemblyzer-ge2e+w1.5:0.75+silero") == 0.6
-    assert diarize_ahc_threshold("campplus-zh-en-common+w1.5:0.75+silero") == 0.3
+    assert thresholds_for("wespeaker-resnet34-x") is FALLBACK and FALLBACK.diarize_ahc == 0.6
+    assert FALLBACK.corpus_cluster == 0.725
+    assert thresholds_for("resemblyzer-ge2e+w1.5:0.75+silero").diarize_ahc == 0.6
+    assert thresholds_for("campplus-zh-en-common+w1.5:0.75+silero").diarize_ahc == 0.3
 
 
 def test_the_corpus_cut_without_a_threshold_is_the_callers_default():

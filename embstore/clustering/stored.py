@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from embstore.clustering.corpus import DEFAULT_THRESHOLD, cluster_corpus
-from embstore.models.thresholds import tuned_for
+from embstore.clustering.corpus import cluster_corpus
+from embstore.models.thresholds import thresholds_for
 from embstore.clustering.labels import purity_coverage
 from embstore.errors import ClusteringError
 from embstore.manifest import clusters as cluster_sql
@@ -126,8 +126,7 @@ def cluster_dataset(
         raise ClusteringError(
             f"--num-speakers {num_speakers} is more than the {len(rows)} distinct embedded items of {dataset!r}"
         )
-    tuned = tuned_for(m.name)
-    default = tuned.corpus_cluster if tuned is not None else DEFAULT_THRESHOLD
+    default = thresholds_for(m.name).corpus_cluster
     result = cluster_corpus(_matrix(store, m, rows), threshold=threshold, num_speakers=num_speakers, progress=progress,
                             default_threshold=default)
     item_labels = result.labels[row_of_item]

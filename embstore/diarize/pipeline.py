@@ -22,7 +22,7 @@ from embstore.audio.io import resample
 from embstore.diarize.speakers import check_speaker_counts, cluster_windows
 from embstore.diarize.rttm import Segment, windows_to_segments
 from embstore.models.base import Encoder
-from embstore.models.thresholds import diarize_ahc_threshold
+from embstore.models.thresholds import thresholds_for
 from embstore.errors import NoSpeech
 from embstore.segments.vad import Region, VadConfig, speech_regions, vad_config
 from embstore.vectors import finite_nonzero
@@ -104,7 +104,7 @@ def diarize_audio(
     embedder = embedder or WindowEmbedder(encoder)
     matrix = embedder.embed(wav, plan)
     if method == "ahc" and "threshold" not in cluster_options:
-        cluster_options["threshold"] = diarize_ahc_threshold(encoder.name)  # a cosine cut is the model's own
+        cluster_options["threshold"] = thresholds_for(encoder.name).diarize_ahc  # a cosine cut is the model's own
     labels, segments = diarize_windows(
         plan.starts, plan.ends, matrix, method, num_speakers, max_speakers, **cluster_options
     )

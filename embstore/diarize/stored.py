@@ -20,7 +20,7 @@ from embstore.errors import ClusteringError, RttmError, StoreError
 from embstore.manifest import diarization as stored
 from embstore.manifest.database import Manifest
 from embstore.manifest.selection import Selection, select_items
-from embstore.models.thresholds import diarize_ahc_threshold
+from embstore.models.thresholds import thresholds_for
 from embstore.query import windows
 
 METHODS = ("spectral", "ahc")
@@ -70,7 +70,7 @@ def diarize_store(
     settings: dict[str, Any] = {"method": method, "num_speakers": num_speakers, "max_speakers": max_speakers}
     options: dict[str, float] = {}
     if method == "ahc":  # its cut is a cosine: the model's own (models/thresholds.py), and part of the result's key
-        options["threshold"] = settings["threshold"] = diarize_ahc_threshold(m.name)
+        options["threshold"] = settings["threshold"] = thresholds_for(m.name).diarize_ahc
     params = json.dumps(settings, sort_keys=True)
     items = select_items(store.conn, m.id, Selection(dataset=dataset))
     known = stored.results_of(store.conn, m.id, params, [r["item_id"] for r in items])

@@ -93,7 +93,7 @@ from embstore.models.fbank_encoder import (
     long_item_windows,
 )
 from embstore.models.onnx import export_settings, file_digest
-from embstore.models.pretrained import CAMPPLUS as DEFAULT_PRETRAINED
+from embstore.models.pretrained import DEFAULT as DEFAULT_PRETRAINED
 from embstore.models.pretrained import fetch as fetch_pretrained
 from embstore.models.pretrained import find as find_pretrained
 from embstore.models.resemblyzer import ResemblyzerEncoder

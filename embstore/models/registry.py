@@ -43,11 +43,12 @@ from embstore.models.hub import load_hub
 from embstore.models.null import NullEncoder
 from embstore.models.onnx import OnnxEncoder
 from embstore.models.openvino import load_openvino
+from embstore.models.pretrained import DEFAULT as DEFAULT_PRETRAINED
 from embstore.models.pretrained import KNOWN, load_pretrained
 from embstore.models.resemblyzer import ResemblyzerEncoder
 from embstore.models.wespeaker import WeSpeakerEncoder
 
-DEFAULT_SPEC = "campplus"
+DEFAULT_SPEC = DEFAULT_PRETRAINED.spec  # "campplus"
 
 
 @dataclass(frozen=True)

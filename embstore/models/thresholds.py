@@ -4,8 +4,9 @@ A cosine threshold means nothing without its model: Resemblyzer's GE2E puts two
 different LibriSpeech speakers near cosine 0.5-0.7 and one speaker's utterances near
 0.8-0.9; CAM++ puts different speakers near 0.0-0.3 and one speaker near 0.5-0.8. A
 threshold tuned on one and used with the other merges every speaker or splits each
-one. So each clustering default is looked up here by the model's name, and a model
-without an entry gets the caller's fallback, reported as untuned.
+one. So each clustering default is looked up here by the model's name; a model without
+an entry gets Resemblyzer's values (`FALLBACK`, what every default was before models had
+their own), which `tuned_for` tells apart by returning None.
 
 How each number was tuned (benchmarks, BENCHMARKS.md):
   corpus_cluster  `embstore cluster`, average-linkage AHC over whole items: the middle
@@ -21,10 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["TunedThresholds", "TUNED", "tuned_for", "diarize_ahc_threshold"]
-
-# without a tuned value: Resemblyzer's, the values these defaults had before models had their own
-FALLBACK_DIARIZE_AHC = 0.6
+__all__ = ["TunedThresholds", "TUNED", "FALLBACK", "tuned_for", "thresholds_for"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +39,7 @@ TUNED: dict[str, TunedThresholds] = {
     # to 0.35 on 60 conversations of tuning seeds 7-12 (0.4: 4.0 %, 0.45: 6.1 %)
     "campplus-zh-en-common": TunedThresholds(corpus_cluster=0.5, diarize_ahc=0.3),
 }
+FALLBACK = TUNED["resemblyzer-ge2e"]
 
 # a model's name, then what a runtime and a window/VAD policy add to it (the same embedding space)
 _NAME = re.compile(r"^(?P<base>.*?)(-openvino-(fp32|bf16)|-onnx)?(\+.*)?$")
@@ -52,7 +51,6 @@ def tuned_for(model_name: str) -> TunedThresholds | None:
     return TUNED.get(match.group("base") if match else model_name)
 
 
-def diarize_ahc_threshold(model_name: str) -> float:
-    """The window-AHC cut for `diarize --method ahc` with this model."""
-    tuned = tuned_for(model_name)
-    return tuned.diarize_ahc if tuned is not None else FALLBACK_DIARIZE_AHC
+def thresholds_for(model_name: str) -> TunedThresholds:
+    """The thresholds to cluster this model's vectors with: its own, else `FALLBACK`."""
+    return tuned_for(model_name) or FALLBACK
