@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[dev,plot,ray,openvino]" "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[dev,plot,ray,openvino,lhotse,parquet,search]" "torch==2.13.0"
 	$(BIN)/pip install -q --no-deps "wespeaker-unofficial==0.0.2"
 	touch $@
 
