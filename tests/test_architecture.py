@@ -128,6 +128,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("embstore.models",)),
     ("segments", ("embstore.segments",)),
     ("diarization algorithms", ("embstore.diarize",)),
+    ("interop", ("embstore.interop",)),  # Lhotse manifests, HF/Parquet datasets: below scan and export
     ("scan", ("embstore.scan",)),
     ("extract", ("embstore.extract",)),
     ("extract on Ray", ("embstore.extract.ray",)),

@@ -3,15 +3,32 @@
 soundfile (libsndfile) reads WAV/FLAC/OGG and friends; PyAV, when installed, reads
 what libsndfile cannot (mp3, m4a, opus in mp4...). Everything is returned as float32
 mono at the file's own rate; `resample` converts with soxr.
+
+Audio that is not a file of its own has an address in place of a path, understood by
+`probe`, `read_audio` and `content_hash` alike (so workers, `verify` and queries read it
+like any file):
+
+- `SHARD#row=N`: the audio bytes of row N of an Arrow/Parquet dataset shard (a Hugging
+  Face audio column, `struct<bytes, path>`). Only the row group (Parquet) or record batch
+  (Arrow) holding the row is read, and only its audio column; the last few are cached
+  per process, so a claim of neighbouring rows reads each group once.
+- `FILE#channel=N`: channel N of a multi-channel file (a Lhotse supervision on one
+  channel); its content hash mixes the channel in, so dedup never joins two channels.
+
+A real file whose name looks like an address is still read as that file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
+import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator, Union
 
 import numpy as np
 
@@ -47,8 +64,18 @@ def probe(path: str) -> AudioInfo:
 
     Plain WAV and FLAC headers are parsed directly (a 1 M-file scan spends most of its
     time here, and libsndfile's open is ~10x slower); anything unusual goes to
-    soundfile, then PyAV.
+    soundfile, then PyAV. An address (`SHARD#row=N`, `FILE#channel=N`) is probed from
+    its bytes, or as its file with one channel.
     """
+    address = parse_address(path)
+    if address is not None:
+        base, row, channel = address
+        if row is not None:
+            return probe_bytes(read_row_bytes(base, row))
+        info = probe(base)
+        if channel is not None and channel >= info.channels:
+            raise AudioError(f"channel {channel} requested, file has {info.channels}")
+        return AudioInfo(info.sample_rate, 1, info.frames, info.subtype)
     fast = _probe_fast(path)
     if fast is not None:
         return fast
@@ -79,14 +106,19 @@ _WAV_SUBTYPES = {(1, 8): "PCM_U8", (1, 16): "PCM_16", (1, 24): "PCM_24", (1, 32)
 def _probe_fast(path: str) -> AudioInfo | None:
     """WAV/FLAC header parse; None whenever the file is anything but plain, so the
     libraries decide (and explain) every odd case."""
-    import struct
-
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
             size = os.fstat(f.fileno()).st_size
     except OSError:
         return None
+    return _probe_head(head, size)
+
+
+def _probe_head(head: bytes, size: int) -> AudioInfo | None:
+    """`_probe_fast` on the first 4 KiB of some audio bytes and their total size."""
+    import struct
+
     if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
         pos, fmt = 12, None
         while pos + 8 <= len(head):
@@ -128,6 +160,181 @@ def _probe_fast(path: str) -> AudioInfo | None:
     return None
 
 
+def probe_bytes(data: bytes) -> AudioInfo:
+    """`probe` of encoded audio held in memory (a dataset row's bytes)."""
+    if not data:
+        raise AudioError("empty audio bytes (0 bytes)")
+    fast = _probe_head(data[:4096], len(data))
+    if fast is not None:
+        return fast
+    import soundfile as sf
+
+    try:
+        info = sf.info(io.BytesIO(data))
+    except Exception as sf_error:
+        try:
+            return _probe_av(io.BytesIO(data))
+        except AudioError as av_error:
+            raise AudioError(f"unreadable header: {_short(sf_error)}; {av_error}") from None
+    if info.frames <= 0:
+        raise AudioError("no audio samples (header only)")
+    return AudioInfo(int(info.samplerate), int(info.channels), int(info.frames), str(info.subtype))
+
+
+# -- addresses: a dataset row's bytes, one channel of a file ------------------------------
+
+_ROW = re.compile(r"^(?P<base>.+\.(?:parquet|arrow))#row=(?P<n>\d+)$")
+_CHANNEL = re.compile(r"^(?P<base>.+)#channel=(?P<n>\d+)$")
+Source = Union[str, BinaryIO]
+
+
+def row_address(shard: str, row: int) -> str:
+    """The address of row `row`'s audio in an Arrow/Parquet shard."""
+    return f"{shard}#row={row}"
+
+
+def channel_address(path: str, channel: int) -> str:
+    """The address of one channel of a multi-channel file."""
+    return f"{path}#channel={channel}"
+
+
+def parse_address(path: str) -> tuple[str, int | None, int | None] | None:
+    """(file, row, channel) of an address; None for a plain path (or a real file whose
+    name only looks like an address)."""
+    if "#" not in path:
+        return None
+    row, channel = _ROW.match(path), _CHANNEL.match(path)
+    if (row is None and channel is None) or os.path.exists(path):
+        return None
+    if row is not None:
+        return row["base"], int(row["n"]), None
+    return channel["base"], None, int(channel["n"])
+
+
+def dataset_audio_column(schema: Any) -> str:
+    """The audio column of an Arrow schema: the one Hugging Face's metadata calls Audio,
+    else the first `struct<bytes: binary, ...>` column."""
+    import json
+
+    import pyarrow as pa
+
+    meta = (schema.metadata or {}).get(b"huggingface")
+    if meta:
+        try:
+            features = json.loads(meta).get("info", {}).get("features") or {}
+        except (ValueError, AttributeError):
+            features = {}
+        for name, feature in features.items():
+            if isinstance(feature, dict) and feature.get("_type") == "Audio" and name in schema.names:
+                return name
+    for f in schema:
+        if pa.types.is_struct(f.type) and f.type.get_field_index("bytes") >= 0:
+            return f.name
+    raise AudioError("no audio column (struct<bytes, path>) in the dataset")
+
+
+class _Groups:
+    """The audio column of the last few row groups / record batches read, per process.
+    Keyed by the shard's size and mtime too, so a rewritten shard is read afresh."""
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self.lock = threading.Lock()
+        self.groups: OrderedDict[tuple, Any] = OrderedDict()
+        self.layouts: dict[tuple, tuple[Any, list[int]]] = {}  # shard key -> (reader, group row starts)
+
+    def row(self, shard: str, row: int) -> bytes:
+        st = os.stat(shard)  # FileNotFoundError: the reader says "file not found"
+        key = (shard, st.st_size, st.st_mtime_ns)
+        with self.lock:
+            try:
+                reader, starts = self._layout(key)
+            except AudioError:
+                raise
+            except Exception as exc:  # pyarrow's ArrowInvalid/OSError on a cut or foreign file
+                raise AudioError(f"unreadable dataset shard: {_short(exc)}") from None
+            if row >= starts[-1]:
+                raise AudioError(f"row {row} is not in the shard (it has {starts[-1]} rows)")
+            group = next(g for g in range(len(starts) - 1) if starts[g] <= row < starts[g + 1])
+            column = self.groups.get((*key, group))
+            if column is None:
+                try:
+                    column = reader(group)
+                except Exception as exc:
+                    raise AudioError(f"unreadable rows {starts[group]}-{starts[group + 1] - 1}: {_short(exc)}") from None
+                self.groups[(*key, group)] = column
+                while len(self.groups) > self.keep:
+                    self.groups.popitem(last=False)
+            else:
+                self.groups.move_to_end((*key, group))
+        value = column[row - starts[group]].as_py()
+        if not value:
+            raise AudioError(f"row {row} has no audio bytes")
+        return value
+
+    def _layout(self, key: tuple) -> tuple[Any, list[int]]:
+        if key not in self.layouts:
+            # a shard rewritten since: forget its old layout
+            self.layouts = {k: v for k, v in self.layouts.items() if k[0] != key[0]}
+            self.layouts[key] = _parquet_layout(key[0]) if key[0].endswith(".parquet") else _arrow_layout(key[0])
+        return self.layouts[key]
+
+
+def _parquet_layout(shard: str) -> tuple[Any, list[int]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(shard)
+    column = dataset_audio_column(pf.schema_arrow)
+    starts = [0]
+    for g in range(pf.metadata.num_row_groups):
+        starts.append(starts[-1] + pf.metadata.row_group(g).num_rows)
+
+    def read(group: int) -> Any:
+        table = pf.read_row_group(group, columns=[column])
+        return table.column(0).combine_chunks().field("bytes")
+
+    return read, starts
+
+
+def _arrow_layout(shard: str) -> tuple[Any, list[int]]:
+    """An Arrow IPC shard (`save_to_disk` writes the stream format), memory-mapped: a
+    record batch costs nothing until its audio bytes are read."""
+    import pyarrow as pa
+
+    source = pa.memory_map(shard)
+    try:
+        batches = list(pa.ipc.open_stream(source))
+    except pa.ArrowInvalid:  # the IPC file format (`.arrow` written by other tools)
+        ipc_file = pa.ipc.open_file(source)
+        batches = [ipc_file.get_batch(i) for i in range(ipc_file.num_record_batches)]
+    if not batches:
+        raise AudioError("the shard holds no rows")
+    column = dataset_audio_column(batches[0].schema)
+    starts = [0]
+    for b in batches:
+        starts.append(starts[-1] + b.num_rows)
+    return (lambda group: batches[group].column(column).field("bytes")), starts
+
+
+_GROUPS = _Groups()
+
+
+def read_row_bytes(shard: str, row: int) -> bytes:
+    """The encoded audio of one row of an Arrow/Parquet shard."""
+    return _GROUPS.row(shard, row)
+
+
+def _open_source(path: str) -> tuple[Source, str, int | None]:
+    """(what soundfile/PyAV open, the file it lives in, the channel an address picks)."""
+    address = parse_address(path)
+    if address is None:
+        return path, path, None
+    base, row, channel = address
+    if row is not None:
+        return io.BytesIO(read_row_bytes(base, row)), base, None
+    return base, base, channel
+
+
 def _short(exc: BaseException) -> str:
     if isinstance(getattr(exc, "strerror", None), str) and getattr(exc, "filename", None):
         return exc.strerror  # PyAV/OSError: the reason without "[Errno N]" and the path
@@ -137,7 +344,7 @@ def _short(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _av_audio(path: str) -> Iterator[tuple[Any, Any, int]]:
+def _av_audio(path: Source) -> Iterator[tuple[Any, Any, int]]:
     """(container, first audio stream, its rate) from PyAV; every failure an AudioError."""
     try:
         import av
@@ -155,7 +362,7 @@ def _av_audio(path: str) -> Iterator[tuple[Any, Any, int]]:
         raise AudioError(f"PyAV: {_short(exc)}") from None
 
 
-def _probe_av(path: str) -> AudioInfo:
+def _probe_av(path: Source) -> AudioInfo:
     with _av_audio(path) as (container, stream, rate):
         channels = int(stream.codec_context.channels)
         # stream.frames counts codec packets (1024 samples each for AAC), not samples
@@ -178,13 +385,16 @@ def read_audio(
 ) -> tuple[np.ndarray, int]:
     """Samples of `path` (a span in seconds if given) as float32 mono in [-1, 1].
 
-    Several channels are averaged unless `channel` picks one. Integer PCM of any width
-    is scaled by libsndfile; non-finite samples are an error, never passed on.
+    Several channels are averaged unless `channel` (or the address) picks one. Integer
+    PCM of any width is scaled by libsndfile; non-finite samples are an error, never
+    passed on.
     """
     import soundfile as sf
 
+    source, base, picked = _open_source(path)
+    channel = picked if channel is None else channel
     try:
-        with sf.SoundFile(path) as f:
+        with sf.SoundFile(source) as f:
             rate = f.samplerate
             first = int(round(start * rate)) if start else 0
             last = int(round(end * rate)) if end is not None else f.frames
@@ -192,18 +402,20 @@ def read_audio(
                 f.seek(first)
             data = f.read(max(last - first, 0), dtype="float32", always_2d=True)
     except Exception as sf_error:
-        if not os.path.exists(path):
+        if not os.path.exists(base):
             raise AudioError("file not found") from None
-        if os.path.isdir(path):
+        if os.path.isdir(base):
             raise AudioError("is a directory, not an audio file") from None
+        if not isinstance(source, str):
+            source.seek(0)
         try:
-            data, rate = _read_av(path, start, end)
+            data, rate = _read_av(source, start, end)
         except AudioError as av_error:
             raise AudioError(f"cannot decode: {_short(sf_error)}; {av_error}") from None
     return _to_mono(data, channel, path), int(rate)
 
 
-def _read_av(path: str, start: float | None, end: float | None) -> tuple[np.ndarray, int]:
+def _read_av(path: Source, start: float | None, end: float | None) -> tuple[np.ndarray, int]:
     import av
 
     parts = []
@@ -275,9 +487,20 @@ def load_for_model(
 
 
 def content_hash(path: str, block: int = 1 << 20) -> str:
-    """blake2b of the file's bytes; dedup identifies identical audio by it."""
+    """blake2b of the file's bytes; dedup identifies identical audio by it. A dataset
+    row: of its audio bytes (the same hash as the file they were read from); one
+    channel of a file: of the file's bytes and the channel."""
     digest = hashlib.blake2b(digest_size=16)
+    address = parse_address(path)
+    if address is not None:
+        base, row, channel = address
+        if row is not None:
+            digest.update(read_row_bytes(base, row))
+            return digest.hexdigest()
+        path = base
     with open(path, "rb") as f:
         while chunk := f.read(block):
             digest.update(chunk)
+    if address is not None:
+        digest.update(f"#channel={address[2]}".encode())
     return digest.hexdigest()

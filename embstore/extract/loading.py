@@ -1,10 +1,11 @@
 """Loading claimed items ahead of the model: read, hash, decode, resample, features.
 
 One claim is loaded in two passes over the loader pool: first every item's bytes are
-hashed, then one dedup lookup asks the manifest which of those audio spans already have
-a row; only the rest are decoded and turned into features. Every failure is the item's
-own, with the stage it happened in, except a problem of the machine (`EnvironmentProblem`):
-that stops the worker instead.
+hashed (a file's, or a dataset row's audio bytes: `embstore.audio.io` addresses), then
+one dedup lookup asks the manifest which of those audio spans already have a row; only
+the rest are decoded and turned into features. Every failure is the item's own, with
+the stage it happened in, except a problem of the machine (`EnvironmentProblem`): that
+stops the worker instead.
 """
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ from embstore.segments.windows import WindowPlan
 
 
 def hash_item(task: ClaimedTask) -> Loaded:
+    """The item's content hash; a dataset row's (`SHARD#row=N`) is its audio bytes',
+    read from the one row group that holds it (cached for the decode that follows)."""
     try:
         return Loaded(task, content_hash=content_hash(task.path))
+    except AudioError as exc:  # a dataset row that cannot be read: a shard cut or rewritten since
+        return Loaded(task, error=("read", str(exc)))
     except FileNotFoundError:
         return Loaded(task, error=("read", "file not found (removed since scan?)"))
     except IsADirectoryError:

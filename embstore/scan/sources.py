@@ -27,9 +27,13 @@ class Candidate:
     dataset: str
     speaker: str
     uid: str
-    # kaldi segments: [(uid, start, end, speaker)]; None = the whole file is one item
+    # kaldi segments / lhotse items: [(uid, start, end, speaker)] (end -1: to the file's end,
+    # start None: from its start); None = the whole file is one item
     segments: list[tuple[str, float, float, str]] | None = None
     error: str | None = None  # known bad before probing (broken symlink...)
+    dir: str | None = None  # the sync's folder when not the path's (a dataset row: its shard)
+    # (sample_rate, channels, frames, duration, subtype) when the source read it (dataset rows)
+    header: tuple | None = None
 
 
 # -- sources ------------------------------------------------------------------------------

@@ -3,6 +3,11 @@
 Trees are walked one folder at a time and each folder is compared with the manifest's
 rows for it, so memory stays flat at any corpus size and an unchanged rescan only stats.
 Headers of new or changed files are read in a small process pool.
+
+Lhotse manifests (`scan/from_lhotse.py`) sync like Kaldi dirs: a file per audio source,
+its items as segments that can change while the file does not. Hugging Face datasets
+(`scan/from_hf.py`) sync a shard as a folder of row "files", each row's header read by
+the source from its bytes; a shard unchanged in size and mtime is kept without reading.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from embstore.api import Report
 from embstore.audio.io import probe
@@ -23,6 +28,8 @@ from embstore.manifest.database import Manifest
 from embstore.manifest.tasks import mark_items_stale
 from embstore.progress import progress_bar
 from embstore.scan.sources import Candidate, kaldi_candidates, list_candidates, tree_candidates
+
+Folders = Iterable[tuple[str, "list[Candidate] | None"]]
 
 BATCH_FILES = 2000
 
@@ -109,6 +116,21 @@ class _Syncer:
         self.pending_items: list[tuple[int, Candidate]] = []  # unchanged files whose segments may differ
         self.now = utcnow()
 
+    def keep(self, rel: str) -> None:
+        """A folder its source knows to be unchanged (a dataset shard): its rows stay."""
+        self.report.unchanged += self.conn.execute(
+            "SELECT count(*) FROM files WHERE root_id = ? AND dir = ? AND status != 'removed'", (self.root_id, rel),
+        ).fetchone()[0]
+
+    def unchanged(self, rel: str, size: int, mtime_ns: int) -> bool:
+        """Whether every row of folder `rel` was recorded with this size and mtime (a
+        shard's rows all carry the shard's)."""
+        n, low, high, t_low, t_high = self.conn.execute(
+            "SELECT count(*), min(size), max(size), min(mtime_ns), max(mtime_ns) FROM files"
+            " WHERE root_id = ? AND dir = ? AND status != 'removed'", (self.root_id, rel),
+        ).fetchone()
+        return n > 0 and low == high == size and t_low == t_high == mtime_ns
+
     def folder(self, rel: str, candidates: list[Candidate]) -> None:
         known = {
             r[1]: r
@@ -141,12 +163,13 @@ class _Syncer:
         new, changed, removed, items = self.pending_new, self.pending_changed, self.pending_removed, self.pending_items
         self.pending_new, self.pending_changed, self.pending_removed, self.pending_items = [], [], [], []
         # headers are read before the write transaction so it stays short
-        to_probe = [c for c in new if c.error is None] + [c for _, c in changed if c.error is None]
+        to_probe = [c for c in new if c.error is None and c.header is None] + [
+            c for _, c in changed if c.error is None and c.header is None]
         headers = dict(zip((c.abspath for c in to_probe), self.prober([c.abspath for c in to_probe])))
         with self.store.write() as conn:
             self._insert_new(conn, new, headers)
             for file_id, cand in changed:
-                self._update_changed(conn, file_id, cand, headers.get(cand.abspath))
+                self._update_changed(conn, file_id, cand, _header_of(cand, headers))
             if removed:
                 self._remove(conn, removed)
             for file_id, cand in items:
@@ -154,7 +177,8 @@ class _Syncer:
 
     def _file_values(self, cand: Candidate, header, error: str | None) -> dict[str, Any]:
         values = {
-            "root_id": self.root_id, "dir": os.path.dirname(cand.path), "path": cand.path,
+            "root_id": self.root_id, "dir": os.path.dirname(cand.path) if cand.dir is None else cand.dir,
+            "path": cand.path,
             "dataset": cand.dataset, "speaker": cand.speaker, "size": cand.size, "mtime_ns": cand.mtime_ns,
             "sample_rate": None, "channels": None, "frames": None, "duration": None, "subtype": None,
             "content_hash": None, "status": "ok", "error": None, "scanned_at": self.now,
@@ -181,7 +205,8 @@ class _Syncer:
             stop = values["duration"] if end == -1 else min(end, values["duration"])
             out.append({
                 "uid": uid, "file_id": file_id, "dataset": cand.dataset, "speaker": speaker,
-                "start": start, "end": None if end == -1 else end, "duration": max(stop - start, 0.0), "removed": 0,
+                "start": start, "end": None if end == -1 else end, "duration": max(stop - (start or 0.0), 0.0),
+                "removed": 0,
             })
         return out
 
@@ -191,7 +216,7 @@ class _Syncer:
         base = conn.execute("SELECT coalesce(max(id), 0) FROM files").fetchone()[0]
         file_rows, item_rows = [], []
         for offset, cand in enumerate(new, 1):
-            header, error = headers.get(cand.abspath, (None, cand.error))
+            header, error = _header_of(cand, headers) or (None, cand.error)
             values = self._file_values(cand, header, error or cand.error)
             values["id"] = base + offset
             file_rows.append(values)
@@ -299,6 +324,13 @@ class _Syncer:
         self.flush()
 
 
+def _header_of(cand: Candidate, headers: dict[str, Any]) -> tuple[Any, str | None] | None:
+    """(header, error) of a candidate: read by its source (dataset rows) or probed."""
+    if cand.header is not None:
+        return cand.header, None
+    return headers.get(cand.abspath)
+
+
 def _root_row(store: Manifest, kind: str, path: str, layout: str | None, dataset: str | None) -> int:
     row = store.conn.execute("SELECT id, layout FROM roots WHERE kind = ? AND path = ?", (kind, path)).fetchone()
     if row is not None:
@@ -322,11 +354,22 @@ class ScanOptions:
     layout: how a root's folders name things ("dataset": ROOT/<dataset>/<speaker>/...;
     "speaker": ROOT/<speaker>/..., the root naming the dataset). kaldi: Kaldi data dirs
     (wav.scp, utt2spk, segments). lists: list files (one audio path per line, optional
-    speaker). jobs: threads reading headers (default: up to 2). progress: a bar on stderr."""
+    speaker). lhotse: Lhotse manifests (a CutSet, or a RecordingSet with its
+    SupervisionSet beside it). hf: Hugging Face audio datasets (a Parquet file, a folder
+    of shards, a `save_to_disk` folder). dataset: the dataset name of lhotse/hf items
+    (default: from the manifest's or dataset's name; an HF `dataset` column wins).
+    id_column / speaker_column: the HF columns of item ids / speakers (default: the
+    usual names, `id`, `speaker_id`, `speaker`, `client_id`...). jobs: processes reading
+    headers (default: up to 2). progress: a bar on stderr."""
 
     layout: str = "dataset"
     kaldi: Sequence[str | os.PathLike] = ()
     lists: Sequence[str | os.PathLike] = ()
+    lhotse: Sequence[str | os.PathLike] = ()
+    hf: Sequence[str | os.PathLike] = ()
+    dataset: str | None = None
+    id_column: str | None = None
+    speaker_column: str | None = None
     jobs: int | None = None
     progress: bool = False
 
@@ -335,45 +378,84 @@ class ScanOptions:
             raise ScanError(f"unknown layout {self.layout!r}: use dataset or speaker")
         if self.jobs is not None and self.jobs < 1:
             raise ScanError(f"jobs must be at least 1 (got {self.jobs})")
+        for name in ("kaldi", "lists", "lhotse", "hf"):
+            if isinstance(getattr(self, name), (str, os.PathLike)):
+                raise ScanError(f"{name} takes a list of paths (got one path: {getattr(self, name)!r})")
+        if (self.id_column or self.speaker_column) and not self.hf:
+            raise ScanError("--id-column and --speaker-column name columns of an --hf dataset; give one")
+        if self.dataset is not None and not (self.lhotse or self.hf):
+            raise ScanError("--dataset names the items of --lhotse or --hf sources; give one")
+
+
+# (kind, root path, layout, dataset, folders; or a function of the sync giving them)
+_Source = tuple[str, str, "str | None", "str | None", "Folders | Callable[[_Syncer], Folders]"]
+
+
+def _sources(roots: Sequence[str | os.PathLike], opts: ScanOptions, report: ScanReport) -> list[_Source]:
+    """Every source of a scan, checked before anything is written."""
+    from embstore.scan.from_hf import hf_candidates
+    from embstore.scan.from_lhotse import lhotse_candidates
+
+    sources: list[_Source] = []
+    for root in roots:
+        path = os.path.abspath(os.fspath(root))
+        if not os.path.isdir(path):
+            raise ScanError(f"{root}: not a folder")
+        dataset = os.path.basename(os.path.normpath(path)) if opts.layout == "speaker" else None
+        sources.append(("tree", path, opts.layout, dataset, tree_candidates(path, opts.layout, report.ignore)))
+    for datadir in opts.kaldi:
+        path = Path(datadir).absolute()
+        if not path.is_dir():
+            raise ScanError(f"{datadir}: not a Kaldi data dir")
+        sources.append(("kaldi", str(path), None, path.name, list(kaldi_candidates(path))))
+    for list_file in opts.lists:
+        path = Path(list_file).absolute()
+        if not path.is_file():
+            raise ScanError(f"{list_file}: no such list file")
+        sources.append(("list", str(path), None, path.stem, list(list_candidates(path))))
+    for manifest in opts.lhotse:
+        from embstore.interop.lhotse import dataset_name
+
+        path = Path(manifest).absolute()
+        if not path.is_file():
+            raise ScanError(f"{manifest}: no such Lhotse manifest")
+        name = opts.dataset or dataset_name(str(path))
+        sources.append(("lhotse", str(path), None, name, list(lhotse_candidates(str(path), name))))
+    for dataset_path in opts.hf:
+        from embstore.interop.hf import dataset_name as hf_name, find_shards
+
+        path = os.path.abspath(os.fspath(dataset_path))
+        shards = find_shards(path)
+        name = opts.dataset or hf_name(path)
+        sources.append(("hf", path, None, name, lambda syncer, shards=shards, name=name: hf_candidates(
+            shards, name, syncer.unchanged, opts.id_column, opts.speaker_column)))
+    return sources
 
 
 def scan_into(
     store: Manifest, roots: Sequence[str | os.PathLike] = (), options: ScanOptions | None = None,
 ) -> ScanReport:
-    """Scan trees (`roots`, in `options.layout`), Kaldi data dirs and list files into the store."""
+    """Scan trees (`roots`, in `options.layout`), Kaldi data dirs, list files, Lhotse
+    manifests and Hugging Face datasets into the store."""
     opts = options or ScanOptions()
-    layout, kaldi, lists = opts.layout, opts.kaldi, opts.lists
-    if not (roots or kaldi or lists):
-        raise ScanError("nothing to scan: give a ROOT folder, --kaldi DATADIR or --list FILE")
+    if not (roots or opts.kaldi or opts.lists or opts.lhotse or opts.hf):
+        raise ScanError("nothing to scan: give a ROOT folder, --kaldi DATADIR, --list FILE, --lhotse MANIFEST or --hf PATH")
     started = time.monotonic()
     report = ScanReport()
+    sources = _sources(roots, opts, report)
     prober = _Prober(opts.jobs if opts.jobs is not None else min(2, os.cpu_count() or 1))
     bar = progress_bar(opts.progress, unit=" files", desc="scan", smoothing=0.1)
-    sources: list[tuple[str, str, str | None, str | None, Iterable[tuple[str, list[Candidate]]]]] = []
-    for root in roots:
-        path = os.path.abspath(os.fspath(root))
-        if not os.path.isdir(path):
-            raise ScanError(f"{root}: not a folder")
-        dataset = os.path.basename(os.path.normpath(path)) if layout == "speaker" else None
-        sources.append(("tree", path, layout, dataset, tree_candidates(path, layout, report.ignore)))
-    for datadir in kaldi:
-        path = Path(datadir).absolute()
-        if not path.is_dir():
-            raise ScanError(f"{datadir}: not a Kaldi data dir")
-        sources.append(("kaldi", str(path), None, path.name, list(kaldi_candidates(path))))
-    for list_file in lists:
-        path = Path(list_file).absolute()
-        if not path.is_file():
-            raise ScanError(f"{list_file}: no such list file")
-        sources.append(("list", str(path), None, path.stem, list(list_candidates(path))))
     try:
         for kind, path, src_layout, dataset, folders in sources:
             root_id = _root_row(store, kind, path, src_layout, dataset)
-            syncer = _Syncer(store, root_id, report, prober, item_sync=(kind == "kaldi"))
+            syncer = _Syncer(store, root_id, report, prober, item_sync=kind in ("kaldi", "lhotse"))
             seen: set[str] = set()
-            for rel, candidates in folders:
-                # a tree's folders are relative to it; kaldi/list rows key on absolute folders
+            for rel, candidates in (folders(syncer) if callable(folders) else folders):
+                # a tree's folders are relative to it; other sources key on absolute folders
                 seen.add(rel)
+                if candidates is None:
+                    syncer.keep(rel)
+                    continue
                 syncer.folder(rel, candidates)
                 if bar is not None:
                     bar.update(len(candidates))
@@ -387,4 +469,3 @@ def scan_into(
             bar.close()
     report.seconds = round(time.monotonic() - started, 3)
     return report
-

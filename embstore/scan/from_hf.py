@@ -1,0 +1,68 @@
+"""`scan --hf`: the rows of a Hugging Face audio dataset as scan candidates.
+
+Each row is a file row of its own, addressed `SHARD#row=N` (`embstore.audio.io`), with
+its shard's size and mtime and the header read from its bytes; a shard is one "folder"
+of the sync. A shard whose size and mtime are what the manifest recorded is not read at
+all on a rescan. Rows are read a row group at a time. A shard that cannot be read (cut
+short, not Parquet) is one failure with its reason; a row whose bytes are not audio is
+one failure too; the other rows and shards go on.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterator
+
+from embstore.audio.io import probe_bytes, row_address
+from embstore.errors import AudioError, ScanError
+from embstore.interop.hf import Row, detect_columns, iter_rows, shard_schema
+from embstore.scan.sources import Candidate
+
+
+def _candidate(shard: str, row: Row, size: int, mtime_ns: int, dataset: str, stem: str) -> Candidate:
+    address = row_address(shard, row.index)
+    uid = row.id if row.id is not None else f"{stem}/{row.index}"
+    cand = Candidate(address, address, size, mtime_ns, row.dataset or dataset, row.speaker or "unknown", uid,
+                     dir=shard)
+    if row.audio is None:
+        cand.error = "no audio bytes in the row (null)"
+        return cand
+    try:
+        info = probe_bytes(row.audio)
+        cand.header = (info.sample_rate, info.channels, info.frames, info.duration, info.subtype)
+    except AudioError as exc:
+        cand.error = str(exc)
+    except Exception as exc:  # a header parser bug fails the row, not the scan
+        cand.error = f"unreadable header: {type(exc).__name__}: {exc}"
+    return cand
+
+
+def hf_candidates(
+    shards: list[str], dataset: str, unchanged: Callable[[str, int, int], bool],
+    id_column: str | None = None, speaker_column: str | None = None,
+) -> Iterator[tuple[str, list[Candidate] | None]]:
+    """(shard, its rows) per shard; (shard, None) for a shard unchanged since the last
+    scan (`unchanged(shard, size, mtime_ns)`), whose rows stay as they are."""
+    for shard in shards:
+        try:
+            st = os.stat(shard)
+        except OSError as exc:
+            yield shard, [Candidate(shard, shard, -1, -1, dataset, "unknown", shard, dir=shard,
+                                    error=f"cannot stat: {exc.strerror}")]
+            continue
+        if unchanged(shard, st.st_size, st.st_mtime_ns):
+            yield shard, None
+            continue
+        stem = os.path.splitext(os.path.basename(shard))[0]
+        try:
+            columns = detect_columns(shard_schema(shard), id_column, speaker_column)
+            rows = [_candidate(shard, r, st.st_size, st.st_mtime_ns, dataset, stem)
+                    for group in iter_rows(shard, columns) for r in group]
+        except ScanError:
+            raise  # a column asked for that is not there: the user's to fix, not the shard's
+        except Exception as exc:  # pyarrow's errors on a cut or foreign file, a missing column
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            yield shard, [Candidate(shard, shard, st.st_size, st.st_mtime_ns, dataset, "unknown", shard, dir=shard,
+                                    error=f"unreadable dataset shard: {reason}")]
+            continue
+        yield shard, rows
