@@ -36,6 +36,7 @@ from embstore.manifest.database import Manifest
 if TYPE_CHECKING:
     from embstore.eval.report import HtmlReport
     from embstore.export.files import MatrixExport
+    from embstore.export.parquet import ParquetExport
     from embstore.export.pkl import ExportReport
     from embstore.extract.summary import ExtractSummary
     from embstore.manifest.registry import ModelRecord
@@ -75,7 +76,8 @@ class Store(contextlib.AbstractContextManager):
 
     def scan(self, roots: Sequence[str | os.PathLike] = (), **options: Any) -> ScanReport:
         """Add or refresh files; `options`: `embstore.scan.sync.ScanOptions`' fields
-        (layout, kaldi, lists, jobs, progress)."""
+        (layout, kaldi, lists, lhotse, hf, dataset, id_column, speaker_column, jobs,
+        progress)."""
         from embstore.scan.sync import ScanOptions, scan_into
 
         return scan_into(self.manifest, roots, options_from(ScanOptions, "scan", options))
@@ -253,11 +255,27 @@ class Store(contextlib.AbstractContextManager):
 
         return pkl.export_pkl(self.manifest, out, options_from(pkl.ExportOptions, "export", options))
 
-    def export_kaldi(self, out: str | os.PathLike, *, model: str | None = None, by: str = "speaker") -> MatrixExport:
-        """Kaldi tables (xvector.ark/scp, utt2spk, spk2utt) in OUT."""
+    def export_kaldi(self, out: str | os.PathLike, *, model: str | None = None, by: str = "speaker",
+                     matrix: bool = False) -> MatrixExport:
+        """Kaldi tables (xvector.ark/scp, utt2spk, spk2utt) in OUT; `matrix`: 1 x dim
+        matrices (for Lhotse's Kaldi reader) instead of vectors."""
         from embstore.export import kaldi
 
-        return kaldi.export_kaldi(self.manifest, out, model, by)
+        return kaldi.export_kaldi(self.manifest, out, model, by, matrix)
+
+    def export_lhotse(self, out: str | os.PathLike, *, model: str | None = None) -> MatrixExport:
+        """OUT/cuts.jsonl.gz, one Lhotse cut per embedded item (per window of a window
+        model) with the custom field `embedding`, stored in OUT/embeddings.h5."""
+        from embstore.export import lhotse
+
+        return lhotse.export_lhotse(self.manifest, out, model)
+
+    def export_parquet(self, out: str | os.PathLike, *, model: str | None = None, force: bool = False) -> ParquetExport:
+        """Parquet shards OUT/part-NNNNN.parquet (id, speaker, dataset, path, start, end,
+        embedding, ...), incremental; `force`: rewrite every shard."""
+        from embstore.export import parquet
+
+        return parquet.export_parquet(self.manifest, out, model, force)
 
     def export_npy(self, out: str | os.PathLike, *, model: str | None = None, by: str = "speaker") -> MatrixExport:
         """One float32 matrix (OUT/embeddings.npy) and its row labels."""

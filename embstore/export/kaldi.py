@@ -25,12 +25,15 @@ def _batches(rows: list, size: int = 65536) -> Iterator[list]:
         yield rows[start : start + size]
 
 
-def export_kaldi(store: Manifest, out: str | os.PathLike, model: str | None = None, by: str = "speaker") -> MatrixExport:
+def export_kaldi(store: Manifest, out: str | os.PathLike, model: str | None = None, by: str = "speaker",
+                 matrix: bool = False) -> MatrixExport:
     """OUT/xvector.ark + xvector.scp (kaldiio), utt2spk, spk2utt; keys are item ids
     (whitespace turned into `_`), sorted, so Kaldi tools and kaldiio read them as tables.
     A window model's keys are subsegment ids `<item>-<start_ms:07d>-<end_ms:07d>`, with
     a `segments` file (`<subsegment> <item> <start> <end>`). by="cluster": utt2spk names
-    the pseudo-speakers of `embstore cluster`, and unclustered items are left out."""
+    the pseudo-speakers of `embstore cluster`, and unclustered items are left out.
+    matrix: each vector as a 1 x dim matrix (Lhotse's Kaldi reader and Kaldi's
+    `copy-matrix` expect matrices; WeSpeaker and `ivector-*` tools read vectors)."""
     from kaldiio import WriteHelper
 
     started = time.monotonic()
@@ -56,7 +59,7 @@ def export_kaldi(store: Manifest, out: str | os.PathLike, model: str | None = No
         for batch in _batches(keys):
             vectors = arrays.read_rows(entries.rows[[keyed[k] for k in batch]])
             for key, vector in zip(batch, vectors):
-                writer(key, vector)
+                writer(key, vector[None, :] if matrix else vector)
     # the scp names the ark it was written to: point it at the final name
     with open(tmp_scp, encoding="utf-8") as f:
         lines = [line.replace(f" {tmp_ark}:", f" {ark}:", 1) for line in f]
