@@ -1,4 +1,5 @@
-"""`embstore export-pkl`, `export-kaldi`, `export-npy`: embeddings out of the store."""
+"""`embstore export-pkl`, `export-kaldi`, `export-npy`, `export-lhotse`, `export-parquet`:
+embeddings out of the store."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from embstore.cli.common import (
 
 if TYPE_CHECKING:
     from embstore.export.files import MatrixExport
+    from embstore.export.parquet import ParquetExport
 
 out_argument = click.argument("out", type=click.Path(file_okay=False))
 
@@ -97,7 +99,9 @@ def matrix_export_command(name: str) -> Callable[[Callable], click.Command]:
 
 
 @matrix_export_command("export-kaldi")
-def export_kaldi(store, out, model, by, as_json):
+@click.option("--matrix", is_flag=True,
+              help="Write each vector as a 1 x dim matrix (Lhotse's Kaldi reader, copy-matrix) instead of a vector.")
+def export_kaldi(store, out, model, by, matrix, as_json):
     """Write Kaldi tables: xvector.ark + xvector.scp, utt2spk, spk2utt in OUT.
 
     Keys are the store's item ids (whitespace replaced by _), sorted; the
@@ -105,10 +109,13 @@ def export_kaldi(store, out, model, by, as_json):
     any Kaldi tool (e.g. ivector-mean ark:OUT/spk2utt scp:OUT/xvector.scp ...).
     A window model writes one vector per window, keyed by Kaldi subsegment
     ids <item>-<start_ms:07d>-<end_ms:07d>, and a segments file.
+    --matrix writes 1 x dim matrices, which Lhotse's KaldiReader and Kaldi's
+    matrix tools load (WeSpeaker and ivector-* tools read the default vectors).
 
     \b
     Examples:
         embstore export-kaldi store/ exp/xvectors
+        embstore export-kaldi store/ exp/xvector-matrices --matrix
         embstore export-kaldi store/ exp/xvectors --model campplus-zh-en-common
         embstore export-kaldi store/ exp/subsegments --model campplus-zh-en-common+w1.5:0.75+silero
     """
@@ -116,7 +123,7 @@ def export_kaldi(store, out, model, by, as_json):
         what = f"{info.windows} windows of {info.items} items" if info.windows is not None else f"{info.items} items"
         click.echo(f"{what} of {info.speakers} speakers -> {info.out} ({', '.join(info.files)})")
 
-    _export(store, as_json, lambda st: st.export_kaldi(out, model=model, by=by), echo)
+    _export(store, as_json, lambda st: st.export_kaldi(out, model=model, by=by, matrix=matrix), echo)
 
 
 @matrix_export_command("export-npy")
@@ -143,8 +150,72 @@ def export_npy(store, out, model, by, as_json):
     _export(store, as_json, lambda st: st.export_npy(out, model=model, by=by), echo)
 
 
-def _export(store: str, as_json: bool, run: Callable[[Any], MatrixExport],
-            echo: Callable[[MatrixExport], None]) -> None:
+@click.command("export-lhotse")
+@store_argument
+@out_argument
+@model_option
+@json_option
+@library_errors
+@exit_status_documented
+def export_lhotse(store, out, model, as_json):
+    """Write Lhotse cuts with embeddings: OUT/cuts.jsonl.gz + OUT/embeddings.h5.
+
+    One cut per embedded item, with the custom field `embedding` (a float32
+    [dim] array in OUT/embeddings.h5, written by Lhotse's NumpyHdf5Writer).
+    Items scanned with --lhotse keep their manifest's recording, supervision
+    and custom fields; other items get a cut of their file (a dataset row: a
+    cut without recording, its address in the custom field `source`). Cut
+    ids are item ids; a window model writes one cut per window, id
+    <item>-<start_ms:07d>-<end_ms:07d>. The cuts name the HDF5 file by its
+    absolute path. Reading needs Lhotse only.
+
+    \b
+    Examples:
+        embstore export-lhotse store/ exp/lhotse
+        python -c "from lhotse import CutSet; c = next(iter(CutSet.from_file('exp/lhotse/cuts.jsonl.gz'))); print(c.id, c.load_embedding().shape)"
+    """
+    def echo(info: MatrixExport) -> None:
+        what = f"{info.windows} windows of {info.items} items" if info.windows is not None else f"{info.items} items"
+        click.echo(f"{what} -> {info.out}/cuts.jsonl.gz (embeddings in {info.out}/embeddings.h5, {info.dim}-d float32)")
+
+    _export(store, as_json, lambda st: st.export_lhotse(out, model=model), echo)
+
+
+@click.command("export-parquet")
+@store_argument
+@out_argument
+@model_option
+@click.option("--force", is_flag=True, help="Rewrite every shard, even those already up to date.")
+@json_option
+@library_errors
+@exit_status_documented
+def export_parquet(store, out, model, force, as_json):
+    """Write Parquet shards: OUT/part-NNNNN.parquet.
+
+    \b
+    Columns: id, speaker, dataset, path (source audio or SHARD#row=N),
+    start, end (seconds; null = file start/end), embedding
+    (fixed_size_list<float32>[dim]), cluster (when set); a window model
+    writes one row per window, with `item` and the window's start/end.
+    The schema metadata holds the model (key `embstore`) and the `datasets`
+    features (key `huggingface`). Incremental: only shards whose items
+    changed are rewritten (OUT/.embstore-export.json).
+
+    \b
+    Examples:
+        embstore export-parquet store/ exp/parquet
+        python -c "import datasets; print(datasets.Dataset.from_parquet('exp/parquet/*.parquet'))"
+        duckdb -c "SELECT speaker, count(*) FROM 'exp/parquet/*.parquet' GROUP BY speaker"
+    """
+    def echo(info: ParquetExport) -> None:
+        rows = f"{info.rows} rows of {info.items} items" if info.rows != info.items else f"{info.items} items"
+        click.echo(f"{rows} x {info.dim} float32 -> {info.out} ({len(info.files)} shards: {info.written} written,"
+                   f" {info.unchanged} unchanged, {info.removed} removed, {info.seconds:.1f}s)")
+
+    _export(store, as_json, lambda st: st.export_parquet(out, model=model, force=force), echo)
+
+
+def _export(store: str, as_json: bool, run: Callable[[Any], Any], echo: Callable[[Any], None]) -> None:
     """Run one export, print its report (`echo`, or JSON) and end as its outcome says."""
     with open_store(store) as st:
         info = run(st)
@@ -159,3 +230,5 @@ def register(cli: click.Group) -> None:
     cli.add_command(export_pkl)
     cli.add_command(export_kaldi)
     cli.add_command(export_npy)
+    cli.add_command(export_lhotse)
+    cli.add_command(export_parquet)
