@@ -37,6 +37,24 @@ def _candidate(shard: str, row: Row, size: int, mtime_ns: int, dataset: str, ste
     return cand
 
 
+def check_columns(shards: list[str], id_column: str | None, speaker_column: str | None) -> None:
+    """A ScanError, before anything is written, when a column asked for is missing from
+    a shard (even one unchanged since the last scan); unreadable shards fail later, alone."""
+    if id_column is None and speaker_column is None:
+        return
+    for shard in shards:
+        try:
+            schema = shard_schema(shard)
+        except Exception:
+            continue
+        try:
+            detect_columns(schema, id_column, speaker_column)
+        except AudioError:
+            continue
+        except ScanError as exc:
+            raise ScanError(f"{shard}: {exc}") from None
+
+
 def hf_candidates(
     shards: list[str], dataset: str, unchanged: Callable[[str, int, int], bool],
     id_column: str | None = None, speaker_column: str | None = None,

@@ -393,7 +393,7 @@ _Source = tuple[str, str, "str | None", "str | None", "Folders | Callable[[_Sync
 
 def _sources(roots: Sequence[str | os.PathLike], opts: ScanOptions, report: ScanReport) -> list[_Source]:
     """Every source of a scan, checked before anything is written."""
-    from embstore.scan.from_hf import hf_candidates
+    from embstore.scan.from_hf import check_columns, hf_candidates
     from embstore.scan.from_lhotse import lhotse_candidates
 
     sources: list[_Source] = []
@@ -426,6 +426,7 @@ def _sources(roots: Sequence[str | os.PathLike], opts: ScanOptions, report: Scan
 
         path = os.path.abspath(os.fspath(dataset_path))
         shards = find_shards(path)
+        check_columns(shards, opts.id_column, opts.speaker_column)
         name = opts.dataset or hf_name(path)
         sources.append(("hf", path, None, name, lambda syncer, shards=shards, name=name: hf_candidates(
             shards, name, syncer.unchanged, opts.id_column, opts.speaker_column)))

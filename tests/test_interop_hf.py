@@ -1,0 +1,231 @@
+"""`scan --hf`: Hugging Face audio datasets (Parquet shards with the audio bytes inside,
+`save_to_disk` Arrow folders) scanned, extracted, exported back to Parquet; bad rows and
+shards fail alone; rescans go by shard size and mtime; a killed extraction resumes once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+import embstore
+from embstore.audio.io import content_hash, read_audio, row_address
+from embstore.cli import cli
+from embstore.extract.reference import embed_as_stored
+from embstore.vectors import cosine_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def shortest(shared_data: Path, n: int) -> list[Path]:
+    """The n shortest shared files (bytes ~ seconds for FLAC), so extraction stays quick."""
+    return sorted(shared_data.rglob("*.flac"), key=lambda p: p.stat().st_size)[:n]
+
+
+def rows_of(files: list[Path]) -> list[dict]:
+    """HF-style rows: the files' FLAC bytes in an audio struct, an id and a speaker."""
+    return [{"id": f.stem, "speaker_id": f.parent.name, "audio": {"bytes": f.read_bytes(), "path": f.name}}
+            for f in files]
+
+
+def write_shards(folder: Path, rows: list[dict], split: int, row_group_size: int = 2) -> list[Path]:
+    """Two Parquet shards in the Hub's naming, several row groups each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows)
+    out = []
+    for k, part in enumerate((table.slice(0, split), table.slice(split))):
+        path = folder / f"train-{k:05d}-of-00002.parquet"
+        pq.write_table(part, path, row_group_size=row_group_size)
+        out.append(path)
+    return out
+
+
+def items_of(st) -> dict[str, tuple]:
+    return {r["uid"]: (r["speaker"], r["dataset"], r["path"])
+            for r in st.manifest.query("SELECT i.uid, i.speaker, i.dataset, f.path FROM items i"
+                                       " JOIN files f ON f.id = i.file_id WHERE i.removed = 0")}
+
+
+def test_rows_read_like_their_files(tmp_path, shared_data):
+    files = shortest(shared_data, 2)
+    (shard,) = write_shards(tmp_path / "hf", rows_of(files), split=2, row_group_size=1)[:1]
+    for row, f in enumerate(files):
+        address = row_address(str(shard), row)
+        wav, rate = read_audio(address, 0.5, 1.5)
+        want, want_rate = read_audio(str(f), 0.5, 1.5)
+        assert rate == want_rate and np.array_equal(wav, want)
+        # the hash of a row is the hash of the bytes it holds: dedup joins a row and its file
+        assert content_hash(address) == content_hash(str(f))
+
+
+@pytest.mark.slow
+def test_scan_extract_equal_plain_files_dedup_and_parquet_round_trip(tmp_path, shared_data, campplus_weights):
+    """The issue's acceptance: rows embedded from their bytes equal their files embedded
+    (CAM++, cosine >= 0.99999); a row and its file share one row (dedup); the Parquet
+    export reads back through `datasets` with the same vectors. Two extraction runs."""
+    datasets = pytest.importorskip("datasets")
+    files = shortest(shared_data, 4)
+    write_shards(tmp_path / "hf", rows_of(files), split=2, row_group_size=1)
+    st = embstore.open(tmp_path / "s")
+    report = st.scan(hf=[tmp_path / "hf"])
+    assert (report.added, report.items_added, report.failed) == (4, 4, 0)
+    assert items_of(st) == {
+        f.stem: (f.parent.name, "hf", row_address(str(tmp_path / "hf" / f"train-{k // 2:05d}-of-00002.parquet"), k % 2))
+        for k, f in enumerate(files)}
+    summary = st.extract(progress=False, workers=1)
+    assert summary.outcome.done == 4 and summary.outcome.exit_status == 0
+    ids, vectors = st.embeddings()
+    record = st.models()[0]
+    # the same files scanned as plain files, embedded as the store embeds them
+    reference = np.concatenate([embed_as_stored(record, str(next(f for f in files if f.stem == i)))
+                                for i in ids])
+    assert cosine_rows(vectors, reference).min() >= 0.99999
+
+    # the plain files in the same store: dedup gives each the row of its row's bytes
+    tree = tmp_path / "tree" / "plain"
+    for f in files:
+        (tree / f.parent.name).mkdir(parents=True, exist_ok=True)
+        (tree / f.parent.name / f.name).symlink_to(f)
+    st.scan([tmp_path / "tree"])
+    again = st.extract(progress=False, workers=1)
+    assert again.outcome.done == 8 and again.outcome.exit_status == 0
+    rows = dict(st.manifest.query("SELECT i.uid, t.row FROM tasks t JOIN items i ON i.id = t.item_id"))
+    assert all(rows[f"plain/{f.parent.name}/{f.stem}"] == rows[f.stem] for f in files)
+    assert st.manifest.query("SELECT max(row) + 1 FROM tasks")[0][0] == 4  # no row computed twice
+
+    out = tmp_path / "parquet"
+    exported = st.export_parquet(out)
+    assert exported.items == exported.rows == 8 and exported.written == 1
+    dataset = datasets.Dataset.from_parquet(str(out / "*.parquet"))
+    feature = dataset.features["embedding"]
+    assert getattr(feature, "length", None) == record.dim and feature.feature.dtype == "float32"
+    ids, vectors = st.embeddings()
+    by_id = dict(zip(ids, vectors))
+    assert sorted(dataset["id"]) == sorted(by_id)
+    for row in dataset:
+        assert np.array_equal(np.asarray(row["embedding"], dtype=np.float32), by_id[row["id"]])
+    meta = json.loads(pq.read_schema(next(out.glob("*.parquet"))).metadata[b"embstore"])
+    assert meta["fingerprint"] == record.fingerprint and meta["dim"] == record.dim
+    assert st.export_parquet(out).written == 0  # nothing changed: nothing rewritten
+    st.close()
+
+
+def test_bad_rows_and_a_cut_shard_fail_alone_with_their_reasons(tmp_path, shared_data):
+    files = shortest(shared_data, 3)
+    rows = rows_of(files)
+    rows[1]["audio"]["bytes"] = b"\x00not audio at all" * 64
+    shards = write_shards(tmp_path / "hf", rows, split=2)
+    cut = tmp_path / "hf" / "train-00002-of-00003.parquet"
+    good = shards[1].read_bytes()
+    cut.write_bytes(good[: len(good) // 2])  # a copy that stopped mid-file
+    st = embstore.open(tmp_path / "s")
+    report = st.scan(hf=[tmp_path / "hf"])
+    assert report.items_added == 2 and report.failed == 2
+    failures = {Path(f["path"]).name: f["error"] for f in report.failures}
+    assert "unreadable header" in failures["train-00000-of-00002.parquet#row=1"]
+    assert failures["train-00002-of-00003.parquet"].startswith("unreadable dataset shard:")
+    assert set(items_of(st)) == {files[0].stem, files[2].stem}
+    # the failures are recorded, and a rescan of the unchanged shards reads none of them
+    assert st.manifest.query("SELECT count(*) FROM files WHERE status = 'scan_failed'")[0][0] == 2
+    assert st.scan(hf=[tmp_path / "hf"]).no_changes
+    st.close()
+
+
+def test_rescans_go_by_shard_size_and_mtime(tmp_path, shared_data, monkeypatch):
+    files = shortest(shared_data, 5)
+    rows = rows_of(files)
+    shards = write_shards(tmp_path / "hf", rows[:4], split=2)
+    st = embstore.open(tmp_path / "s")
+    assert st.scan(hf=[tmp_path / "hf"]).items_added == 4
+    import embstore.scan.from_hf as from_hf
+
+    def unread(*args, **kwargs):
+        raise AssertionError("an unchanged shard was read")
+
+    with monkeypatch.context() as m:
+        m.setattr(from_hf, "iter_rows", unread)
+        report = st.scan(hf=[tmp_path / "hf"])
+    assert report.no_changes and report.unchanged == 4
+    # shard 1 rewritten with one row more, shard 0 gone: rows follow, other shards untouched
+    pq.write_table(pa.Table.from_pylist(rows[2:5]), shards[1])
+    shards[0].unlink()
+    report = st.scan(hf=[tmp_path / "hf"])
+    assert (report.removed, report.changed, report.added) == (2, 2, 1)
+    assert (report.items_removed, report.items_added) == (2, 1)
+    assert set(items_of(st)) == {f.stem for f in files[2:5]}
+    st.close()
+
+
+def test_save_to_disk_folder_and_given_columns(tmp_path, shared_data):
+    datasets = pytest.importorskip("datasets")
+    files = shortest(shared_data, 3)
+    data = datasets.Dataset.from_dict(
+        {"utt": [f.stem for f in files], "reader": [f.parent.name for f in files],
+         "audio": [{"bytes": f.read_bytes(), "path": f.name} for f in files]},
+    ).cast_column("audio", datasets.Audio(decode=False))  # typed as audio without re-encoding
+    data.save_to_disk(str(tmp_path / "saved"))
+    result = CliRunner().invoke(cli, ["scan", str(tmp_path / "s"), "--hf", str(tmp_path / "saved"), "--id-column", "utt",
+                                      "--speaker-column", "reader", "--dataset", "libri", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["items_added"] == 3
+    st = embstore.open(tmp_path / "s")
+    got = items_of(st)
+    assert {u: v[:2] for u, v in got.items()} == {f.stem: (f.parent.name, "libri") for f in files}
+    # an Arrow row reads as its file does
+    uid = files[0].stem
+    assert np.array_equal(read_audio(got[uid][2])[0], read_audio(str(files[0]))[0])
+    st.close()
+    typo = CliRunner().invoke(cli, ["scan", str(tmp_path / "s"), "--hf", str(tmp_path / "saved"), "--speaker-column", "spk"])
+    assert typo.exit_code != 0 and "--speaker-column 'spk' is not a column" in typo.output
+
+
+@pytest.mark.slow
+def test_kill_9_mid_extract_of_an_hf_store_then_one_resume_every_item_once(tmp_path, shared_data):
+    from tests.wespeaker_dirs import make_wespeaker_dir
+
+    model = "wespeaker:" + str(make_wespeaker_dir(tmp_path / "ecapa", arch="ecapa"))
+    files = sorted(shared_data.rglob("*.flac"))[:16]
+    write_shards(tmp_path / "hf", rows_of(files), split=8, row_group_size=3)
+    store = tmp_path / "s"
+    st = embstore.open(store)
+    assert st.scan(hf=[tmp_path / "hf"]).items_added == 16
+    st.close()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "embstore", "extract", str(store), "--model", model, "--workers", "2", "--json"]
+    killed = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    conn = sqlite3.connect(str(store / "manifest.db"), timeout=30)
+
+    def count(status: str) -> int:
+        try:
+            return conn.execute("SELECT count(*) FROM tasks WHERE status = ?", (status,)).fetchone()[0]
+        except sqlite3.OperationalError:  # the tasks table is being made
+            return 0
+
+    deadline = time.monotonic() + 180
+    while count("claimed") == 0 and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    held = count("claimed")
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert held > 0 and count("done") < 16  # killed mid-run, holding claims
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = conn.execute("SELECT i.uid, t.status, t.row FROM tasks t JOIN items i ON i.id = t.item_id").fetchall()
+    conn.close()
+    assert len(rows) == 16 and {r[1] for r in rows} == {"done"}
+    assert sorted(r[0] for r in rows) == sorted(f.stem for f in files)
+    assert len({r[2] for r in rows}) == 16  # each item its own row, none written twice over another
+    st = embstore.open(store)
+    assert st.verify().ok
+    st.close()
