@@ -67,7 +67,8 @@ def dataset_name(path: str) -> str:
 
 
 def _load(path: str) -> tuple[Any, Any]:
-    """(cuts or recordings, supervisions or None) of a manifest file; one-line errors."""
+    """(cuts or recordings, supervisions: None for cuts, a SupervisionSet or [] for
+    recordings) of a manifest file; one-line errors."""
     from lhotse import CutSet, RecordingSet, SupervisionSet
     from lhotse.serialization import load_manifest_lazy_or_eager
 
@@ -85,7 +86,7 @@ def _load(path: str) -> tuple[Any, Any]:
         raise ScanError(f"{path}: a {type(manifest).__name__}; embstore reads CutSets and RecordingSets")
     name = os.path.basename(path)
     beside = os.path.join(os.path.dirname(path), name.replace("recordings", "supervisions"))
-    supervisions = None
+    supervisions: Any = []
     if "recordings" in name and os.path.isfile(beside):
         try:
             supervisions = SupervisionSet.from_file(beside)
@@ -97,7 +98,8 @@ def _load(path: str) -> tuple[Any, Any]:
 def _entries(path: str) -> Iterator[tuple[str, Any, Any, float, float, Any, dict | None, str | None]]:
     """(uid, recording, supervision or None, start, end in the recording, channel, the
     cut's custom fields, error) per item of the manifest."""
-    from lhotse.cut import DataCut, PaddingCut
+    from lhotse.cut import PaddingCut
+    from lhotse.cut.data import DataCut
 
     top, supervisions = _load(path)
     if supervisions is not None:
@@ -169,9 +171,10 @@ def read_segments(path: str) -> Iterator[Segment]:
             yield Segment(uid, rec_id, None, None, None, speaker, "empty span (it ends where it starts)", uid)
             continue
         address, error, where = _source_of(rec, channel)
-        whole = start <= 0.0 and end >= rec.duration
+        # to the recording's end, give or take float rounding: read to the file's end
+        to_end = end >= rec.duration - 1e-4
         yield Segment(uid, rec_id, address, None if start <= 0.0 else round(start, 6),
-                      None if whole else round(end, 6), speaker, error, where)
+                      None if to_end else round(end, 6), speaker, error, where)
 
 
 def originals(path: str) -> dict[str, Original]:
