@@ -207,17 +207,69 @@ def similar(
     model: str | None = None,
     vector: np.ndarray | None = None,
     use_cache: bool = True,
+    exact: bool = False,
+    min_score: float | None = None,
+    offset: int = 0,
+    limit: int | None = None,
 ) -> list[dict[str, Any]]:
     """The k items closest (cosine) to an item of the store, to an audio file embedded with
-    the store's model, or to a given vector; best first: id, speaker, dataset, path, score.
-    An item never lists itself; items sharing its audio (dedup) do appear."""
+    the store's model, or to a given vector; best first: id, speaker, dataset, path, score,
+    and how they were found: `index` ("flat": every row scored; else the ANN index's kind,
+    e.g. "ivf2048,sq8", whose candidates are re-ranked exactly) and `exact` (True when every
+    row was scored). An item never lists itself; items sharing its audio (dedup) do appear.
+
+    `min_score`: every item at or above that cosine instead of the k best, best first, one
+    page of `limit` (default 1000, at most 10,000) from `offset`; more than
+    `search.knn.RANGE_CAP` matching rows is an error. `exact`: the full scan, never the index."""
+    from embstore.search import knn
+
     if sum(x is not None for x in (item_id, audio, vector)) != 1:
         raise StoreError("give exactly one of an item id, an audio file or a vector")
     if k < 1:
         raise StoreError(f"k must be at least 1 (got {k})")
+    _check_range(min_score, offset, limit)
     # by audio or vector, a window model answers with windows ("where else does this voice speak?")
     m = store.resolve_model(model, kind="item" if model is None or item_id is not None else None)
     source = unit_rows(store, m, use_cache)
+    query, exclude = _query_vector(store, m, source, item_id, audio, vector)
+    searcher = knn.searcher(store, m, source, exact=exact)
+    at_rows = _windows_at_rows if m.windowed else _items_at_rows
+    if min_score is not None:
+        rows, scores = searcher.at_least(query, min_score)
+        page = limit or 1000
+        found = at_rows(store, m, rows, scores, exclude)[offset : offset + page]
+    else:
+        wanted = k + len(exclude)
+        fetch = max(4 * wanted, wanted + 32)
+        while True:
+            rows, scores = searcher.top(query, fetch)
+            found = at_rows(store, m, rows, scores, exclude)
+            if len(found) >= k or fetch >= source.rows:
+                found = found[:k]
+                break
+            # many candidate rows belonged to no live item (stale or removed): look further
+            fetch *= 8
+    for entry in found:
+        entry.update(index=searcher.name, exact=searcher.exact)
+    return found
+
+
+def _check_range(min_score: float | None, offset: int, limit: int | None) -> None:
+    if min_score is not None and not -1.0 <= min_score <= 1.0:
+        raise StoreError(f"min_score is a cosine in [-1, 1] (got {min_score})")
+    if offset < 0:
+        raise StoreError(f"offset must be 0 or more (got {offset})")
+    if limit is not None and not 1 <= limit <= 10_000:
+        raise StoreError(f"limit must be between 1 and 10000 (got {limit})")
+    if min_score is None and (offset or limit is not None):
+        raise StoreError("offset and limit page a range query: give min_score too")
+
+
+def _query_vector(
+    store: Manifest, m: ModelRecord, source: UnitRows, item_id: str | None, audio: str | os.PathLike | None,
+    vector: np.ndarray | None,
+) -> tuple[np.ndarray, set[int]]:
+    """(unit query vector, internal ids of items to leave out) for an item, audio or vector."""
     exclude: set[int] = set()
     if item_id is not None:
         internal = resolve_ids(store, [item_id])[item_id]
@@ -237,16 +289,7 @@ def similar(
     query = l2_normalise(query[None, :])[0]
     if not np.any(query):
         raise StoreError("the query embedding is zero or not finite")
-    wanted = k + len(exclude)
-    fetch = max(4 * wanted, wanted + 32)
-    at_rows = _windows_at_rows if m.windowed else _items_at_rows
-    while True:
-        rows, scores = _top_rows(source, query, fetch)
-        found = at_rows(store, m, rows, scores, exclude)
-        if len(found) >= k or fetch >= source.rows:
-            return found[:k]
-        # many candidate rows belonged to no live item (stale or removed): look further
-        fetch *= 8
+    return query, exclude
 
 
 def embed_audio(store: Manifest, model: ModelRecord, path: str | os.PathLike) -> np.ndarray:
@@ -264,30 +307,6 @@ def embed_audio(store: Manifest, model: ModelRecord, path: str | os.PathLike) ->
     if not len(vectors):
         raise StoreError(f"{path}: none of its windows could be embedded")
     return l2_normalise(vectors).mean(axis=0)
-
-
-def _top_rows(source: UnitRows, query: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The n best (row, score) over all rows, best first: top-n per block, then merged."""
-    best_rows: list[np.ndarray] = []
-    best_scores: list[np.ndarray] = []
-    for start, block in source.blocks():
-        # einsum's own SIMD loop: as fast as BLAS gemv single-threaded, and unlike it never
-        # slowed down (~2x on 2 cores) by BLAS threads fighting over a memory-bound product
-        scores = np.einsum("ij,j->i", block, query)
-        if len(scores) > n:
-            keep = np.argpartition(scores, len(scores) - n)[-n:]
-            scores = scores[keep]
-            rows = keep + start
-        else:
-            rows = np.arange(start, start + len(scores))
-        best_rows.append(rows)
-        best_scores.append(scores)
-    if not best_rows:
-        return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    rows = np.concatenate(best_rows)
-    scores = np.concatenate(best_scores)
-    order = np.lexsort((rows, -scores))[:n]
-    return rows[order].astype(np.int64), scores[order]
 
 
 def _items_at_rows(

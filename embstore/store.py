@@ -41,6 +41,9 @@ if TYPE_CHECKING:
     from embstore.extract.summary import ExtractSummary
     from embstore.manifest.registry import ModelRecord
     from embstore.scan.sync import ScanReport
+    from embstore.search.index import IndexReport
+    from embstore.search.duplicates import DuplicatesReport
+    from embstore.search.overlap import OverlapReport
     from embstore.verify import VerifyReport
 
 # Each capability's module is imported by the method that uses it: a command pays for
@@ -144,13 +147,45 @@ class Store(contextlib.AbstractContextManager):
         vector: np.ndarray | None = None,
         k: int = 10,
         model: str | None = None,
+        exact: bool = False,
+        min_score: float | None = None,
+        offset: int = 0,
+        limit: int | None = None,
     ) -> list[dict[str, Any]]:
-        """Cosine nearest neighbours [{id, speaker, dataset, path, score}] of an item, an
-        audio file or a vector; of a window model (by audio or vector), windows, with their
-        `start`, `end` and index."""
+        """Cosine nearest neighbours [{id, speaker, dataset, path, score, index, exact}] of
+        an item, an audio file or a vector; of a window model (by audio or vector), windows,
+        with their `start`, `end` and index. Through the model's ANN index when it has one
+        (candidates re-ranked exactly); `exact`: the full scan. `min_score`: every item at
+        or above that cosine, one page of `limit` (default 1000) from `offset`."""
         from embstore import query
 
-        return query.similar(self.manifest, item_id=item_id, audio=audio, k=k, model=model, vector=vector)
+        return query.similar(self.manifest, item_id=item_id, audio=audio, k=k, model=model, vector=vector,
+                             exact=exact, min_score=min_score, offset=offset, limit=limit)
+
+    def index(self, *, model: str | None = None, kind: str = "auto", rebuild: bool = False,
+              lists: int | None = None, nprobe: int | None = None) -> IndexReport:
+        """Build the model's ANN index in STORE/cache, or bring it up to date (new rows
+        added; retrained past the drift bound or with `rebuild`); kind "auto" (IVF from
+        200,000 rows, the exact scan below), "ivf" or "flat" (none: queries scan)."""
+        from embstore.search import index
+
+        return index.build_index(self.manifest, model=model, kind=kind, rebuild=rebuild, lists=lists, nprobe=nprobe)
+
+    def overlap(self, source: str, target: str, *, threshold: float = 0.7, model: str | None = None,
+                items: bool = False) -> OverlapReport:
+        """Speakers of dataset `source` whose centroid (`items`: any of whose items) is
+        within cosine `threshold` of a speaker centroid of dataset `target`."""
+        from embstore.search import overlap
+
+        return overlap.overlap(self.manifest, source, target, threshold=threshold, model=model, items=items)
+
+    def near_duplicates(self, *, min_score: float = 0.98, model: str | None = None,
+                        limit: int = 1000) -> DuplicatesReport:
+        """Pairs of items whose embeddings score at least `min_score` (re-encoded or
+        trimmed copies the byte hash misses), best first, at most `limit`."""
+        from embstore.search import duplicates
+
+        return duplicates.near_duplicates(self.manifest, min_score=min_score, model=model, limit=limit)
 
     def windows(self, item_id: str, *, model: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(starts, ends, float32 [n, dim] rows) of one item's windows, from a window model

@@ -132,6 +132,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("scan", ("embstore.scan",)),
     ("extract", ("embstore.extract",)),
     ("extract on Ray", ("embstore.extract.ray",)),
+    ("search", ("embstore.search",)),  # the ANN index, knn/range, overlap, duplicates: under the queries that use it
     ("reading", ("embstore.query", "embstore.verify", "embstore.export")),
     ("analyses", ("embstore.eval", "embstore.clustering.stored", "embstore.diarize.stored")),
     ("front door", ("embstore.store",)),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from embstore import __version__
-from embstore.cli import cluster, diarize, export, extract, models, outliers, query, report, scan, score, status, verify
+from embstore.cli import cluster, diarize, export, extract, models, outliers, query, report, scan, score, search, status, verify
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,7 +27,7 @@ def cli() -> None:
     """
 
 
-for module in (scan, extract, status, query, score, report, outliers, export, verify, diarize, cluster, models):
+for module in (scan, extract, status, query, search, score, report, outliers, export, verify, diarize, cluster, models):
     module.register(cli)
 
 

@@ -92,10 +92,16 @@ def speaker(store, speaker_id, model, vectors, as_json):
 @click.option("--audio", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Embed this audio file with the store's model and search for it.")
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="How many neighbours.")
+@click.option("--min-score", type=click.FloatRange(-1.0, 1.0), default=None, metavar="T",
+              help="Every item at or above cosine T instead of the K best (paged: --limit, --offset).")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=None,
+              help="With --min-score: items per page  [default: 1000].")
+@click.option("--offset", type=click.IntRange(min=0), default=0, help="With --min-score: skip this many items.")
+@click.option("--exact", is_flag=True, help="Score every row (the full scan), never the ANN index.")
 @model_option
 @json_option
 @library_errors
-def similar(store, item_id, audio, k, model, as_json):
+def similar(store, item_id, audio, k, min_score, limit, offset, exact, model, as_json):
     """The K items whose embeddings are closest (cosine) to an item or an audio file.
 
     ITEM_ID is an item id or its unique ending (a file stem, with or without
@@ -104,26 +110,43 @@ def similar(store, item_id, audio, k, model, as_json):
     With --audio and a window model (--model NAME+w1.5:0.75+silero), the best
     windows with their times: where else this voice speaks.
 
+    When the model has an ANN index (`embstore index`; built by the first
+    search from 1,000,000 rows on) its candidates are re-ranked exactly: the
+    scores are exact cosines, and --json says how they were found on every
+    row ("index": "flat" or e.g. "ivf2048,sq8"; "exact": true when every row
+    was scored). --exact forces the full scan.
+
     \b
     Examples:
         embstore similar store/ vox1/id10001/1zcIwhmdeo4/00001
         embstore similar store/ 1688-142285-0000 -k 5 --json
+        embstore similar store/ 1688-142285-0000 --min-score 0.7 --limit 100 --offset 100
+        embstore similar store/ 1688-142285-0000 --exact
         embstore similar store/ --audio query.wav
         embstore similar store/ --audio query.wav --model campplus-zh-en-common+w1.5:0.75+silero
     """
     if (item_id is None) == (audio is None):
         raise click.UsageError("give either ITEM_ID or --audio FILE")
+    if min_score is None and (limit is not None or offset):
+        raise click.UsageError("--limit and --offset page a range query: give --min-score T")
+    page = (limit or 1000) if min_score is not None else None
     with open_store(store) as st:
-        found = st.similar(item_id=item_id, audio=audio, k=k, model=model)
+        # one more than the page: whether a next page exists, without counting them all
+        found = st.similar(item_id=item_id, audio=audio, k=k, model=model, exact=exact, min_score=min_score,
+                           offset=offset, limit=None if page is None else min(page + 1, 10_000))
+    more = page is not None and len(found) > page
+    found = found[:page] if page is not None else found
     if as_json:
         echo_json(found)
-        return
-    timed = bool(found) and "start" in found[0]
-    echo_table(
-        [{"rank": n + 1, "score": f"{r['score']:.4f}", "speaker": r["speaker"], "id": r["id"],
-          "time": f"{r['start']:.2f}-{r['end']:.2f}" if timed else ""} for n, r in enumerate(found)],
-        ["rank", "score", "speaker", "id"] + (["time"] if timed else []),
-    )
+    else:
+        timed = bool(found) and "start" in found[0]
+        echo_table(
+            [{"rank": offset + n + 1, "score": f"{r['score']:.4f}", "speaker": r["speaker"], "id": r["id"],
+              "time": f"{r['start']:.2f}-{r['end']:.2f}" if timed else ""} for n, r in enumerate(found)],
+            ["rank", "score", "speaker", "id"] + (["time"] if timed else []),
+        )
+    if more:
+        click.echo(f"more at or above {min_score}: --offset {offset + page} for the next page", err=True)
 
 
 @embeddings_of("item_id", "ITEM_ID")
