@@ -229,3 +229,17 @@ def test_kill_9_mid_extract_of_an_hf_store_then_one_resume_every_item_once(tmp_p
     st = embstore.open(store)
     assert st.verify().ok
     st.close()
+
+
+def test_export_pkl_names_rows_by_their_ids(tmp_path, shared_data):
+    from tests.store_factory import fill_embeddings
+
+    files = shortest(shared_data, 3)
+    write_shards(tmp_path / "hf", rows_of(files), split=2)
+    st = embstore.open(tmp_path / "s")
+    st.scan(hf=[tmp_path / "hf"])
+    fill_embeddings(st)
+    st.export_pkl(tmp_path / "pkl")
+    written = sorted(str(p.relative_to(tmp_path / "pkl")) for p in (tmp_path / "pkl").rglob("*.pkl"))
+    assert written == sorted(f"hf/{f.parent.name}/{f.stem}.pkl" for f in files)
+    st.close()

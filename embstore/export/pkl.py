@@ -5,8 +5,8 @@ so code that globs those files keeps working, without their collisions (with
 by="cluster" the folder is the pseudo-speaker of `embstore cluster` instead,
 `OUT/<dataset>/<cluster>/<stem>.pkl`, and unclustered items are left out):
 
-- an item's name is its file's stem; a Kaldi item (segment or recording) is named by its
-  utterance id, since it has no file of its own;
+- an item's name is its file's stem; a Kaldi item (segment or recording), a Lhotse
+  supervision or a dataset row is named by its id, since it has no file of its own;
 - when two live items of one speaker share a name (VoxCeleb's `id/video/00001.wav`),
   each of them is written at its path below the speaker folder instead
   (`OUT/ds/id/video/00001.pkl`); items with a unique name stay flat;
@@ -57,8 +57,13 @@ FILES_PER_TASK = 64
 # -- paths --------------------------------------------------------------------------------
 
 
+# items without a file of their own (a Kaldi segment or recording, a Lhotse supervision,
+# a dataset row) are named by their id
+NAMED_BY_ID = ("kaldi", "lhotse", "hf")
+
+
 def _flat_name(item: sqlite3.Row) -> str:
-    if item["root_kind"] == "kaldi":
+    if item["root_kind"] in NAMED_BY_ID:
         return item["uid"]
     return os.path.splitext(os.path.basename(item["path"]))[0]
 
@@ -67,7 +72,7 @@ def _below_speaker(item: sqlite3.Row) -> list[str]:
     """The item's path below its speaker folder, taken from its id (which, unlike the
     file's stem, stays unique when a.wav and a.flac sit side by side)."""
     uid = item["uid"]
-    if item["root_kind"] == "kaldi":
+    if item["root_kind"] in NAMED_BY_ID:
         return [uid]
     rel = uid
     for prefix in (f"{item['dataset']}/{item['speaker']}/", f"{item['dataset']}/"):
