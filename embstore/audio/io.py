@@ -20,6 +20,7 @@ A real file whose name looks like an address is still read as that file.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import io
@@ -241,7 +242,8 @@ class _Groups:
         self.keep = keep
         self.lock = threading.Lock()
         self.groups: OrderedDict[tuple, Any] = OrderedDict()
-        self.layouts: dict[tuple, tuple[Any, list[int]]] = {}  # shard key -> (reader, group row starts)
+        # shard key -> (reader, group row starts), the last few shards: each holds a file open
+        self.layouts: OrderedDict[tuple, tuple[Any, list[int]]] = OrderedDict()
 
     def row(self, shard: str, row: int) -> bytes:
         st = os.stat(shard)  # FileNotFoundError: the reader says "file not found"
@@ -255,7 +257,7 @@ class _Groups:
                 raise AudioError(f"unreadable dataset shard: {_short(exc)}") from None
             if row >= starts[-1]:
                 raise AudioError(f"row {row} is not in the shard (it has {starts[-1]} rows)")
-            group = next(g for g in range(len(starts) - 1) if starts[g] <= row < starts[g + 1])
+            group = bisect.bisect_right(starts, row) - 1
             column = self.groups.get((*key, group))
             if column is None:
                 try:
@@ -275,8 +277,12 @@ class _Groups:
     def _layout(self, key: tuple) -> tuple[Any, list[int]]:
         if key not in self.layouts:
             # a shard rewritten since: forget its old layout
-            self.layouts = {k: v for k, v in self.layouts.items() if k[0] != key[0]}
+            for old in [k for k in self.layouts if k[0] == key[0]]:
+                del self.layouts[old]
             self.layouts[key] = _parquet_layout(key[0]) if key[0].endswith(".parquet") else _arrow_layout(key[0])
+            while len(self.layouts) > 2 * self.keep:
+                self.layouts.popitem(last=False)
+        self.layouts.move_to_end(key)
         return self.layouts[key]
 
 
