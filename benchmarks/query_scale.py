@@ -34,34 +34,44 @@ def speaker_of(index: int, per_speaker: int) -> str:
     return f"id{index // per_speaker:06d}"
 
 
-def build(path: Path, rows: int, dim: int, per_speaker: int, seed: int = 0):
-    """A store holding `rows` done items of one synthetic model (reused if already built)."""
+def build(path: Path, rows: int, dim: int, per_speaker: int, seed: int = 0, datasets: int = 1,
+          centres: np.ndarray | None = None, noise: float = 0.5, make_vectors=None):
+    """A store holding `rows` done items of one synthetic model (reused if already built;
+    a smaller one built the same way is extended to `rows`). Speaker s has centre
+    `centres[s]` (default: standard normal) and items centre + `noise` x N(0, 1) (cosine
+    ~0.8 between two items of a speaker at noise 0.5); with `datasets` > 1 the speakers
+    are split evenly into datasets ds0, ds1, ... `make_vectors(first, speaker_index, rng)`
+    replaces the vectors of a block (planted copies)."""
     st = embstore.open(path)
     model = st.manifest.register_model(fake_model_description(dim, name="synthetic"))
     if model.rows == rows:
         return st
-    if model.rows:
+    if model.rows > rows:
         raise SystemExit(f"{path} holds a store of another size; remove it first")
     now = utcnow()
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed + model.rows)
     speakers = (rows + per_speaker - 1) // per_speaker
-    centres = rng.standard_normal((speakers, dim), dtype=np.float32)
+    if centres is None:
+        # a fixed stream: the first n speakers' centres are the same for any store size
+        centres = np.random.default_rng(seed).standard_normal((speakers, dim), dtype=np.float32)
     arrays = st.manifest.model_arrays(model)
     with st.manifest.write() as conn:
-        root_id = conn.execute(
-            "INSERT INTO roots (kind, path, layout, created_at, scanned_at) VALUES ('tree', ?, 'dataset', ?, ?)",
+        conn.execute(
+            "INSERT OR IGNORE INTO roots (kind, path, layout, created_at, scanned_at) VALUES ('tree', ?, 'dataset', ?, ?)",
             (str(path / "audio"), now, now),
-        ).lastrowid
-    for start in range(0, rows, BLOCK):
+        )
+        root_id = conn.execute("SELECT id FROM roots WHERE kind = 'tree' AND path = ?", (str(path / "audio"),)).fetchone()[0]
+    for start in range(model.rows, rows, BLOCK):
         stop = min(start + BLOCK, rows)
         idx = range(start, stop)
         files, items, tasks = [], [], []
         for i in idx:
             spk = speaker_of(i, per_speaker)
-            rel = f"vox/{spk}/v{(i % per_speaker) // 8:03d}/{i % 8:05d}.wav"
-            files.append((i + 1, root_id, os.path.dirname(rel), rel, "vox", spk, 64000, 0, 16000, 1, 64000, 4.0,
+            ds = "vox" if datasets == 1 else f"ds{(i // per_speaker) * datasets // speakers}"
+            rel = f"{ds}/{spk}/v{(i % per_speaker) // 8:03d}/{i % 8:05d}.wav"
+            files.append((i + 1, root_id, os.path.dirname(rel), rel, ds, spk, 64000, 0, 16000, 1, 64000, 4.0,
                           "PCM_16", "ok", now))
-            items.append((i + 1, rel[:-4], i + 1, "vox", spk, 4.0))
+            items.append((i + 1, rel[:-4], i + 1, ds, spk, 4.0))
             tasks.append((i + 1, model.id, 398, i, time.time()))
         with st.manifest.write() as conn:
             conn.executemany(
@@ -73,7 +83,10 @@ def build(path: Path, rows: int, dim: int, per_speaker: int, seed: int = 0):
                 "INSERT INTO tasks (item_id, model_id, status, length, row, done_at, attempts)"
                 " VALUES (?, ?, 'done', ?, ?, ?, 1)", tasks)
         spk_idx = np.arange(start, stop) // per_speaker
-        vectors = centres[spk_idx] + 0.5 * rng.standard_normal((stop - start, dim), dtype=np.float32)
+        if make_vectors is not None:
+            vectors = make_vectors(start, spk_idx, rng)
+        else:
+            vectors = centres[spk_idx] + noise * rng.standard_normal((stop - start, dim), dtype=np.float32)
         arrays.write_rows(start, vectors, np.arange(start + 1, stop + 1, dtype=np.int64))
         with st.manifest.write() as conn:
             conn.execute("UPDATE models SET rows = ? WHERE id = ?", (stop, model.id))

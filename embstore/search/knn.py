@@ -32,6 +32,8 @@ RANGE_MARGIN = 0.05
 # than AUTO_EXTEND_ROWS rows extends it first (the lag is scanned exactly meanwhile)
 AUTO_INDEX_ROWS = 1_000_000
 AUTO_EXTEND_ROWS = 100_000
+# when the rows wanted reach 1/EXACT_FRACTION of the indexed rows, the scan is as cheap
+EXACT_FRACTION = 8
 # a range query never gathers more rows than this (an error says to raise the threshold)
 RANGE_CAP = 100_000
 
@@ -57,7 +59,7 @@ class Searcher:
 
     def top(self, query: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The n best (row, exact score), best first (ties by row)."""
-        if self.meta is None or n * 8 >= self.meta.rows:
+        if self.meta is None or n * EXACT_FRACTION >= self.meta.rows:
             return exact_top(self.source, query, n)
         want = max(CANDIDATES_PER_ROW * n, MIN_CANDIDATES)
         _, ids = self.index.search(query[None, :].astype(np.float32), want)
@@ -65,8 +67,10 @@ class Searcher:
         tail_rows, tail_scores = exact_top(self.source, query, n, start=self.meta.rows)
         return _best(np.concatenate([rows, tail_rows]), np.concatenate([scores, tail_scores]), n)
 
-    def at_least(self, query: np.ndarray, threshold: float, cap: int = RANGE_CAP) -> tuple[np.ndarray, np.ndarray]:
-        """Every (row, exact score) with score >= threshold, best first."""
+    def at_least(self, query: np.ndarray, threshold: float, cap: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Every (row, exact score) with score >= threshold, best first; more than `cap`
+        (default RANGE_CAP) is an error."""
+        cap = RANGE_CAP if cap is None else cap
         if self.meta is None:
             rows, scores = exact_at_least(self.source, query, threshold, cap)
         else:

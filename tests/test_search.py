@@ -1,0 +1,292 @@
+"""The ANN index and what uses it: similar through the index (exact re-rank), range
+queries, a stale or lagging index, incremental adds and the drift bound, overlap across
+datasets, near-duplicates, the CLI. Each checked against brute force over the store."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from embstore import query
+from embstore.cli import cli
+from embstore.errors import StoreError
+from embstore.search import index as ann
+from embstore.search import knn
+from tests.audio_factory import write
+from tests.store_factory import fill_embeddings, make_store, synthetic_vector
+
+pytest.importorskip("faiss")
+
+
+def unit(v):
+    v = np.asarray(v, dtype=np.float64)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def brute(st, item, dataset=None):
+    """{other item: cosine} for every embedded live item but `item`."""
+    ids, vectors = st.embeddings()
+    vec = dict(zip(ids, unit(vectors)))
+    return {i: float(vec[i] @ vec[item]) for i in ids if i != item}
+
+
+def top(scores, k):
+    return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+
+
+@pytest.fixture(scope="module")
+def two_sets(tmp_path_factory):
+    # datasets a and b with the same 8 speakers (same centres): 96 items, dim 16
+    st = make_store(tmp_path_factory.mktemp("search"), speakers=8, per_speaker=6, datasets=("a", "b"))
+    yield st
+    st.close()
+
+
+@pytest.fixture()
+def small(tmp_path):
+    st = make_store(tmp_path, speakers=4, per_speaker=5)
+    yield st
+    st.close()
+
+
+@pytest.fixture()
+def approximate(monkeypatch):
+    """Let the index answer even on a store of 100 rows (few candidates, no fallback)."""
+    monkeypatch.setattr(knn, "MIN_CANDIDATES", 8)
+    monkeypatch.setattr(knn, "CANDIDATES_PER_ROW", 1)
+    monkeypatch.setattr(knn, "EXACT_FRACTION", 0)
+
+
+def test_reranked_results_are_exact_cosines_and_match_the_scan_when_every_list_is_probed(two_sets, approximate):
+    report = two_sets.index(kind="ivf", lists=8, nprobe=8)
+    assert report.action in ("built", "unchanged") and report.kind == "ivf8,sq8" and report.rows == 96
+    for item in ("a/spk1/utt3", "b/spk6/utt0", "a/spk0/utt5"):
+        found = two_sets.similar(item, k=7)
+        expected = top(brute(two_sets, item), 7)
+        assert [f["id"] for f in found] == [e[0] for e in expected]
+        assert np.allclose([f["score"] for f in found], [e[1] for e in expected], atol=1e-5)
+        assert all(f["index"] == "ivf8,sq8" and f["exact"] is False for f in found)
+        scanned = two_sets.similar(item, k=7, exact=True)
+        assert [f["id"] for f in scanned] == [f["id"] for f in found]
+        assert all(f["index"] == "flat" and f["exact"] is True for f in scanned)
+    # one list probed: maybe other neighbours, but every score is still the exact cosine, best first
+    two_sets.index(nprobe=1)
+    scores = brute(two_sets, "a/spk2/utt2")
+    found = two_sets.similar("a/spk2/utt2", k=5)
+    assert found and all(abs(f["score"] - scores[f["id"]]) < 1e-5 for f in found)
+    assert [f["score"] for f in found] == sorted((f["score"] for f in found), reverse=True)
+    two_sets.index(nprobe=8)
+
+
+def test_range_query_returns_every_item_above_the_score_paged(two_sets, approximate, monkeypatch):
+    two_sets.index(kind="ivf", lists=8, nprobe=8)
+    item = "b/spk3/utt1"
+    scores = brute(two_sets, item)
+    threshold = 0.5
+    expected = [i for i, s in top(scores, len(scores)) if s >= threshold]
+    assert 10 < len(expected) < len(scores)
+    for exact in (False, True):
+        found = two_sets.similar(item, min_score=threshold, exact=exact)
+        assert [f["id"] for f in found] == expected
+        pages = [two_sets.similar(item, min_score=threshold, exact=exact, offset=o, limit=4) for o in range(0, 40, 4)]
+        assert [f["id"] for page in pages for f in page] == expected
+    monkeypatch.setattr(knn, "RANGE_CAP", 5)
+    for exact in (False, True):
+        with pytest.raises(StoreError, match="more than 5 rows score at least 0.5; raise"):
+            two_sets.similar(item, min_score=threshold, exact=exact)
+
+
+def test_a_stale_index_never_returns_removed_items_and_a_lagging_one_misses_no_new_row(small, approximate):
+    small.index(kind="ivf", lists=4, nprobe=4)
+    root = small.path.parent / "audio"
+    target = "ds/spk2/utt1"
+    assert "ds/spk2/utt2" in {f["id"] for f in small.similar(target, k=30)}
+    (root / "ds/spk2/utt2.wav").unlink()                 # removed
+    write(root / "ds/spk2/utt3.wav", 0.25, seed=4242)    # changed: its indexed row is stale
+    small.scan([root])
+    far = -synthetic_vector("x", "spk2", 16)
+    fill_embeddings(small, vector_of=lambda uid, spk: far)  # utt3 again, as a new row past the index
+    meta = ann.read_meta(ann.folder_of(small.manifest, small.models()[0]), small.models()[0])
+    assert meta.rows < small.models()[0].rows             # the index lags the store
+    for found in (small.similar(target, k=30), small.similar(target, min_score=-1.0)):
+        ids = [f["id"] for f in found]
+        assert "ds/spk2/utt2" not in ids and ids.count("ds/spk2/utt3") == 1
+        assert ids[-1] == "ds/spk2/utt3"                  # its new (far) row, scanned past the index
+        assert ids == [i for i, _ in top(brute(small, target), 30)]
+    pairs = small.near_duplicates(min_score=0.01, limit=10**6).pairs
+    assert pairs and all("ds/spk2/utt2" not in (p.a, p.b) for p in pairs)
+
+
+def test_incremental_add_then_retrain_past_the_drift_bound(small):
+    first = small.index(kind="ivf", lists=4)
+    assert first.action == "built" and first.rows == 20
+    assert small.index().action == "unchanged"
+    root = small.path.parent / "audio"
+    for n in range(4):
+        write(root / f"ds/spk9/new{n}.wav", 0.2, seed=900 + n)
+    small.scan([root])
+    fill_embeddings(small)
+    added = small.index()
+    assert added.action == "extended" and added.rows == 24 and added.committed == 24
+    meta = ann.read_meta(ann.folder_of(small.manifest, small.models()[0]), small.models()[0])
+    assert meta.added_rows == 4 and meta.trained_rows == 20
+    for n in range(20):  # more rows added than the index was trained on: past the bound
+        write(root / f"ds/spk8/more{n}.wav", 0.2, seed=950 + n)
+    small.scan([root])
+    fill_embeddings(small)
+    again = small.index()
+    assert again.action == "built" and again.reason.startswith("drifted") and again.rows == 44
+    folder = ann.folder_of(small.manifest, small.models()[0])
+    assert sorted(p.name for p in folder.glob("ivf-*")) == [again_file(folder)]  # older files deleted
+    assert small.index(kind="flat").action == "flat" and not (folder / ann.META_NAME).exists()
+    assert small.similar("ds/spk1/utt1", k=3)[0]["index"] == "flat"
+
+
+def again_file(folder):
+    return json.loads((folder / ann.META_NAME).read_text())["file"]
+
+
+KILLED_BUILD = """
+import os, signal, sys
+import faiss
+import embstore
+from embstore.search import index as ann
+
+def torn_write(index, path):
+    with open(path, "wb") as f:
+        f.write(b"half an index")
+        f.flush()
+    if sys.argv[2] == "after-file":
+        real_write(index, path)
+        ann._publish_meta = lambda folder, meta: os.kill(os.getpid(), signal.SIGKILL)
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+real_write = faiss.write_index
+faiss.write_index = torn_write
+st = embstore.open(sys.argv[1])
+st.index(kind="ivf", lists=4, rebuild=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["mid-file", "after-file"])
+def test_kill_9_during_a_build_leaves_the_old_index_whole(small, when):
+    small.index(kind="ivf", lists=4, nprobe=4)
+    model = small.models()[0]
+    folder = ann.folder_of(small.manifest, model)
+    before = json.loads((folder / ann.META_NAME).read_text())
+    expected = small.similar("ds/spk1/utt2", k=5)
+    done = subprocess.run([sys.executable, "-c", KILLED_BUILD, str(small.path), when], capture_output=True)
+    assert done.returncode == -9, done.stderr.decode()[-2000:]
+    assert json.loads((folder / ann.META_NAME).read_text()) == before  # still the old index
+    ann._LOADED.clear()
+    assert small.similar("ds/spk1/utt2", k=5) == expected
+    # a fresh process reads the old index whole; the next build cleans the leftovers up
+    out = subprocess.run([sys.executable, "-m", "embstore", "similar", str(small.path), "ds/spk1/utt2", "-k", "5",
+                          "--json"], capture_output=True, text=True)
+    assert out.returncode == 0 and json.loads(out.stdout) == expected
+    assert small.index(rebuild=True).action == "built"
+    assert [p.name for p in folder.glob("ivf-*")] == [again_file(folder)]
+
+
+def test_overlap_finds_the_shared_speakers_exactly(two_sets):
+    report = two_sets.overlap("a", "b", threshold=0.7)
+    ids, vectors = two_sets.embeddings()
+    speakers = sorted({i.split("/")[1] for i in ids})
+    cent = {}
+    for ds in ("a", "b"):
+        for s in speakers:
+            rows = [unit(v) for i, v in zip(ids, vectors) if i.startswith(f"{ds}/{s}/")]
+            cent[ds, s] = unit(np.mean(rows, axis=0))
+    expected = {(s, t): float(cent["a", s] @ cent["b", t]) for s in speakers for t in speakers}
+    assert {(p.speaker, p.other) for p in report.pairs} == {k for k, v in expected.items() if v >= 0.7}
+    assert {(s, s) for s in speakers} <= {(p.speaker, p.other) for p in report.pairs}
+    assert all(abs(p.score - expected[p.speaker, p.other]) < 1e-5 and p.items == 6 for p in report.pairs)
+    assert report.as_dict()["by"] == "centroid" and report.speakers == 8 and report.target_speakers == 8
+    by_items = two_sets.overlap("a", "b", threshold=0.9, items=True)
+    item_scores = {}
+    for i, v in zip(ids, vectors):
+        if i.startswith("a/"):
+            for t in speakers:
+                key = (i.split("/")[1], t)
+                item_scores.setdefault(key, []).append(float(unit(v) @ cent["b", t]))
+    want = {k: (max(v), sum(x >= 0.9 for x in v)) for k, v in item_scores.items() if max(v) >= 0.9}
+    assert {(p.speaker, p.other): (pytest.approx(p.score, abs=1e-5), p.matches) for p in by_items.pairs} == {
+        k: (pytest.approx(s, abs=1e-5), n) for k, (s, n) in want.items()}
+
+
+def test_near_duplicates_find_planted_copies_but_not_shared_rows(tmp_path):
+    st = make_store(tmp_path, speakers=3, per_speaker=4, copies=1)   # dup/copy0 shares spk0/utt0's row
+    root = tmp_path / "audio"
+    write(root / "ds/spk1/reencoded.wav", 0.3, seed=777)
+    st.scan([root])
+    original = dict(zip(*st.embeddings()))["ds/spk1/utt2"]
+    rng = np.random.default_rng(0)
+    fill_embeddings(st, vector_of=lambda uid, spk: unit(original + 0.01 * rng.standard_normal(16)).astype(np.float32))
+    report = st.near_duplicates(min_score=0.98)
+    ids, vectors = st.embeddings()
+    u = unit(vectors)
+    rows = dict(st.manifest.query("SELECT i.uid, t.row FROM items i JOIN tasks t ON t.item_id = i.id"))
+    expected = {(a, b) for x, a in enumerate(ids) for y, b in enumerate(ids)
+                if x < y and rows[a] != rows[b] and u[x] @ u[y] >= 0.98}
+    assert ("ds/spk1/reencoded", "ds/spk1/utt2") in expected or ("ds/spk1/utt2", "ds/spk1/reencoded") in expected
+    assert {tuple(sorted((p.a, p.b))) for p in report.pairs} == {tuple(sorted(e)) for e in expected}
+    assert report.index == "flat" and report.total == len(report.pairs)
+    st.index(kind="ivf", lists=2)
+    through_lists = st.near_duplicates(min_score=0.98)
+    assert through_lists.index == "ivf2,sq8"
+    assert {(p.a, p.b) for p in through_lists.pairs} == {(p.a, p.b) for p in report.pairs}
+    st.close()
+
+
+def test_cli_commands_and_one_line_errors(two_sets):
+    runner = CliRunner()
+    path = str(two_sets.path)
+    result = runner.invoke(cli, ["index", path, "--kind", "ivf", "--lists", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["kind"] == "ivf8,sq8"
+    result = runner.invoke(cli, ["similar", path, "a/spk1/utt1", "--min-score", "0.5", "--limit", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output.splitlines()[0] if False else result.stdout)
+    assert len(rows) == 3 and "--offset 3 for the next page" in result.stderr
+    result = runner.invoke(cli, ["similar", path, "a/spk1/utt1", "--exact", "--json"])
+    assert {r["exact"] for r in json.loads(result.stdout)} == {True}
+    result = runner.invoke(cli, ["overlap", path, "--from", "dataset:a", "--to", "dataset:b", "--json"])
+    assert result.exit_code == 0 and len(json.loads(result.stdout)["pairs"]) >= 8
+    result = runner.invoke(cli, ["overlap", path, "--from", "a", "--to", "b"])
+    assert result.exit_code == 0 and "spk3" in result.stdout and "8 of 8 speakers of a" in result.stderr
+    result = runner.invoke(cli, ["duplicates", path, "--min-score", "0.999", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["pairs"] == []
+    for args, message in (
+        (["similar", path, "a/spk1/utt1", "--min-score", "2"], "--min-score"),
+        (["similar", path, "a/spk1/utt1", "--limit", "5"], "give --min-score T"),
+        (["overlap", path, "--from", "a", "--to", "nope"], "no embedded items in dataset 'nope'"),
+        (["overlap", path, "--from", "dataset:", "--to", "b"], "give a dataset name"),
+        (["duplicates", path, "--min-score", "0"], "--min-score"),
+        (["index", path, "--lists", "0"], "--lists"),
+    ):
+        result = runner.invoke(cli, args)
+        assert result.exit_code != 0 and message in result.output, (args, result.output)
+        assert "Traceback" not in result.output
+    for call, message in (
+        (lambda: two_sets.similar("a/spk1/utt1", min_score=0.5, limit=0), "limit must be between"),
+        (lambda: two_sets.similar("a/spk1/utt1", offset=3), "give min_score too"),
+        (lambda: two_sets.index(kind="hnsw"), "index kind must be one of"),
+        (lambda: two_sets.overlap("a", "b", threshold=1.5), "threshold is a cosine"),
+        (lambda: two_sets.near_duplicates(min_score=0), "min_score must be in"),
+    ):
+        with pytest.raises(StoreError, match=message):
+            call()
+
+
+def test_index_command_in_a_real_process(small):
+    done = subprocess.run([sys.executable, "-m", "embstore", "index", str(small.path), "--kind", "ivf", "--json"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["action"] == "built" and report["rows"] == 20 and report["bytes"] > 0
+    assert query.similar(small.manifest, item_id="ds/spk0/utt0", k=3)[0]["index"] == report["kind"]
