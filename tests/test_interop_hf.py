@@ -70,6 +70,7 @@ def test_rows_read_like_their_files(tmp_path, shared_data):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_scan_extract_equal_plain_files_dedup_and_parquet_round_trip(tmp_path, shared_data, campplus_weights):
     """The issue's acceptance: rows embedded from their bytes equal their files embedded
     (CAM++, cosine >= 0.99999); a row and its file share one row (dedup); the Parquet
@@ -118,6 +119,10 @@ def test_scan_extract_equal_plain_files_dedup_and_parquet_round_trip(tmp_path, s
     meta = json.loads(pq.read_schema(next(out.glob("*.parquet"))).metadata[b"embstore"])
     assert meta["fingerprint"] == record.fingerprint and meta["dim"] == record.dim
     assert st.export_parquet(out).written == 0  # nothing changed: nothing rewritten
+    # verify recomputes rows from their bytes (and checks their hashes) as it does files
+    checked = st.verify(deep=8, seed=0)
+    (deep,) = [info["deep"] for info in checked.models.values()]
+    assert checked.ok and deep["checked"] == 8 and not deep["skipped"]
     st.close()
 
 
