@@ -1,13 +1,13 @@
 """Near-duplicate items: pairs of items whose embeddings are near-identical (cosine at or
 above a threshold, e.g. 0.98): re-encoded or trimmed copies that the byte hash misses.
 
-Through the index's partition: two near-identical rows almost always sit in the same IVF
-list (the nearest centroid of one is the nearest of the other), so each list's rows are
-compared with each other exactly, from the normalised rows: about rows x list size x dim
-multiply-adds in all, linear in the rows for a given list size (the lists grow as
-sqrt(rows)). Rows committed after the index was built are put in their nearest list
-first. A store too small for an index (up to `FLAT_ROWS`) is one list. A pair whose rows
-fell into different lists is missed: benchmarks/search_scale.py measures how often.
+Through the index: every row is a range query of the index with `DUP_NPROBE` (2) lists
+probed, in batches, asking for rows above `min_score - RANGE_MARGIN` by the SQ8 codes;
+the candidate pairs are re-scored exactly from the normalised rows. A near-identical row
+sits in one of the two lists nearest its copy, so each query reads ~2 lists: time grows
+about linearly with the rows (each list holds ~sqrt(rows) codes). Rows committed after
+the index was built are queried too, and compared with each other exactly. Without an
+index (up to `FLAT_ROWS` rows) every pair is scored.
 
 Items sharing one row (byte-identical files, deduplicated at extraction) are not
 reported: the byte hash already found them. Removed and stale items never are: rows map
@@ -29,9 +29,12 @@ from embstore.manifest import reads
 from embstore.manifest.database import Manifest
 from embstore.manifest.tasks import committed_rows
 from embstore.search import index as ann
+from embstore.search import knn
 
 FLAT_ROWS = 20_000
 TILE = 4_096
+DUP_NPROBE = 2
+QUERY_BLOCK = 16_384
 PAIR_CAP = 1_000_000
 
 
@@ -79,17 +82,19 @@ def near_duplicates(
         ann.ensure(store, m, kind="ivf")
         found = ann.open_index(store, m)
     name = "flat" if found is None else found[0].kind
-    groups = _lists(found, source) if found is not None else iter([np.arange(committed, dtype=np.int64)])
     left: list[np.ndarray] = []
     right: list[np.ndarray] = []
     scores: list[np.ndarray] = []
+    if found is None:
+        parts = _pairs_within(source, np.arange(committed, dtype=np.int64), min_score)
+    else:
+        parts = _pairs_through_index(found, source, min_score)
     total = 0
-    for rows in groups:
-        for a, b, s in _pairs_within(source, rows, min_score):
-            left.append(a)
-            right.append(b)
-            scores.append(s)
-            total += len(a)
+    for a, b, s in parts:
+        left.append(a)
+        right.append(b)
+        scores.append(s)
+        total += len(a)
         if total > PAIR_CAP:
             raise StoreError(f"more than {PAIR_CAP} row pairs at or above {min_score}; raise the minimum score")
     pairs = _to_items(store, m.id, _cat(left), _cat(right), _cat(scores, np.float32))
@@ -101,25 +106,31 @@ def _cat(parts: list[np.ndarray], dtype: type = np.int64) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
-def _lists(found: tuple, source: UnitRows) -> Iterator[np.ndarray]:
-    """The rows of each IVF list (sorted), the rows past the index in their nearest list."""
-    import faiss
-
+def _pairs_through_index(found: tuple, source: UnitRows, min_score: float) -> Iterator[tuple[np.ndarray, ...]]:
+    """(row a, row b, exact score) with a < b, each pair once: every row a range query of
+    the index (DUP_NPROBE lists), the rows past the index also scored among themselves."""
     meta, index = found
-    ivf = faiss.extract_index_ivf(index)
-    extra: dict[int, list[np.ndarray]] = {}
-    for lo in range(meta.rows, source.rows, 65_536):
-        hi = min(lo + 65_536, source.rows)
-        _, nearest = ivf.quantizer.search(np.ascontiguousarray(source.matrix[lo:hi]), 1)
-        for lst in np.unique(nearest[:, 0]):
-            extra.setdefault(int(lst), []).append(lo + np.flatnonzero(nearest[:, 0] == lst))
-    invlists = ivf.invlists
-    for lst in range(ivf.nlist):
-        size = invlists.list_size(lst)
-        ids = faiss.rev_swig_ptr(invlists.get_ids(lst), size).copy() if size else np.zeros(0, np.int64)
-        rows = np.concatenate([ids, *extra.get(lst, [])])
-        if len(rows) > 1:
-            yield np.sort(rows[rows < source.rows])
+    seen: set[tuple[int, int]] = set()
+    try:
+        ann.tune(index, DUP_NPROBE)
+        for lo in range(0, source.rows, QUERY_BLOCK):
+            hi = min(lo + QUERY_BLOCK, source.rows)
+            block = np.ascontiguousarray(source.matrix[lo:hi], dtype=np.float32)
+            lims, _, ids = index.range_search(block, float(min_score) - knn.RANGE_MARGIN)
+            q = np.repeat(np.arange(lo, hi, dtype=np.int64), np.diff(lims.astype(np.int64)))
+            a, b = np.minimum(q, ids), np.maximum(q, ids)
+            keep = a < b
+            a, b = a[keep], b[keep]
+            if len(a):
+                s = np.einsum("ij,ij->i", source.take(a), source.take(b))
+                hit = s >= min_score
+                fresh = [k for k, pair in enumerate(zip(a[hit].tolist(), b[hit].tolist())) if pair not in seen]
+                seen.update(zip(a[hit][fresh].tolist(), b[hit][fresh].tolist()))
+                yield a[hit][fresh], b[hit][fresh], s[hit][fresh]
+    finally:
+        ann.tune(index, meta.nprobe)
+    if meta.rows < source.rows:  # rows past the index: not in it, so not found by each other's queries
+        yield from _pairs_within(source, np.arange(meta.rows, source.rows, dtype=np.int64), min_score)
 
 
 def _pairs_within(source: UnitRows, rows: np.ndarray, min_score: float) -> Iterator[tuple[np.ndarray, ...]]:
