@@ -111,7 +111,7 @@ def similar(store, item_id, audio, k, min_score, limit, offset, exact, model, as
     windows with their times: where else this voice speaks.
 
     When the model has an ANN index (`embstore index`; built by the first
-    search from 1,000,000 rows on) its candidates are re-ranked exactly: the
+    search from 2,000,000 rows on) its candidates are re-ranked exactly: the
     scores are exact cosines, and --json says how they were found on every
     row ("index": "flat" or e.g. "ivf2048,sq8"; "exact": true when every row
     was scored). --exact forces the full scan.

@@ -30,7 +30,7 @@ MIN_CANDIDATES = 256
 RANGE_MARGIN = 0.05
 # a query with no index builds one from this many rows on; one whose index lags by more
 # than AUTO_EXTEND_ROWS rows extends it first (the lag is scanned exactly meanwhile)
-AUTO_INDEX_ROWS = 1_000_000
+AUTO_INDEX_ROWS = 2_000_000
 AUTO_EXTEND_ROWS = 100_000
 # when the rows wanted reach 1/EXACT_FRACTION of the indexed rows, the scan is as cheap
 EXACT_FRACTION = 8
