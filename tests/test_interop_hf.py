@@ -248,3 +248,27 @@ def test_export_pkl_names_rows_by_their_ids(tmp_path, shared_data):
     written = sorted(str(p.relative_to(tmp_path / "pkl")) for p in (tmp_path / "pkl").rglob("*.pkl"))
     assert written == sorted(f"hf/{f.parent.name}/{f.stem}.pkl" for f in files)
     st.close()
+
+
+@pytest.mark.slow
+def test_a_window_model_exports_a_cut_and_a_row_per_window(tmp_path, shared_data, campplus_weights):
+    from lhotse import CutSet
+
+    files = shortest(shared_data, 2)
+    write_shards(tmp_path / "hf", rows_of(files), split=1)
+    st = embstore.open(tmp_path / "s")
+    st.scan(hf=[tmp_path / "hf"])
+    assert st.extract(windows="1.5:0.75", progress=False, workers=1).outcome.exit_status == 0
+    lh = st.export_lhotse(tmp_path / "lh")
+    pqr = st.export_parquet(tmp_path / "pq")
+    assert lh.windows == pqr.rows > 2 and lh.items == pqr.items == 2
+    table = pq.read_table(tmp_path / "pq")
+    cuts = {c.id: c for c in CutSet.from_file(tmp_path / "lh" / "cuts.jsonl.gz")}
+    vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    for k, row in enumerate(table.drop(["embedding"]).to_pylist()):
+        cut = cuts[row["id"]]
+        # subsegment ids, the window's own span in the row's audio, the same vector both ways
+        assert row["id"] == f"{row['item']}-{round(row['start'] * 1000):07d}-{round(row['end'] * 1000):07d}"
+        assert cut.start == pytest.approx(row["start"]) and cut.start + cut.duration == pytest.approx(row["end"])
+        assert np.array_equal(cut.load_embedding(), vectors[k]) and cut.custom["source"] == row["path"]
+    st.close()
