@@ -1,5 +1,6 @@
 # `make demo`: set up and run the main job; `make test`: set up and run the tests
-# (--dist loadgroup: the Ray tests share one local cluster, so they stay on one xdist worker).
+# (--dist loadgroup: a module that declares an xdist_group, e.g. the Ray tests sharing one
+# local cluster, runs on one xdist worker; tests/conftest.py's scheduler reads the declaration).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -48,7 +49,7 @@ test: setup wheels
 
 # the edit loop: everything but the slow subprocess / kill / disk-full / cluster tests
 test-fast: setup
-	@$(PYTEST) -q -n 2 -p no:cacheprovider -m "not slow"; rc=$$?; \
+	@$(PYTEST) -q -n 2 --dist loadgroup -p no:cacheprovider -m "not slow"; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 # fidelity over every shared file on a second runtime, and the timing-heavy kill loops

@@ -8,6 +8,8 @@ from pathlib import Path
 for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_name, "1")
 
+import re  # noqa: E402
+
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,3 +117,42 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "exhaustive" in item.keywords:
             item.add_marker(skip)
+
+
+# -- one worker per declared group ------------------------------------------------------------
+#
+# A module whose tests share an expensive module fixture (a Ray cluster, a store of window
+# embeddings) declares `pytestmark = pytest.mark.xdist_group("name")`, and `--dist loadgroup`
+# should run it on one worker. pytest-xdist 3.8 marks a group by rewriting `item._nodeid`,
+# which pytest 9 no longer reads: its groups silently became single tests spread over both
+# workers, each worker building the fixture (two Ray clusters at once). So the scheduler is
+# ours: the same LoadScope scheduling, with the group read from the module's declaration.
+
+_GROUP_DECLARATION = re.compile(r"""^pytestmark\b.*xdist_group\(\s*["']([^"']+)["']""", re.MULTILINE)
+
+
+def declared_groups(tests_dir: Path = ROOT / "tests") -> dict[str, str]:
+    """{"tests/test_x.py": group} (as nodeids start) for every test module that declares a
+    module-wide xdist_group."""
+    groups = {}
+    for path in sorted(tests_dir.glob("test_*.py")):
+        found = _GROUP_DECLARATION.search(path.read_text())
+        if found:
+            groups[path.relative_to(tests_dir.parent).as_posix()] = found.group(1)
+    return groups
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    groups = declared_groups()
+
+    class DeclaredGroups(LoadScopeScheduling):
+        """A declared group's tests are one unit of work; any other test is its own."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return groups.get(nodeid.split("::", 1)[0], nodeid)
+
+    return DeclaredGroups(config, log)

@@ -113,6 +113,10 @@ def _write_hour(path: Path) -> None:
             written += n
 
 
+# one worker for the module: its run is made once (tests/conftest.py reads this line)
+pytestmark = pytest.mark.xdist_group("bad-inputs-run")
+
+
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     base = tmp_path_factory.mktemp("bad-inputs")

@@ -11,6 +11,10 @@ import embstore
 from embstore.cli import cli
 
 
+# one worker for the module: its run is made once (tests/conftest.py reads this line)
+pytestmark = pytest.mark.xdist_group("clustered-store")
+
+
 @pytest.fixture(scope="module")
 def store(speech_corpus, tmp_path_factory):
     """4 utterances of each of 3 speakers (real, or synthetic without ../shared/data), embedded."""

@@ -57,35 +57,45 @@ def _crash_loop(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -
     return report
 
 
+def _kills_each_finished_by_one_resume(tmp_path: Path, shared_data: Path, ecapa: str, kills: int) -> None:
+    # one worker: the whole group is still parent, writer and worker, one process fewer to start
+    report = _crash_loop(tmp_path, "--kills", str(kills), "--per-batch", "2", "--delay", "0.3", "--seed", "1",
+                         "--workers", "1", "--source", str(shared_data), "--model", ecapa)
+    assert report["subreaper"] and report["kills"] == kills
+    assert report["kills_with_claims_held"] == kills and report["kills_while_running"] == kills
+    # every resume ran while the killed processes were still zombies, and finished alone
+    assert report["resumes_with_zombies"] == kills and report["resumes_exit_0_all_done"] == kills
+    assert report["resumes_with_zombie_claim_owners"] == kills  # the claims' own workers, unreaped
+    assert report["done"] == report["items"] == 2 * kills and report["reference"] == "embed_file"
+    assert report["min_cosine"] >= 0.99999 and report["compared"] == 2 * kills
+    assert report["checks_ok"] and report["verify_ok"] and not report["overlapping_rows"]
+    assert report["items_blamed_for_kills"] == 0 and report["runs_by_status"] == {"crashed": kills, "finished": kills}
+
+
 @pytest.mark.slow
 @pytest.mark.long
+def test_six_kills_each_finished_by_one_resume(tmp_path, shared_data, ecapa):
+    # six in the default suite (~25 s on 2 quiet cores); twenty in `make test-exhaustive`
+    _kills_each_finished_by_one_resume(tmp_path, shared_data, ecapa, kills=6)
+
+
+@pytest.mark.exhaustive
 def test_twenty_kills_each_finished_by_one_resume(tmp_path, shared_data, ecapa):
-    # one worker: the whole group is still parent, writer and worker, one process fewer to start
-    report = _crash_loop(tmp_path, "--kills", "20", "--per-batch", "2", "--delay", "0.3", "--seed", "1",
-                         "--workers", "1", "--source", str(shared_data), "--model", ecapa)
-    assert report["subreaper"] and report["kills"] == 20
-    assert report["kills_with_claims_held"] == 20 and report["kills_while_running"] == 20
-    # every resume ran while the killed processes were still zombies, and finished alone
-    assert report["resumes_with_zombies"] == 20 and report["resumes_exit_0_all_done"] == 20
-    assert report["resumes_with_zombie_claim_owners"] == 20  # the claims' own workers, unreaped
-    assert report["done"] == report["items"] == 40 and report["reference"] == "embed_file"
-    assert report["min_cosine"] >= 0.99999 and report["compared"] == 40
-    assert report["checks_ok"] and report["verify_ok"] and not report["overlapping_rows"]
-    assert report["items_blamed_for_kills"] == 0 and report["runs_by_status"] == {"crashed": 20, "finished": 20}
+    _kills_each_finished_by_one_resume(tmp_path, shared_data, ecapa, kills=20)
 
 
 @pytest.mark.slow
 def test_window_model_kills_each_finished_by_one_resume(tmp_path, speech_corpus, ecapa):
     # real utterances, or synthetic speech (silero finds it) without ../shared/data
-    report = _crash_loop(tmp_path, "--kills", "3", "--per-batch", "2", "--delay", "0.3", "--seed", "2",
+    report = _crash_loop(tmp_path, "--kills", "2", "--per-batch", "2", "--delay", "0.3", "--seed", "2",
                          "--source", str(speech_corpus.path), "--model", ecapa, "--windows", "1.5:0.75",
                          # each claim computes 1 s longer than the 0.3 s kill delay: on a fast
-                         # machine a run of 6 short items otherwise ends before its third kill
+                         # machine a run of 4 short items otherwise ends before its second kill
                          env={"EMBSTORE_FAULT_SLOW_COMPUTE": "1"})
-    assert report["kills_with_claims_held"] == 3 and report["resumes_with_zombie_claim_owners"] == 3
-    assert report["resumes_exit_0_all_done"] == 3 and report["done"] == report["items"] == 6
+    assert report["kills_with_claims_held"] == 2 and report["resumes_with_zombie_claim_owners"] == 2
+    assert report["resumes_exit_0_all_done"] == 2 and report["done"] == report["items"] == 4
     # every item's windows: the same spans and rows as a clean undisturbed run
-    assert report["reference"] == "a clean run" and report["compared"] == 6 and report["min_cosine"] >= 0.99999
+    assert report["reference"] == "a clean run" and report["compared"] == 4 and report["min_cosine"] >= 0.99999
     assert report["checks_ok"] and report["items_blamed_for_kills"] == 0
 
 
