@@ -99,3 +99,18 @@ def test_kaldi_matrix_output(tmp_path):
     plain = st.export_kaldi(tmp_path / "v")
     assert plain.items == 4 and kaldiio.load_scp(str(tmp_path / "v" / "xvector.scp"))[ids[0]].shape == (16,)
     st.close()
+
+
+def test_a_missing_optional_package_is_one_line_naming_its_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    st = make_store(tmp_path, speakers=1, per_speaker=1)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("pyarrow", "lhotse") else real(name, *a))
+    for args in (["export-parquet", str(st.path), str(tmp_path / "p")], ["export-lhotse", str(st.path), str(tmp_path / "l")],
+                 ["scan", str(st.path), "--hf", str(tmp_path)]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+        assert "is not installed: pip install 'embstore[" in result.output
+    assert not (tmp_path / "p").exists() and not (tmp_path / "l").exists()
+    st.close()

@@ -33,7 +33,7 @@ from typing import Any, BinaryIO, Iterator, Union
 
 import numpy as np
 
-from embstore.errors import AudioError
+from embstore.errors import AudioError, EnvironmentProblem
 
 AUDIO_EXTENSIONS = frozenset(
     {
@@ -253,6 +253,8 @@ class _Groups:
                 reader, starts = self._layout(key)
             except AudioError:
                 raise
+            except ImportError:  # the machine's problem, not the item's: the worker stops and says so
+                raise EnvironmentProblem("reading dataset rows needs pyarrow: pip install 'embstore[parquet]'") from None
             except Exception as exc:  # pyarrow's ArrowInvalid/OSError on a cut or foreign file
                 raise AudioError(f"unreadable dataset shard: {_short(exc)}") from None
             if row >= starts[-1]:

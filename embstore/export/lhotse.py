@@ -25,6 +25,7 @@ from typing import Any
 from embstore.audio.io import parse_address
 from embstore.errors import ScanError, StoreError
 from embstore.export.files import ExportRows, MatrixExport, export_outcome, export_rows
+from embstore.interop import need
 from embstore.interop.lhotse import EmbeddingArrays, Original, cut_of, file_recording, originals
 from embstore.manifest.connection import select_in
 from embstore.manifest.database import Manifest
@@ -72,6 +73,8 @@ def _cut(item: sqlite3.Row, uid: str, entries: ExportRows, k: int, original: Ori
 
 def export_lhotse(store: Manifest, out: str | os.PathLike, model: str | None = None) -> MatrixExport:
     """Write OUT/cuts.jsonl.gz and OUT/embeddings.h5 (see the module's docstring)."""
+    need("lhotse", "lhotse", "export-lhotse")
+    need("h5py", "lhotse", "export-lhotse (HDF5 arrays)")
     from lhotse import CutSet
 
     started = time.monotonic()

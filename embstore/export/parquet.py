@@ -31,6 +31,7 @@ from embstore.api import Report
 from embstore.arrays.zarr_arrays import ModelArrays
 from embstore.errors import StoreError
 from embstore.export.files import ExportRows, export_outcome, export_rows
+from embstore.interop import need
 from embstore.interop.hf import embedding_schema, embedding_table
 from embstore.manifest.database import Manifest
 from embstore.outcome import Outcome
@@ -112,6 +113,7 @@ def _write_shard(path: str, schema: Any, arrays: ModelArrays, items: list[sqlite
 
 def export_parquet(store: Manifest, out: str | os.PathLike, model: str | None = None, force: bool = False) -> ParquetExport:
     """Write OUT/part-NNNNN.parquet (see the module's docstring); `force`: every shard."""
+    need("pyarrow", "parquet", "export-parquet")
     started = time.monotonic()
     m, items = store.done_rows(model, kind=None)
     out_path = os.path.abspath(os.fspath(out))

@@ -9,3 +9,15 @@ hf      Hugging Face audio datasets (Parquet shards, `save_to_disk` Arrow folder
 Both sit below `scan` (which reads them) and `export` (which writes them); the heavy
 libraries (lhotse, pyarrow) are imported inside the functions that need them.
 """
+
+from __future__ import annotations
+
+
+def need(module: str, extra: str, what: str) -> None:
+    """A one-line StoreError, before any work, when an optional package is missing."""
+    import importlib.util
+
+    from embstore.errors import StoreError
+
+    if importlib.util.find_spec(module) is None:
+        raise StoreError(f"{what} needs {module}, which is not installed: pip install 'embstore[{extra}]'")

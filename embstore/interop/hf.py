@@ -19,6 +19,7 @@ from typing import Any, Iterator, Sequence
 
 from embstore.audio.io import dataset_audio_column
 from embstore.errors import ScanError
+from embstore.interop import need
 
 # the names datasets in the wild use, most specific first
 ID_COLUMNS = ("id", "utt_id", "utterance_id", "segment_id", "audio_id", "key", "file_id")
@@ -32,6 +33,7 @@ def find_shards(path: str) -> list[str]:
     """The dataset's shards, absolute and sorted: the file itself, or every Parquet/Arrow
     file below the folder (a `save_to_disk` DatasetDict keeps one folder per split).
     Hidden files and `datasets` cache files are skipped."""
+    need("pyarrow", "parquet", "reading Hugging Face datasets")
     path = os.path.abspath(path)
     if os.path.isfile(path):
         if not path.endswith(SHARD_EXTENSIONS):
@@ -164,6 +166,7 @@ def embedding_schema(dim: int, cluster: bool, windows: bool, info: dict[str, Any
     fixed_size_list<float32>[dim], cluster (when set), item (window models); `info`
     (model, fingerprint...) under the metadata key `embstore`, and the `datasets`
     feature types under `huggingface` so `Dataset.from_parquet` types every column."""
+    need("pyarrow", "parquet", "writing Parquet")
     import pyarrow as pa
 
     fields = [

@@ -25,6 +25,7 @@ from typing import Any, Iterator
 
 from embstore.audio.io import channel_address
 from embstore.errors import ScanError
+from embstore.interop import need
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ def dataset_name(path: str) -> str:
 def _load(path: str) -> tuple[Any, Any]:
     """(cuts or recordings, supervisions: None for cuts, a SupervisionSet or [] for
     recordings) of a manifest file; one-line errors."""
+    need("lhotse", "lhotse", "reading Lhotse manifests")
     from lhotse import CutSet, RecordingSet, SupervisionSet
     from lhotse.serialization import load_manifest_lazy_or_eager
 
@@ -200,6 +202,8 @@ class EmbeddingArrays:
     and recorded in the manifests as `final_path` (renamed there once complete)."""
 
     def __init__(self, tmp_path: str, final_path: str):
+        need("lhotse", "lhotse", "writing Lhotse cuts")
+        need("h5py", "lhotse", "writing Lhotse cuts (HDF5 arrays)")
         from lhotse import NumpyHdf5Writer
 
         self.writer = NumpyHdf5Writer(tmp_path, mode="w")
