@@ -273,3 +273,24 @@ def test_a_window_model_exports_a_cut_and_a_row_per_window(tmp_path, shared_data
         assert cut.start == pytest.approx(row["start"]) and cut.start + cut.duration == pytest.approx(row["end"])
         assert np.array_equal(cut.load_embedding(), vectors[k]) and cut.custom["source"] == row["path"]
     st.close()
+
+
+def test_a_row_inserted_mid_shard_moves_the_ids_after_it_instead_of_clashing(tmp_path, shared_data):
+    from tests.store_factory import fill_embeddings
+
+    files = shortest(shared_data, 4)
+    rows = rows_of(files)
+    shard = tmp_path / "hf" / "train.parquet"
+    shard.parent.mkdir()
+    pq.write_table(pa.Table.from_pylist([rows[0], rows[2], rows[3]]), shard)
+    st = embstore.open(tmp_path / "s")
+    st.scan(hf=[shard])
+    fill_embeddings(st)
+    # the dataset regenerated with a row inserted: the ids after it sit one row further on
+    pq.write_table(pa.Table.from_pylist(rows), shard)
+    report = st.scan(hf=[shard])
+    assert (report.failed, report.items_added, report.items_removed) == (0, 1, 0)
+    got = items_of(st)
+    assert {uid: int(v[2].rsplit("=", 1)[1]) for uid, v in got.items()} == {f.stem: k for k, f in enumerate(files)}
+    assert report.items_stale == 3  # the three rows the shard rewrote: extracted again
+    st.close()

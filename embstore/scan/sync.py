@@ -103,13 +103,19 @@ class _Prober:
 class _Syncer:
     """Applies a source's folders to the manifest in batched write transactions."""
 
-    def __init__(self, store: Manifest, root_id: int, report: ScanReport, prober: _Prober, item_sync: bool):
+    def __init__(self, store: Manifest, root_id: int, report: ScanReport, prober: _Prober, item_sync: bool,
+                 moves: bool = False):
         self.store = store
         self.conn: sqlite3.Connection = store.conn
         self.root_id = root_id
         self.report = report
         self.prober = prober
         self.item_sync = item_sync  # kaldi segments: items can change while the file does not
+        # dataset rows: a rewritten shard may hold an id at another row (a row inserted
+        # before it); the item follows its id there instead of clashing with itself
+        self.moves = moves
+        self.claimed: set[str] = set()  # ids rows of this scan hold: a second claim is a duplicate
+        self.released: set[int] = set()  # items this scan took off their file (maybe to move them)
         self.pending_new: list[Candidate] = []
         self.pending_changed: list[tuple[int, Candidate]] = []
         self.pending_removed: list[int] = []
@@ -246,6 +252,9 @@ class _Syncer:
         for r in item_rows:
             owner = conn.execute("SELECT file_id FROM items WHERE uid = ?", (r["uid"],)).fetchone()
             if owner is not None and owner[0] == r["file_id"]:
+                self.claimed.add(r["uid"])
+                continue
+            if self.moves and self._move_within_folder(conn, r):
                 continue
             path = conn.execute("SELECT path FROM files WHERE id = ?", (r["file_id"],)).fetchone()[0]
             alt = dict(r, uid=r["uid"] + os.path.splitext(path)[1])
@@ -261,6 +270,26 @@ class _Syncer:
                 conn.execute("UPDATE files SET status = 'scan_failed', error = ? WHERE id = ?", (error, r["file_id"]))
                 self.report.failed += 1
                 self.report.failures.append({"path": path, "error": error})
+
+    def _move_within_folder(self, conn: sqlite3.Connection, r: dict[str, Any]) -> bool:
+        """Give item `r["uid"]` to file `r["file_id"]` when its owner sits in the same
+        folder (shard) of this root and no row of this scan holds the id yet; its
+        embedding goes stale (re-extracted, or reused by dedup when the bytes are the same)."""
+        owner = conn.execute("SELECT i.id, i.removed, f.root_id, f.dir FROM items i JOIN files f ON f.id = i.file_id"
+                             " WHERE i.uid = ?", (r["uid"],)).fetchone()
+        new_dir = conn.execute("SELECT dir FROM files WHERE id = ?", (r["file_id"],)).fetchone()[0]
+        if owner is None or r["uid"] in self.claimed or (owner["root_id"], owner["dir"]) != (self.root_id, new_dir):
+            return False
+        conn.execute(
+            "UPDATE items SET file_id = ?, dataset = ?, speaker = ?, start = ?, end = ?, duration = ?, removed = 0"
+            " WHERE id = ?",
+            (r["file_id"], r["dataset"], r["speaker"], r["start"], r["end"], r["duration"], owner["id"]),
+        )
+        self.report.items_stale += mark_items_stale(conn, owner["id"]) and 1
+        if owner["removed"] and owner["id"] in self.released:
+            self.report.items_removed -= 1  # counted as removed a moment ago: it moved instead
+        self.claimed.add(r["uid"])
+        return True
 
     def _update_changed(self, conn: sqlite3.Connection, file_id: int, cand: Candidate, probed) -> None:
         header, error = probed if probed else (None, cand.error)
@@ -288,6 +317,7 @@ class _Syncer:
             if row is None:
                 fresh.append(w)
                 continue
+            self.claimed.add(w["uid"])
             span_changed = (row["start"], row["end"]) != (w["start"], w["end"])
             if content_changed or span_changed or row["removed"]:
                 conn.execute(
@@ -301,6 +331,7 @@ class _Syncer:
             if not row["removed"]:
                 conn.execute("UPDATE items SET removed = 1 WHERE id = ?", (row["id"],))
                 self.report.items_removed += 1
+                self.released.add(row["id"])
         self._insert_items(conn, fresh)
 
     def _remove(self, conn: sqlite3.Connection, file_ids: list[int]) -> None:
@@ -449,7 +480,7 @@ def scan_into(
     try:
         for kind, path, src_layout, dataset, folders in sources:
             root_id = _root_row(store, kind, path, src_layout, dataset)
-            syncer = _Syncer(store, root_id, report, prober, item_sync=kind in ("kaldi", "lhotse"))
+            syncer = _Syncer(store, root_id, report, prober, item_sync=kind in ("kaldi", "lhotse"), moves=kind == "hf")
             seen: set[str] = set()
             for rel, candidates in (folders(syncer) if callable(folders) else folders):
                 # a tree's folders are relative to it; other sources key on absolute folders
