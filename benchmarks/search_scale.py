@@ -141,9 +141,9 @@ def add_section(st, args, rows: int) -> dict:
     then near-duplicates: time and how many planted pairs were found."""
     m = st.manifest.resolve_model()
     arrays = st.manifest.model_arrays(m)
-    rng = np.random.default_rng(11)
-    planted = max(1, args.add // 100)
-    originals = np.sort(rng.choice(rows, size=planted, replace=False))
+    rng = np.random.default_rng(12)
+    originals = planted_copies(rows, args.add)
+    planted = len(originals)
     copies = l2(arrays.read_rows(originals))
     copies += 0.01 * rng.standard_normal(copies.shape, dtype=np.float32)  # cosine ~0.99 to its original
 
@@ -159,9 +159,11 @@ def add_section(st, args, rows: int) -> dict:
     build(args.store, rows + args.add, m.dim, args.per_speaker, make_vectors=make_vectors)
     out = {"added_rows": args.add, "append_store_seconds": round(time.perf_counter() - started, 1)}
     m = st.manifest.resolve_model()
-    result = ann.ensure(st.manifest, m)
+    # the add itself, even past the drift bound (`embstore index` would retrain instead)
+    result = ann.ensure(st.manifest, m, retrain=False)
     out.update(action=result.action, extend_seconds=round(result.seconds, 1), reason=result.reason,
-               added_residual=round(result.meta.added_residual, 4), train_residual=round(result.meta.train_residual, 4))
+               added_residual=round(result.meta.added_residual, 4), train_residual=round(result.meta.train_residual, 4),
+               past_drift_bound=result.meta.drifted())
     # recall@10 of queries among the added rows (new speakers the centroids never saw)
     source = unit_rows(st.manifest, m)
     fast, exact = knn.searcher(st.manifest, m, source), knn.Searcher(source)
@@ -173,12 +175,23 @@ def add_section(st, args, rows: int) -> dict:
         recalls.append(len(set(got.tolist()) & set(want.tolist())) / 11)
     out["added_rows_recall_at_10"] = round(float(np.mean(recalls)), 4)
     if args.duplicates:
-        report = duplicates.near_duplicates(st.manifest, min_score=0.98, limit=10**6)
-        want = {(uid_of(int(o), args.per_speaker), uid_of(rows + j, args.per_speaker)) for j, o in enumerate(originals)}
-        got = {(p.a, p.b) for p in report.pairs}
-        out["duplicates"] = {"seconds": report.seconds, "pairs": report.total, "planted": planted,
-                             "planted_found": len(want & got), "recall": round(len(want & got) / planted, 4)}
+        out["duplicates"] = duplicates_section(st, args, rows)
     return out
+
+
+def planted_copies(rows: int, add: int) -> np.ndarray:
+    """The old rows whose near-copies `add_section` appends right after row `rows`."""
+    return np.sort(np.random.default_rng(11).choice(rows, size=max(1, add // 100), replace=False))
+
+
+def duplicates_section(st, args, rows: int) -> dict:
+    """Near-duplicates at 0.98 over the whole store: time, and the planted copies found."""
+    originals = planted_copies(rows, args.add)
+    report = duplicates.near_duplicates(st.manifest, min_score=0.98, limit=10**6)
+    want = {(uid_of(int(o), args.per_speaker), uid_of(rows + j, args.per_speaker)) for j, o in enumerate(originals)}
+    got = {(p.a, p.b) for p in report.pairs}
+    return {"seconds": report.seconds, "rows": report.rows, "index": report.index, "pairs": report.total,
+            "planted": len(originals), "planted_found": len(want & got), "recall": round(len(want & got) / len(want), 4)}
 
 
 def l2(x: np.ndarray) -> np.ndarray:
@@ -267,6 +280,8 @@ def main() -> None:
     parser.add_argument("--nprobe-sweep", type=int, nargs="*", default=[8, 16, 32, 64, 128])
     parser.add_argument("--add", type=int, default=100_000)
     parser.add_argument("--no-duplicates", dest="duplicates", action="store_false")
+    parser.add_argument("--duplicates-of", type=int, default=None, metavar="ROWS",
+                        help="only near-duplicates, on a store a run with --rows ROWS extended")
     parser.add_argument("--overlap-items", type=int, default=1_000_000, help="per dataset; 0: skip")
     parser.add_argument("--overlap-store", type=Path, default=Path("/tmp/embstore-search-overlap"))
     parser.add_argument("--planted", type=int, default=50)
@@ -296,7 +311,10 @@ def main() -> None:
         save()
         results["query"] = query_section(st, args, args.rows)
         save()
-        if args.add:
+        if args.duplicates_of is not None:  # a store that already holds add_section's planted copies
+            results["duplicates"] = duplicates_section(st, args, args.duplicates_of)
+            save()
+        elif args.add:
             results["incremental"] = add_section(st, args, args.rows)
             save()
         st.close()

@@ -125,22 +125,26 @@ def test_incremental_add_then_retrain_past_the_drift_bound(small):
     assert first.action == "built" and first.rows == 20
     assert small.index().action == "unchanged"
     root = small.path.parent / "audio"
-    for n in range(4):
-        write(root / f"ds/spk9/new{n}.wav", 0.2, seed=900 + n)
-    small.scan([root])
-    fill_embeddings(small)
+
+    def add(name, speaker, n, seed):
+        for i in range(n):
+            write(root / f"ds/{speaker}/{name}{i}.wav", 0.2, seed=seed + i)
+        small.scan([root])
+        fill_embeddings(small)
+
+    add("new", "spk1", 4, 900)  # more of a known speaker: near the centroids
     added = small.index()
     assert added.action == "extended" and added.rows == 24 and added.committed == 24
     meta = ann.read_meta(ann.folder_of(small.manifest, small.models()[0]), small.models()[0])
     assert meta.added_rows == 4 and meta.trained_rows == 20
-    for n in range(20):  # more rows added than the index was trained on: past the bound
-        write(root / f"ds/spk8/more{n}.wav", 0.2, seed=950 + n)
-    small.scan([root])
-    fill_embeddings(small)
+    add("more", "spk2", 20, 950)  # more rows than the index was trained on: past the bound
     again = small.index()
-    assert again.action == "built" and again.reason.startswith("drifted") and again.rows == 44
+    assert again.action == "built" and again.reason.startswith("drifted: 24 rows added") and again.rows == 44
     folder = ann.folder_of(small.manifest, small.models()[0])
     assert sorted(p.name for p in folder.glob("ivf-*")) == [again_file(folder)]  # older files deleted
+    add("far", "spk9", 6, 990)  # a new speaker, far from every centroid: past the residual bound
+    drifted = small.index()
+    assert drifted.action == "built" and "as far from their centroids" in drifted.reason, drifted.reason
     assert small.index(kind="flat").action == "flat" and not (folder / ann.META_NAME).exists()
     assert small.similar("ds/spk1/utt1", k=3)[0]["index"] == "flat"
 

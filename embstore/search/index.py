@@ -26,9 +26,11 @@ Drift bound: the index is retrained from scratch once (a) the rows added since t
 exceed the rows it was trained on (the lists' sizes then doubled on average, and queries
 slow down in proportion), or (b) the mean residual (1 - cosine to the nearest centroid)
 of the added rows exceeds `DRIFT_RESIDUAL` x that of the training rows (new data the
-centroids do not describe: recall at a fixed nprobe falls). Until the next `index` or
-query brings it up to date, rows past the index are scanned exactly, so a lagging index
-never hides rows.
+centroids do not describe: recall at a fixed nprobe falls). Whether new rows would cross
+the bound is estimated before they are added (their residual on every 16th row):
+`embstore index` then retrains instead; a query that extends a lagging index by itself
+extends it anyway (it never pays for a retraining). Until the index is brought up to
+date, rows past it are scanned exactly, so a lagging index never hides rows.
 
 Publishing: the index is written to a new file `ivf-<token>.faiss` (fsynced), then
 `index.json` (the committed row count it covers, the model fingerprint, the live-item
@@ -256,9 +258,10 @@ def ensure(
     """Bring the model's index up to date with its committed rows: build it, extend it
     with the rows added since, or retrain it when it drifted past the bound (or `rebuild`).
     kind "auto": an IVF index from `IVF_MIN_ROWS` rows on, none below; "ivf": always.
+    Whether the new rows would drift past the bound is estimated before they are added.
     `wait` False: "busy" at once when another process holds the index's lock (a query
-    then uses what is published); `retrain` False: a drifted index is extended anyway
-    (a query never pays for a retraining; `embstore index` does)."""
+    then uses what is published); `retrain` False: extended even past the bound (a query
+    never pays for a retraining; `embstore index` does)."""
     if kind not in KINDS:
         raise StoreError(f"index kind must be one of {', '.join(KINDS)} (got {kind!r})")
     if lists is not None and lists < 1:
@@ -284,18 +287,24 @@ def ensure(
         if not held:
             return BuildResult("busy", read_meta(folder, model), time.perf_counter() - started, "another process builds it")
         meta = read_meta(folder, model)
-        drift = meta.drifted() if meta is not None and retrain else None
-        if meta is not None and not rebuild and drift is None and (lists is None or lists == meta.lists):
+        drift = None
+        if meta is not None and not rebuild and (lists is None or lists == meta.lists):
             if nprobe is not None and nprobe != meta.nprobe:
                 meta.nprobe = nprobe
                 _publish_meta(folder, meta)
             if meta.rows >= committed:
                 return BuildResult("unchanged", meta, time.perf_counter() - started, "up to date")
             index = _faiss().read_index(str(folder / meta.file))
-            new = _extend(index, meta, source, committed, generation(store), progress)
-            _publish(folder, index, new)
-            return BuildResult("extended", new, time.perf_counter() - started, f"{committed - meta.rows} rows added")
-        reason = "rebuild asked for" if rebuild else (f"drifted: {drift}" if drift else "no index yet")
+            drift = _projected(index, meta, source, committed).drifted()
+            if drift is None or not retrain:
+                new = _extend(index, meta, source, committed, generation(store), progress)
+                _publish(folder, index, new)
+                why = f"{committed - meta.rows} rows added" + (f" (past the drift bound: {drift})" if drift else "")
+                return BuildResult("extended", new, time.perf_counter() - started, why)
+        if rebuild or drift or meta is None:
+            reason = "rebuild asked for" if rebuild else (f"drifted: {drift}" if drift else "no index yet")
+        else:
+            reason = f"{lists} lists asked for (the index has {meta.lists})"
         index, new = _train(source, committed, model, lists or lists_for(committed), generation(store))
         new.nprobe = nprobe or default_nprobe(new.lists)
         new = _extend(index, new, source, committed, new.generation, progress, first=True)
@@ -319,6 +328,17 @@ def _locked(path: Path, wait: bool) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _projected(index: Any, meta: IndexMeta, source: UnitRows, committed: int) -> IndexMeta:
+    """The meta the index would have with rows [meta.rows, committed) added (their
+    residual estimated on every 16th row): whether adding them drifts past the bound."""
+    faiss = _faiss()
+    sample = np.ascontiguousarray(source.matrix[meta.rows : committed : 16], dtype=np.float32)
+    best, _ = faiss.extract_index_ivf(index).quantizer.search(sample, 1)
+    old = meta.added_rows / 16
+    residual = (meta.added_residual * old + float(np.sum(1.0 - best[:, 0]))) / max(old + len(best), 1)
+    return IndexMeta(**dict(asdict(meta), added_rows=meta.added_rows + committed - meta.rows, added_residual=residual))
 
 
 def _train(source: UnitRows, committed: int, model: ModelRecord, lists: int, gen: str) -> tuple[Any, IndexMeta]:
