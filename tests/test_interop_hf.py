@@ -74,7 +74,8 @@ def test_rows_read_like_their_files(tmp_path, shared_data):
 def test_scan_extract_equal_plain_files_dedup_and_parquet_round_trip(tmp_path, shared_data, campplus_weights):
     """The issue's acceptance: rows embedded from their bytes equal their files embedded
     (CAM++, cosine >= 0.99999); a row and its file share one row (dedup); the Parquet
-    export reads back through `datasets` with the same vectors. Two extraction runs."""
+    export reads back through `datasets` with the same vectors; and a window model's
+    exports, one cut and one row per window. Three extraction runs."""
     datasets = pytest.importorskip("datasets")
     files = shortest(shared_data, 4)
     write_shards(tmp_path / "hf", rows_of(files), split=2, row_group_size=1)
@@ -123,7 +124,29 @@ def test_scan_extract_equal_plain_files_dedup_and_parquet_round_trip(tmp_path, s
     checked = st.verify(deep=8, seed=0)
     (deep,) = [info["deep"] for info in checked.models.values()]
     assert checked.ok and deep["checked"] == 8 and not deep["skipped"]
+    _window_exports(st, tmp_path)
     st.close()
+
+
+def _window_exports(st, tmp_path: Path) -> None:
+    """A window model of the same store exports one cut and one Parquet row per window:
+    the same subsegment ids, the windows' spans in the source audio, the same vectors."""
+    from lhotse import CutSet
+
+    # windows over whole items (no VAD to load): the exports are what is checked here
+    model = st.extract(windows="1.5:0.75", vad="none", progress=False, workers=1).model
+    lh = st.export_lhotse(tmp_path / "lh", model=model)
+    pqr = st.export_parquet(tmp_path / "pq", model=model)
+    assert lh.windows == pqr.rows > 8 and lh.items == pqr.items == 8
+    table = pq.read_table(tmp_path / "pq")
+    cuts = {c.id: c for c in CutSet.from_file(tmp_path / "lh" / "cuts.jsonl.gz")}
+    vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    for k, row in enumerate(table.drop(["embedding"]).to_pylist()):
+        cut = cuts[row["id"]]
+        assert row["id"] == f"{row['item']}-{round(row['start'] * 1000):07d}-{round(row['end'] * 1000):07d}"
+        assert cut.start == pytest.approx(row["start"]) and cut.start + cut.duration == pytest.approx(row["end"])
+        assert np.array_equal(cut.load_embedding(), vectors[k])
+        assert cut.custom["source"] == row["path"] if "#row=" in row["path"] else cut.recording is not None
 
 
 def test_bad_rows_and_a_cut_shard_fail_alone_with_their_reasons(tmp_path, shared_data):
@@ -249,30 +272,6 @@ def test_export_pkl_names_rows_by_their_ids(tmp_path, shared_data):
     assert written == sorted(f"hf/{f.parent.name}/{f.stem}.pkl" for f in files)
     st.close()
 
-
-@pytest.mark.slow
-def test_a_window_model_exports_a_cut_and_a_row_per_window(tmp_path, shared_data, campplus_weights):
-    from lhotse import CutSet
-
-    files = shortest(shared_data, 2)
-    write_shards(tmp_path / "hf", rows_of(files), split=1)
-    st = embstore.open(tmp_path / "s")
-    st.scan(hf=[tmp_path / "hf"])
-    # windows over the whole rows (no VAD to load): the export is what is tested here
-    assert st.extract(windows="1.5:0.75", vad="none", progress=False, workers=1).outcome.exit_status == 0
-    lh = st.export_lhotse(tmp_path / "lh")
-    pqr = st.export_parquet(tmp_path / "pq")
-    assert lh.windows == pqr.rows > 2 and lh.items == pqr.items == 2
-    table = pq.read_table(tmp_path / "pq")
-    cuts = {c.id: c for c in CutSet.from_file(tmp_path / "lh" / "cuts.jsonl.gz")}
-    vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
-    for k, row in enumerate(table.drop(["embedding"]).to_pylist()):
-        cut = cuts[row["id"]]
-        # subsegment ids, the window's own span in the row's audio, the same vector both ways
-        assert row["id"] == f"{row['item']}-{round(row['start'] * 1000):07d}-{round(row['end'] * 1000):07d}"
-        assert cut.start == pytest.approx(row["start"]) and cut.start + cut.duration == pytest.approx(row["end"])
-        assert np.array_equal(cut.load_embedding(), vectors[k]) and cut.custom["source"] == row["path"]
-    st.close()
 
 
 def test_a_row_inserted_mid_shard_moves_the_ids_after_it_instead_of_clashing(tmp_path, shared_data):
