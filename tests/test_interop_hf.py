@@ -293,3 +293,20 @@ def test_a_row_inserted_mid_shard_moves_the_ids_after_it_instead_of_clashing(tmp
     assert {uid: int(v[2].rsplit("=", 1)[1]) for uid, v in got.items()} == {f.stem: k for k, f in enumerate(files)}
     assert report.items_stale == 3  # the three rows the shard rewrote: extracted again
     st.close()
+
+
+def test_two_rows_with_one_id_the_second_fails_as_a_duplicate(tmp_path, shared_data):
+    files = shortest(shared_data, 3)
+    rows = rows_of(files)
+    rows[2]["id"] = rows[0]["id"]
+    shard = tmp_path / "hf" / "train.parquet"
+    shard.parent.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:2]), shard)
+    st = embstore.open(tmp_path / "s")
+    st.scan(hf=[shard])
+    pq.write_table(pa.Table.from_pylist(rows), shard)  # rewritten: a third row reusing the first's id
+    report = st.scan(hf=[shard])
+    paths = {uid: v[2] for uid, v in items_of(st).items()}
+    # the first row keeps its id; the third gets the usual suffix (or fails), never steals it
+    assert paths[files[0].stem] == row_address(str(shard), 0) and report.failed + report.items_added == 1
+    st.close()

@@ -173,9 +173,14 @@ class _Syncer:
             c for _, c in changed if c.error is None and c.header is None]
         headers = dict(zip((c.abspath for c in to_probe), self.prober([c.abspath for c in to_probe])))
         with self.store.write() as conn:
-            self._insert_new(conn, new, headers)
+            if not self.moves:
+                self._insert_new(conn, new, headers)
             for file_id, cand in changed:
                 self._update_changed(conn, file_id, cand, _header_of(cand, headers))
+            if self.moves:
+                # rows a shard kept claim their ids before rows it gained: a new row reusing
+                # an id is the duplicate, never the row that had it
+                self._insert_new(conn, new, headers)
             if removed:
                 self._remove(conn, removed)
             for file_id, cand in items:
@@ -247,6 +252,8 @@ class _Syncer:
         inserted = conn.total_changes - before
         self.report.items_added += inserted
         if inserted == len(item_rows):
+            if self.moves:
+                self.claimed.update(r["uid"] for r in item_rows)
             return
         # an id already taken (a.wav beside a.flac, or the same path under two roots)
         for r in item_rows:
