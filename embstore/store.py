@@ -171,7 +171,7 @@ class Store(contextlib.AbstractContextManager):
 
         return index.build_index(self.manifest, model=model, kind=kind, rebuild=rebuild, lists=lists, nprobe=nprobe)
 
-    def overlap(self, source: str, target: str, *, threshold: float = 0.7, model: str | None = None,
+    def overlap(self, *, source: str, target: str, threshold: float = 0.7, model: str | None = None,
                 items: bool = False) -> OverlapReport:
         """Speakers of dataset `source` whose centroid (`items`: any of whose items) is
         within cosine `threshold` of a speaker centroid of dataset `target`."""

@@ -198,7 +198,7 @@ def test_kill_9_during_a_build_leaves_the_old_index_whole(small, when):
 
 
 def test_overlap_finds_the_shared_speakers_exactly(two_sets):
-    report = two_sets.overlap("a", "b", threshold=0.7)
+    report = two_sets.overlap(source="a", target="b", threshold=0.7)
     ids, vectors = two_sets.embeddings()
     speakers = sorted({i.split("/")[1] for i in ids})
     cent = {}
@@ -211,7 +211,7 @@ def test_overlap_finds_the_shared_speakers_exactly(two_sets):
     assert {(s, s) for s in speakers} <= {(p.speaker, p.other) for p in report.pairs}
     assert all(abs(p.score - expected[p.speaker, p.other]) < 1e-5 and p.items == 6 for p in report.pairs)
     assert report.as_dict()["by"] == "centroid" and report.speakers == 8 and report.target_speakers == 8
-    by_items = two_sets.overlap("a", "b", threshold=0.9, items=True)
+    by_items = two_sets.overlap(source="a", target="b", threshold=0.9, items=True)
     item_scores = {}
     for i, v in zip(ids, vectors):
         if i.startswith("a/"):
@@ -280,7 +280,7 @@ def test_cli_commands_and_one_line_errors(two_sets):
         (lambda: two_sets.similar("a/spk1/utt1", min_score=0.5, limit=0), "limit must be between"),
         (lambda: two_sets.similar("a/spk1/utt1", offset=3), "give min_score too"),
         (lambda: two_sets.index(kind="hnsw"), "index kind must be one of"),
-        (lambda: two_sets.overlap("a", "b", threshold=1.5), "threshold is a cosine"),
+        (lambda: two_sets.overlap(source="a", target="b", threshold=1.5), "threshold is a cosine"),
         (lambda: two_sets.near_duplicates(min_score=0), "min_score must be in"),
     ):
         with pytest.raises(StoreError, match=message):

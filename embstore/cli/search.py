@@ -72,7 +72,8 @@ def overlap(store, source, target, threshold, items, model, as_json):
         embstore overlap store/ --from test --to train --items
     """
     with open_store(store) as st:
-        report = st.overlap(_dataset(source), _dataset(target), threshold=threshold, model=model, items=items)
+        report = st.overlap(source=_dataset(source), target=_dataset(target), threshold=threshold, model=model,
+                            items=items)
     if as_json:
         echo_json(report.as_json())
         return
