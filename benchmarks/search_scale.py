@@ -102,8 +102,11 @@ def query_section(st, args, rows: int) -> dict:
     vectors = source.take(np.sort(picks))[np.argsort(np.argsort(picks))]
     truth = [set(exact.top(v, 11)[0].tolist()) - {int(r)} for v, r in zip(vectors, picks)]
     out: dict = {"index": fast.name, "queries": len(picks), "default_nprobe": fast.meta.nprobe, "sweep": {}}
+    range_truth = [set(exact.at_least(v, args.range_threshold)[0].tolist()) for v in vectors[: args.range_queries]]
     for nprobe in args.nprobe_sweep:
         ann.tune(fast.index, nprobe)
+        in_range = [len(set(fast.at_least(v, args.range_threshold)[0].tolist()) & want) / max(len(want), 1)
+                    for v, want in zip(vectors, range_truth)]
         recalls, times = [], []
         for v, r, want in zip(vectors, picks, truth):
             started = time.perf_counter()
@@ -112,7 +115,8 @@ def query_section(st, args, rows: int) -> dict:
             recalls.append(len(set(got[:11].tolist()) - {int(r)} & want) / 10)
         out["sweep"][nprobe] = {"recall_at_10": round(float(np.mean(recalls)), 4),
                                 "recall_min": round(float(np.min(recalls)), 2),
-                                "p50_ms": pct(times, 50), "p95_ms": pct(times, 95)}
+                                "p50_ms": pct(times, 50), "p95_ms": pct(times, 95),
+                                "range_recall": round(float(np.mean(in_range)), 4) if in_range else None}
     ann.tune(fast.index, fast.meta.nprobe)
     timed, recalls = [], []
     uids = [uid_of(int(r), args.per_speaker) for r in picks]

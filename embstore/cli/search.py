@@ -16,7 +16,7 @@ from embstore.cli.common import echo_json, echo_table, json_option, library_erro
 @click.option("--lists", type=click.IntRange(min=1), default=None,
               help="IVF lists (default: the power of two nearest 2 sqrt(rows)); a new value retrains.")
 @click.option("--nprobe", type=click.IntRange(min=1), default=None,
-              help="Lists each query probes (default: lists/128, at least 16).")
+              help="Lists each query probes (default: lists/32, at least 16; range queries twice as many).")
 @json_option
 @library_errors
 def index(store, model, kind, rebuild, lists, nprobe, as_json):

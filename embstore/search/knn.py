@@ -28,6 +28,9 @@ MIN_CANDIDATES = 256
 # SQ8 codes move an inner product by up to ~0.01 at dim 192: a range search asks the index
 # for rows above `threshold - RANGE_MARGIN` and keeps those the exact re-rank puts above it
 RANGE_MARGIN = 0.05
+# range queries probe this many times the lists of a top-k query (recall of the exact set
+# at T = 0.7, 10 M rows: 0.93 at 128 lists, 0.97 at 256)
+RANGE_NPROBE_FACTOR = 2
 # a query with no index builds one from this many rows on; one whose index lags by more
 # than AUTO_EXTEND_ROWS rows extends it first (the lag is scanned exactly meanwhile)
 AUTO_INDEX_ROWS = 2_000_000
@@ -74,7 +77,7 @@ class Searcher:
         if self.meta is None:
             rows, scores = exact_at_least(self.source, query, threshold, cap)
         else:
-            _, _, ids = self.index.range_search(query[None, :].astype(np.float32), float(threshold) - RANGE_MARGIN)
+            ids = self._range_candidates(query, float(threshold) - RANGE_MARGIN)
             rows, scores = self._rerank(ids, query)
             keep = scores >= threshold
             tail_rows, tail_scores = exact_at_least(self.source, query, threshold, cap, start=self.meta.rows)
@@ -82,6 +85,17 @@ class Searcher:
         if len(rows) > cap:
             raise StoreError(f"more than {cap} rows score at least {threshold}; raise the minimum score")
         return _best(rows, scores, len(rows))
+
+    def _range_candidates(self, query: np.ndarray, radius: float) -> np.ndarray:
+        """Rows the index puts above `radius`, probing RANGE_NPROBE_FACTOR x the lists of a
+        top-k query: a range query wants every row above the threshold, not just the best."""
+        nprobe = ann.probes(self.index)
+        ann.tune(self.index, nprobe * RANGE_NPROBE_FACTOR)
+        try:
+            _, _, ids = self.index.range_search(query[None, :].astype(np.float32), radius)
+        finally:
+            ann.tune(self.index, nprobe)
+        return ids
 
     def _rerank(self, ids: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows = np.unique(ids[ids >= 0]).astype(np.int64)  # sorted: the memmap reads forward
