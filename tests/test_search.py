@@ -295,3 +295,28 @@ def test_index_command_in_a_real_process(small):
     report = json.loads(done.stdout)
     assert report["action"] == "built" and report["rows"] == 20 and report["bytes"] > 0
     assert query.similar(small.manifest, item_id="ds/spk0/utt0", k=3)[0]["index"] == report["kind"]
+
+
+REBUILDER = """
+import sys
+import embstore
+st = embstore.open(sys.argv[1])
+for _ in range(int(sys.argv[2])):
+    st.index(kind="ivf", lists=4, rebuild=True)
+print("done")
+"""
+
+
+@pytest.mark.slow
+def test_queries_during_rebuilds_in_another_process_always_see_a_whole_index(small):
+    small.index(kind="ivf", lists=4, nprobe=4)
+    expected = [f["id"] for f in small.similar("ds/spk3/utt4", k=5, exact=True)]
+    writer = subprocess.Popen([sys.executable, "-c", REBUILDER, str(small.path), "15"], stdout=subprocess.PIPE)
+    seen = 0
+    while writer.poll() is None:
+        ann._LOADED.clear()  # open the published index afresh every time, as a new process would
+        found = small.similar("ds/spk3/utt4", k=5)
+        assert [f["id"] for f in found] == expected and found[0]["index"] == "ivf4,sq8"
+        seen += 1
+    assert writer.returncode == 0 and writer.stdout.read().strip() == b"done"
+    assert seen > 1
