@@ -27,7 +27,7 @@ from tests.store_factory import fill_embeddings, make_store, make_tree
 SUBJECTS = {
     "scan": {"roots"}, "speaker_items": {"speaker"}, "similar": {"item_id"}, "windows": {"item_id"},
     "cluster": {"dataset"}, "score": {"trials"}, "report": {"out"}, "export_pkl": {"out"},
-    "export_kaldi": {"out"}, "export_npy": {"out"},
+    "export_kaldi": {"out"}, "export_npy": {"out"}, "export_lhotse": {"out"}, "export_parquet": {"out"},
 }
 
 

@@ -157,7 +157,9 @@ def test_a_long_window_item_keeps_its_lease_while_it_computes(tmp_path, monkeypa
     claimed twice."""
     st = _store(tmp_path, {"long": 30.0, "short": 2.0})
     spec = f"{TINY[0]}:{TINY[1]}"
-    monkeypatch.setenv(SLOW_COMPUTE, "5")  # each claim computes 5 s longer
+    # each claim computes 8 s longer: past the 2 s lease, with room for the second run to
+    # start (a Python process, slow on a loaded machine) while the long claim is still held
+    monkeypatch.setenv(SLOW_COMPUTE, "8")
     out = []
     first = threading.Thread(target=lambda: out.append(
         st.extract(model=NULL, windows=spec, vad="none", workers=1, lease_seconds=2.0, progress=False)))

@@ -293,6 +293,7 @@ def _cluster_sockets() -> list[tuple[str, str, str]]:
     return out
 
 
+@pytest.mark.exhaustive  # ~45 s in the suite; windows and Ray are each covered on their own there
 def test_window_model_on_the_cluster_equals_a_local_run(cluster, tmp_path, speech_corpus):
     """`extract --windows --ray`: every item's windows committed once, equal to a local run's
     (2 utterances of 2 speakers: real, or synthetic speech without ../shared/data)."""

@@ -74,9 +74,9 @@ def _kills_each_finished_by_one_resume(tmp_path: Path, shared_data: Path, ecapa:
 
 @pytest.mark.slow
 @pytest.mark.long
-def test_six_kills_each_finished_by_one_resume(tmp_path, shared_data, ecapa):
-    # six in the default suite (~25 s on 2 quiet cores); twenty in `make test-exhaustive`
-    _kills_each_finished_by_one_resume(tmp_path, shared_data, ecapa, kills=6)
+def test_three_kills_each_finished_by_one_resume(tmp_path, shared_data, ecapa):
+    # three in the default suite; twenty in `make test-exhaustive`
+    _kills_each_finished_by_one_resume(tmp_path, shared_data, ecapa, kills=3)
 
 
 @pytest.mark.exhaustive
