@@ -1,6 +1,8 @@
 # `make demo`: set up and run the main job; `make test`: set up and run the tests
 # (--dist loadgroup: a module that declares an xdist_group, e.g. the Ray tests sharing one
-# local cluster, runs on one xdist worker; tests/conftest.py's scheduler reads the declaration).
+# local cluster, runs on one xdist worker; tests/conftest.py's scheduler reads the declaration.
+# -n 3 on 2 cores: a third of the suite's time is tests waiting on processes they killed,
+# on leases and on the cluster, and a third worker computes meanwhile).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -44,12 +46,12 @@ demo: setup
 	$(BIN)/python -m embstore.demo $(STORE)
 
 test: setup wheels
-	@$(PYTEST) -q -n 2 --dist loadgroup -p no:cacheprovider; rc=$$?; \
+	@$(PYTEST) -q -n 3 --dist loadgroup -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 # the edit loop: everything but the slow subprocess / kill / disk-full / cluster tests
 test-fast: setup
-	@$(PYTEST) -q -n 2 --dist loadgroup -p no:cacheprovider -m "not slow"; rc=$$?; \
+	@$(PYTEST) -q -n 3 --dist loadgroup -p no:cacheprovider -m "not slow"; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 # fidelity over every shared file on a second runtime, and the timing-heavy kill loops

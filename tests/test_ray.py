@@ -176,6 +176,7 @@ def test_fingerprint_mismatch_refused_naming_the_node(cluster, tmp_path, monkeyp
     st.close()
 
 
+@pytest.mark.exhaustive  # ~20-60 s of the Ray group, serial on one worker; the path map itself: test_ray_parts
 def test_missing_root_refused_then_path_map_honoured(cluster, tmp_path):
     st, files = scanned(tmp_path, speakers=2, per_speaker=2, seconds=0.4)
     moved = tmp_path / "elsewhere"
