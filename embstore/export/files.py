@@ -39,6 +39,16 @@ def safe_component(text: str | None) -> str:
     return name
 
 
+def output_folder(out: str | os.PathLike) -> str:
+    """OUT made absolute and created; a folder that cannot be made is one line."""
+    out_path = os.path.abspath(os.fspath(out))
+    try:
+        os.makedirs(out_path, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create {out_path}: {exc.strerror or exc}") from None
+    return out_path
+
+
 def inside(out_real: str, rel_dir: str) -> str:
     """The real directory for `rel_dir` below OUT; refuses one that resolves outside it."""
     target = os.path.realpath(os.path.join(out_real, rel_dir))

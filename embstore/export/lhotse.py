@@ -24,7 +24,7 @@ from typing import Any
 
 from embstore.audio.io import parse_address
 from embstore.errors import ScanError, StoreError
-from embstore.export.files import ExportRows, MatrixExport, export_outcome, export_rows
+from embstore.export.files import ExportRows, MatrixExport, export_outcome, export_rows, output_folder
 from embstore.interop import need
 from embstore.interop.lhotse import EmbeddingArrays, Original, cut_of, file_recording, originals
 from embstore.manifest.connection import select_in
@@ -79,11 +79,7 @@ def export_lhotse(store: Manifest, out: str | os.PathLike, model: str | None = N
 
     started = time.monotonic()
     m, items = store.done_rows(model, kind=None)
-    out_path = os.path.abspath(os.fspath(out))
-    try:
-        os.makedirs(out_path, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(f"cannot create {out_path}: {exc.strerror or exc}") from None
+    out_path = output_folder(out)
     arrays = store.model_arrays(m)
     entries = export_rows(arrays, items, m.windowed)
     headers = _headers(store.conn, [r["item_id"] for r in items])

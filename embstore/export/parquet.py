@@ -30,7 +30,7 @@ from typing import Any
 from embstore.api import Report
 from embstore.arrays.zarr_arrays import ModelArrays
 from embstore.errors import StoreError
-from embstore.export.files import ExportRows, export_outcome, export_rows
+from embstore.export.files import ExportRows, export_outcome, export_rows, output_folder
 from embstore.interop import need
 from embstore.interop.hf import embedding_schema, embedding_table
 from embstore.manifest.database import Manifest
@@ -116,11 +116,7 @@ def export_parquet(store: Manifest, out: str | os.PathLike, model: str | None = 
     need("pyarrow", "parquet", "export-parquet")
     started = time.monotonic()
     m, items = store.done_rows(model, kind=None)
-    out_path = os.path.abspath(os.fspath(out))
-    try:
-        os.makedirs(out_path, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(f"cannot create {out_path}: {exc.strerror or exc}") from None
+    out_path = output_folder(out)
     cluster = any(r["cluster"] is not None for r in items)
     info = {"model": store.model_key(m), "spec": m.spec, "fingerprint": m.fingerprint, "dim": m.dim,
             "kind": "windows" if m.windowed else "item"}
