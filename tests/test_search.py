@@ -99,6 +99,27 @@ def test_range_query_returns_every_item_above_the_score_paged(two_sets, approxim
             two_sets.similar(item, min_score=threshold, exact=exact)
 
 
+def test_range_queries_leave_the_shared_index_as_published_and_a_new_nprobe_is_seen(two_sets, approximate):
+    import faiss
+
+    two_sets.index(kind="ivf", lists=8, nprobe=2)
+    two_sets.similar("a/spk1/utt3", min_score=0.5)  # probes 2x the lists, per call
+    two_sets.near_duplicates(min_score=0.99)
+    meta, index = ann.open_index(two_sets.manifest, two_sets.models()[0])
+    assert faiss.extract_index_ivf(index).nprobe == meta.nprobe == 2
+    two_sets.index(nprobe=8)  # the same file, republished: the loaded index follows
+    meta, index = ann.open_index(two_sets.manifest, two_sets.models()[0])
+    assert faiss.extract_index_ivf(index).nprobe == meta.nprobe == 8
+
+
+def test_without_faiss_an_indexed_store_is_searched_exactly(two_sets, approximate, monkeypatch):
+    two_sets.index(kind="ivf", lists=8, nprobe=8)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` fails: the extra is missing
+    found = two_sets.similar("b/spk6/utt0", k=5)
+    assert [f["id"] for f in found] == [e[0] for e in top(brute(two_sets, "b/spk6/utt0"), 5)]
+    assert all(f["index"] == "flat" and f["exact"] is True for f in found)
+
+
 def test_a_stale_index_never_returns_removed_items_and_a_lagging_one_misses_no_new_row(small, approximate):
     small.index(kind="ivf", lists=4, nprobe=4)
     root = small.path.parent / "audio"

@@ -111,24 +111,21 @@ def _pairs_through_index(found: tuple, source: UnitRows, min_score: float) -> It
     the index (DUP_NPROBE lists), the rows past the index also scored among themselves."""
     meta, index = found
     seen: set[tuple[int, int]] = set()
-    try:
-        ann.tune(index, DUP_NPROBE)
-        for lo in range(0, source.rows, QUERY_BLOCK):
-            hi = min(lo + QUERY_BLOCK, source.rows)
-            block = np.ascontiguousarray(source.matrix[lo:hi], dtype=np.float32)
-            lims, _, ids = index.range_search(block, float(min_score) - knn.RANGE_MARGIN)
-            q = np.repeat(np.arange(lo, hi, dtype=np.int64), np.diff(lims.astype(np.int64)))
-            a, b = np.minimum(q, ids), np.maximum(q, ids)
-            keep = a < b
-            a, b = a[keep], b[keep]
-            if len(a):
-                s = np.einsum("ij,ij->i", source.take(a), source.take(b))
-                hit = s >= min_score
-                fresh = [k for k, pair in enumerate(zip(a[hit].tolist(), b[hit].tolist())) if pair not in seen]
-                seen.update(zip(a[hit][fresh].tolist(), b[hit][fresh].tolist()))
-                yield a[hit][fresh], b[hit][fresh], s[hit][fresh]
-    finally:
-        ann.tune(index, meta.nprobe)
+    params = ann.search_params(index, DUP_NPROBE)
+    for lo, block in source.blocks(QUERY_BLOCK):
+        hi = lo + len(block)
+        lims, _, ids = index.range_search(np.ascontiguousarray(block, dtype=np.float32),
+                                          float(min_score) - knn.RANGE_MARGIN, params=params)
+        q = np.repeat(np.arange(lo, hi, dtype=np.int64), np.diff(lims.astype(np.int64)))
+        a, b = np.minimum(q, ids), np.maximum(q, ids)
+        keep = a < b
+        a, b = a[keep], b[keep]
+        if len(a):
+            s = np.einsum("ij,ij->i", source.take(a), source.take(b))
+            hit = s >= min_score
+            fresh = [k for k, pair in enumerate(zip(a[hit].tolist(), b[hit].tolist())) if pair not in seen]
+            seen.update(zip(a[hit][fresh].tolist(), b[hit][fresh].tolist()))
+            yield a[hit][fresh], b[hit][fresh], s[hit][fresh]
     if meta.rows < source.rows:  # rows past the index: not in it, so not found by each other's queries
         yield from _pairs_within(source, np.arange(meta.rows, source.rows, dtype=np.int64), min_score)
 

@@ -119,11 +119,6 @@ def lists_for(rows: int) -> int:
     return max(64, 2 ** round(math.log2(math.sqrt(max(rows, 1)))))
 
 
-def probes(index: Any) -> int:
-    """The lists a query of the index probes now."""
-    return int(_faiss().extract_index_ivf(index).nprobe)
-
-
 def tune(index: Any, nprobe: int, ef_search: int | None = None) -> None:
     """Set the lists probed per query (and the HNSW quantizer's beam to match)."""
     faiss = _faiss()
@@ -132,6 +127,26 @@ def tune(index: Any, nprobe: int, ef_search: int | None = None) -> None:
     quantizer = faiss.downcast_index(ivf.quantizer)
     if hasattr(quantizer, "hnsw"):
         quantizer.hnsw.efSearch = ef_search or max(64, 2 * nprobe)
+
+
+def search_params(index: Any, nprobe: int) -> Any:
+    """Per-call search parameters probing `nprobe` lists: the loaded index is shared by
+    every query of the process (threads too), so a query that wants more or fewer lists
+    says so per call instead of retuning the index under the others."""
+    faiss = _faiss()
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    if hasattr(quantizer, "hnsw"):
+        return faiss.SearchParametersIVF(nprobe=nprobe, quantizer_params=faiss.SearchParametersHNSW(efSearch=max(64, 2 * nprobe)))
+    return faiss.SearchParametersIVF(nprobe=nprobe)
+
+
+def available() -> bool:
+    """Whether FAISS imports here (the `search` extra): without it queries scan exactly."""
+    try:
+        _faiss()
+    except StoreError:
+        return False
+    return True
 
 
 def default_nprobe(lists: int) -> int:
@@ -193,6 +208,8 @@ def open_index(store: Manifest, model: ModelRecord) -> tuple[IndexMeta, Any] | N
         with _LOADED_LOCK:
             index = _LOADED.get(path)
         if index is not None:
+            if _faiss().extract_index_ivf(index).nprobe != meta.nprobe:
+                tune(index, meta.nprobe)  # `embstore index --nprobe` republished the same file
             return meta, index
         try:
             index = _faiss().read_index(path)

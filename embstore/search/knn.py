@@ -89,12 +89,8 @@ class Searcher:
     def _range_candidates(self, query: np.ndarray, radius: float) -> np.ndarray:
         """Rows the index puts above `radius`, probing RANGE_NPROBE_FACTOR x the lists of a
         top-k query: a range query wants every row above the threshold, not just the best."""
-        nprobe = ann.probes(self.index)
-        ann.tune(self.index, nprobe * RANGE_NPROBE_FACTOR)
-        try:
-            _, _, ids = self.index.range_search(query[None, :].astype(np.float32), radius)
-        finally:
-            ann.tune(self.index, nprobe)
+        params = ann.search_params(self.index, self.meta.nprobe * RANGE_NPROBE_FACTOR)
+        _, _, ids = self.index.range_search(query[None, :].astype(np.float32), radius, params=params)
         return ids
 
     def _rerank(self, ids: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -107,10 +103,11 @@ class Searcher:
 
 def searcher(store: Manifest, model: ModelRecord, source: UnitRows, exact: bool = False) -> Searcher:
     """How to search the model's rows: exactly when asked, when the rows stream from Zarr
-    (no cache: a read-only store) or when no index is published; else through the index,
+    (no cache: a read-only store), when FAISS is not installed (the `search` extra) or when
+    no index is published; else through the index,
     built first when there is none and the rows reach AUTO_INDEX_ROWS, extended first
     when it lags by more than AUTO_EXTEND_ROWS (both skipped when another process is at it)."""
-    if exact or source.matrix is None:
+    if exact or source.matrix is None or not ann.available():
         return Searcher(source)
     found = ann.open_index(store, model)
     lag = source.rows - (found[0].rows if found else 0)
