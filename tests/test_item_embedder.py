@@ -28,7 +28,7 @@ import pytest
 
 import embstore
 from embstore.api import Failure
-from embstore.extract.faults import EMBED_PATHS, OOM_ABOVE, SLOW_COMPUTE
+from embstore.extract.faults import EMBED_PATHS, OOM_ABOVE, HOLD_COMPUTE
 from embstore.models.registry import load
 from embstore.segments.policy import EAGER_WINDOWS
 from embstore.segments.window_embed import WindowEmbedder
@@ -157,9 +157,10 @@ def test_a_long_window_item_keeps_its_lease_while_it_computes(tmp_path, monkeypa
     claimed twice."""
     st = _store(tmp_path, {"long": 30.0, "short": 2.0})
     spec = f"{TINY[0]}:{TINY[1]}"
-    # each claim computes 8 s longer: past the 2 s lease, with room for the second run to
-    # start (a Python process, slow on a loaded machine) while the long claim is still held
-    monkeypatch.setenv(SLOW_COMPUTE, "8")
+    # each claim computes until the second run has come and gone: past the 2 s lease, however
+    # long a loaded machine takes to start that second Python process
+    release = tmp_path / "release-compute"
+    monkeypatch.setenv(HOLD_COMPUTE, str(release))
     out = []
     first = threading.Thread(target=lambda: out.append(
         st.extract(model=NULL, windows=spec, vad="none", workers=1, lease_seconds=2.0, progress=False)))
@@ -170,10 +171,13 @@ def test_a_long_window_item_keeps_its_lease_while_it_computes(tmp_path, monkeypa
     assert "long" in _claimed(tmp_path / "s"), "the long item was never claimed"
     time.sleep(3.0)  # the first run's 2 s lease would have run out by now
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    env.pop(SLOW_COMPUTE)
-    second = subprocess.run([sys.executable, "-m", "embstore", "extract", str(tmp_path / "s"), "--model", NULL,
-                             "--windows", spec, "--vad", "none", "--json"],
-                            env=env, capture_output=True, text=True, timeout=120)
+    env.pop(HOLD_COMPUTE)
+    try:
+        second = subprocess.run([sys.executable, "-m", "embstore", "extract", str(tmp_path / "s"), "--model", NULL,
+                                 "--windows", spec, "--vad", "none", "--json"],
+                                env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        release.touch()
     first.join(timeout=120)
     (summary,) = out
     assert_second_run_held_off(st, summary, second)

@@ -347,9 +347,10 @@ def test_claims_stay_held_while_their_last_batch_computes(tmp_path, shared_data,
     st.scan([tmp_path / "root"])
     st.extract(model=ecapa, limit=1, progress=False)  # model known, one item done
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    # each claim computes 8 s longer: past the 2 s lease, with room for the second run to
-    # start (about 2 s under load) while the first still computes
-    monkeypatch.setenv("EMBSTORE_FAULT_SLOW_COMPUTE", "8")
+    # each claim computes until the second run has come and gone: past the 2 s lease, however
+    # long a loaded machine takes to start that second Python process
+    release = tmp_path / "release-compute"
+    monkeypatch.setenv("EMBSTORE_FAULT_HOLD_COMPUTE", str(release))
     out = []
     first = threading.Thread(target=lambda: out.append(
         st.extract(model=ecapa, workers=1, lease_seconds=2.0, progress=False)))
@@ -358,8 +359,12 @@ def test_claims_stay_held_while_their_last_batch_computes(tmp_path, shared_data,
     while not _claimed_by(store) and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(3.0)  # the first run's 2 s lease would have run out by now
-    second = subprocess.run([sys.executable, "-m", "embstore", "extract", str(store), "--model", ecapa, "--json"],
-                            env=env, capture_output=True, text=True, timeout=120)
+    env.pop("EMBSTORE_FAULT_HOLD_COMPUTE", None)  # the second run computes at once
+    try:
+        second = subprocess.run([sys.executable, "-m", "embstore", "extract", str(store), "--model", ecapa, "--json"],
+                                env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        release.touch()
     first.join(timeout=120)
     (summary,) = out
     assert_second_run_held_off(st, summary, second)

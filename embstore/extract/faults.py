@@ -7,6 +7,9 @@ halving it tests (`embstore.segments.oom`: `WindowEmbedder` below extract meets 
                                         contains "poison" dies at once (SIGKILL)
     EMBSTORE_FAULT_SLOW_COMPUTE=3       each claim's compute takes 3 s longer, as a long
                                         item on a slow device would
+    EMBSTORE_FAULT_HOLD_COMPUTE=PATH    each claim's compute waits until PATH exists (120 s at
+                                        most), as a busy device would: a test lets it go
+                                        when it has seen what happens meanwhile
     EMBSTORE_FAULT_EMBED_PATHS=bad      an embedding step (one forward of a block of items,
                                         or of windows) holding an item, or a window of an
                                         item, whose path contains "bad" raises, as a model
@@ -31,6 +34,8 @@ from embstore.segments.oom import OOM_ABOVE, oom_fault
 
 CRASH_PATHS = "EMBSTORE_FAULT_CRASH_PATHS"
 SLOW_COMPUTE = "EMBSTORE_FAULT_SLOW_COMPUTE"
+HOLD_COMPUTE = "EMBSTORE_FAULT_HOLD_COMPUTE"
+HOLD_LIMIT_SECONDS = 120.0
 EMBED_PATHS = "EMBSTORE_FAULT_EMBED_PATHS"
 
 
@@ -44,6 +49,11 @@ def slow_compute() -> None:
     seconds = float(os.environ.get(SLOW_COMPUTE) or 0)
     if seconds > 0:
         time.sleep(seconds)
+    release = os.environ.get(HOLD_COMPUTE)
+    if release:
+        deadline = time.monotonic() + HOLD_LIMIT_SECONDS
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def embed_step(paths: Iterable[str], units: int) -> None:
@@ -56,4 +66,4 @@ def embed_step(paths: Iterable[str], units: int) -> None:
 
 
 # OOM_ABOVE is named here with the other hooks, for the tests that set them
-__all__ = ["CRASH_PATHS", "SLOW_COMPUTE", "EMBED_PATHS", "OOM_ABOVE", "crash_if_poison", "slow_compute", "embed_step"]
+__all__ = ["CRASH_PATHS", "SLOW_COMPUTE", "HOLD_COMPUTE", "EMBED_PATHS", "OOM_ABOVE", "crash_if_poison", "slow_compute", "embed_step"]
