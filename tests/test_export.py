@@ -279,3 +279,13 @@ def test_export_needs_a_model_and_a_folder(tmp_path):
     result = runner.invoke(cli, ["export-pkl", str(st.path), str(tmp_path / "afile")])
     assert result.exit_code != 0 and "Traceback" not in result.output
     shutil.rmtree(tmp_path / "x")
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line_for_every_sink(tmp_path):
+    st = make_store(tmp_path, speakers=2, per_speaker=2)
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "out"  # under a file: no folder can be made there
+    for command in ("export-pkl", "export-kaldi", "export-npy", "export-lhotse", "export-parquet"):
+        result = CliRunner().invoke(cli, [command, str(st.path), str(out)])
+        assert result.exit_code == 1, (command, result.output)
+        assert result.output.strip() == f"Error: cannot create {out}: Not a directory", (command, result.output)

@@ -218,6 +218,20 @@ def test_save_to_disk_folder_and_given_columns(tmp_path, shared_data):
     assert typo.exit_code != 0 and "--speaker-column 'spk' is not a column" in typo.output
 
 
+def test_splits_with_the_same_shard_names_and_no_id_column_keep_distinct_ids(tmp_path, shared_data):
+    # save_to_disk's DatasetDict: train/ and test/ each hold data-00000-of-00001
+    files = shortest(shared_data, 4)
+    for split, part in (("train", files[:2]), ("test", files[2:])):
+        (tmp_path / "hf" / split).mkdir(parents=True)
+        rows = [{k: v for k, v in r.items() if k != "id"} for r in rows_of(part)]
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "hf" / split / "data-00000-of-00001.parquet")
+    st = embstore.open(tmp_path / "s")
+    report = st.scan(hf=[tmp_path / "hf"])
+    assert (report.items_added, report.failed) == (4, 0)
+    assert sorted(items_of(st)) == [f"{split}/data-00000-of-00001/{row}" for split in ("test", "train") for row in (0, 1)]
+    st.close()
+
+
 @pytest.mark.slow
 def test_kill_9_mid_extract_of_an_hf_store_then_one_resume_every_item_once(tmp_path, shared_data):
     from tests.wespeaker_dirs import make_wespeaker_dir

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 
 from embstore.errors import StoreError
-from embstore.export.files import MatrixExport, export_outcome, export_rows, group_of, grouped
+from embstore.export.files import MatrixExport, export_outcome, export_rows, group_of, grouped, output_folder
 from embstore.paths import write_atomic
 from embstore.manifest.database import Manifest
 
@@ -42,7 +42,7 @@ def export_kaldi(store: Manifest, out: str | os.PathLike, model: str | None = No
     out_path = os.path.abspath(os.fspath(out))
     if "," in out_path or re.search(r"\s", out_path):
         raise StoreError(f"{out_path}: Kaldi write specifiers cannot hold commas or spaces; pick another folder")
-    os.makedirs(out_path, exist_ok=True)
+    output_folder(out_path)
     arrays = store.model_arrays(m)
     entries = export_rows(arrays, items, m.windowed)
     keyed: dict[str, int] = {}  # key -> entry

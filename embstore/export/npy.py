@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from embstore.export.files import MatrixExport, export_outcome, export_rows, group_of, grouped
+from embstore.export.files import MatrixExport, export_outcome, export_rows, group_of, grouped, output_folder
 from embstore.paths import write_atomic
 from embstore.manifest.database import Manifest
 
@@ -30,7 +30,7 @@ def export_npy(store: Manifest, out: str | os.PathLike, model: str | None = None
     m, items = store.done_rows(model, kind=None)
     items, left_out = grouped(items, by)
     out_path = os.path.abspath(os.fspath(out))
-    os.makedirs(out_path, exist_ok=True)
+    output_folder(out_path)
     arrays = store.model_arrays(m)
     entries = export_rows(arrays, items, m.windowed)
     n = len(entries.rows)

@@ -38,7 +38,7 @@ import numpy as np
 
 from embstore.api import Report
 from embstore.errors import StoreError
-from embstore.export.files import export_outcome, group_of, grouped, inside, safe_component
+from embstore.export.files import export_outcome, group_of, grouped, inside, output_folder, safe_component
 from embstore.manifest.clusters import check_by
 from embstore.paths import write_atomic
 from embstore.manifest.connection import immediate
@@ -263,7 +263,7 @@ def export_pkl(store: Manifest, out: str | os.PathLike, options: ExportOptions |
     out_path = os.path.abspath(os.fspath(out))
     if os.path.exists(out_path) and not os.path.isdir(out_path):
         raise StoreError(f"{out_path} exists and is not a folder")
-    os.makedirs(out_path, exist_ok=True)
+    output_folder(out_path)
     out_real = os.path.realpath(out_path)
     report = ExportReport(out_path, store.model_key(m), m.fingerprint, fmt, by=by)
     index = _ExportIndex(out_real)

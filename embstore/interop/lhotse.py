@@ -26,6 +26,7 @@ from typing import Any, Iterator
 from embstore.audio.io import channel_address
 from embstore.errors import ScanError
 from embstore.interop import need
+from embstore.models.common import short_error
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def _load(path: str) -> tuple[Any, Any]:
     try:
         manifest = load_manifest_lazy_or_eager(path)
     except Exception as exc:
-        raise ScanError(f"{path}: not a Lhotse manifest ({type(exc).__name__}: {exc})") from None
+        raise ScanError(f"{path}: not a Lhotse manifest ({type(exc).__name__}: {short_error(exc)})") from None
     if manifest is None:
         return [], None
     if isinstance(manifest, CutSet):
@@ -93,7 +94,7 @@ def _load(path: str) -> tuple[Any, Any]:
         try:
             supervisions = SupervisionSet.from_file(beside)
         except Exception as exc:
-            raise ScanError(f"{beside}: not a Lhotse SupervisionSet ({type(exc).__name__}: {exc})") from None
+            raise ScanError(f"{beside}: not a Lhotse SupervisionSet ({type(exc).__name__}: {short_error(exc)})") from None
     return manifest, supervisions
 
 

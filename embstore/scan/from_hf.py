@@ -16,7 +16,16 @@ from typing import Callable, Iterator
 from embstore.audio.io import probe_bytes, row_address
 from embstore.errors import AudioError, ScanError
 from embstore.interop.hf import Row, detect_columns, iter_rows, shard_schema
+from embstore.models.common import short_error
 from embstore.scan.sources import Candidate
+
+
+def shard_stem(shard: str, root: str) -> str:
+    """A shard's path below the dataset's root without its extension: the prefix of its
+    rows' default ids. `save_to_disk` names every split's shard data-00000-of-0000N.arrow,
+    so the file name alone would give train/ and test/ the same ids."""
+    base = root if os.path.isdir(root) else os.path.dirname(root)
+    return os.path.splitext(os.path.relpath(shard, base))[0].replace(os.sep, "/")
 
 
 def _candidate(shard: str, row: Row, size: int, mtime_ns: int, dataset: str, stem: str) -> Candidate:
@@ -56,11 +65,12 @@ def check_columns(shards: list[str], id_column: str | None, speaker_column: str 
 
 
 def hf_candidates(
-    shards: list[str], dataset: str, unchanged: Callable[[str, int, int], bool],
+    root: str, shards: list[str], dataset: str, unchanged: Callable[[str, int, int], bool],
     id_column: str | None = None, speaker_column: str | None = None,
 ) -> Iterator[tuple[str, list[Candidate] | None]]:
-    """(shard, its rows) per shard; (shard, None) for a shard unchanged since the last
-    scan (`unchanged(shard, size, mtime_ns)`), whose rows stay as they are."""
+    """(shard, its rows) per shard of the dataset at `root`; (shard, None) for a shard
+    unchanged since the last scan (`unchanged(shard, size, mtime_ns)`), whose rows stay as
+    they are. Rows without an id column are `<shard below root>/<row>`."""
     for shard in shards:
         try:
             st = os.stat(shard)
@@ -71,7 +81,7 @@ def hf_candidates(
         if unchanged(shard, st.st_size, st.st_mtime_ns):
             yield shard, None
             continue
-        stem = os.path.splitext(os.path.basename(shard))[0]
+        stem = shard_stem(shard, root)
         try:
             columns = detect_columns(shard_schema(shard), id_column, speaker_column)
             rows = [_candidate(shard, r, st.st_size, st.st_mtime_ns, dataset, stem)
@@ -79,8 +89,7 @@ def hf_candidates(
         except ScanError:
             raise  # a column asked for that is not there: the user's to fix, not the shard's
         except Exception as exc:  # pyarrow's errors on a cut or foreign file, a missing column
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             yield shard, [Candidate(shard, shard, st.st_size, st.st_mtime_ns, dataset, "unknown", shard, dir=shard,
-                                    error=f"unreadable dataset shard: {reason}")]
+                                    error=f"unreadable dataset shard: {short_error(exc)}")]
             continue
         yield shard, rows

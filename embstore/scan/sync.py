@@ -467,7 +467,7 @@ def _sources(roots: Sequence[str | os.PathLike], opts: ScanOptions, report: Scan
         check_columns(shards, opts.id_column, opts.speaker_column)
         name = opts.dataset or hf_name(path)
         sources.append(("hf", path, None, name, lambda syncer, shards=shards, name=name: hf_candidates(
-            shards, name, syncer.unchanged, opts.id_column, opts.speaker_column)))
+            path, shards, name, syncer.unchanged, opts.id_column, opts.speaker_column)))
     return sources
 
 
