@@ -114,3 +114,30 @@ def test_a_missing_optional_package_is_one_line_naming_its_extra(tmp_path, monke
         assert "is not installed: pip install 'embstore[" in result.output
     assert not (tmp_path / "p").exists() and not (tmp_path / "l").exists()
     st.close()
+
+
+def test_a_failed_shard_write_leaves_no_temporary_file_and_the_old_shard(tmp_path, monkeypatch):
+    st = make_store(tmp_path, speakers=2, per_speaker=2)
+    out = tmp_path / "out"
+    st.export_parquet(out)
+    shard = out / "part-00000.parquet"
+    before = shard.read_bytes()
+    with st.manifest.write() as conn:
+        conn.execute("UPDATE items SET speaker = 'renamed' WHERE id = 1")  # its shard is rewritten
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected mid-write")  # not an OSError
+
+    with monkeypatch.context() as m:
+        m.setattr(parquet, "embedding_table", boom)
+        try:
+            st.export_parquet(out)
+        except RuntimeError:
+            pass
+        else:
+            raise AssertionError("the injected failure did not happen")
+    assert sorted(p.name for p in out.iterdir()) == [".embstore-export.json", "part-00000.parquet"]
+    assert shard.read_bytes() == before
+    assert st.export_parquet(out).written == 1
+    assert "renamed" in pq.read_table(shard).column("speaker").to_pylist()
+    st.close()

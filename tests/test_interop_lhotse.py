@@ -5,6 +5,7 @@ channels, refused sources and rescans of a changed manifest."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -174,7 +175,8 @@ def test_one_channel_of_a_multichannel_recording(tmp_path, shared_data):
 def test_export_lhotse_of_plain_files_builds_their_recordings(tmp_path):
     st = make_store(tmp_path, speakers=2, per_speaker=2)
     report = st.export_lhotse(tmp_path / "out")
-    assert report.items == 4 and report.files == ["cuts.jsonl.gz", "embeddings.h5"]
+    assert report.items == 4 and report.files[0] == "cuts.jsonl.gz"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(report.files)
     ids, vectors = st.embeddings()
     by_id = dict(zip(ids, vectors))
     cuts = list(CutSet.from_file(tmp_path / "out" / "cuts.jsonl.gz"))
@@ -185,4 +187,44 @@ def test_export_lhotse_of_plain_files_builds_their_recordings(tmp_path):
         assert Path(cut.recording.sources[0].source).is_file()
         # the cut's audio is the item's file, readable by Lhotse itself
         assert cut.load_audio().shape[1] == cut.recording.num_samples
+    st.close()
+
+
+def test_a_failed_export_lhotse_leaves_the_previous_one_readable_and_nothing_behind(tmp_path, monkeypatch):
+    from embstore.interop import lhotse as interop
+
+    st = make_store(tmp_path, speakers=2, per_speaker=2)
+    out = tmp_path / "out"
+    first = st.export_lhotse(out)
+
+    def exported() -> dict[str, np.ndarray]:
+        return {c.id: c.load_embedding() for c in CutSet.from_file(out / "cuts.jsonl.gz")}
+
+    before = exported()
+    # an item gone from the store: a new export's arrays lack its key
+    with st.manifest.write() as conn:
+        conn.execute("UPDATE items SET removed = 1 WHERE id = 1")
+    real_replace = os.replace
+
+    def fail_at_the_swap(src, dst, *args, **kwargs):
+        if os.path.basename(dst) == "cuts.jsonl.gz":
+            raise RuntimeError("injected between the steps")
+        return real_replace(src, dst, *args, **kwargs)
+
+    def fail_mid_write(self, uid, vector):
+        raise KeyboardInterrupt  # not an OSError: the temporary files must go all the same
+
+    for attr, target, fault, error in ((os, "replace", fail_at_the_swap, RuntimeError),
+                                       (interop.EmbeddingArrays, "store", fail_mid_write, KeyboardInterrupt)):
+        with monkeypatch.context() as m:
+            m.setattr(attr, target, fault)
+            with pytest.raises(error):
+                st.export_lhotse(out)
+        assert sorted(p.name for p in out.iterdir()) == sorted(first.files)
+        got = exported()
+        assert got.keys() == before.keys() and all(np.array_equal(got[k], before[k]) for k in got)
+    second = st.export_lhotse(out)
+    # the new cuts name their own file; the earlier export's file is deleted
+    assert sorted(p.name for p in out.iterdir()) == sorted(second.files) and first.files[1] not in second.files
+    assert exported().keys() == before.keys() - {st.manifest.query("SELECT uid FROM items WHERE id = 1")[0][0]}
     st.close()

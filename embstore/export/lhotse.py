@@ -1,5 +1,5 @@
 """`export-lhotse`: OUT/cuts.jsonl.gz, one cut per embedded item, each with the custom
-field `embedding` pointing into OUT/embeddings.h5 (Lhotse's own `NumpyHdf5Writer`:
+field `embedding` pointing into OUT/embeddings-<random>.h5 (Lhotse's own `NumpyHdf5Writer`:
 lossless float32, never lilcom).
 
 Items scanned from a Lhotse manifest are written as the manifest has them (recording,
@@ -11,13 +11,22 @@ custom field `source`. A window model writes one cut per window (id: Kaldi's sub
 id `<item>-<start_ms:07d>-<end_ms:07d>`), spanning the window in the source audio.
 
 Reading needs Lhotse only: `CutSet.from_file("OUT/cuts.jsonl.gz")`, `cut.load_embedding()`.
-The manifests name the HDF5 file by its absolute path. A second export rewrites both
-files (atomically: a reader sees the old pair or the new one).
+The manifests name the HDF5 file by its absolute path. Each export writes its vectors
+to an HDF5 file of a new name (`embeddings-<random>.h5`), then renames its cuts over
+`cuts.jsonl.gz` (the one atomic step: a reader opening the cuts sees the old export
+or the new one, each with its own HDF5 file, never cuts pointing at a file that is
+missing or another export's), then deletes the HDF5 files of earlier exports. A reader
+that read the old cuts before the swap and opens their HDF5 file only after the
+deletion finds it gone: reread the cuts. A failed export deletes what it wrote and
+leaves the previous one as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import secrets
 import sqlite3
 import time
 from typing import Any
@@ -30,7 +39,9 @@ from embstore.interop.lhotse import EmbeddingArrays, Original, cut_of, file_reco
 from embstore.manifest.connection import select_in
 from embstore.manifest.database import Manifest
 
-FILES = ["cuts.jsonl.gz", "embeddings.h5"]
+CUTS = "cuts.jsonl.gz"
+# this export's arrays, and those of earlier exports (`embeddings.h5` before 0.2)
+_H5 = re.compile(r"^embeddings(-[0-9a-f]{8,})?\.h5$")
 
 
 def _headers(conn: sqlite3.Connection, item_ids: list[int]) -> dict[int, tuple[int, int, int]]:
@@ -71,8 +82,17 @@ def _cut(item: sqlite3.Row, uid: str, entries: ExportRows, k: int, original: Ori
     return cut_of(uid, None, start, duration, item["speaker"], None, address)
 
 
+def _remove_earlier_arrays(out_path: str, keep: str) -> None:
+    """The HDF5 files of earlier exports, which no cuts name any more (one that cannot
+    be deleted stays: the export itself is complete)."""
+    for name in os.listdir(out_path):
+        if name != keep and _H5.match(name):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(out_path, name))
+
+
 def export_lhotse(store: Manifest, out: str | os.PathLike, model: str | None = None) -> MatrixExport:
-    """Write OUT/cuts.jsonl.gz and OUT/embeddings.h5 (see the module's docstring)."""
+    """Write OUT/cuts.jsonl.gz and OUT/embeddings-<random>.h5 (see the module's docstring)."""
     need("lhotse", "lhotse", "export-lhotse")
     need("h5py", "lhotse", "export-lhotse (HDF5 arrays)")
     from lhotse import CutSet
@@ -84,27 +104,37 @@ def export_lhotse(store: Manifest, out: str | os.PathLike, model: str | None = N
     entries = export_rows(arrays, items, m.windowed)
     headers = _headers(store.conn, [r["item_id"] for r in items])
     found = _originals(items)
-    cuts_path, h5_path = (os.path.join(out_path, name) for name in FILES)
-    tmp_cuts, tmp_h5 = os.path.join(out_path, ".cuts-new.jsonl.gz"), os.path.join(out_path, ".embeddings-new.h5")
-    vectors_of = EmbeddingArrays(tmp_h5, h5_path)
+    cuts_path = os.path.join(out_path, CUTS)
+    h5_name = f"embeddings-{secrets.token_hex(6)}.h5"
+    h5_path = os.path.join(out_path, h5_name)
+    tmp_cuts = os.path.join(out_path, f".cuts-{secrets.token_hex(6)}.jsonl.gz")
     try:
-        with CutSet.open_writer(tmp_cuts, overwrite=True) as writer:
-            for first in range(0, len(entries.rows), 65536):
-                vectors = arrays.read_rows(entries.rows[first : first + 65536])
-                for k, vector in enumerate(vectors, first):
-                    item = items[entries.owners[k]]
-                    key = entries.key(k, item["uid"])
-                    original = found.get(item["uid"]) if item["root_kind"] == "lhotse" else None
-                    cut = _cut(item, key, entries, k, original, headers.get(item["item_id"]))
-                    writer.write(cut.with_custom("embedding", vectors_of.store(key, vector)))
-    except OSError as exc:
-        raise StoreError(f"cannot write to {out_path}: {exc.strerror or exc}") from None
-    finally:
-        vectors_of.close()
-    # the arrays first: the new cuts never point at a key the old file lacks
-    os.replace(tmp_h5, h5_path)
-    os.replace(tmp_cuts, cuts_path)
+        vectors_of = EmbeddingArrays(h5_path, h5_path)
+        try:
+            with CutSet.open_writer(tmp_cuts, overwrite=True) as writer:
+                for first in range(0, len(entries.rows), 65536):
+                    vectors = arrays.read_rows(entries.rows[first : first + 65536])
+                    for k, vector in enumerate(vectors, first):
+                        item = items[entries.owners[k]]
+                        key = entries.key(k, item["uid"])
+                        original = found.get(item["uid"]) if item["root_kind"] == "lhotse" else None
+                        cut = _cut(item, key, entries, k, original, headers.get(item["item_id"]))
+                        writer.write(cut.with_custom("embedding", vectors_of.store(key, vector)))
+        finally:
+            vectors_of.close()
+        # the one atomic step: the new cuts, naming the new file, replace the old ones
+        os.replace(tmp_cuts, cuts_path)
+    except BaseException as exc:
+        # any failure (a full disk, a bug, Ctrl-C): what this export wrote goes, the
+        # previous export stays whole
+        for path in (tmp_cuts, h5_path):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        if isinstance(exc, OSError):
+            raise StoreError(f"cannot write to {out_path}: {exc.strerror or exc}") from None
+        raise
+    _remove_earlier_arrays(out_path, h5_name)
     return MatrixExport(
-        out_path, store.model_key(m), m.fingerprint, len(items), list(FILES), round(time.monotonic() - started, 3),
+        out_path, store.model_key(m), m.fingerprint, len(items), [CUTS, h5_name], round(time.monotonic() - started, 3),
         export_outcome(store, m), dim=m.dim, windows=len(entries.rows) if entries.windowed else None,
     )

@@ -18,6 +18,7 @@ a new model rewrites all.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -97,17 +98,23 @@ def _write_shard(path: str, schema: Any, arrays: ModelArrays, items: list[sqlite
 
     entries = export_rows(arrays, items, windowed)
     tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    with pq.ParquetWriter(tmp, schema) as writer:
-        for first in range(0, len(entries.rows), ROW_GROUP):
-            part = ExportRows(
-                entries.rows[first : first + ROW_GROUP], entries.owners[first : first + ROW_GROUP],
-                None if entries.starts is None else entries.starts[first : first + ROW_GROUP],
-                None if entries.ends is None else entries.ends[first : first + ROW_GROUP],
-            )
-            vectors = arrays.read_rows(part.rows)
-            writer.write_table(embedding_table(schema, _shard_columns(items, part, cluster), vectors),
-                               row_group_size=ROW_GROUP)
-    os.replace(tmp, path)
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for first in range(0, len(entries.rows), ROW_GROUP):
+                part = ExportRows(
+                    entries.rows[first : first + ROW_GROUP], entries.owners[first : first + ROW_GROUP],
+                    None if entries.starts is None else entries.starts[first : first + ROW_GROUP],
+                    None if entries.ends is None else entries.ends[first : first + ROW_GROUP],
+                )
+                vectors = arrays.read_rows(part.rows)
+                writer.write_table(embedding_table(schema, _shard_columns(items, part, cluster), vectors),
+                                   row_group_size=ROW_GROUP)
+        os.replace(tmp, path)
+    except BaseException:
+        # any failure, not only the disk's: no half shard is left beside the whole one
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return len(entries.rows)
 
 
