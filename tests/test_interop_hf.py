@@ -324,3 +324,48 @@ def test_two_rows_with_one_id_the_second_fails_as_a_duplicate(tmp_path, shared_d
     # the first row keeps its id; the third gets the usual suffix (or fails), never steals it
     assert paths[files[0].stem] == row_address(str(shard), 0) and report.failed + report.items_added == 1
     st.close()
+
+
+def test_threads_read_row_groups_outside_the_cache_lock_each_group_once(tmp_path, shared_data, monkeypatch):
+    import threading
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    from embstore.audio import io as audio_io
+
+    files = shortest(shared_data, 4)
+    (shard,) = write_shards(tmp_path / "hf", rows_of(files), split=4, row_group_size=1)[:1]
+    cache = audio_io._Groups(keep=8)
+    reads: Counter = Counter()
+    under_lock: list[bool] = []
+    real_layout = audio_io._parquet_layout
+
+    def watched_layout(path):
+        read, starts = real_layout(path)
+
+        def read_group(group):
+            # a read under the cache's lock would block this acquire until it times out
+            free = cache.lock.acquire(timeout=1)
+            if free:
+                cache.lock.release()
+            under_lock.append(not free)
+            reads[group] += 1
+            time.sleep(0.05)  # the other threads ask for this group meanwhile: they must wait, not reread
+            return read(group)
+
+        return read_group, starts
+
+    monkeypatch.setattr(audio_io, "_parquet_layout", watched_layout)
+    start = threading.Barrier(6)
+
+    def work(k: int) -> list[bytes]:
+        start.wait()
+        order = [(k + j) % 4 for j in range(4)] if k % 2 else [k % 4] * 4
+        return [(r, cache.row(str(shard), r)) for r in order]
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(work, range(6)))
+    want = [f.read_bytes() for f in files]
+    assert all(data == want[r] for got in results for r, data in got)
+    assert under_lock and not any(under_lock)
+    assert reads == Counter({0: 1, 1: 1, 2: 1, 3: 1})

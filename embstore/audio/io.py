@@ -236,7 +236,11 @@ def dataset_audio_column(schema: Any) -> str:
 
 class _Groups:
     """The audio column of the last few row groups / record batches read, per process.
-    Keyed by the shard's size and mtime too, so a rewritten shard is read afresh."""
+    Keyed by the shard's size and mtime too, so a rewritten shard is read afresh.
+
+    A group is read outside the lock, so threads reading different groups read at
+    once; a thread wanting a group another is reading waits for that read instead of
+    reading it again."""
 
     def __init__(self, keep: int = 4):
         self.keep = keep
@@ -244,6 +248,7 @@ class _Groups:
         self.groups: OrderedDict[tuple, Any] = OrderedDict()
         # shard key -> (reader, group row starts), the last few shards: each holds a file open
         self.layouts: OrderedDict[tuple, tuple[Any, list[int]]] = OrderedDict()
+        self.reading: dict[tuple, _Reading] = {}  # groups being read now, by (*shard key, group)
 
     def row(self, shard: str, row: int) -> bytes:
         st = os.stat(shard)  # FileNotFoundError: the reader says "file not found"
@@ -260,21 +265,42 @@ class _Groups:
             if row >= starts[-1]:
                 raise AudioError(f"row {row} is not in the shard (it has {starts[-1]} rows)")
             group = bisect.bisect_right(starts, row) - 1
-            column = self.groups.get((*key, group))
-            if column is None:
-                try:
-                    column = reader(group)
-                except Exception as exc:
-                    raise AudioError(f"unreadable rows {starts[group]}-{starts[group + 1] - 1}: {_short(exc)}") from None
-                self.groups[(*key, group)] = column
-                while len(self.groups) > self.keep:
-                    self.groups.popitem(last=False)
+            gkey = (*key, group)
+            column = self.groups.get(gkey)
+            reading = None
+            if column is not None:
+                self.groups.move_to_end(gkey)
+            elif gkey in self.reading:
+                reading, mine = self.reading[gkey], False
             else:
-                self.groups.move_to_end((*key, group))
+                reading = self.reading[gkey] = _Reading()
+                mine = True
+        if reading is not None:
+            column = self._read(reader, starts, group, gkey, reading) if mine else reading.wait()
         value = column[row - starts[group]].as_py()
         if not value:
             raise AudioError(f"row {row} has no audio bytes")
         return value
+
+    def _read(self, reader: Any, starts: list[int], group: int, gkey: tuple, reading: "_Reading") -> Any:
+        """Read group `group` (outside the lock), cache it, and hand it to the threads
+        waiting for it; its failure is theirs too."""
+        column, error = None, None
+        try:
+            column = reader(group)
+        except Exception as exc:
+            error = AudioError(f"unreadable rows {starts[group]}-{starts[group + 1] - 1}: {_short(exc)}")
+        finally:  # even on KeyboardInterrupt: no waiter may wait forever
+            with self.lock:
+                del self.reading[gkey]
+                if column is not None:
+                    self.groups[gkey] = column
+                    while len(self.groups) > self.keep:
+                        self.groups.popitem(last=False)
+            reading.done(column, error if column is None else None)
+        if error is not None:
+            raise error from None
+        return column
 
     def _layout(self, key: tuple) -> tuple[Any, list[int]]:
         if key not in self.layouts:
@@ -286,6 +312,25 @@ class _Groups:
                 self.layouts.popitem(last=False)
         self.layouts.move_to_end(key)
         return self.layouts[key]
+
+
+class _Reading:
+    """One group being read by one thread, awaited by the others that want it."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.column: Any = None
+        self.error: AudioError | None = None
+
+    def done(self, column: Any, error: AudioError | None) -> None:
+        self.column, self.error = column, error
+        self.event.set()
+
+    def wait(self) -> Any:
+        self.event.wait()
+        if self.column is None:
+            raise AudioError(str(self.error) if self.error is not None else "the row group's read was interrupted")
+        return self.column
 
 
 def _parquet_layout(shard: str) -> tuple[Any, list[int]]:
