@@ -369,3 +369,44 @@ def test_threads_read_row_groups_outside_the_cache_lock_each_group_once(tmp_path
     assert all(data == want[r] for got in results for r, data in got)
     assert under_lock and not any(under_lock)
     assert reads == Counter({0: 1, 1: 1, 2: 1, 3: 1})
+
+
+def test_a_claim_in_length_order_reads_its_rows_by_shard_and_row(tmp_path, shared_data, monkeypatch):
+    """Equal batching claims by length, which mixes shards: the loaders read (hash, then
+    decode) by (shard, row), so each row group is read once per pass, and the claim
+    comes back in its own order."""
+    import soundfile as sf
+    from concurrent.futures import ThreadPoolExecutor
+
+    from embstore.audio import io as audio_io
+    from embstore.extract import loading
+    from embstore.extract.client import SqliteManifestClient
+    from embstore.manifest.tasks import new_owner
+    from embstore.models.null import NullEncoder
+    from tests.store_factory import fake_model_description
+
+    files = sorted(shortest(shared_data, 6), key=lambda f: sf.info(str(f)).frames)
+    # shortest first in length order: shard 0 row 2, shard 1 row 2, shard 0 row 1...
+    shards = tmp_path / "hf"
+    shards.mkdir()
+    for k in range(2):
+        pq.write_table(pa.Table.from_pylist(rows_of(files[k::2][::-1])), shards / f"train-{k:05d}-of-00002.parquet",
+                       row_group_size=1)
+    st = embstore.open(tmp_path / "s")
+    st.scan(hf=[shards])
+    model = st.manifest.register_model(fake_model_description(16, "fake"))
+    client = SqliteManifestClient(st.path, model.id, new_owner(), 600, "length", lambda n: max(1, n // 160), 16000)
+    client.refresh()
+    claimed = client.claim(6, 10**12)
+    place = [audio_io.parse_address(t.path)[:2] for t in claimed]
+    assert len(claimed) == 6 and place != sorted(place)  # the claim mixes shards
+    reads: list[tuple[str, int]] = []
+    real = audio_io.read_row_bytes
+    monkeypatch.setattr(audio_io, "read_row_bytes", lambda shard, row: reads.append((shard, row)) or real(shard, row))
+    with ThreadPoolExecutor(1) as pool:
+        loaded = loading.load_claim(pool, NullEncoder(16), client, claimed, False)
+    client.close()
+    assert [x.task.task_id for x in loaded] == [t.task_id for t in claimed]
+    assert all(x.error is None and x.feats is not None for x in loaded)
+    assert reads == sorted(place) * 2  # hashes, then decodes, each pass in (shard, row) order
+    st.close()

@@ -14,7 +14,7 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from embstore.audio.io import content_hash
+from embstore.audio.io import content_hash, parse_address
 from embstore.errors import AudioError, EnvironmentProblem, ItemCutFailed
 from embstore.extract.batching import Loaded
 from embstore.extract.client import ManifestClient
@@ -112,8 +112,9 @@ def load_claim(
     pool: Executor, encoder: Encoder, client: ManifestClient, claimed: list[ClaimedTask], device_features: bool,
     cutting: Cutting | None = None,
 ) -> list[Loaded]:
-    """Every claimed item loaded, reused from a done twin (dedup), or failed."""
-    hashed = list(pool.map(hash_item, claimed))
+    """Every claimed item loaded, reused from a done twin (dedup), or failed; in claim
+    order, read in `read_order`."""
+    hashed = list(pool.map(hash_item, read_order(claimed)))
     keys = [(x.content_hash, x.task.start, x.task.end) for x in hashed if x.content_hash]
     rows = client.dedup_rows(keys) if keys else {}
     todo = []
@@ -126,4 +127,18 @@ def load_claim(
     if cutting is not None and cutting.vad.method != "none" and todo:
         known = client.speech_regions([x.task.item_id for x in todo], cutting.vad_key)
     list(pool.map(lambda x: decode_item(encoder, x, device_features, cutting, known.get(x.task.item_id)), todo))
-    return hashed
+    position = {task.task_id: k for k, task in enumerate(claimed)}
+    return sorted(hashed, key=lambda x: position[x.task.task_id])
+
+
+def read_order(claimed: list[ClaimedTask]) -> list[ClaimedTask]:
+    """Dataset rows (`SHARD#row=N`) by shard and row, then the other items as claimed: a
+    claim in length order (equal batching) mixes shards and rows, and read so it would
+    evict the row groups `embstore.audio.io` caches before their next row is read."""
+    def key(k: int) -> tuple:
+        address = parse_address(claimed[k].path)
+        if address is None or address[1] is None:
+            return (1, k)
+        return (0, address[0], address[1])
+
+    return [claimed[k] for k in sorted(range(len(claimed)), key=key)]
