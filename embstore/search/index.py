@@ -124,6 +124,10 @@ def tune(index: Any, nprobe: int, ef_search: int | None = None) -> None:
     faiss = _faiss()
     ivf = faiss.extract_index_ivf(index)
     ivf.nprobe = nprobe
+    # FAISS splits a batch of queries across threads, so a single query (`similar`) used
+    # one core; mode 1 splits each query's probed lists across threads instead: half the
+    # latency on 2 cores, and batches (near-duplicates) ~5 % slower (measured, 2 M rows)
+    ivf.parallel_mode = 1
     quantizer = faiss.downcast_index(ivf.quantizer)
     if hasattr(quantizer, "hnsw"):
         quantizer.hnsw.efSearch = ef_search or max(64, 2 * nprobe)
