@@ -305,7 +305,16 @@ def test_a_row_inserted_mid_shard_moves_the_ids_after_it_instead_of_clashing(tmp
     assert (report.failed, report.items_added, report.items_removed) == (0, 1, 0)
     got = items_of(st)
     assert {uid: int(v[2].rsplit("=", 1)[1]) for uid, v in got.items()} == {f.stem: k for k, f in enumerate(files)}
-    assert report.items_stale == 3  # the three rows the shard rewrote: extracted again
+    assert report.items_stale == 0  # the rows the shard rewrote hold the same bytes: embeddings kept
+    # a row whose audio changed as its id moved: that embedding goes stale, only that one
+    other = shortest(shared_data, 5)[4]
+    rows[2] = dict(rows[2], audio={"bytes": other.read_bytes(), "path": other.name})
+    pq.write_table(pa.Table.from_pylist([rows[0], rows[2], rows[3]]), shard)
+    report = st.scan(hf=[shard])
+    assert (report.failed, report.items_removed, report.items_stale) == (0, 1, 1)
+    assert dict(st.manifest.query("SELECT i.uid, t.status FROM items i JOIN tasks t ON t.item_id = i.id"
+                                  " WHERE i.removed = 0")) == {files[0].stem: "done", files[2].stem: "stale",
+                                                               files[3].stem: "done"}
     st.close()
 
 
@@ -335,7 +344,22 @@ def test_threads_read_row_groups_outside_the_cache_lock_each_group_once(tmp_path
 
     files = shortest(shared_data, 4)
     (shard,) = write_shards(tmp_path / "hf", rows_of(files), split=4, row_group_size=1)[:1]
+    class OwnedLock:
+        """The cache's lock, knowing which thread holds it."""
+
+        def __init__(self):
+            self.lock, self.owner = threading.Lock(), None
+
+        def __enter__(self):
+            self.lock.acquire()
+            self.owner = threading.get_ident()
+
+        def __exit__(self, *exc):
+            self.owner = None
+            self.lock.release()
+
     cache = audio_io._Groups(keep=8)
+    cache.lock = OwnedLock()
     reads: Counter = Counter()
     under_lock: list[bool] = []
     real_layout = audio_io._parquet_layout
@@ -344,11 +368,7 @@ def test_threads_read_row_groups_outside_the_cache_lock_each_group_once(tmp_path
         read, starts = real_layout(path)
 
         def read_group(group):
-            # a read under the cache's lock would block this acquire until it times out
-            free = cache.lock.acquire(timeout=1)
-            if free:
-                cache.lock.release()
-            under_lock.append(not free)
+            under_lock.append(cache.lock.owner == threading.get_ident())
             reads[group] += 1
             time.sleep(0.05)  # the other threads ask for this group meanwhile: they must wait, not reread
             return read(group)
@@ -409,4 +429,121 @@ def test_a_claim_in_length_order_reads_its_rows_by_shard_and_row(tmp_path, share
     assert [x.task.task_id for x in loaded] == [t.task_id for t in claimed]
     assert all(x.error is None and x.feats is not None for x in loaded)
     assert reads == sorted(place) * 2  # hashes, then decodes, each pass in (shard, row) order
+    st.close()
+
+
+def _vectors(st) -> dict[str, np.ndarray]:
+    ids, vectors = st.embeddings()
+    return dict(zip(ids, vectors))
+
+
+def _task_states(st) -> dict[str, int]:
+    return dict(st.manifest.query("SELECT status, count(*) FROM tasks GROUP BY status"))
+
+
+def test_a_resharded_dataset_keeps_its_ids_and_their_embeddings(tmp_path, shared_data):
+    """The same rows with their ids, redistributed over the shards (other splits, then
+    other shard files): each id follows its row to its new shard, keeps its item and
+    its embedding, and nothing is to be extracted again."""
+    from tests.store_factory import fill_embeddings
+
+    files = shortest(shared_data, 6)
+    rows = rows_of(files)
+    folder = tmp_path / "hf"
+    write_shards(folder, rows, split=3)
+    st = embstore.open(tmp_path / "s")
+    st.scan(hf=[folder])
+    fill_embeddings(st)  # done tasks with the rows' hashes, through the claim and writer path
+    before = _vectors(st)
+    item_ids = dict(st.manifest.query("SELECT uid, id FROM items"))
+    by_id = {r["id"]: k for k, r in enumerate(rows)}
+
+    def check(report, where: dict[str, str]) -> None:
+        assert (report.failed, report.items_added, report.items_removed, report.items_stale) == (0, 0, 0, 0)
+        assert {uid: v[2] for uid, v in items_of(st).items()} == where
+        assert dict(st.manifest.query("SELECT uid, id FROM items")) == item_ids
+        assert _task_states(st) == {"done": 6}  # extract has nothing to do
+        after = _vectors(st)
+        assert after.keys() == before.keys() and all(np.array_equal(after[u], before[u]) for u in after)
+
+    # the same shard files, other splits, rows in another order: rows move both ways
+    shards = write_shards(folder, rows[::-1], split=2)
+    check(st.scan(hf=[folder]), {r["id"]: row_address(str(shards[k >= 2]), k if k < 2 else k - 2)
+                                 for k, r in enumerate(rows[::-1])})
+    # three shards of new names instead of two
+    for old in shards:
+        old.unlink()
+    table = pa.Table.from_pylist(rows)
+    new = [folder / f"train-{k:05d}-of-00003.parquet" for k in range(3)]
+    for k, path in enumerate(new):
+        pq.write_table(table.slice(2 * k, 2), path)
+    report = st.scan(hf=[folder])
+    check(report, {r["id"]: row_address(str(new[by_id[r["id"]] // 2]), by_id[r["id"]] % 2) for r in rows})
+    assert (report.removed, report.added) == (6, 6)
+    st.close()
+
+
+def test_a_rescan_with_other_columns_applies_them_to_unchanged_shards(tmp_path, shared_data, monkeypatch):
+    from tests.store_factory import fill_embeddings
+
+    files = shortest(shared_data, 3)
+    rows = [dict(r, utt=f"u-{r['id']}", reader=f"r-{r['speaker_id']}") for r in rows_of(files)]
+    shard = tmp_path / "hf" / "train.parquet"
+    shard.parent.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), shard)
+    st = embstore.open(tmp_path / "s")
+    st.scan(hf=[shard])
+    fill_embeddings(st)
+    before = _vectors(st)
+    # another speaker column and dataset name: the labels change, the embeddings stay
+    report = st.scan(hf=[shard], speaker_column="reader", dataset="renamed")
+    assert (report.failed, report.items_added, report.items_removed, report.items_stale) == (0, 0, 0, 0)
+    want = {f.stem: (f"r-{f.parent.name}", "renamed") for f in files}
+    assert {u: v[:2] for u, v in items_of(st).items()} == want
+    assert _task_states(st) == {"done": 3}
+    # the options are recorded for the dataset: a plain rescan keeps them, reading nothing
+    import embstore.scan.from_hf as from_hf
+
+    def unread(*args, **kwargs):
+        raise AssertionError("an unchanged shard was read")
+
+    with monkeypatch.context() as m:
+        m.setattr(from_hf, "iter_rows", unread)
+        assert st.scan(hf=[shard]).no_changes
+    assert {u: v[:2] for u, v in items_of(st).items()} == want
+    # another id column: the items are renamed, each keeping its embedding
+    report = st.scan(hf=[shard], id_column="utt")
+    assert (report.failed, report.items_added, report.items_removed, report.items_stale) == (0, 0, 0, 0)
+    assert {u: v[:2] for u, v in items_of(st).items()} == {f"u-{k}": v for k, v in want.items()}
+    after = _vectors(st)
+    assert after.keys() == {f"u-{k}" for k in before} and all(np.array_equal(after[f"u-{k}"], v) for k, v in before.items())
+    assert _task_states(st) == {"done": 3}
+    st.close()
+
+
+def test_a_reshard_rescan_cut_short_is_completed_by_the_next_scan(tmp_path, shared_data, monkeypatch):
+    from embstore.scan.sync import _Syncer
+
+    files = shortest(shared_data, 4)
+    rows = rows_of(files)
+    folder = tmp_path / "hf"
+    write_shards(folder, rows, split=2)
+    st = embstore.open(tmp_path / "s")
+    st.scan(hf=[folder])
+    for old in folder.iterdir():
+        old.unlink()
+    pq.write_table(pa.Table.from_pylist(rows), folder / "all.parquet")
+
+    def cut_short(self):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(_Syncer, "settle_moves", cut_short)
+        with pytest.raises(KeyboardInterrupt):
+            st.scan(hf=[folder])
+    report = st.scan(hf=[folder])  # the shard is unchanged, but rows without their items are read again
+    assert report.failed == 0 and report.items_added == 0
+    assert {uid: v[2] for uid, v in items_of(st).items()} == {
+        r["id"]: row_address(str(folder / "all.parquet"), k) for k, r in enumerate(rows)}
+    assert st.scan(hf=[folder]).no_changes
     st.close()

@@ -548,8 +548,7 @@ def content_hash(path: str, block: int = 1 << 20) -> str:
     if address is not None:
         base, row, channel = address
         if row is not None:
-            digest.update(read_row_bytes(base, row))
-            return digest.hexdigest()
+            return bytes_hash(read_row_bytes(base, row))
         path = base
     with open(path, "rb") as f:
         while chunk := f.read(block):
@@ -557,3 +556,8 @@ def content_hash(path: str, block: int = 1 << 20) -> str:
     if address is not None:
         digest.update(f"#channel={address[2]}".encode())
     return digest.hexdigest()
+
+
+def bytes_hash(data: bytes) -> str:
+    """`content_hash` of audio bytes held in memory (a dataset row's, read by a scan)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()

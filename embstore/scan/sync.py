@@ -17,6 +17,7 @@ import sqlite3
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -44,6 +45,7 @@ class ScanReport(Report):
     items_added: int = 0
     items_stale: int = 0
     items_removed: int = 0
+    items_relabelled: int = 0  # same audio, another id, speaker or dataset (embeddings kept)
     seconds: float = 0.0
     failures: list[dict[str, str]] = field(default_factory=list)
 
@@ -53,7 +55,8 @@ class ScanReport(Report):
 
     @property
     def no_changes(self) -> bool:
-        return not (self.added or self.changed or self.removed or self.items_added or self.items_removed)
+        return not (self.added or self.changed or self.removed or self.items_added or self.items_removed
+                    or self.items_relabelled)
 
     def as_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "failures"}
@@ -116,6 +119,9 @@ class _Syncer:
         self.moves = moves
         self.claimed: set[str] = set()  # ids rows of this scan hold: a second claim is a duplicate
         self.released: set[int] = set()  # items this scan took off their file (maybe to move them)
+        self.removed_files: set[int] = set()  # files this scan marked removed (a shard gone)
+        self.hash_before: dict[int, str | None] = {}  # content hash of files this scan rewrote, as it was
+        self.deferred: list[dict[str, Any]] = []  # rows taking an id another shard had: see settle_moves
         self.pending_new: list[Candidate] = []
         self.pending_changed: list[tuple[int, Candidate]] = []
         self.pending_removed: list[int] = []
@@ -131,11 +137,13 @@ class _Syncer:
     def unchanged(self, rel: str, size: int, mtime_ns: int) -> bool:
         """Whether every row of folder `rel` was recorded with this size and mtime (a
         shard's rows all carry the shard's)."""
-        n, low, high, t_low, t_high = self.conn.execute(
-            "SELECT count(*), min(size), max(size), min(mtime_ns), max(mtime_ns) FROM files"
-            " WHERE root_id = ? AND dir = ? AND status != 'removed'", (self.root_id, rel),
+        n, low, high, t_low, t_high, bare = self.conn.execute(
+            "SELECT count(*), min(size), max(size), min(mtime_ns), max(mtime_ns),"
+            # a row without its item: a scan cut short before settle_moves gave it one
+            " sum(status = 'ok' AND NOT EXISTS (SELECT 1 FROM items i WHERE i.file_id = files.id AND i.removed = 0))"
+            " FROM files WHERE root_id = ? AND dir = ? AND status != 'removed'", (self.root_id, rel),
         ).fetchone()
-        return n > 0 and low == high == size and t_low == t_high == mtime_ns
+        return n > 0 and low == high == size and t_low == t_high == mtime_ns and not bare
 
     def folder(self, rel: str, candidates: list[Candidate]) -> None:
         known = {
@@ -192,7 +200,8 @@ class _Syncer:
             "path": cand.path,
             "dataset": cand.dataset, "speaker": cand.speaker, "size": cand.size, "mtime_ns": cand.mtime_ns,
             "sample_rate": None, "channels": None, "frames": None, "duration": None, "subtype": None,
-            "content_hash": None, "status": "ok", "error": None, "scanned_at": self.now,
+            # a dataset row's hash is read with its bytes; a file's by extraction
+            "content_hash": getattr(cand, "content_hash", None), "status": "ok", "error": None, "scanned_at": self.now,
         }
         if error:
             values.update(status="scan_failed", error=error)
@@ -240,10 +249,12 @@ class _Syncer:
         self.report.added += len(new)
         self._insert_items(conn, item_rows)
 
+    ITEM_COLUMNS = ("uid", "file_id", "dataset", "speaker", "start", "end", "duration", "removed")
+
     def _insert_items(self, conn: sqlite3.Connection, item_rows: list[dict[str, Any]]) -> None:
         if not item_rows:
             return
-        cols = ["uid", "file_id", "dataset", "speaker", "start", "end", "duration", "removed"]
+        cols = self.ITEM_COLUMNS
         before = conn.total_changes
         conn.executemany(
             f"INSERT OR IGNORE INTO items ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
@@ -261,53 +272,94 @@ class _Syncer:
             if owner is not None and owner[0] == r["file_id"]:
                 self.claimed.add(r["uid"])
                 continue
-            if self.moves and self._move_within_folder(conn, r):
+            if self.moves and self._move(conn, r):
                 continue
-            path = conn.execute("SELECT path FROM files WHERE id = ?", (r["file_id"],)).fetchone()[0]
-            alt = dict(r, uid=r["uid"] + os.path.splitext(path)[1])
-            taken = conn.execute("SELECT 1 FROM items WHERE uid = ?", (alt["uid"],)).fetchone()
-            if taken is None:
-                conn.execute(
-                    f"INSERT INTO items ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                    tuple(alt[c] for c in cols),
-                )
-                self.report.items_added += 1
-            else:
-                error = f"duplicate item id {r['uid']!r} (another file already has it)"
-                conn.execute("UPDATE files SET status = 'scan_failed', error = ? WHERE id = ?", (error, r["file_id"]))
-                self.report.failed += 1
-                self.report.failures.append({"path": path, "error": error})
+            self._clash(conn, r)
 
-    def _move_within_folder(self, conn: sqlite3.Connection, r: dict[str, Any]) -> bool:
-        """Give item `r["uid"]` to file `r["file_id"]` when its owner sits in the same
-        folder (shard) of this root and no row of this scan holds the id yet; its
-        embedding goes stale (re-extracted, or reused by dedup when the bytes are the same)."""
-        owner = conn.execute("SELECT i.id, i.removed, f.root_id, f.dir FROM items i JOIN files f ON f.id = i.file_id"
-                             " WHERE i.uid = ?", (r["uid"],)).fetchone()
-        new_dir = conn.execute("SELECT dir FROM files WHERE id = ?", (r["file_id"],)).fetchone()[0]
-        if owner is None or r["uid"] in self.claimed or (owner["root_id"], owner["dir"]) != (self.root_id, new_dir):
+    def _clash(self, conn: sqlite3.Connection, r: dict[str, Any]) -> None:
+        """Item row `r` whose id another file keeps: the id with the file's extension,
+        else a duplicate (its file fails)."""
+        cols = self.ITEM_COLUMNS
+        path = conn.execute("SELECT path FROM files WHERE id = ?", (r["file_id"],)).fetchone()[0]
+        alt = dict(r, uid=r["uid"] + os.path.splitext(path)[1])
+        taken = conn.execute("SELECT 1 FROM items WHERE uid = ?", (alt["uid"],)).fetchone()
+        if taken is None:
+            conn.execute(
+                f"INSERT INTO items ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                tuple(alt[c] for c in cols),
+            )
+            self.report.items_added += 1
+        else:
+            error = f"duplicate item id {r['uid']!r} (another file already has it)"
+            conn.execute("UPDATE files SET status = 'scan_failed', error = ? WHERE id = ?", (error, r["file_id"]))
+            self.report.failed += 1
+            self.report.failures.append({"path": path, "error": error})
+
+    def _move(self, conn: sqlite3.Connection, r: dict[str, Any], settling: bool = False) -> bool:
+        """Give item `r["uid"]` to dataset row `r["file_id"]` when its owner is a row of
+        this root that no row of this scan holds: in the same shard at once (its kept
+        rows claimed their ids first); from another shard only once every shard is read
+        (`settle_moves`), and only if its row is gone from there (else `r` is the
+        duplicate). Its embeddings stay when the row's audio is the same bytes (content
+        hash); otherwise they go stale."""
+        owner = conn.execute("SELECT i.id, i.removed, i.file_id, f.root_id, f.dir, f.content_hash FROM items i"
+                             " JOIN files f ON f.id = i.file_id WHERE i.uid = ?", (r["uid"],)).fetchone()
+        new_dir, new_hash = conn.execute("SELECT dir, content_hash FROM files WHERE id = ?", (r["file_id"],)).fetchone()
+        if owner is None or r["uid"] in self.claimed or owner["root_id"] != self.root_id:
             return False
+        if owner["dir"] != new_dir:
+            if not settling:
+                self.deferred.append(r)  # re-sharded: its shard may not have been read yet
+                return True
+            if not owner["removed"]:
+                return False
         conn.execute(
             "UPDATE items SET file_id = ?, dataset = ?, speaker = ?, start = ?, end = ?, duration = ?, removed = 0"
             " WHERE id = ?",
             (r["file_id"], r["dataset"], r["speaker"], r["start"], r["end"], r["duration"], owner["id"]),
         )
-        self.report.items_stale += mark_items_stale(conn, owner["id"]) and 1
-        if owner["removed"] and owner["id"] in self.released:
+        before = self._embedded_hash(owner)
+        if before is None or before != new_hash:
+            self.report.items_stale += mark_items_stale(conn, owner["id"]) and 1
+        if owner["removed"] and (owner["id"] in self.released or owner["file_id"] in self.removed_files):
             self.report.items_removed -= 1  # counted as removed a moment ago: it moved instead
         self.claimed.add(r["uid"])
         return True
+
+    def _embedded_hash(self, owner: sqlite3.Row) -> str | None:
+        """The content hash of the audio an item's embeddings were made from, as far as
+        this scan knows (None: unknown, e.g. removed by an earlier scan, its file may
+        hold other bytes since)."""
+        if owner["removed"] and owner["id"] not in self.released and owner["file_id"] not in self.removed_files:
+            return None
+        return self.hash_before.get(owner["file_id"], owner["content_hash"])
+
+    def settle_moves(self) -> None:
+        """Rows of this scan that took an id another shard of the dataset had (a
+        re-sharded dataset): every shard read, each takes the item when the id's old row
+        is gone, and clashes as a duplicate when it is still there."""
+        deferred, self.deferred = self.deferred, []
+        if not deferred:
+            return
+        with self.store.write() as conn:
+            for r in deferred:
+                if not self._move(conn, r, settling=True):
+                    self._clash(conn, r)
 
     def _update_changed(self, conn: sqlite3.Connection, file_id: int, cand: Candidate, probed) -> None:
         header, error = probed if probed else (None, cand.error)
         values = self._file_values(cand, header, error or cand.error)
         values.pop("root_id")
         values.pop("path")
+        before = conn.execute("SELECT content_hash FROM files WHERE id = ?", (file_id,)).fetchone()[0]
+        self.hash_before.setdefault(file_id, before)
         sets = ", ".join(f"{k} = ?" for k in values)
         conn.execute(f"UPDATE files SET {sets} WHERE id = ?", (*values.values(), file_id))
         self.report.changed += 1
         wanted = self._items_of(cand, file_id, values)
-        self._apply_items(conn, file_id, wanted, content_changed=True)
+        # a dataset row rewritten with the same audio bytes keeps its embeddings
+        same = before is not None and before == values["content_hash"]
+        self._apply_items(conn, file_id, wanted, content_changed=not same)
 
     def _sync_items(self, conn: sqlite3.Connection, file_id: int, cand: Candidate) -> None:
         status, duration = conn.execute("SELECT status, duration FROM files WHERE id = ?", (file_id,)).fetchone()
@@ -326,14 +378,21 @@ class _Syncer:
                 continue
             self.claimed.add(w["uid"])
             span_changed = (row["start"], row["end"]) != (w["start"], w["end"])
-            if content_changed or span_changed or row["removed"]:
+            relabelled = (row["dataset"], row["speaker"]) != (w["dataset"], w["speaker"])
+            if content_changed or span_changed or row["removed"] or relabelled:
                 conn.execute(
                     "UPDATE items SET dataset = ?, speaker = ?, start = ?, end = ?, duration = ?, removed = 0"
                     " WHERE id = ?",
                     (w["dataset"], w["speaker"], w["start"], w["end"], w["duration"], row["id"]),
                 )
+            if content_changed or span_changed or row["removed"]:
                 stale = mark_items_stale(conn, row["id"])
                 self.report.items_stale += stale and 1
+            elif relabelled:
+                self.report.items_relabelled += 1
+        live = [row for row in current.values() if not row["removed"]]
+        if self.moves and not content_changed and len(live) == len(fresh) == 1 and self._rename(conn, live[0], fresh[0]):
+            return
         for row in current.values():
             if not row["removed"]:
                 conn.execute("UPDATE items SET removed = 1 WHERE id = ?", (row["id"],))
@@ -341,7 +400,21 @@ class _Syncer:
                 self.released.add(row["id"])
         self._insert_items(conn, fresh)
 
+    def _rename(self, conn: sqlite3.Connection, row: sqlite3.Row, w: dict[str, Any]) -> bool:
+        """A dataset row whose audio stayed while its id changed (another id column):
+        its item takes the new id when no item has it, keeping its embeddings."""
+        if (row["start"], row["end"]) != (w["start"], w["end"]):
+            return False
+        if conn.execute("SELECT 1 FROM items WHERE uid = ?", (w["uid"],)).fetchone() is not None:
+            return False
+        conn.execute("UPDATE items SET uid = ?, dataset = ?, speaker = ? WHERE id = ?",
+                     (w["uid"], w["dataset"], w["speaker"], row["id"]))
+        self.claimed.add(w["uid"])
+        self.report.items_relabelled += 1
+        return True
+
     def _remove(self, conn: sqlite3.Connection, file_ids: list[int]) -> None:
+        self.removed_files.update(file_ids)
         execute_in(conn, "UPDATE files SET status = 'removed', scanned_at = ? WHERE id IN ({marks})", file_ids,
                    params_before=(self.now,))
         self.report.items_removed += execute_in(
@@ -370,12 +443,19 @@ def _header_of(cand: Candidate, headers: dict[str, Any]) -> tuple[Any, str | Non
 
 
 def _root_row(store: Manifest, kind: str, path: str, layout: str | None, dataset: str | None) -> int:
-    row = store.conn.execute("SELECT id, layout FROM roots WHERE kind = ? AND path = ?", (kind, path)).fetchone()
+    row = store.conn.execute("SELECT id, layout, dataset FROM roots WHERE kind = ? AND path = ?", (kind, path)).fetchone()
     if row is not None:
         if kind == "tree" and row["layout"] != layout:
             raise ScanError(
                 f"{path} was scanned with --layout {row['layout']}; rescanning it as {layout} would rename its items"
             )
+        if kind == "hf" and layout is not None and (row["layout"], row["dataset"]) != (layout, dataset):
+            from embstore.scan.from_hf import applying
+
+            # another mapping, applied shard by shard: marked until the scan ends, so one
+            # cut short leaves the next rereading every shard
+            with store.write() as conn:
+                conn.execute("UPDATE roots SET layout = ?, dataset = ? WHERE id = ?", (applying(layout), dataset, row["id"]))
         return row["id"]
     with store.write() as conn:
         cur = conn.execute(
@@ -397,7 +477,10 @@ class ScanOptions:
     of shards, a `save_to_disk` folder). dataset: the dataset name of lhotse/hf items
     (default: from the manifest's or dataset's name; an HF `dataset` column wins).
     id_column / speaker_column: the HF columns of item ids / speakers (default: the
-    usual names, `id`, `speaker_id`, `speaker`, `client_id`...). jobs: processes reading
+    usual names, `id`, `speaker_id`, `speaker`, `client_id`...); an HF dataset keeps
+    the columns and name it was scanned with until a rescan names others, which are
+    then applied to every shard, changed or not (labels updated, items renamed, their
+    embeddings kept). jobs: processes reading
     headers (default: up to 2). progress: a bar on stderr."""
 
     layout: str = "dataset"
@@ -429,9 +512,9 @@ class ScanOptions:
 _Source = tuple[str, str, "str | None", "str | None", "Folders | Callable[[_Syncer], Folders]"]
 
 
-def _sources(roots: Sequence[str | os.PathLike], opts: ScanOptions, report: ScanReport) -> list[_Source]:
+def _sources(store: Manifest, roots: Sequence[str | os.PathLike], opts: ScanOptions, report: ScanReport) -> list[_Source]:
     """Every source of a scan, checked before anything is written."""
-    from embstore.scan.from_hf import check_columns, hf_candidates
+    from embstore.scan.from_hf import check_columns, dataset_mapping
     from embstore.scan.from_lhotse import lhotse_candidates
 
     sources: list[_Source] = []
@@ -460,15 +543,25 @@ def _sources(roots: Sequence[str | os.PathLike], opts: ScanOptions, report: Scan
         name = opts.dataset or dataset_name(str(path))
         sources.append(("lhotse", str(path), None, name, list(lhotse_candidates(str(path), name))))
     for dataset_path in opts.hf:
-        from embstore.interop.hf import dataset_name as hf_name, find_shards
+        from embstore.interop.hf import find_shards
 
         path = os.path.abspath(os.fspath(dataset_path))
         shards = find_shards(path)
-        check_columns(shards, opts.id_column, opts.speaker_column)
-        name = opts.dataset or hf_name(path)
-        sources.append(("hf", path, None, name, lambda syncer, shards=shards, name=name: hf_candidates(
-            path, shards, name, syncer.unchanged, opts.id_column, opts.speaker_column)))
+        recorded = store.conn.execute("SELECT layout, dataset FROM roots WHERE kind = 'hf' AND path = ?", (path,)).fetchone()
+        # the columns and name recorded for this dataset, or the ones given in their place
+        mapping, reread = dataset_mapping(path, recorded, opts.id_column, opts.speaker_column, opts.dataset)
+        check_columns(shards, mapping.id_column, mapping.speaker_column)
+        sources.append(("hf", path, mapping.layout(), mapping.dataset, partial(_hf_folders, path, shards, mapping, reread)))
     return sources
+
+
+def _hf_folders(path: str, shards: list[str], mapping: Any, reread: bool, syncer: _Syncer) -> Folders:
+    """A dataset's shards; every one of them read when its mapping changed (the rows'
+    ids and labels are then applied to unchanged shards too)."""
+    from embstore.scan.from_hf import hf_candidates
+
+    unchanged = (lambda shard, size, mtime_ns: False) if reread else syncer.unchanged
+    return hf_candidates(path, shards, mapping.dataset, unchanged, mapping.id_column, mapping.speaker_column)
 
 
 def scan_into(
@@ -481,13 +574,14 @@ def scan_into(
         raise ScanError("nothing to scan: give a ROOT folder, --kaldi DATADIR, --list FILE, --lhotse MANIFEST or --hf PATH")
     started = time.monotonic()
     report = ScanReport()
-    sources = _sources(roots, opts, report)
+    sources = _sources(store, roots, opts, report)
     prober = _Prober(opts.jobs if opts.jobs is not None else min(2, os.cpu_count() or 1))
     bar = progress_bar(opts.progress, unit=" files", desc="scan", smoothing=0.1)
     try:
         for kind, path, src_layout, dataset, folders in sources:
             root_id = _root_row(store, kind, path, src_layout, dataset)
-            syncer = _Syncer(store, root_id, report, prober, item_sync=kind in ("kaldi", "lhotse"), moves=kind == "hf")
+            # dataset rows: a shard reread unchanged (a new mapping) applies ids and labels
+            syncer = _Syncer(store, root_id, report, prober, item_sync=kind in ("kaldi", "lhotse", "hf"), moves=kind == "hf")
             seen: set[str] = set()
             for rel, candidates in (folders(syncer) if callable(folders) else folders):
                 # a tree's folders are relative to it; other sources key on absolute folders
@@ -500,8 +594,11 @@ def scan_into(
                     bar.update(len(candidates))
             syncer.flush()
             syncer.remove_missing_dirs(seen)
+            syncer.settle_moves()
             with store.write() as conn:
-                conn.execute("UPDATE roots SET scanned_at = ? WHERE id = ?", (utcnow(), root_id))
+                # the layout and name this scan applied (an HF dataset's mapping) are the root's now
+                conn.execute("UPDATE roots SET scanned_at = ?, layout = ?, dataset = ? WHERE id = ?",
+                             (utcnow(), src_layout, dataset, root_id))
     finally:
         prober.close()
         if bar is not None:
