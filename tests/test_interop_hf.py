@@ -547,3 +547,15 @@ def test_a_reshard_rescan_cut_short_is_completed_by_the_next_scan(tmp_path, shar
         r["id"]: row_address(str(folder / "all.parquet"), k) for k, r in enumerate(rows)}
     assert st.scan(hf=[folder]).no_changes
     st.close()
+
+
+def test_two_datasets_in_one_scan_name_their_rows_each_by_its_own_root(tmp_path, shared_data):
+    files = shortest(shared_data, 2)
+    for name, f in zip(("a", "b"), files):
+        (tmp_path / name).mkdir()
+        row = {k: v for k, v in rows_of([f])[0].items() if k != "id"}
+        pq.write_table(pa.Table.from_pylist([row]), tmp_path / name / "train.parquet")
+    st = embstore.open(tmp_path / "s")
+    st.scan(hf=[tmp_path / "a", tmp_path / "b"])
+    assert {uid: v[1] for uid, v in items_of(st).items()} == {"train/0": "a", "train/0.parquet#row=0": "b"}
+    st.close()
