@@ -300,7 +300,8 @@ class Store(contextlib.AbstractContextManager):
 
     def export_lhotse(self, out: str | os.PathLike, *, model: str | None = None) -> MatrixExport:
         """OUT/cuts.jsonl.gz, one Lhotse cut per embedded item (per window of a window
-        model) with the custom field `embedding`, stored in OUT/embeddings.h5."""
+        model) with the custom field `embedding`, stored in OUT/embeddings-<random>.h5
+        (a new file each export: the cuts are swapped in atomically)."""
         from embstore.export import lhotse
 
         return lhotse.export_lhotse(self.manifest, out, model)
