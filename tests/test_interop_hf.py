@@ -462,7 +462,8 @@ def test_a_resharded_dataset_keeps_its_ids_and_their_embeddings(tmp_path, shared
         assert (report.failed, report.items_added, report.items_removed, report.items_stale) == (0, 0, 0, 0)
         assert {uid: v[2] for uid, v in items_of(st).items()} == where
         assert dict(st.manifest.query("SELECT uid, id FROM items")) == item_ids
-        assert _task_states(st) == {"done": 6}  # extract has nothing to do
+        assert _task_states(st) == {"done": 6}
+        assert st.extract(model="fake:fake", progress=False, workers=1).nothing_to_do
         after = _vectors(st)
         assert after.keys() == before.keys() and all(np.array_equal(after[u], before[u]) for u in after)
 
@@ -518,6 +519,7 @@ def test_a_rescan_with_other_columns_applies_them_to_unchanged_shards(tmp_path, 
     after = _vectors(st)
     assert after.keys() == {f"u-{k}" for k in before} and all(np.array_equal(after[f"u-{k}"], v) for k, v in before.items())
     assert _task_states(st) == {"done": 3}
+    assert st.extract(model="fake:fake", progress=False, workers=1).nothing_to_do
     st.close()
 
 
@@ -559,3 +561,54 @@ def test_two_datasets_in_one_scan_name_their_rows_each_by_its_own_root(tmp_path,
     st.scan(hf=[tmp_path / "a", tmp_path / "b"])
     assert {uid: v[1] for uid, v in items_of(st).items()} == {"train/0": "a", "train/0.parquet#row=0": "b"}
     st.close()
+
+
+def test_a_failed_row_group_read_fails_the_threads_waiting_for_it_and_is_retried(tmp_path, shared_data, monkeypatch):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from embstore.audio import io as audio_io
+    from embstore.errors import AudioError
+
+    files = shortest(shared_data, 1)
+    (shard,) = write_shards(tmp_path / "hf", rows_of(files), split=1)[:1]
+    cache = audio_io._Groups()
+    go, waiting, reads = threading.Event(), [], []
+    real_layout, real_wait = audio_io._parquet_layout, audio_io._Reading.wait
+
+    def failing_layout(path):
+        read, starts = real_layout(path)
+
+        def read_group(group):
+            reads.append(group)
+            if len(reads) == 1:
+                go.wait(10)
+                raise OSError("injected: disk gone")
+            return read(group)
+
+        return read_group, starts
+
+    def counted_wait(self):
+        waiting.append(1)
+        return real_wait(self)
+
+    monkeypatch.setattr(audio_io, "_parquet_layout", failing_layout)
+    monkeypatch.setattr(audio_io._Reading, "wait", counted_wait)
+
+    def row() -> object:
+        try:
+            return cache.row(str(shard), 0)
+        except AudioError as exc:
+            return str(exc)
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(row)
+        while not reads:
+            time.sleep(0.01)
+        second = pool.submit(row)  # finds the group being read: waits for that read
+        while not waiting:
+            time.sleep(0.01)
+        go.set()
+        got = [first.result(10), second.result(10)]
+    assert got == ["unreadable rows 0-0: injected: disk gone"] * 2 and reads == [0]
+    assert cache.row(str(shard), 0) == files[0].read_bytes() and reads == [0, 0]  # not cached: read again
