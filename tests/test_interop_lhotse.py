@@ -76,6 +76,10 @@ def test_cuts_scanned_extracted_and_exported_load_the_stores_vectors(tmp_path, s
         assert cut.duration == pytest.approx(sup.duration, abs=1e-6)
         seen.add(cut.id)
     assert seen == set(by_id)
+    # the text summary names the HDF5 file the cuts point at
+    text = runner.invoke(cli, ["export-lhotse", str(store), str(tmp_path / "out")])
+    (h5,) = (tmp_path / "out").glob("embeddings-*.h5")
+    assert text.exit_code == 0 and f"embeddings in {tmp_path / 'out' / h5.name}," in text.output, text.output
 
 
 def test_recordings_with_supervisions_beside_them_and_cut_offsets(tmp_path, shared_data):

@@ -158,10 +158,13 @@ def export_npy(store, out, model, by, as_json):
 @library_errors
 @exit_status_documented
 def export_lhotse(store, out, model, as_json):
-    """Write Lhotse cuts with embeddings: OUT/cuts.jsonl.gz + OUT/embeddings.h5.
+    """Write Lhotse cuts with embeddings: OUT/cuts.jsonl.gz + OUT/embeddings-<random>.h5.
 
     One cut per embedded item, with the custom field `embedding` (a float32
-    [dim] array in OUT/embeddings.h5, written by Lhotse's NumpyHdf5Writer).
+    [dim] array in OUT/embeddings-<random>.h5, written by Lhotse's
+    NumpyHdf5Writer). Each export writes a new HDF5 file, then replaces the
+    cuts, then deletes the earlier HDF5 file: a reader never opens cuts that
+    name a missing file.
     Items scanned with --lhotse keep their manifest's recording, supervision
     and custom fields; other items get a cut of their file (a dataset row: a
     cut without recording, its address in the custom field `source`). Cut
@@ -176,7 +179,7 @@ def export_lhotse(store, out, model, as_json):
     """
     def echo(info: MatrixExport) -> None:
         what = f"{info.windows} windows of {info.items} items" if info.windows is not None else f"{info.items} items"
-        click.echo(f"{what} -> {info.out}/cuts.jsonl.gz (embeddings in {info.out}/embeddings.h5, {info.dim}-d float32)")
+        click.echo(f"{what} -> {info.out}/cuts.jsonl.gz (embeddings in {info.out}/{info.files[-1]}, {info.dim}-d float32)")
 
     _export(store, as_json, lambda st: st.export_lhotse(out, model=model), echo)
 

@@ -65,7 +65,9 @@ def scan(store, roots, layout, kaldi, lists, lhotse, hf, dataset, id_column, spe
         click.echo(
             f"added {report.added}, changed {report.changed}, removed {report.removed}, "
             f"unchanged {report.unchanged} files; {report.items_added} new items, "
-            f"{report.items_stale} stale, {report.items_removed} removed ({report.seconds:.1f}s)"
+            f"{report.items_stale} stale, {report.items_removed} removed"
+            + (f", {report.items_relabelled} relabelled" if report.items_relabelled else "")
+            + f" ({report.seconds:.1f}s)"
         )
     if report.failed:
         click.echo(f"{report.failed} files could not be read (see `embstore errors {store}`):", err=True)
