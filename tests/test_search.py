@@ -309,7 +309,7 @@ def test_cli_commands_and_one_line_errors(two_sets):
 
 
 @pytest.mark.slow
-def test_index_command_in_a_real_process(small):
+def test_index_command_in_a_real_process(small, approximate):
     done = subprocess.run([sys.executable, "-m", "embstore", "index", str(small.path), "--kind", "ivf", "--json"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -329,7 +329,7 @@ print("done")
 
 
 @pytest.mark.slow
-def test_queries_during_rebuilds_in_another_process_always_see_a_whole_index(small):
+def test_queries_during_rebuilds_in_another_process_always_see_a_whole_index(small, approximate):
     small.index(kind="ivf", lists=4, nprobe=4)
     expected = [f["id"] for f in small.similar("ds/spk3/utt4", k=5, exact=True)]
     writer = subprocess.Popen([sys.executable, "-c", REBUILDER, str(small.path), "15"], stdout=subprocess.PIPE)
@@ -341,3 +341,69 @@ def test_queries_during_rebuilds_in_another_process_always_see_a_whole_index(sma
         seen += 1
     assert writer.returncode == 0 and writer.stdout.read().strip() == b"done"
     assert seen > 1
+
+
+# -- review findings (issue 25) -------------------------------------------------------------
+
+
+def _count_rows_read(monkeypatch):
+    """Rows re-ranked (UnitRows.take) and rows scanned (knn's exact blocks), counted."""
+    from embstore.arrays.unit_cache import UnitRows
+
+    seen = {"take": 0, "scan": 0}
+    take, blocks = UnitRows.take, knn._blocks_from
+
+    def counted_take(self, rows):
+        seen["take"] += len(rows)
+        return take(self, rows)
+
+    def counted_blocks(source, start):
+        for first, block in blocks(source, start):
+            seen["scan"] += len(block)
+            yield first, block
+
+    monkeypatch.setattr(UnitRows, "take", counted_take)
+    monkeypatch.setattr(knn, "_blocks_from", counted_blocks)
+    return seen
+
+
+def test_a_too_low_range_threshold_fails_after_reading_about_the_cap(two_sets, approximate, monkeypatch):
+    two_sets.index(kind="ivf", lists=8, nprobe=8)
+    model = two_sets.models()[0]
+    source = query.unit_rows(two_sets.manifest, model)
+    vector = source.take(np.array([3]))[0]
+    seen = _count_rows_read(monkeypatch)
+    monkeypatch.setattr(knn, "RERANK_BLOCK", 8)
+    monkeypatch.setattr(knn, "SCAN_BLOCK", 8)
+    indexed = knn.searcher(two_sets.manifest, model, source)
+    assert indexed.meta is not None and indexed.meta.rows == 96
+    for searcher, counter in ((indexed, "take"), (knn.Searcher(source), "scan")):
+        with pytest.raises(StoreError, match="more than 5 rows score at least -1.0; raise the minimum score"):
+            searcher.at_least(vector, -1.0, cap=5)
+        assert seen[counter] <= 5 + 8, seen  # the cap and one block, not all 96 rows
+        seen.update(take=0, scan=0)
+    # under the cap the blocks add up to every row above the threshold, exactly
+    rows, scores = indexed.at_least(vector, 0.5, cap=96)
+    exact_rows, exact_scores = knn.Searcher(source).at_least(vector, 0.5, cap=96)
+    assert rows.tolist() == exact_rows.tolist() and np.allclose(scores, exact_scores)
+
+
+def test_similar_reports_the_exact_scan_when_it_answered_instead_of_the_index(two_sets):
+    two_sets.index(kind="ivf", lists=8, nprobe=8)
+    # 96 rows: k=5 wants 38 candidate rows, 38 x EXACT_FRACTION >= 96, so the scan answers
+    found = two_sets.similar("a/spk1/utt3", k=5)
+    assert found and all(f["index"] == "flat" and f["exact"] is True for f in found)
+    result = CliRunner().invoke(cli, ["similar", str(two_sets.path), "a/spk1/utt3", "-k", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    assert {(r["index"], r["exact"]) for r in json.loads(result.stdout)} == {("flat", True)}
+    # a range query goes through the index: it says so
+    ranged = two_sets.similar("a/spk1/utt3", min_score=0.5)
+    assert ranged and {(f["index"], f["exact"]) for f in ranged} == {("ivf8,sq8", False)}
+
+
+def test_overlap_of_a_dataset_with_itself_is_refused_in_one_line(two_sets):
+    with pytest.raises(StoreError, match="'a' is both the source and the target"):
+        two_sets.overlap(source="a", target="a")
+    result = CliRunner().invoke(cli, ["overlap", str(two_sets.path), "--from", "dataset:a", "--to", "a"])
+    assert result.exit_code != 0 and result.output.count("\n") == 1, result.output
+    assert "'a' is both the source and the target" in result.output and "Traceback" not in result.output

@@ -10,7 +10,7 @@ leaving out removed and stale ones) is the caller's job, through the manifest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,12 @@ AUTO_EXTEND_ROWS = 100_000
 EXACT_FRACTION = 8
 # a range query never gathers more rows than this (an error says to raise the threshold)
 RANGE_CAP = 100_000
+# a range query's candidates are re-ranked this many at a time, and the re-rank stops
+# once more than the cap score above the threshold: a threshold set too low fails after
+# reading cap + one block of rows, not every candidate of the probed lists
+RERANK_BLOCK = 16_384
+# rows per block of the exact scan
+SCAN_BLOCK = 65_536
 
 
 @dataclass
@@ -49,21 +55,29 @@ class Searcher:
     source: UnitRows
     meta: ann.IndexMeta | None = None
     index: Any = None
+    # what answered the last query: `top` scans exactly when the rows wanted are many
+    # for the index, so the index's presence alone does not say
+    answered: str | None = field(default=None, init=False)
 
     @property
     def name(self) -> str:
-        """What answered: "flat" (the exact scan) or the index's kind, e.g. "ivf4096,sq8"."""
+        """What answered (the last query): "flat" (the exact scan) or the index's kind,
+        e.g. "ivf4096,sq8"."""
+        if self.answered is not None:
+            return self.answered
         return "flat" if self.meta is None else self.meta.kind
 
     @property
     def exact(self) -> bool:
         """True when every row was scored (no candidate could be missed)."""
-        return self.meta is None
+        return self.name == "flat"
 
     def top(self, query: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The n best (row, exact score), best first (ties by row)."""
         if self.meta is None or n * EXACT_FRACTION >= self.meta.rows:
+            self.answered = "flat"
             return exact_top(self.source, query, n)
+        self.answered = self.meta.kind
         want = max(CANDIDATES_PER_ROW * n, MIN_CANDIDATES)
         _, ids = self.index.search(query[None, :].astype(np.float32), want)
         rows, scores = self._rerank(ids[0], query)
@@ -74,14 +88,16 @@ class Searcher:
         """Every (row, exact score) with score >= threshold, best first; more than `cap`
         (default RANGE_CAP) is an error."""
         cap = RANGE_CAP if cap is None else cap
+        self.answered = "flat" if self.meta is None else self.meta.kind
         if self.meta is None:
             rows, scores = exact_at_least(self.source, query, threshold, cap)
         else:
             ids = self._range_candidates(query, float(threshold) - RANGE_MARGIN)
-            rows, scores = self._rerank(ids, query)
-            keep = scores >= threshold
-            tail_rows, tail_scores = exact_at_least(self.source, query, threshold, cap, start=self.meta.rows)
-            rows, scores = np.concatenate([rows[keep], tail_rows]), np.concatenate([scores[keep], tail_scores])
+            rows, scores = self._rerank_at_least(ids, query, threshold, cap)
+            if len(rows) <= cap:  # else too many already: the tail is not read
+                tail_rows, tail_scores = exact_at_least(
+                    self.source, query, threshold, cap - len(rows), start=self.meta.rows)
+                rows, scores = np.concatenate([rows, tail_rows]), np.concatenate([scores, tail_scores])
         if len(rows) > cap:
             raise StoreError(f"more than {cap} rows score at least {threshold}; raise the minimum score")
         return _best(rows, scores, len(rows))
@@ -94,11 +110,39 @@ class Searcher:
         return ids
 
     def _rerank(self, ids: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        rows = np.unique(ids[ids >= 0]).astype(np.int64)  # sorted: the memmap reads forward
-        rows = rows[rows < self.source.rows]
+        rows = _candidate_rows(ids, self.source.rows)
         if not len(rows):
             return rows, np.zeros(0, np.float32)
         return rows, self.source.take(rows) @ query
+
+    def _rerank_at_least(
+        self, ids: np.ndarray, query: np.ndarray, threshold: float, cap: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The candidates scoring >= threshold exactly, re-ranked RERANK_BLOCK rows at a
+        time; stops once more than `cap` are found (the caller reports too many)."""
+        rows = _candidate_rows(ids, self.source.rows)
+        hits: list[np.ndarray] = []
+        hit_scores: list[np.ndarray] = []
+        found = 0
+        for lo in range(0, len(rows), RERANK_BLOCK):
+            block = rows[lo : lo + RERANK_BLOCK]
+            scores = self.source.take(block) @ query
+            keep = scores >= threshold
+            hits.append(block[keep])
+            hit_scores.append(scores[keep])
+            found += int(keep.sum())
+            if found > cap:
+                break
+        if not hits:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return np.concatenate(hits), np.concatenate(hit_scores)
+
+
+def _candidate_rows(ids: np.ndarray, rows: int) -> np.ndarray:
+    """The index's candidate ids as rows under `rows`, unique and sorted (the memmap then
+    reads forward)."""
+    found = np.unique(ids[ids >= 0]).astype(np.int64)
+    return found[found < rows]
 
 
 def searcher(store: Manifest, model: ModelRecord, source: UnitRows, exact: bool = False) -> Searcher:
@@ -171,10 +215,10 @@ def _blocks_from(source: UnitRows, start: int):
     if start >= source.rows:
         return
     if source.matrix is not None:
-        for first in range(start, source.rows, 65536):
-            yield first, source.matrix[first : first + 65536]
+        for first in range(start, source.rows, SCAN_BLOCK):
+            yield first, source.matrix[first : first + SCAN_BLOCK]
         return
-    for first, block in source.blocks():
+    for first, block in source.blocks(SCAN_BLOCK):
         if first + len(block) <= start:
             continue
         cut = max(0, start - first)

@@ -66,6 +66,9 @@ def overlap(
     """Speakers of dataset `source` within cosine `threshold` of a speaker of `target`."""
     if not -1.0 <= threshold <= 1.0:
         raise StoreError(f"threshold is a cosine in [-1, 1] (got {threshold})")
+    if source == target:
+        # every speaker would match itself: no leakage check, only a self-comparison
+        raise StoreError(f"overlap compares two datasets: {source!r} is both the source and the target")
     started = time.perf_counter()
     m = store.resolve_model(model)
     rows = unit_rows(store.model_arrays(m), committed_rows(store.conn, m.id), m.fingerprint, store.paths.cache)
