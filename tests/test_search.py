@@ -407,3 +407,18 @@ def test_overlap_of_a_dataset_with_itself_is_refused_in_one_line(two_sets):
     result = CliRunner().invoke(cli, ["overlap", str(two_sets.path), "--from", "dataset:a", "--to", "a"])
     assert result.exit_code != 0 and result.output.count("\n") == 1, result.output
     assert "'a' is both the source and the target" in result.output and "Traceback" not in result.output
+
+
+def test_an_index_ahead_of_the_store_is_rebuilt_not_reported_up_to_date(small, approximate):
+    small.index(kind="ivf", lists=4, nprobe=4)
+    model = small.models()[0]
+    folder = ann.folder_of(small.manifest, model)
+    meta = json.loads((folder / ann.META_NAME).read_text())
+    # as after a rollback or a rebuilt store: the published index covers rows the store lacks
+    (folder / ann.META_NAME).write_text(json.dumps(dict(meta, rows=meta["rows"] + 10)))
+    assert ann.open_index(small.manifest, model) is None  # never used meanwhile
+    report = small.index()
+    assert report.action == "built" and report.rows == report.committed == 20, report
+    assert report.reason == "the index covers 30 rows, the store commits 20"
+    assert ann.read_meta(folder, model).rows == 20
+    assert small.similar("ds/spk1/utt2", k=3)[0]["index"] == report.kind

@@ -315,7 +315,10 @@ def ensure(
             return BuildResult("busy", read_meta(folder, model), time.perf_counter() - started, "another process builds it")
         meta = read_meta(folder, model)
         drift = None
-        if meta is not None and not rebuild and (lists is None or lists == meta.lists):
+        # an index over more rows than the store commits (rows rolled back, the store
+        # rebuilt) holds rows that are not the store's: never kept, always rebuilt
+        ahead = meta is not None and meta.rows > committed
+        if meta is not None and not rebuild and not ahead and (lists is None or lists == meta.lists):
             if nprobe is not None and nprobe != meta.nprobe:
                 meta.nprobe = nprobe
                 _publish_meta(folder, meta)
@@ -328,7 +331,9 @@ def ensure(
                 _publish(folder, index, new)
                 why = f"{committed - meta.rows} rows added" + (f" (past the drift bound: {drift})" if drift else "")
                 return BuildResult("extended", new, time.perf_counter() - started, why)
-        if rebuild or drift or meta is None:
+        if ahead and meta is not None:
+            reason = f"the index covers {meta.rows} rows, the store commits {committed}"
+        elif rebuild or drift or meta is None:
             reason = "rebuild asked for" if rebuild else (f"drifted: {drift}" if drift else "no index yet")
         else:
             reason = f"{lists} lists asked for (the index has {meta.lists})"
