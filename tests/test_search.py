@@ -422,3 +422,41 @@ def test_an_index_ahead_of_the_store_is_rebuilt_not_reported_up_to_date(small, a
     assert report.reason == "the index covers 30 rows, the store commits 20"
     assert ann.read_meta(folder, model).rows == 20
     assert small.similar("ds/spk1/utt2", k=3)[0]["index"] == report.kind
+
+
+def test_the_index_lock_and_publish_use_the_store_helpers_with_wait_and_no_wait(small, monkeypatch):
+    import threading
+    import time
+
+    from embstore.paths import file_lock
+
+    model = small.models()[0]
+    folder = ann.folder_of(small.manifest, model)
+    folder.mkdir(parents=True, exist_ok=True)
+    published = []
+    real_write = ann.write_atomic_text
+    monkeypatch.setattr(ann, "write_atomic_text", lambda path, text: (published.append(path), real_write(path, text)))
+    held, release = threading.Event(), threading.Event()
+
+    def holder():  # another holder of the same lock (flock: one per open file, so a thread will do)
+        with file_lock(folder / ann.LOCK_NAME):
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(10)
+    try:
+        busy = ann.ensure(small.manifest, model, kind="ivf", lists=4, wait=False)
+        assert busy.action == "busy" and busy.meta is None
+        threading.Timer(0.3, release.set).start()
+        started = time.perf_counter()
+        built = ann.ensure(small.manifest, model, kind="ivf", lists=4)  # waits for the holder
+        assert built.action == "built" and time.perf_counter() - started >= 0.25
+    finally:
+        release.set()
+        thread.join()
+    assert published == [folder / ann.META_NAME]
+    assert ann.read_meta(folder, model) == built.meta
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith((".index", "ivf-"))) == [
+        ann.LOCK_NAME, built.meta.file]  # no temporary file left

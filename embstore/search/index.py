@@ -63,7 +63,7 @@ from embstore.manifest.connection import utcnow
 from embstore.manifest.database import Manifest
 from embstore.manifest.registry import ModelRecord
 from embstore.manifest.tasks import committed_rows
-from embstore.paths import file_lock
+from embstore.paths import file_lock, write_atomic_text
 
 IVF_MIN_ROWS = 200_000
 HNSW_QUANTIZER_LISTS = 4096
@@ -346,13 +346,18 @@ def ensure(
 
 @contextlib.contextmanager
 def _locked(path: Path, wait: bool) -> Iterator[bool]:
-    """The index's lock between processes: True when held; False at once when `wait` is
-    False and another process holds it."""
+    """The index's lock between processes (`paths.file_lock`, which `drop` takes too):
+    True when held; False at once when `wait` is False and another process holds it."""
+    if wait:
+        with file_lock(path):
+            yield True
+        return
+    # a query never waits for a build: the one thing `file_lock` (always waiting) lacks
     import fcntl
 
     with open(path, "a+") as lock:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             yield False
             return
@@ -464,12 +469,12 @@ def _publish(folder: Path, index: Any, meta: IndexMeta) -> None:
 
 
 def _publish_meta(folder: Path, meta: IndexMeta) -> None:
-    tmp = folder / f".{META_NAME}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(asdict(meta), f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / META_NAME)
+    """Replace `index.json` whole (`paths.write_atomic_text`: a reader sees the old or the
+    new one), then make it durable. A power cut before the fsync can at worst leave it
+    unreadable, which reads as no index: queries scan exactly, the next build rebuilds."""
+    path = folder / META_NAME
+    write_atomic_text(path, json.dumps(asdict(meta), indent=1))
+    _fsync(path)
     _fsync_dir(folder)
 
 
