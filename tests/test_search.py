@@ -351,19 +351,19 @@ def _count_rows_read(monkeypatch):
     from embstore.arrays.unit_cache import UnitRows
 
     seen = {"take": 0, "scan": 0}
-    take, blocks = UnitRows.take, knn._blocks_from
+    take, blocks = UnitRows.take, knn.blocks_from
 
     def counted_take(self, rows):
         seen["take"] += len(rows)
         return take(self, rows)
 
-    def counted_blocks(source, start):
-        for first, block in blocks(source, start):
+    def counted_blocks(source, start, block_rows=None):
+        for first, block in blocks(source, start, block_rows):
             seen["scan"] += len(block)
             yield first, block
 
     monkeypatch.setattr(UnitRows, "take", counted_take)
-    monkeypatch.setattr(knn, "_blocks_from", counted_blocks)
+    monkeypatch.setattr(knn, "blocks_from", counted_blocks)
     return seen
 
 
@@ -460,3 +460,51 @@ def test_the_index_lock_and_publish_use_the_store_helpers_with_wait_and_no_wait(
     assert ann.read_meta(folder, model) == built.meta
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith((".index", "ivf-"))) == [
         ann.LOCK_NAME, built.meta.file]  # no temporary file left
+
+
+def _brute_pairs(st, min_score):
+    """Item pairs on different rows scoring at least min_score, by brute force."""
+    ids, vectors = st.embeddings()
+    u = unit(vectors)
+    rows = dict(st.manifest.query("SELECT i.uid, t.row FROM items i JOIN tasks t ON t.item_id = i.id"))
+    return {tuple(sorted((a, b))) for x, a in enumerate(ids) for y, b in enumerate(ids)
+            if x < y and rows[a] != rows[b] and u[x] @ u[y] >= min_score}
+
+
+@pytest.mark.parametrize("writable", [True, False])
+def test_near_duplicates_in_rows_past_the_index_are_found_without_comparing_every_pair(tmp_path, monkeypatch,
+                                                                                          writable):
+    from embstore.search import duplicates
+
+    st = make_store(tmp_path, speakers=3, per_speaker=4)
+    st.index(kind="ivf", lists=2)
+    model = st.models()[0]
+    root = tmp_path / "audio"
+    for i in range(8):
+        write(root / f"ds/spk{i % 3}/late{i}.wav", 0.2, seed=500 + i)
+    st.scan([root])
+    head = dict(zip(*st.embeddings()))["ds/spk1/utt2"]
+    rng = np.random.default_rng(1)
+    twin = synthetic_vector("twin", "spk2", 16)  # new rows near the data the lists were trained on
+    planted = {"late0": head, "late1": twin, "late2": twin, "late3": twin}  # a copy of an indexed row; 3 new copies
+    fill_embeddings(st, vector_of=lambda uid, spk: unit(
+        planted.get(uid.rsplit("/", 1)[-1], synthetic_vector(uid, spk, 16)) + 0.005 * rng.standard_normal(16)
+    ).astype(np.float32))
+    assert ann.read_meta(ann.folder_of(st.manifest, model), model).rows == 12 < st.models()[0].rows == 20
+
+    def every_pair(*args):
+        raise AssertionError("the rows past the index were compared pair by pair")
+
+    monkeypatch.setattr(duplicates, "_pairs_within", every_pair)
+    if not writable:  # no cache, no index written: as on a read-only store
+        real = duplicates.unit_rows
+        monkeypatch.setattr(duplicates, "unit_rows", lambda *a, **k: real(*a, **k, use_cache=False))
+    report = st.near_duplicates(min_score=0.98)
+    expected = _brute_pairs(st, 0.98)
+    assert {("ds/spk0/late0", "ds/spk1/utt2"), ("ds/spk1/late1", "ds/spk2/late2"),
+            ("ds/spk0/late3", "ds/spk1/late1"), ("ds/spk0/late3", "ds/spk2/late2")} <= expected
+    assert sorted(tuple(sorted((p.a, p.b))) for p in report.pairs) == sorted(expected)  # each pair once
+    assert report.index == "ivf2,sq8" and report.rows == 20 and report.total == len(expected)
+    # a writable store's index was brought up to date first; a read-only one's left as it was
+    assert ann.read_meta(ann.folder_of(st.manifest, model), model).rows == (20 if writable else 12)
+    st.close()

@@ -6,8 +6,11 @@ probed, in batches, asking for rows above `min_score - RANGE_MARGIN` by the SQ8 
 the candidate pairs are re-scored exactly from the normalised rows. A near-identical row
 sits in one of the two lists nearest its copy, so each query reads ~2 lists: time grows
 about linearly with the rows (each list holds ~sqrt(rows) codes). Rows committed after
-the index was built are queried too, and compared with each other exactly. Without an
-index (up to `FLAT_ROWS` rows) every pair is scored.
+the index was built are first added to it (a writable store: extended without retraining,
+as a query does); rows still past it (a read-only store, or another process holding the
+index) are queried against it, and against each other through a temporary index over them
+with the published index's lists: never pair by pair. Without an index (up to
+`FLAT_ROWS` rows) every pair is scored.
 
 Items sharing one row (byte-identical files, deduplicated at extraction) are not
 reported: the byte hash already found them. Removed and stale items never are: rows map
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -27,6 +30,7 @@ from embstore.arrays.unit_cache import UnitRows, unit_rows
 from embstore.errors import StoreError
 from embstore.manifest import reads
 from embstore.manifest.database import Manifest
+from embstore.manifest.registry import ModelRecord
 from embstore.manifest.tasks import committed_rows
 from embstore.search import index as ann
 from embstore.search import knn
@@ -77,10 +81,7 @@ def near_duplicates(
     m = store.resolve_model(model)
     committed = committed_rows(store.conn, m.id)
     source = unit_rows(store.model_arrays(m), committed, m.fingerprint, store.paths.cache)
-    found = ann.open_index(store, m)
-    if found is None and committed > FLAT_ROWS:
-        ann.ensure(store, m, kind="ivf")
-        found = ann.open_index(store, m)
+    found = _index_over(store, m, source, ann.open_index(store, m))
     name = "flat" if found is None else found[0].kind
     left: list[np.ndarray] = []
     right: list[np.ndarray] = []
@@ -106,28 +107,76 @@ def _cat(parts: list[np.ndarray], dtype: type = np.int64) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
+def _index_over(store: Manifest, m: ModelRecord, source: UnitRows, found: tuple | None) -> tuple | None:
+    """The index to search: built first past FLAT_ROWS rows when there is none; extended
+    first with the rows committed since when it lags and the store is writable (without
+    retraining, as a query does; at once "busy" when another process is at it). A
+    read-only store searches what is published."""
+    indexed = found[0].rows if found is not None else 0
+    if indexed >= source.rows or (found is None and source.rows <= FLAT_ROWS):
+        return found
+    if found is None:
+        ann.ensure(store, m, kind="ivf")
+        return ann.open_index(store, m)
+    if source.matrix is None:
+        return found
+    try:
+        ann.ensure(store, m, kind="ivf", wait=False, retrain=False)
+    except OSError:
+        return found  # a full disk: the rows past the index go through a temporary one
+    return ann.open_index(store, m) or found
+
+
 def _pairs_through_index(found: tuple, source: UnitRows, min_score: float) -> Iterator[tuple[np.ndarray, ...]]:
     """(row a, row b, exact score) with a < b, each pair once: every row a range query of
-    the index (DUP_NPROBE lists), the rows past the index also scored among themselves."""
+    the index (DUP_NPROBE lists); the rows past the index, which their own queries cannot
+    find, also queried against a temporary index over them alone."""
     meta, index = found
     seen: set[tuple[int, int]] = set()
+    yield from _range_pairs(index, source, 0, min_score, seen)
+    if meta.rows < source.rows:
+        yield from _range_pairs(_tail_index(index, source, meta.rows), source, meta.rows, min_score, seen)
+
+
+def _range_pairs(
+    index: Any, source: UnitRows, start: int, min_score: float, seen: set[tuple[int, int]]
+) -> Iterator[tuple[np.ndarray, ...]]:
+    """(row a, row b, exact score) pairs a < b not in `seen` (then added to it): rows
+    [start, source.rows) range-searched in `index`, candidates re-scored exactly."""
     params = ann.search_params(index, DUP_NPROBE)
-    for lo, block in source.blocks(QUERY_BLOCK):
+    for lo, block in knn.blocks_from(source, start, QUERY_BLOCK):
         hi = lo + len(block)
         lims, _, ids = index.range_search(np.ascontiguousarray(block, dtype=np.float32),
                                           float(min_score) - knn.RANGE_MARGIN, params=params)
         q = np.repeat(np.arange(lo, hi, dtype=np.int64), np.diff(lims.astype(np.int64)))
         a, b = np.minimum(q, ids), np.maximum(q, ids)
-        keep = a < b
+        keep = (a < b) & (b < source.rows)  # an index extended meanwhile may hold later rows
         a, b = a[keep], b[keep]
         if len(a):
+            # a pair is found by both its rows' queries, often in the same block: once
+            a, b = np.unique(np.stack([a, b], axis=1), axis=0).T
             s = np.einsum("ij,ij->i", source.take(a), source.take(b))
             hit = s >= min_score
             fresh = [k for k, pair in enumerate(zip(a[hit].tolist(), b[hit].tolist())) if pair not in seen]
             seen.update(zip(a[hit][fresh].tolist(), b[hit][fresh].tolist()))
             yield a[hit][fresh], b[hit][fresh], s[hit][fresh]
-    if meta.rows < source.rows:  # rows past the index: not in it, so not found by each other's queries
-        yield from _pairs_within(source, np.arange(meta.rows, source.rows, dtype=np.int64), min_score)
+
+
+def _tail_index(index: Any, source: UnitRows, start: int) -> Any:
+    """An index of rows [start, source.rows) alone, in memory, sharing the published
+    index's lists (its quantizer) and SQ8 codebook: nothing to train, dim bytes a row,
+    and each row compared only with the rows of the lists it probes."""
+    import faiss
+
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    tail = faiss.IndexIVFScalarQuantizer(ivf.quantizer, ivf.d, ivf.nlist, ivf.sq.qtype, ivf.metric_type,
+                                         ivf.by_residual)
+    tail.sq = ivf.sq
+    tail.is_trained = True
+    tail.referenced_objects = [index]  # its quantizer belongs to `index`: kept alive as long (FAISS's way)
+    for lo, block in knn.blocks_from(source, start):
+        tail.add_with_ids(np.ascontiguousarray(block, dtype=np.float32), np.arange(lo, lo + len(block), dtype=np.int64))
+    return tail
 
 
 def _pairs_within(source: UnitRows, rows: np.ndarray, min_score: float) -> Iterator[tuple[np.ndarray, ...]]:

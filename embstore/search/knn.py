@@ -11,7 +11,7 @@ leaving out removed and stale ones) is the caller's job, through the manifest.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -172,7 +172,7 @@ def exact_top(source: UnitRows, query: np.ndarray, n: int, start: int = 0) -> tu
     block, then merged."""
     best_rows: list[np.ndarray] = []
     best_scores: list[np.ndarray] = []
-    for first, block in _blocks_from(source, start):
+    for first, block in blocks_from(source, start):
         # einsum's own SIMD loop: as fast as BLAS gemv single-threaded, and unlike it never
         # slowed down (~2x on 2 cores) by BLAS threads fighting over a memory-bound product
         scores = np.einsum("ij,j->i", block, query)
@@ -197,7 +197,7 @@ def exact_at_least(
     rows: list[np.ndarray] = []
     scores: list[np.ndarray] = []
     total = 0
-    for first, block in _blocks_from(source, start):
+    for first, block in blocks_from(source, start):
         s = np.einsum("ij,j->i", block, query)
         hit = np.flatnonzero(s >= threshold)
         rows.append(hit + first)
@@ -210,15 +210,17 @@ def exact_at_least(
     return np.concatenate(rows).astype(np.int64), np.concatenate(scores)
 
 
-def _blocks_from(source: UnitRows, start: int):
-    """(first row, normalised block) over rows [start, source.rows)."""
+def blocks_from(source: UnitRows, start: int, block_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, normalised block) over rows [start, source.rows), `block_rows` rows
+    (default SCAN_BLOCK) a block."""
+    block_rows = block_rows or SCAN_BLOCK
     if start >= source.rows:
         return
     if source.matrix is not None:
-        for first in range(start, source.rows, SCAN_BLOCK):
-            yield first, source.matrix[first : first + SCAN_BLOCK]
+        for first in range(start, source.rows, block_rows):
+            yield first, source.matrix[first : first + block_rows]
         return
-    for first, block in source.blocks(SCAN_BLOCK):
+    for first, block in source.blocks(block_rows):
         if first + len(block) <= start:
             continue
         cut = max(0, start - first)
