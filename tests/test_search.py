@@ -508,3 +508,92 @@ def test_near_duplicates_in_rows_past_the_index_are_found_without_comparing_ever
     # a writable store's index was brought up to date first; a read-only one's left as it was
     assert ann.read_meta(ann.folder_of(st.manifest, model), model).rows == (20 if writable else 12)
     st.close()
+
+
+def _window_model(st, windows_of):
+    """A fake window model over every item of `st`: `windows_of(uid, speaker)` gives an
+    item's [n, 16] vectors, stored with spans 0.75 s apart through the claim and writer
+    path; byte-identical items share their first copy's rows, as extraction does."""
+    from embstore.audio.io import content_hash
+    from embstore.extract.client import SqliteManifestClient
+    from embstore.extract.messages import ItemResult
+    from embstore.extract.writer import ZarrWriter
+    from embstore.manifest.tasks import new_owner
+    from tests.store_factory import fake_model_description
+
+    description = dict(fake_model_description(16, "fakewin"), kind="windows",
+                       frontend={"fake": True, "cutting": {"windows": {"window": 1.5, "shift": 0.75, "last": "fit"}}})
+    model = st.manifest.register_model(description)
+    owner = new_owner()
+    client = SqliteManifestClient(st.path, model.id, owner, 600, "item", lambda n: max(1, n // 160), 16000)
+    client.refresh()
+    speaker_of = {r["id"]: r["speaker"] for r in st.manifest.query("SELECT id, speaker FROM items")}
+    writer = ZarrWriter(str(st.path), model.id, None)
+    first: dict[str, tuple] = {}
+    try:
+        while claimed := client.claim(512, 10**12):
+            for task in claimed:
+                digest = content_hash(task.path)
+                if digest in first:
+                    row, n = first[digest]
+                    writer.add(ItemResult(task.task_id, task.item_id, owner, digest, task.duration, None, row, n))
+                    continue
+                vectors = windows_of(task.uid, speaker_of[task.item_id])
+                spans = np.stack([0.75 * np.arange(len(vectors)), 0.75 * np.arange(len(vectors)) + 1.5], axis=1)
+                writer.add(ItemResult(task.task_id, task.item_id, owner, digest, task.duration, vectors,
+                                      spans=spans.astype(np.float32)))
+                writer.flush()
+                row = st.manifest.query("SELECT row FROM tasks WHERE id = ?", (task.task_id,))[0][0]
+                first[digest] = (row, len(vectors))
+        writer.flush()
+    finally:
+        writer.close()
+        client.close()
+    return st.manifest.resolve_model("fakewin", kind=None)
+
+
+def _windows_one_row_at_a_time(st, model, rows, scores):
+    """The reference: every row's owners and span read on its own (the former query path)."""
+    from embstore.manifest import reads
+
+    arrays = st.manifest.model_arrays(model)
+    out = []
+    for row, score in zip(rows.tolist(), scores.tolist()):
+        start, end = (float(x) for x in arrays.read_spans(row, row + 1)[0])
+        out += [{"id": o["uid"], "speaker": o["speaker"], "dataset": o["dataset"], "path": f"{o['root']}/{o['path']}",
+                 "start": round(start, 3), "end": round(end, 3), "window": row - o["row"], "score": score}
+                for o in reads.window_owners(st.manifest.conn, model.id, row)]
+    return sorted(out, key=lambda d: (-d["score"], d["id"], d["start"]))
+
+
+def test_window_range_queries_resolve_every_row_at_once_as_row_by_row_did(tmp_path, monkeypatch):
+    from embstore.arrays.zarr_arrays import ModelArrays
+    from embstore.manifest import reads
+
+    st = make_store(tmp_path, speakers=3, per_speaker=3, copies=1)  # dup/copy0: spk0/utt0's audio
+    (tmp_path / "audio/ds/spk2/utt1.wav").unlink()
+    st.scan([tmp_path / "audio"])  # a removed item: its windows are never listed
+    model = _window_model(st, lambda uid, spk: np.stack(
+        [synthetic_vector(f"{uid}#{w}", spk.replace("dup", "spk0"), 16) for w in range(3 + int(uid[-1]))]))
+    source = query.unit_rows(st.manifest, model)
+    vector = source.take(np.array([1]))[0]  # a window of spk0/utt0, whose rows dup/copy0 shares
+    rows, scores = knn.Searcher(source).at_least(vector, 0.3)
+    expected = _windows_one_row_at_a_time(st, model, rows, scores)
+    assert len({(e["id"], e["window"]) for e in expected}) == len(expected) > 10
+    assert {"ds/spk0/utt0", "ds/dup/copy0"} <= {e["id"] for e in expected}  # shared rows: both items
+    calls = {"spans": 0}
+    spans = ModelArrays.read_spans
+
+    def counted(self, start, stop):
+        calls["spans"] += 1
+        return spans(self, start, stop)
+
+    monkeypatch.setattr(ModelArrays, "read_spans", counted)
+    monkeypatch.setattr(reads, "window_owners", lambda *a: pytest.fail("owners looked up one row at a time"))
+    found = st.similar(vector=vector, model="fakewin", min_score=0.3, limit=10_000)
+    assert found == [dict(e, index="flat", exact=True) for e in expected]
+    assert "ds/spk2/utt1" not in {f["id"] for f in found}
+    assert calls["spans"] == 1  # the rows' spans in one read
+    top = st.similar(vector=vector, model="fakewin", k=5)
+    assert [(f["id"], f["window"]) for f in top] == [(e["id"], e["window"]) for e in expected[:5]]
+    st.close()
