@@ -108,7 +108,8 @@ def duplicates(store, min_score, limit, model, as_json):
     Re-encoded, resampled or trimmed copies of one recording, which the byte
     hash misses (byte-identical files were already deduplicated at extraction
     and are not listed). Compared within the ANN index's lists (built first
-    when the model has none and more than 20,000 rows), exactly.
+    when the model has none and more than 20,000 rows, and given the rows
+    added since it was built), exactly.
 
     \b
     Examples:
