@@ -10,7 +10,6 @@ read the rows through the normalised-row cache (`embstore.arrays.unit_cache`).
 from __future__ import annotations
 
 import difflib
-import json
 import os
 from typing import Any, Iterable, Sequence
 
@@ -336,10 +335,10 @@ def _windows_at_rows(
 ) -> list[dict[str, Any]]:
     """Windows of live items at the given rows of a window model: id, speaker, dataset,
     path, start, end, score (one entry per item sharing the row through dedup). The
-    owners of every row come from one statement (per WINDOW_OWNERS_CHUNK rows) and the
+    owners of every row come from one statement (per reads.WINDOW_OWNERS_CHUNK rows) and the
     spans of the owned rows from few reads, not one of each per row (a range query can
     return 100,000 rows)."""
-    owners = _window_owners(store, model, rows)
+    owners = reads.window_owners_of(store.conn, model.id, rows.tolist())
     owned = np.array(sorted(owners), dtype=np.int64)
     score_of = {int(r): float(s) for r, s in zip(rows, scores)}
     out = []
@@ -351,31 +350,6 @@ def _windows_at_rows(
         ]
     out.sort(key=lambda d: (-d["score"], d["id"], d["start"]))
     return out
-
-
-WINDOW_OWNERS_CHUNK = 50_000
-# `reads.window_owners` for a list of rows at once (the rows as one JSON parameter): for
-# each, the done task starting at or before it that still covers it, of a live item
-# (to move to manifest/reads.py beside window_owners, where statements on tasks live);
-# CROSS JOIN keeps the rows outer: each one then two index lookups on tasks_done_row
-_WINDOW_OWNERS = (
-    "SELECT h.value AS hit, i.id, i.uid, i.speaker, i.dataset, r.path AS root, f.path, t.row"
-    " FROM json_each(?) h CROSS JOIN tasks t ON t.model_id = ? AND t.status = 'done' AND t.row = ("
-    "  SELECT max(row) FROM tasks WHERE model_id = ? AND status = 'done' AND row <= h.value)"
-    " JOIN items i ON i.id = t.item_id JOIN files f ON f.id = i.file_id JOIN roots r ON r.id = f.root_id"
-    f" WHERE t.row + coalesce(t.row_count, 1) > h.value AND {LIVE_ITEM}"
-)
-
-
-def _window_owners(store: Manifest, model: ModelRecord, rows: np.ndarray) -> dict[int, list[Any]]:
-    """{row: live items whose done task of the window model owns it}; rows of none left out."""
-    wanted = sorted({int(r) for r in rows})
-    owners: dict[int, list[Any]] = {}
-    for lo in range(0, len(wanted), WINDOW_OWNERS_CHUNK):
-        chunk = json.dumps(wanted[lo : lo + WINDOW_OWNERS_CHUNK])
-        for o in store.conn.execute(_WINDOW_OWNERS, (chunk, model.id, model.id)):
-            owners.setdefault(int(o["hit"]), []).append(o)
-    return owners
 
 
 def _spans_at(arrays: ModelArrays, rows: np.ndarray) -> np.ndarray:

@@ -68,15 +68,22 @@ def pretrained_weights(name: str = "campplus") -> Path | None:
 
 @pytest.fixture(scope="session")
 def _user_cache(tmp_path_factory) -> Path:
-    cache = tmp_path_factory.mktemp("embstore-user-cache")
+    from embstore.models.pretrained import KNOWN
+    from embstore.paths import file_lock
+
+    # one cache for the whole session, xdist workers included (their base temp dirs share a
+    # parent): the default model is exported to ONNX once (~10 s) instead of once per
+    # worker; entries are filled under the cache's own locks, so workers never race
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "embstore-user-cache"
+    cache.mkdir(exist_ok=True)
     # the default model's fetched weights, copied (a test that damages its own cache's copy
     # must never reach the developer's file)
-    from embstore.models.pretrained import KNOWN
-
-    for model in KNOWN:
-        source = DEVELOPER_CACHE / "pretrained" / model.name
-        if (source / model.filename).is_file():
-            shutil.copytree(source, cache / "pretrained" / model.name)
+    with file_lock(cache.parent / "embstore-user-cache.lock"):
+        for model in KNOWN:
+            source = DEVELOPER_CACHE / "pretrained" / model.name
+            if (source / model.filename).is_file() and not (cache / "pretrained" / model.name).exists():
+                shutil.copytree(source, cache / "pretrained" / model.name)
     return cache
 
 

@@ -251,7 +251,7 @@ def test_driver_killed_then_next_run_frees_its_claims_at_once(cluster, tmp_path)
     st, files = scanned(tmp_path, speakers=2, per_speaker=6, seconds=0.6)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "embstore", "extract", str(tmp_path / "store"), "--ray", cluster.cluster.address,
-           "--workers", "2", "--json"]
+           "--workers", "1", "--json"]  # one worker: its claims are what the dead driver leaves
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     store = tmp_path / "store"
@@ -263,7 +263,7 @@ def test_driver_killed_then_next_run_frees_its_claims_at_once(cluster, tmp_path)
     wait_for(lambda: not [a for a in ray.util.list_named_actors(all_namespaces=True) if "-coordinator" in a["name"]])
     held = peek(store, "SELECT count(*), min(lease_until) FROM tasks WHERE status = 'claimed'")[0]
     assert held[0] > 0 and held[1] > time.time() + 60
-    summary = st.extract(ray="auto", workers=2)
+    summary = st.extract(ray="auto", workers=1)
     # freed at the start of the next run, not when the leases run out
     assert summary.prepared["released"] == held[0]
     assert not summary.error and summary.left == 0

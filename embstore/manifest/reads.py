@@ -7,6 +7,7 @@ function says otherwise."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from typing import Iterator, Sequence
 
@@ -100,6 +101,31 @@ def window_owners(conn: sqlite3.Connection, model_id: int, row: int) -> list[sql
         f" AND t.row + coalesce(t.row_count, 1) > ? AND {LIVE_ITEM}",
         (model_id, model_id, row, row),
     ).fetchall()
+
+
+WINDOW_OWNERS_CHUNK = 50_000
+# `window_owners` for many rows at once (the rows as one JSON parameter): for each, the
+# done task starting at or before it that still covers it, of a live item; CROSS JOIN
+# keeps the rows outer: each one then two index lookups on tasks_done_row
+_WINDOW_OWNERS_OF = (
+    "SELECT h.value AS hit, i.id, i.uid, i.speaker, i.dataset, r.path AS root, f.path, t.row"
+    " FROM json_each(?) h CROSS JOIN tasks t ON t.model_id = ? AND t.status = 'done' AND t.row = ("
+    "  SELECT max(row) FROM tasks WHERE model_id = ? AND status = 'done' AND row <= h.value)"
+    " JOIN items i ON i.id = t.item_id JOIN files f ON f.id = i.file_id JOIN roots r ON r.id = f.root_id"
+    f" WHERE t.row + coalesce(t.row_count, 1) > h.value AND {LIVE_ITEM}"
+)
+
+
+def window_owners_of(conn: sqlite3.Connection, model_id: int, rows: Sequence[int]) -> dict[int, list[sqlite3.Row]]:
+    """{row: `window_owners(row)`} for many rows in one statement per WINDOW_OWNERS_CHUNK
+    rows; rows no live item owns are left out."""
+    wanted = sorted({int(r) for r in rows})
+    owners: dict[int, list[sqlite3.Row]] = {}
+    for lo in range(0, len(wanted), WINDOW_OWNERS_CHUNK):
+        chunk = json.dumps(wanted[lo : lo + WINDOW_OWNERS_CHUNK])
+        for o in conn.execute(_WINDOW_OWNERS_OF, (chunk, model_id, model_id)):
+            owners.setdefault(int(o["hit"]), []).append(o)
+    return owners
 
 
 # -- evaluation ---------------------------------------------------------------------------
