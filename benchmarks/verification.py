@@ -128,7 +128,13 @@ def warm_up(model: str, data: Path, work: Path) -> None:
     shutil.rmtree(store, ignore_errors=True)
     with embstore.open(store) as st:
         st.scan([audio.parents[1]])
-        st.extract(model=model, device="cpu", workers=1)
+        st.extract(**extract_args(model), device="cpu", workers=1)
+
+
+def extract_args(spec: str) -> dict[str, str]:
+    """`MODEL` or `MODEL@DTYPE` (campplus@bf16: OpenVINO bf16 where the CPU has it)."""
+    model, _, dtype = spec.partition("@")
+    return {"model": model, "dtype": dtype or "fp32"}
 
 
 def run_set(name: str, root: Path, trials: Path, models: list[str], work: Path, workers: int) -> dict[str, Any]:
@@ -139,8 +145,9 @@ def run_set(name: str, root: Path, trials: Path, models: list[str], work: Path, 
     with embstore.open(store) as st:
         st.scan([root])
         for model in models:
-            summary = st.extract(model=model, device="cpu", workers=workers)
-            report = st.score(trials, model=model, p_target=list(P_TARGETS))
+            summary = st.extract(**extract_args(model), device="cpu", workers=workers)
+            # by fingerprint: one model in two dtypes is two model keys in one store
+            report = st.score(trials, model=summary.fingerprint, p_target=list(P_TARGETS))
             row = report.results[0]
             entry = {
                 "model": report.model, "eer_percent": round(100 * row["eer"], 3),
@@ -150,10 +157,10 @@ def run_set(name: str, root: Path, trials: Path, models: list[str], work: Path, 
                 "audio_seconds": round(summary.audio_seconds, 1), "extract_seconds": round(summary.seconds, 2),
                 "x_realtime": round(summary.x_realtime, 1), "runtime": summary.runtime,
                 "batching": summary.batching, "mean_batch_items": round(summary.mean_batch_items, 2),
-                "warnings": report.warnings,
+                "dtype": extract_args(model)["dtype"], "warnings": report.warnings,
             }
             if summary.failed:  # short cuts are where a model could refuse an item: say why
-                entry["failures"] = [f.error for f in st.errors(model=model).failures][:5]
+                entry["failures"] = [f.error for f in st.errors(model=summary.fingerprint).failures][:5]
             out["models"][model] = entry
             print(f"{name} {model}: EER {entry['eer_percent']} %, minDCF {entry['min_dcf']}, "
                   f"{entry['trials']} trials, {entry['x_realtime']}x realtime", file=sys.stderr, flush=True)
@@ -190,7 +197,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DATA, help="the shared LibriSpeech folder (with trials.txt)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/embstore-verification"))
-    parser.add_argument("--models", default="campplus,resemblyzer")
+    parser.add_argument("--models", default="campplus,resemblyzer",
+                        help="model specs, MODEL or MODEL@DTYPE (campplus@bf16), comma separated")
     parser.add_argument("--cuts", default="3,1.5", help="cut lengths in seconds")
     parser.add_argument("--cuts-per-utt", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)

@@ -15,7 +15,8 @@ strided convolution (the ResNets) bf16 keeps the full-resolution stem, everythin
 the first strided convolution, in f32 (`f32_stem`, see `_split_stem`): bf16 everywhere
 left 8 of the 100 shared files of a random ResNet34 below cosine 0.9999 to fp32 (worst
 0.99981, EER 0.13 points off); with the stem in f32 the worst is 0.99993 and the EER 0.02
-points off, at ~0.85x the speed of bf16 everywhere. Runtime, precision and that policy
+points off, at ~0.85x the speed of bf16 everywhere. CAM++ runs bf16 everywhere
+(`f32_stem_pays`): there the stem costs half the speed-up and buys no fidelity. Runtime, precision and that policy
 are in `frontend`, hence in the fingerprint: bf16 rows are their own model key. For DIR
 and resemblyzer the fingerprint builds on the torch encoder's (weights, frontend,
 long-item policy), not on the export's bytes, so another torch version keeps the key.
@@ -91,6 +92,7 @@ from embstore.models.fbank_encoder import (
     DEFAULT_WINDOW_BATCH,
     FbankEncoder,
     long_item_windows,
+    read_config,
 )
 from embstore.models.onnx import export_settings, file_digest
 from embstore.models.pretrained import DEFAULT as DEFAULT_PRETRAINED
@@ -367,7 +369,7 @@ class OpenVINOEncoder(FbankEncoder):
         max_batch: int = DEFAULT_MAX_BATCH,
         shape_cache: int = DEFAULT_SHAPE_CACHE,
         compiled_cache: bool = True,
-        f32_stem: bool = True,
+        f32_stem: bool | None = True,  # None: True (from_wespeaker decides per architecture)
         source_fingerprint: str | None = None,
         name: str | None = None,
         spec: str | None = None,
@@ -387,6 +389,7 @@ class OpenVINOEncoder(FbankEncoder):
         self.spec = spec or f"openvino:{path}"
         self.name = name or safe_name(f"openvino-{os.path.splitext(os.path.basename(path))[0]}-{dtype}")
         self.frontend = {**self.fbank_config.as_dict(), **self._policy(), **_runtime(dtype, source_fingerprint)}
+        f32_stem = True if f32_stem is None else f32_stem
         if dtype == "bf16":
             self.frontend["bf16_layers"] = "after the first strided convolution" if f32_stem else "all"
         self.fingerprint = fingerprint_of(
@@ -634,11 +637,35 @@ def from_wespeaker(
     check_device(device)
     _check_dtype(dtype, where)  # before an export that would be wasted
     known = _export(target, max_frames, config_overrides)
+    if dtype == "bf16" and options.get("f32_stem") is None:
+        options["f32_stem"] = f32_stem_pays(target)
     return OpenVINOEncoder(
         known["onnx"], device=device, dtype=dtype, max_frames=max_frames, source_fingerprint=known["fingerprint"],
         name=safe_name(f"{name or known['name']}-openvino-{dtype}"), spec=spec or f"openvino:{abspath(target)}",
         **options,
     )
+
+
+# WeSpeaker model classes whose bf16 runs with the stem in bf16 too: measured on the real
+# CAM++ (AMX, 1 thread): the f32 stem halves the bf16 speed-up (16 x 400 frames: 0.198 s vs
+# 0.099 s a batch; fp32 0.321 s) and buys nothing (worst cosine to fp32 over the 100 shared
+# files 0.99963 vs 0.99959; 3 s cuts 0.99908 vs 0.99916; EER on the shared trials and
+# their 3 s / 1.5 s cuts within 0.03 points of fp32 either way). Its bf16 error comes from
+# the whole densely connected body, not the stem: f32 up to the first transition layer
+# still leaves 0.99989 (benchmarks/verification.py measures the EER).
+_BF16_EVERYWHERE = frozenset({"CAMPPlus"})
+
+
+def f32_stem_pays(target: str) -> bool:
+    """Whether bf16 keeps the stem in f32 for this WeSpeaker model (the ResNets: yes)."""
+    from embstore.models.wespeaker import _find_checkpoint
+
+    model_dir, _ = _find_checkpoint(target)
+    try:
+        model_class = read_config(os.path.join(model_dir, "config.yaml")).get("model")
+    except ModelError:  # _export read it already; a vanished file keeps the safe choice
+        return True
+    return model_class not in _BF16_EVERYWHERE
 
 
 def openvino_spec(spec: str | None) -> str:
