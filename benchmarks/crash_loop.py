@@ -185,6 +185,31 @@ def _claimed(conn: sqlite3.Connection) -> int:
         return 0
 
 
+def _add_and_scan(corpus: Any, store: Path, root: Path) -> None:
+    import embstore
+
+    corpus.add_batch()
+    st = embstore.open(store)
+    st.scan([root])
+    st.close()
+
+
+def kill_a_run(cmd: list[str], store: Path, env: dict[str, str], delay: float, add_work: Callable[[], None],
+               attempts: int = 6) -> tuple[dict, int]:
+    """(`kill_while_claimed`'s result, runs missed first): new work, a run, and a kill
+    `delay` after its first claim; a run that finished before that moment is reaped and the
+    cycle tries again with new work and half the delay, so a fast machine still kills."""
+    for missed in range(attempts):
+        add_work()
+        hit = kill_while_claimed(cmd, store, env, delay)
+        if (hit["alive_at_kill"] and hit["claims_at_kill"] > 0) or missed == attempts - 1:
+            return hit, missed
+        hit["proc"].wait()  # it exited on its own: reap it, it is not this cycle's kill
+        reap_all()
+        delay /= 2
+    raise AssertionError("unreachable")
+
+
 def kill_while_claimed(cmd: list[str], store: Path, env: dict[str, str], delay: float, timeout: float = 120) -> dict:
     """Start `cmd`, wait for claims, wait `delay`, then SIGKILL its process group at the
     first moment claims are held; nothing is reaped. Returns what the kill hit."""
@@ -270,12 +295,8 @@ def crash_loop(
 
     cycles = []
     for k in range(kills):
-        corpus.add_batch()
-        st = embstore.open(store)
-        st.scan([root])
-        st.close()
         wait = rng.uniform(0, delay)
-        hit = kill_while_claimed(cmd, store, env, wait)
+        hit, missed = kill_a_run(cmd, store, env, wait, lambda: _add_and_scan(corpus, store, root))
         killed = hit.pop("proc")
         zombies = zombie_children(besides=killed.pid)
         owners_zombie = zombie_owners(store)
@@ -286,7 +307,7 @@ def crash_loop(
         killed.wait()
         reaped = reap_all()
         cycle = hit | {
-            "kill": k + 1, "delay_s": round(wait, 3), "zombies_at_resume": zombies, "reaped": reaped,
+            "kill": k + 1, "delay_s": round(wait, 3), "missed_before": missed, "zombies_at_resume": zombies, "reaped": reaped,
             "claim_owners_zombie_at_resume": owners_zombie,
             "resume_exit": resume.returncode, "resume_s": round(resume_s, 2),
             "left_after_resume": _left(after), "failed_after_resume": after.get("failed", 0),
@@ -307,6 +328,9 @@ def crash_loop(
         "kills": kills,
         "kills_with_claims_held": sum(c["claims_at_kill"] > 0 for c in cycles),
         "kills_while_running": sum(c["alive_at_kill"] for c in cycles),
+        # runs that finished before their kill moment (a fast machine): each was followed by
+        # a new batch and a new run with half the delay, so every cycle ends in a real kill
+        "missed_kills": sum(c["missed_before"] for c in cycles),
         "resumes": len(cycles),
         "resumes_exit_0_all_done": sum(c["one_resume_finished"] for c in cycles),
         # zombies among the killed run's writer and workers (its parent not counted)

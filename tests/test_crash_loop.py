@@ -29,17 +29,16 @@ def _crash_loop_module():
 @pytest.mark.exhaustive
 def test_crash_loop_three_kills(tmp_path):
     crash_loop = _crash_loop_module()
-    # the kill window comes from an undisturbed calibration run (first batch), so the kill
-    # moments scale with this machine's speed; the reference is embed_file, the per-item
-    # path a single-worker run equals (test_extract.py checks that)
-    report = crash_loop.crash_loop(tmp_path / "work", kills=3, batches=2, speakers=2, per_speaker=2, seconds=1.0,
-                                   workers=2, seed=3, reference="embed_file", log=lambda m: None)
-    assert report["kills"] == 3
-    # seed 3 kills at 24 %, 54 % and 37 % of the expected run time
-    assert report["kills_mid_run"] >= 2, report["cycles"]
+    # three cycles: each adds 4 synthetic files, kill -9s the run while it holds claims
+    # (after a random delay within 0.5 s), then one resume must finish everything
+    report = crash_loop.crash_loop(tmp_path / "work", kills=3, per_batch=4, workers=2, seconds=1.0, seed=3,
+                                   log=lambda m: None)
+    assert report["kills"] == report["resumes"] == 3
+    assert report["kills_with_claims_held"] >= 2, report["cycles"]
     assert report["ok"], {k: v for k, v in report.items() if k != "cycles"}
-    assert report["done"] == report["items"] == 8
-    assert report["min_cosine"] >= 0.99999 and report["verify_ok"]
-    assert report["rows_distinct"] and not report["items_with_several_tasks"]
+    assert report["resumes_exit_0_all_done"] == 3
+    assert report["done"] == report["items"] == 12 and report["reference"] == "embed_file"
+    assert report["min_cosine"] >= 0.99999 and report["verify_ok"] and report["overlapping_rows"] == 0
+    assert not report["items_with_several_tasks"] and not report["missing"]
     # whole-run kills are not the items' fault: nothing became a suspect or a poison item
     assert report["items_blamed_for_kills"] == 0 and report["crash_failed"] == 0

@@ -65,11 +65,19 @@ def _kills_each_finished_by_one_resume(tmp_path: Path, shared_data: Path, ecapa:
     assert report["kills_with_claims_held"] == kills and report["kills_while_running"] == kills
     # every resume ran while the killed processes were still zombies, and finished alone
     assert report["resumes_with_zombies"] == kills and report["resumes_exit_0_all_done"] == kills
-    assert report["resumes_with_zombie_claim_owners"] == kills  # the claims' own workers, unreaped
-    assert report["done"] == report["items"] == 2 * kills and report["reference"] == "embed_file"
-    assert report["min_cosine"] >= 0.99999 and report["compared"] == 2 * kills
+    # mostly the claims' own workers, unreaped; near the end of a run the worker may have
+    # exited (reaped by its parent) with its last claims waiting on the writer's commit:
+    # then the owner is gone rather than a zombie, and the resume takes the claims over alike
+    assert report["resumes_with_zombie_claim_owners"] >= kills // 2, report["cycles"]
+    # a run that finished before its kill moment (a fast machine) is followed by another
+    # batch and run in the same cycle: two more items and one more finished run each
+    missed = report["missed_kills"]
+    assert report["batches"] == kills + missed and missed <= kills // 2, report["cycles"]
+    assert report["done"] == report["items"] == 2 * (kills + missed) and report["reference"] == "embed_file"
+    assert report["min_cosine"] >= 0.99999 and report["compared"] == report["items"]
     assert report["checks_ok"] and report["verify_ok"] and not report["overlapping_rows"]
-    assert report["items_blamed_for_kills"] == 0 and report["runs_by_status"] == {"crashed": kills, "finished": kills}
+    assert report["items_blamed_for_kills"] == 0
+    assert report["runs_by_status"] == {"crashed": kills, "finished": kills + missed}
 
 
 @pytest.mark.slow
