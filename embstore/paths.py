@@ -65,16 +65,35 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+@contextlib.contextmanager
+def folder_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive advisory lock on an existing folder itself, between processes: no
+    lock file is left among what the folder holds (an export's files, say)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def write_atomic(path: str | os.PathLike, data: bytes, durable: bool = False) -> None:
     """Write a whole file or nothing: a reader (or a crash) never sees half of it, and
     concurrent writers of the same path each replace it whole. O_NOFOLLOW: never write
-    through a symlink planted at the temporary name."""
+    through a symlink planted at the temporary name. `durable`: the bytes reach the disk
+    before the rename, so a power cut leaves the old file or the new one, never an empty
+    one (the caller fsyncs the folder when the rename itself must survive)."""
     path = os.fspath(path)
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -82,7 +101,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def write_atomic_text(path: str | os.PathLike, text: str) -> None:
+def write_atomic_text(path: str | os.PathLike, text: str, durable: bool = False) -> None:
     """`write_atomic` of UTF-8 text, creating the folder first."""
     os.makedirs(os.path.dirname(os.fspath(path)), exist_ok=True)
-    write_atomic(path, text.encode("utf-8"))
+    write_atomic(path, text.encode("utf-8"), durable)

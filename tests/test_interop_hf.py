@@ -614,3 +614,23 @@ def test_a_failed_row_group_read_fails_the_threads_waiting_for_it_and_is_retried
         got = [first.result(10), second.result(10)]
     assert got == ["unreadable rows 0-0: injected: disk gone"] * 2 and reads == [0]
     assert cache.row(str(shard), 0) == files[0].read_bytes() and reads == [0, 0]  # not cached: read again
+
+
+def test_a_row_failed_for_a_duplicate_id_gets_its_own_with_another_id_column(tmp_path, shared_data):
+    files = shortest(shared_data, 3)
+    rows = [dict(r, utt=f"u-{k}") for k, r in enumerate(rows_of(files))]
+    # row 2 repeats row 0's id, and row 1 already holds the suffixed id a repeat would get
+    rows[1]["id"] = rows[0]["id"] + ".parquet#row=2"
+    rows[2]["id"] = rows[0]["id"]
+    shard = tmp_path / "hf" / "train.parquet"
+    shard.parent.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), shard)
+    st = embstore.open(tmp_path / "s")
+    first = st.scan(hf=[shard])
+    assert first.failed == 1 and "duplicate item id" in first.failures[0]["error"]
+    # the same shard, unchanged, with a column that tells the rows apart: the failed row too
+    report = st.scan(hf=[shard], id_column="utt")
+    assert report.failed == 0, report.failures
+    assert sorted(items_of(st)) == ["u-0", "u-1", "u-2"]
+    assert not st.manifest.query("SELECT 1 FROM files WHERE status = 'scan_failed'")
+    st.close()

@@ -232,3 +232,41 @@ def test_a_failed_export_lhotse_leaves_the_previous_one_readable_and_nothing_beh
     assert sorted(p.name for p in out.iterdir()) == sorted(second.files) and first.files[1] not in second.files
     assert exported().keys() == before.keys() - {st.manifest.query("SELECT uid FROM items WHERE id = 1")[0][0]}
     st.close()
+
+
+def test_exports_into_one_folder_at_once_take_turns_and_sweep_killed_leftovers(tmp_path, monkeypatch):
+    import threading
+
+    from embstore.interop import lhotse as interop
+
+    st = make_store(tmp_path, speakers=2, per_speaker=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".cuts-0123abcd.jsonl.gz").write_bytes(b"left by an export killed mid-way")
+    inside, release = threading.Event(), threading.Event()
+    real_store = interop.EmbeddingArrays.store
+
+    def slow_store(self, uid, vector):  # the first export holds its HDF5 file open a while
+        if not inside.is_set():
+            inside.set()
+            release.wait(30)
+        return real_store(self, uid, vector)
+
+    monkeypatch.setattr(interop.EmbeddingArrays, "store", slow_store)
+    reports: list = []
+    first = threading.Thread(target=lambda: reports.append(embstore.open(st.path).export_lhotse(out)))
+    first.start()
+    assert inside.wait(30)
+    second = threading.Thread(target=lambda: reports.append(embstore.open(st.path).export_lhotse(out)))
+    second.start()
+    second.join(1.0)
+    assert second.is_alive()  # waiting for the first one's turn, not writing beside it
+    release.set()
+    first.join(60)
+    second.join(60)
+    assert len(reports) == 2
+    # the last export's cuts name a file that is there; the other's file and the leftover went
+    assert sorted(p.name for p in out.iterdir()) == sorted(reports[-1].files)
+    cuts = list(CutSet.from_file(out / "cuts.jsonl.gz"))
+    assert cuts and all(c.load_embedding().shape == (st.models()[0].dim,) for c in cuts)
+    st.close()

@@ -424,6 +424,34 @@ def test_an_index_ahead_of_the_store_is_rebuilt_not_reported_up_to_date(small, a
     assert small.similar("ds/spk1/utt2", k=3)[0]["index"] == report.kind
 
 
+def test_rows_committed_and_indexed_while_waiting_for_the_lock_are_seen_not_rebuilt(small, monkeypatch):
+    import embstore
+
+    small.index(kind="ivf", lists=4)
+    model = small.models()[0]
+    root = small.path.parent / "audio"
+    real_locked = ann._locked
+    calls = []
+
+    def another_process_goes_first(path, wait):
+        # this build read 20 committed rows; before it gets the lock, 4 more are committed
+        # and another process extends the index over them
+        if not calls:
+            calls.append(path)
+            for i in range(4):
+                write(root / f"ds/spk1/late{i}.wav", 0.2, seed=700 + i)
+            small.scan([root])
+            fill_embeddings(small)
+            other = embstore.open(small.path)
+            assert other.index().rows == 24  # published over the new rows
+            other.close()
+        return real_locked(path, wait)
+
+    monkeypatch.setattr(ann, "_locked", another_process_goes_first)
+    report = ann.ensure(small.manifest, model, kind="ivf", retrain=False)
+    assert calls and report.action == "unchanged" and report.meta.rows == 24, report
+
+
 def test_the_index_lock_and_publish_use_the_store_helpers_with_wait_and_no_wait(small, monkeypatch):
     import threading
     import time
@@ -435,7 +463,8 @@ def test_the_index_lock_and_publish_use_the_store_helpers_with_wait_and_no_wait(
     folder.mkdir(parents=True, exist_ok=True)
     published = []
     real_write = ann.write_atomic_text
-    monkeypatch.setattr(ann, "write_atomic_text", lambda path, text: (published.append(path), real_write(path, text)))
+    monkeypatch.setattr(ann, "write_atomic_text",
+                        lambda path, text, **kw: (published.append(path), real_write(path, text, **kw)))
     held, release = threading.Event(), threading.Event()
 
     def holder():  # another holder of the same lock (flock: one per open file, so a thread will do)

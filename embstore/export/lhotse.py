@@ -38,10 +38,12 @@ from embstore.interop import need
 from embstore.interop.lhotse import EmbeddingArrays, Original, cut_of, file_recording, originals
 from embstore.manifest.connection import select_in
 from embstore.manifest.database import Manifest
+from embstore.paths import folder_lock
 
 CUTS = "cuts.jsonl.gz"
 # this export's arrays, and those of earlier exports (`embeddings.h5` before 0.2)
 _H5 = re.compile(r"^embeddings(-[0-9a-f]{8,})?\.h5$")
+_TMP_CUTS = re.compile(r"^\.cuts-[0-9a-f]+\.jsonl\.gz$")
 
 
 def _headers(conn: sqlite3.Connection, item_ids: list[int]) -> dict[int, tuple[int, int, int]]:
@@ -82,11 +84,12 @@ def _cut(item: sqlite3.Row, uid: str, entries: ExportRows, k: int, original: Ori
     return cut_of(uid, None, start, duration, item["speaker"], None, address)
 
 
-def _remove_earlier_arrays(out_path: str, keep: str) -> None:
-    """The HDF5 files of earlier exports, which no cuts name any more (one that cannot
-    be deleted stays: the export itself is complete)."""
+def _remove_earlier_files(out_path: str, keep: str) -> None:
+    """The HDF5 files of earlier exports, which no cuts name any more, and temporary cuts
+    of exports killed mid-way (one that cannot be deleted stays: the export itself is
+    complete). Called under the folder's lock: no other export is writing either."""
     for name in os.listdir(out_path):
-        if name != keep and _H5.match(name):
+        if (name != keep and _H5.match(name)) or _TMP_CUTS.match(name):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(out_path, name))
 
@@ -95,7 +98,6 @@ def export_lhotse(store: Manifest, out: str | os.PathLike, model: str | None = N
     """Write OUT/cuts.jsonl.gz and OUT/embeddings-<random>.h5 (see the module's docstring)."""
     need("lhotse", "lhotse", "export-lhotse")
     need("h5py", "lhotse", "export-lhotse (HDF5 arrays)")
-    from lhotse import CutSet
 
     started = time.monotonic()
     m, items = store.done_rows(model, kind=None)
@@ -104,8 +106,24 @@ def export_lhotse(store: Manifest, out: str | os.PathLike, model: str | None = N
     entries = export_rows(arrays, items, m.windowed)
     headers = _headers(store.conn, [r["item_id"] for r in items])
     found = _originals(items)
-    cuts_path = os.path.join(out_path, CUTS)
     h5_name = f"embeddings-{secrets.token_hex(6)}.h5"
+    # two exports into one folder take turns: each one's cleanup would delete the other's
+    # HDF5 file while it is being written, and the cuts published next would name it
+    with folder_lock(out_path):
+        _write_export(out_path, h5_name, arrays, items, entries, headers, found)
+        _remove_earlier_files(out_path, h5_name)
+    return MatrixExport(
+        out_path, store.model_key(m), m.fingerprint, len(items), [CUTS, h5_name], round(time.monotonic() - started, 3),
+        export_outcome(store, m), dim=m.dim, windows=len(entries.rows) if entries.windowed else None,
+    )
+
+
+def _write_export(out_path: str, h5_name: str, arrays: Any, items: list[sqlite3.Row], entries: ExportRows,
+                  headers: dict[int, tuple[int, int, int]], found: dict[str, Original]) -> None:
+    """The new HDF5 file, then the cuts naming it, published in one rename."""
+    from lhotse import CutSet
+
+    cuts_path = os.path.join(out_path, CUTS)
     h5_path = os.path.join(out_path, h5_name)
     tmp_cuts = os.path.join(out_path, f".cuts-{secrets.token_hex(6)}.jsonl.gz")
     try:
@@ -133,8 +151,3 @@ def export_lhotse(store: Manifest, out: str | os.PathLike, model: str | None = N
         if isinstance(exc, OSError):
             raise StoreError(f"cannot write to {out_path}: {exc.strerror or exc}") from None
         raise
-    _remove_earlier_arrays(out_path, h5_name)
-    return MatrixExport(
-        out_path, store.model_key(m), m.fingerprint, len(items), [CUTS, h5_name], round(time.monotonic() - started, 3),
-        export_outcome(store, m), dim=m.dim, windows=len(entries.rows) if entries.windowed else None,
-    )

@@ -103,6 +103,15 @@ class _Prober:
 # -- syncing ------------------------------------------------------------------------------
 
 
+DUPLICATE_ID = "duplicate item id"
+
+
+def _lost_its_id(row: sqlite3.Row) -> bool:
+    """A file that failed only because another held its item id: every scan looks again
+    (the other may be gone, or a new --id-column gives it an id of its own)."""
+    return row["status"] == "scan_failed" and (row["error"] or "").startswith(DUPLICATE_ID)
+
+
 class _Syncer:
     """Applies a source's folders to the manifest in batched write transactions."""
 
@@ -149,7 +158,7 @@ class _Syncer:
         known = {
             r[1]: r
             for r in self.conn.execute(
-                "SELECT id, path, size, mtime_ns, status FROM files WHERE root_id = ? AND dir = ?",
+                "SELECT id, path, size, mtime_ns, status, error FROM files WHERE root_id = ? AND dir = ?",
                 (self.root_id, rel),
             )
         }
@@ -157,7 +166,8 @@ class _Syncer:
             row = known.pop(cand.path, None)
             if row is None:
                 self.pending_new.append(cand)
-            elif row["status"] == "removed" or row["size"] != cand.size or row["mtime_ns"] != cand.mtime_ns:
+            elif (row["status"] == "removed" or row["size"] != cand.size or row["mtime_ns"] != cand.mtime_ns
+                  or _lost_its_id(row)):
                 self.pending_changed.append((row["id"], cand))
             else:
                 self.report.unchanged += 1
@@ -290,7 +300,7 @@ class _Syncer:
             )
             self.report.items_added += 1
         else:
-            error = f"duplicate item id {r['uid']!r} (another file already has it)"
+            error = f"{DUPLICATE_ID} {r['uid']!r} (another file already has it)"
             conn.execute("UPDATE files SET status = 'scan_failed', error = ? WHERE id = ?", (error, r["file_id"]))
             self.report.failed += 1
             self.report.failures.append({"path": path, "error": error})

@@ -313,6 +313,10 @@ def ensure(
     with _locked(folder / LOCK_NAME, wait) as held:
         if not held:
             return BuildResult("busy", read_meta(folder, model), time.perf_counter() - started, "another process builds it")
+        latest = committed_rows(store.conn, model.id)
+        if latest != committed:  # rows came while we waited for the lock (and maybe into the index)
+            committed = latest
+            source = unit_rows(store.model_arrays(model), committed, model.fingerprint, store.paths.cache)
         meta = read_meta(folder, model)
         drift = None
         # an index over more rows than the store commits (rows rolled back, the store
@@ -470,11 +474,9 @@ def _publish(folder: Path, index: Any, meta: IndexMeta) -> None:
 
 def _publish_meta(folder: Path, meta: IndexMeta) -> None:
     """Replace `index.json` whole (`paths.write_atomic_text`: a reader sees the old or the
-    new one), then make it durable. A power cut before the fsync can at worst leave it
-    unreadable, which reads as no index: queries scan exactly, the next build rebuilds."""
-    path = folder / META_NAME
-    write_atomic_text(path, json.dumps(asdict(meta), indent=1))
-    _fsync(path)
+    new one), its bytes on disk before the rename: a power cut leaves the old index or the
+    new one, never an empty file (which would read as no index and cost a full rebuild)."""
+    write_atomic_text(folder / META_NAME, json.dumps(asdict(meta), indent=1), durable=True)
     _fsync_dir(folder)
 
 
