@@ -223,10 +223,13 @@ def test_whole_run_killed_then_resumed(tmp_path, corpus):
     store = tmp_path / "s"
     embstore.open(store).scan([root])
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # each claim computes 1 s longer in the killed runs: a kill within 1 s of the first
+    # claim lands mid-run on any CPU (a fast one finished the corpus before it)
+    slow = dict(env, EMBSTORE_FAULT_SLOW_COMPUTE="1")
     kills_mid_run = 0
     rng = np.random.default_rng(0)
     for _ in range(2):
-        proc = subprocess.Popen(_extract_cmd(store, "--workers", "2", "--batch-frames", "400"), env=env,
+        proc = subprocess.Popen(_extract_cmd(store, "--workers", "2", "--batch-frames", "400"), env=slow,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 120
         while _claimed_count(store) == 0 and time.monotonic() < deadline and proc.poll() is None:
@@ -239,7 +242,7 @@ def test_whole_run_killed_then_resumed(tmp_path, corpus):
         except ProcessLookupError:
             pass
         proc.wait()
-    assert kills_mid_run >= 1
+    assert kills_mid_run == 2
     resumed = subprocess.run(_extract_cmd(store, "--workers", "2"), env=env, capture_output=True, text=True,
                              timeout=180)
     assert resumed.returncode == 0, resumed.stderr

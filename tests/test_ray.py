@@ -10,6 +10,7 @@ costs seconds); the node-loss test removes a node, so it runs last.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import ipaddress
 import json
@@ -28,7 +29,7 @@ import numpy as np
 import pytest
 
 import embstore
-from embstore.extract.faults import CRASH_PATHS
+from embstore.extract.faults import CRASH_PATHS, HOLD_COMPUTE
 from embstore.vectors import cosine_rows
 from tests.audio_factory import make_tree, write
 from tests.wespeaker_dirs import make_wespeaker_dir
@@ -53,7 +54,11 @@ class LocalCluster:
         self.hubs = [base / "hub-a", base / "hub-b"]
         for hub in self.hubs:
             hub.mkdir()
-        node_env = {CRASH_PATHS: POISON}
+        # workers compute while this file exists; a test removes it to hold them mid-run
+        # (claims taken, nothing computed) for as long as it needs, whatever the CPU's speed
+        self.release = base / "compute-released"
+        self.release.touch()
+        node_env = {CRASH_PATHS: POISON, HOLD_COMPUTE: str(self.release)}
         head = dict(node_ip_address=LOOPBACK, num_cpus=1, include_dashboard=False,
                     env_vars=node_env | {"WESPEAKER_HOME": str(self.hubs[0])})
         self.cluster = Cluster(initialize_head=True, head_node_args=head)
@@ -67,6 +72,15 @@ class LocalCluster:
     def close(self) -> None:
         ray.shutdown()
         self.cluster.shutdown()
+
+    @contextlib.contextmanager
+    def computes_held(self):
+        """Workers claim but do not compute until the block ends."""
+        self.release.unlink()
+        try:
+            yield
+        finally:
+            self.release.touch()
 
 
 @pytest.fixture(scope="module")
@@ -234,10 +248,11 @@ def kill_worker_of(owner: str) -> None:
 def test_worker_killed_mid_run_is_replaced(cluster, tmp_path, model_dir):
     spec = f"wespeaker:{model_dir}"
     st, files = scanned(tmp_path, speakers=4, per_speaker=5, seconds=1.0)
-    thread, out = in_background(lambda: st.extract(model=spec, ray="auto", workers=3))
     store = tmp_path / "store"
-    wait_for(lambda: done_count(store) >= 2 and claim_owners(store), thread)
-    kill_worker_of(claim_owners(store)[0])
+    with cluster.computes_held():  # mid-run on any CPU: claims held, nothing computed yet
+        thread, out = in_background(lambda: st.extract(model=spec, ray="auto", workers=3))
+        wait_for(lambda: claim_owners(store), thread)
+        kill_worker_of(claim_owners(store)[0])
     thread.join(timeout=300)
     (summary,) = out
     assert not summary.error and summary.done == len(files), summary
@@ -323,13 +338,13 @@ def test_window_model_on_the_cluster_equals_a_local_run(cluster, tmp_path, speec
 def test_node_lost_mid_run_every_item_done_exactly_once(cluster, tmp_path, model_dir):
     spec = f"wespeaker:{model_dir}"
     st, files = scanned(tmp_path, speakers=4, per_speaker=5, seconds=1.0)
-    thread, out = in_background(lambda: st.extract(model=spec, ray="auto"))
     doomed = f"ray:{cluster.nodes[1].node_id[:8]}:"
-    # mid-run: the doomed node's worker holding claims
     store = tmp_path / "store"
-    wait_for(lambda: any(o.startswith(doomed) for o in claim_owners(store)), thread)
-    sockets = _cluster_sockets()
-    cluster.cluster.remove_node(cluster.nodes[1], allow_graceful=False)
+    with cluster.computes_held():  # mid-run on any CPU: the doomed node's worker holding claims
+        thread, out = in_background(lambda: st.extract(model=spec, ray="auto"))
+        wait_for(lambda: any(o.startswith(doomed) for o in claim_owners(store)), thread)
+        sockets = _cluster_sockets()
+        cluster.cluster.remove_node(cluster.nodes[1], allow_graceful=False)
     thread.join(timeout=300)
     (summary,) = out
     # loopback only, for everything the cluster opened
