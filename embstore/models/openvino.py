@@ -16,8 +16,9 @@ the first strided convolution, in f32 (`f32_stem`, see `_split_stem`): bf16 ever
 left 8 of the 100 shared files of a random ResNet34 below cosine 0.9999 to fp32 (worst
 0.99981, EER 0.13 points off); with the stem in f32 the worst is 0.99993 and the EER 0.02
 points off, at ~0.85x the speed of bf16 everywhere. CAM++ runs bf16 everywhere
-(`f32_stem_pays`): there the stem costs half the speed-up and buys no fidelity. Runtime, precision and that policy
-are in `frontend`, hence in the fingerprint: bf16 rows are their own model key. For DIR
+(`f32_stem_pays`): there the stem costs half the speed-up and buys no fidelity. Runtime,
+precision and that policy are in `frontend`, hence in the fingerprint: bf16 rows are their
+own model key. For DIR
 and resemblyzer the fingerprint builds on the torch encoder's (weights, frontend,
 long-item policy), not on the export's bytes, so another torch version keeps the key.
 
@@ -369,7 +370,7 @@ class OpenVINOEncoder(FbankEncoder):
         max_batch: int = DEFAULT_MAX_BATCH,
         shape_cache: int = DEFAULT_SHAPE_CACHE,
         compiled_cache: bool = True,
-        f32_stem: bool | None = True,  # None: True (from_wespeaker decides per architecture)
+        f32_stem: bool = True,
         source_fingerprint: str | None = None,
         name: str | None = None,
         spec: str | None = None,
@@ -389,7 +390,6 @@ class OpenVINOEncoder(FbankEncoder):
         self.spec = spec or f"openvino:{path}"
         self.name = name or safe_name(f"openvino-{os.path.splitext(os.path.basename(path))[0]}-{dtype}")
         self.frontend = {**self.fbank_config.as_dict(), **self._policy(), **_runtime(dtype, source_fingerprint)}
-        f32_stem = True if f32_stem is None else f32_stem
         if dtype == "bf16":
             self.frontend["bf16_layers"] = "after the first strided convolution" if f32_stem else "all"
         self.fingerprint = fingerprint_of(
@@ -637,7 +637,7 @@ def from_wespeaker(
     check_device(device)
     _check_dtype(dtype, where)  # before an export that would be wasted
     known = _export(target, max_frames, config_overrides)
-    if dtype == "bf16" and options.get("f32_stem") is None:
+    if dtype == "bf16" and "f32_stem" not in options:  # the architecture's measured choice
         options["f32_stem"] = f32_stem_pays(target)
     return OpenVINOEncoder(
         known["onnx"], device=device, dtype=dtype, max_frames=max_frames, source_fingerprint=known["fingerprint"],
