@@ -307,7 +307,8 @@ def crash_loop(
         killed.wait()
         reaped = reap_all()
         cycle = hit | {
-            "kill": k + 1, "delay_s": round(wait, 3), "missed_before": missed, "zombies_at_resume": zombies, "reaped": reaped,
+            "kill": k + 1, "delay_s": round(wait, 3), "missed_before": missed,
+            "zombies_at_resume": zombies, "reaped": reaped,
             "claim_owners_zombie_at_resume": owners_zombie,
             "resume_exit": resume.returncode, "resume_s": round(resume_s, 2),
             "left_after_resume": _left(after), "failed_after_resume": after.get("failed", 0),
